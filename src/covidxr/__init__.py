@@ -1,0 +1,8 @@
+"""covidxr: COVID-19 chest X-ray classification by transfer learning, with honest numbers.
+
+Research use only. Not a medical device; never use its output for diagnosis.
+"""
+
+__version__ = "0.1.0"
+
+DISCLAIMER = "Research use only: not a medical device, not for diagnosis or patient care."

@@ -1,0 +1,217 @@
+"""``covidxr`` command line: a thin layer over the Python API. Errors print as one line, exit code 1."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from covidxr import DISCLAIMER, __version__
+from covidxr.config import TrainConfig
+from covidxr.errors import CovidxrError
+
+_path = click.Path(path_type=Path)
+_existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+class FriendlyGroup(click.Group):
+    """Turns CovidxrError into click's one-line ``Error: …`` and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except CovidxrError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def model_options(func):
+    func = click.option(
+        "--weights",
+        type=_path,
+        default=None,
+        help="Backbone weights file (.safetensors or .pth) in the registry's layout.",
+    )(func)
+    func = click.option(
+        "--weights-dir",
+        type=_path,
+        default=None,
+        envvar="COVIDXR_WEIGHTS_DIR",
+        help="Folder of <model>.safetensors / <model>.pth files [env: COVIDXR_WEIGHTS_DIR].",
+    )(func)
+    return click.option(
+        "--cache-dir",
+        type=_path,
+        default=None,
+        envvar="COVIDXR_CACHE_DIR",
+        help="Feature cache folder [env: COVIDXR_CACHE_DIR; default ~/.cache/covidxr].",
+    )(func)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="covidxr")
+def cli() -> None:
+    """covidxr: COVID-19 / NORMAL / PNEUMONIA chest X-ray classification (research use only)."""
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.group(cls=FriendlyGroup)
+def data() -> None:
+    """Build datasets from raw public sources and check them."""
+
+
+@data.command("build")
+@click.option(
+    "--ieee8023", type=_existing_dir, help="ieee8023 covid-chestxray-dataset folder (metadata.csv + images/)."
+)
+@click.option("--kermany", type=_existing_dir, help="Kermany chest_xray folder ({train,test,val}/{NORMAL,PNEUMONIA}).")
+@click.option("--out", type=_path, required=True, help="New dataset folder to write (metadata.csv + images/).")
+def data_build(ieee8023: Path | None, kermany: Path | None, out: Path) -> None:
+    """Turn raw sources into covidxr's dataset format, dropping identical images."""
+    from covidxr.data import build_dataset, read_ieee8023, read_kermany
+
+    if not ieee8023 and not kermany:
+        raise CovidxrError("give at least one source: --ieee8023 DIR and/or --kermany DIR")
+    parts = ([read_ieee8023(ieee8023)] if ieee8023 else []) + ([read_kermany(kermany)] if kermany else [])
+    frame, skipped = build_dataset(pd.concat(parts, ignore_index=True), out)
+    for message in skipped:
+        click.echo(message, err=True)
+    counts = ", ".join(f"{label} {n}" for label, n in frame["label"].value_counts().sort_index().items())
+    click.echo(f"wrote {out / 'metadata.csv'}: {len(frame)} images ({counts}), {len(skipped)} skipped")
+
+
+@data.command("check")
+@click.argument("directory", type=_path)
+def data_check(directory: Path) -> None:
+    """List unreadable, missing, duplicate and mislabelled rows; exit 1 when any exists."""
+    from covidxr.data import check_dataset
+
+    problems = check_dataset(directory)
+    for problem in problems:
+        click.echo(str(problem))
+    if problems:
+        raise click.ClickException(f"{directory}: {len(problems)} problem(s)")
+    click.echo(f"{directory}: no problems found")
+
+
+# ---------------------------------------------------------------------------------------------
+@cli.command("models")
+@click.option("--weights-dir", type=_path, default=None, envvar="COVIDXR_WEIGHTS_DIR")
+def models_command(weights_dir: Path | None) -> None:
+    """List the registered backbones and whether their pretrained weights can be found."""
+    from covidxr.models import REGISTRY, resolve_weights
+
+    for spec in REGISTRY.values():
+        try:
+            _, source = resolve_weights(spec, weights_dir=weights_dir)
+            status = f"weights: {source.kind} {source.location}"
+        except CovidxrError:
+            status = "weights: not available here"
+        click.echo(f"{spec.name:20s} {spec.native_size}px  {spec.reference}  [{status}]")
+
+
+def _load_config(config_file: Path | None, **overrides) -> TrainConfig:
+    config = TrainConfig.load(config_file) if config_file else TrainConfig()
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@cli.command("train")
+@click.option("--data", "data_dir", type=_path, required=True, help="Dataset folder.")
+@click.option("--model", type=str, default=None, help="Registered backbone (see `covidxr models`).")
+@click.option("--out", type=_path, required=True, help="New run folder.")
+@click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--image-size", type=int, default=None)
+@model_options
+def train_command(data_dir, model, out, config_file, epochs, seed, image_size, weights, weights_dir, cache_dir):
+    """Train the paper's head on a frozen backbone; writes a run folder."""
+    from covidxr.train import train
+
+    config = _load_config(config_file, model=model, epochs=epochs, seed=seed, image_size=image_size)
+    run = train(data_dir, out, config, weights, weights_dir, cache_dir, progress=_progress())
+    info = json.loads((run / "run.json").read_text())
+    click.echo(f"trained {config.model} → {run} (best epoch {info['best_epoch']}); next: covidxr evaluate {run}")
+
+
+@cli.command("evaluate")
+@click.argument("run", type=_path)
+@click.option("--data", "data_dir", type=_path, default=None, help="Evaluate on every image of another dataset.")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
+@click.option("--out", type=_path, default=None, help="Output folder (default: the run folder).")
+@model_options
+def evaluate_command(run, data_dir, split, out, weights, weights_dir, cache_dir):
+    """Write metrics.json, predictions.csv, confusion_matrix.png and curves.png."""
+    from covidxr.evaluate import evaluate_run
+
+    metrics = evaluate_run(run, data_dir, split, out, weights, weights_dir, cache_dir, progress=_progress())
+    low, high = metrics["accuracy_ci95"]
+    click.echo(
+        f"{metrics['model']} on {metrics['data']} ({metrics['split']}): accuracy {metrics['accuracy']:.1%} "
+        f"(95% CI {low:.1%}-{high:.1%}), n={metrics['n']}; written to {out or run}"
+    )
+
+
+@cli.command("predict")
+@click.argument("images", type=_path, nargs=-1, required=True)
+@click.option("--model", "run", type=_path, required=True, help="Run folder of a trained model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@model_options
+def predict_command(images, run, as_json, weights, weights_dir, cache_dir):
+    """Predict the class of each image; bad files are reported and skipped (exit 1 if any)."""
+    from covidxr.inference import predict_files
+    from covidxr.train import load_run
+
+    loaded = load_run(run, weights, weights_dir)
+    results = predict_files(loaded.model, loaded.labels, images, cache_dir, progress=_progress())
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            if "error" in result:
+                click.echo(f"{result['file']}: ERROR {result['error']}")
+                continue
+            probs = "  ".join(f"{label} {p:.3f}" for label, p in result["probabilities"].items())
+            click.echo(f"{result['file']}: {result['label']}  ({probs})")
+        click.echo(DISCLAIMER)
+    failures = sum("error" in r for r in results)
+    if failures:
+        raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
+
+
+@cli.command("reproduce")
+@click.option("--data", "data_dir", type=_path, required=True, help="Dataset folder (e.g. ../shared/data/cxr3).")
+@click.option("--out", type=_path, required=True, help="Output folder; finished models in it are reused.")
+@click.option(
+    "--models", default=None, help="Comma-separated backbones (default: the paper's three + EfficientNet-Lite0/1/2)."
+)
+@click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--weights-dir", type=_path, default=None, envvar="COVIDXR_WEIGHTS_DIR")
+@click.option("--cache-dir", type=_path, default=None, envvar="COVIDXR_CACHE_DIR")
+def reproduce_command(data_dir, out, models, config_file, epochs, seed, weights_dir, cache_dir):
+    """Run the paper's protocol for every backbone with weights and write results.md beside its numbers."""
+    from covidxr.reproduce import DEFAULT_MODELS, reproduce
+
+    config = _load_config(config_file, epochs=epochs, seed=seed)
+    names = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
+    table = reproduce(data_dir, out, names, config, weights_dir, cache_dir, progress=_progress())
+    click.echo((out / "results.md").read_text())
+    if not (table["status"] == "trained").any():
+        raise click.ClickException("no model could be trained: none has weights here")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""One exception type for every failure a user can fix (bad file, bad row, missing weights).
+
+The CLI prints such errors as one line and exits non-zero; anything else is a bug.
+"""
+
+
+class CovidxrError(Exception):
+    """A problem with the user's input, configuration or environment, stated in one sentence."""

@@ -1,0 +1,182 @@
+"""The frozen-feature cache: each image's pooled backbone features are computed once and reused.
+
+Entries are keyed by the model key (model, weights hash, preprocessing, input size, feature layer)
+and by the SHA-256 of the image file, so a change to any of them can never reuse stale features.
+Each entry is written atomically as its batch finishes: an interrupted extraction loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from covidxr.data import file_sha256, read_image
+from covidxr.errors import CovidxrError
+from covidxr.models import CovidxrNet, to_input_tensor
+
+
+def default_cache_dir() -> Path:
+    """``COVIDXR_CACHE_DIR``, else the user's cache folder (``~/.cache/covidxr``)."""
+    value = os.environ.get("COVIDXR_CACHE_DIR")
+    if value:
+        return Path(value)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "covidxr"
+
+
+class FeatureCache:
+    """Pooled features of one model key, one ``.npy`` file per image content hash."""
+
+    def __init__(self, model: CovidxrNet, cache_dir: str | Path | None = None):
+        self.dir = Path(cache_dir or default_cache_dir()) / "features" / model.model_key_hash()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key_file = self.dir / "key.json"
+        if not key_file.exists():
+            key_file.write_text(json.dumps(model.model_key(), indent=2, sort_keys=True))
+        self.num_features = model.spec.num_features
+
+    def _path(self, digest: str) -> Path:
+        return self.dir / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        """The cached vector, or None when absent or damaged (a damaged entry is recomputed)."""
+        path = self._path(digest)
+        if not path.exists():
+            return None
+        try:
+            vector = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        if vector.shape != (self.num_features,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
+            return None
+        return vector
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        path = self._path(digest)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            np.save(handle, vector.astype(np.float32, copy=False))
+        os.replace(tmp, path)
+
+
+class ImageTensors(torch.utils.data.Dataset):
+    """Decodes files into model inputs; a bad file yields its error message instead of a tensor."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int, preprocessing):
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = read_image(self.paths[index])
+        except CovidxrError as exc:
+            return index, torch.zeros(3, self.image_size, self.image_size), str(exc)
+        return index, to_input_tensor(image, self.image_size, self.preprocessing), ""
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the forward pass for cores
+
+
+def iterate_batches(
+    paths: Sequence[Path], image_size: int, preprocessing, batch_size: int, num_workers: int, desc: str | None
+):
+    """Yield ``(indices, inputs, errors)`` batches, decoding in worker processes while the model runs."""
+    loader = DataLoader(
+        ImageTensors(paths, image_size, preprocessing),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        worker_init_fn=_worker_init if num_workers else None,
+        persistent_workers=False,
+    )
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=desc is None, leave=False) as bar:
+        for indices, inputs, errors in loader:
+            yield indices.tolist(), inputs, list(errors)
+            bar.update(len(indices))
+
+
+@torch.inference_mode()
+def backbone_features(model: CovidxrNet, inputs: torch.Tensor) -> np.ndarray:
+    """Pooled features of a preprocessed batch, in channels-last layout (faster on CPU)."""
+    model.eval()
+    return model.features(inputs.contiguous(memory_format=torch.channels_last)).float().numpy()
+
+
+def compute_features(
+    model: CovidxrNet,
+    paths: Sequence[str | Path],
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Features for every readable path, from the cache where present; computes and caches the rest.
+
+    Returns the feature matrix (zero rows for unreadable files) and ``{index: error message}``.
+    """
+    paths = [Path(p) for p in paths]
+    cache = FeatureCache(model, cache_dir)
+    features = np.zeros((len(paths), cache.num_features), dtype=np.float32)
+    digests: list[str | None] = []
+    todo: list[int] = []
+    errors: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:
+            errors[i] = f"{path}: cannot read ({exc.strerror or exc})"
+            digests.append(None)
+            continue
+        digests.append(digest)
+        cached = cache.get(digest)
+        if cached is None:
+            todo.append(i)
+        else:
+            features[i] = cached
+    if todo:
+        desc = f"features {model.spec.name}" if progress else None
+        batches = iterate_batches(
+            [paths[i] for i in todo], model.image_size, model.preprocessing, batch_size, num_workers, desc
+        )
+        for positions, inputs, batch_errors in batches:
+            vectors = backbone_features(model, inputs)
+            for position, vector, error in zip(positions, vectors, batch_errors, strict=True):
+                index = todo[position]
+                if error:
+                    errors[index] = error
+                    continue
+                features[index] = vector
+                cache.put(digests[index], vector)
+    return features, errors
+
+
+def extract_features(
+    model: CovidxrNet,
+    paths: Sequence[str | Path],
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> np.ndarray:
+    """Features for every path; raises CovidxrError naming the first unreadable file.
+
+    The error comes only after every readable image is cached, so fixing the bad file and
+    rerunning redoes nothing.
+    """
+    features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress)
+    if errors:
+        first = errors[min(errors)]
+        more = f" (and {len(errors) - 1} more unreadable files)" if len(errors) > 1 else ""
+        raise CovidxrError(f"{first}{more}")
+    return features

