@@ -142,7 +142,8 @@ def load_dataset(root: str | Path, require_classes: int = 1) -> Dataset:
     frame = _read_metadata(metadata) if metadata.is_file() else _scan_class_folders(root)
     problems = _table_problems(frame, root)
     if problems:
-        first = problems[0]
+        where, message = problems[0]
+        first = f"{root / 'metadata.csv'} {where}: {message}"
         more = f" (and {len(problems) - 1} more problems; run `covidxr data check {root}`)" if len(problems) > 1 else ""
         raise CovidxrError(f"{first}{more}")
     frame["label"] = [canonical_label(v) for v in frame["label"]]
@@ -191,19 +192,19 @@ def _scan_class_folders(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _table_problems(frame: pd.DataFrame, root: Path) -> list[str]:
-    """Row-level problems visible from the table alone, each naming its row (1-based, as in a editor)."""
+def _table_problems(frame: pd.DataFrame, root: Path) -> list[tuple[str, str]]:
+    """``(where, message)`` for row problems visible from the table alone; rows numbered as in an editor."""
     problems = []
     for index, row in frame.iterrows():
-        where = f"{root / 'metadata.csv'} row {index + 2} ({row['filename'] or 'no filename'})"
+        where = f"row {index + 2} ({row['filename'] or 'no filename'})"
         if not str(row["filename"]).strip():
-            problems.append(f"{where}: empty filename")
+            problems.append((where, "empty filename"))
         elif Path(row["filename"]).is_absolute() or ".." in Path(row["filename"]).parts:
-            problems.append(f"{where}: filename must be relative to the dataset folder")
+            problems.append((where, "filename must be relative to the dataset folder"))
         if canonical_label(row["label"]) is None:
-            problems.append(f"{where}: unknown label {row['label']!r} (expected one of {', '.join(LABELS)})")
+            problems.append((where, f"unknown label {row['label']!r} (expected one of {', '.join(LABELS)})"))
         if not str(row["patient_id"]).strip():
-            problems.append(f"{where}: empty patient_id")
+            problems.append((where, "empty patient_id"))
     return problems
 
 
@@ -232,7 +233,7 @@ def check_dataset(root: str | Path) -> list[Problem]:
         frame = _read_metadata(metadata) if metadata.is_file() else _scan_class_folders(root)
     except CovidxrError as exc:
         return [Problem("table", str(root), str(exc))]
-    problems = [Problem("table", p.split(": ", 1)[0], p.split(": ", 1)[1]) for p in _table_problems(frame, root)]
+    problems = [Problem("table", where, message) for where, message in _table_problems(frame, root)]
     seen_names: dict[str, int] = {}
     seen_hashes: dict[str, tuple[int, str]] = {}
     for index, row in frame.iterrows():

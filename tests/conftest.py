@@ -1,0 +1,63 @@
+"""Shared fixtures: the real images of ../shared, an isolated feature cache, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("COVIDXR_SHARED", REPO.parent / "shared")).resolve()
+CXR3 = SHARED / "data" / "cxr3"
+ADULT_CONTROLS = SHARED / "data" / "adult-controls"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every test session gets its own feature cache; nothing may try to download."""
+    os.environ["COVIDXR_CACHE_DIR"] = str(tmp_path_factory.mktemp("feature-cache"))
+    os.environ["COVIDXR_OFFLINE"] = "1"
+    os.environ.pop("COVIDXR_WEIGHTS_DIR", None)
+
+
+@pytest.fixture(scope="session")
+def cxr3() -> Path:
+    if not (CXR3 / "metadata.csv").is_file():
+        pytest.fail(f"real data not found at {CXR3}; the tests need ../shared/data/cxr3")
+    return CXR3
+
+
+@pytest.fixture(scope="session")
+def cxr3_meta(cxr3: Path) -> pd.DataFrame:
+    return pd.read_csv(cxr3 / "metadata.csv", dtype=str, keep_default_na=False)
+
+
+def small_subset(meta: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
+    """A few real images per class, whole patients only, so patient-disjoint splits stay possible."""
+    rows = []
+    for _, group in meta.groupby("label"):
+        patients = group["patient_id"].drop_duplicates().sample(frac=1.0, random_state=seed)
+        chosen = group[group["patient_id"].isin(patients)]
+        taken, count = [], 0
+        for patient in patients:
+            images = chosen[chosen["patient_id"] == patient]
+            taken.append(images)
+            count += len(images)
+            if count >= per_class:
+                break
+        rows.append(pd.concat(taken))
+    return pd.concat(rows).reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset folder of ~20 real images per class: a metadata.csv whose rows point at ../shared by symlink."""
+    root = tmp_path_factory.mktemp("small-cxr3")
+    subset = small_subset(cxr3_meta, per_class=20)
+    (root / "images").mkdir()
+    for name in subset["filename"]:
+        (root / name).symlink_to(cxr3 / name)
+    subset.to_csv(root / "metadata.csv", index=False)
+    return root

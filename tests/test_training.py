@@ -1,0 +1,171 @@
+"""Feature cache, head training and evaluation on real X-rays with the real EfficientNet-Lite0 weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidxr.config import TrainConfig
+from covidxr.data import LABELS, load_dataset, read_image
+from covidxr.errors import CovidxrError
+from covidxr.evaluate import compute_metrics, evaluate_run, wilson_interval
+from covidxr.features import FeatureCache, extract_features
+from covidxr.models import create_model, to_input_tensor
+from covidxr.train import fit_head, load_run, make_splits, train
+
+FAST = TrainConfig(model="efficientnet_lite0", epochs=3, image_size=224)
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return create_model("efficientnet_lite0", image_size=224)
+
+
+@pytest.fixture(scope="module")
+def trained_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(small_dataset, tmp_path_factory.mktemp("runs") / "lite0", replace(FAST, epochs=10), progress=False)
+
+
+def test_cached_features_train_exactly_like_the_frozen_backbone(small_dataset: Path, lite0) -> None:
+    """Same seed, same shuffles, same dropout: losses agree within 1e-4 epoch by epoch."""
+    dataset = load_dataset(small_dataset)
+    frame = make_splits(dataset, FAST)
+    parts = {p: torch.tensor(frame.index[frame["split"] == p]) for p in ("train", "val")}
+    targets = {p: torch.tensor([LABELS.index(v) for v in frame.loc[i.numpy(), "label"]]) for p, i in parts.items()}
+    features = torch.from_numpy(extract_features(lite0, dataset.paths(), progress=False))
+    images = torch.stack([to_input_tensor(read_image(p), 224, lite0.preprocessing) for p in dataset.paths()])
+
+    def fresh_head():
+        return create_model("efficientnet_lite0", image_size=224, seed=FAST.seed).head
+
+    cached = fit_head(fresh_head(), features[parts["train"]], targets["train"], features[parts["val"]],
+                      targets["val"], FAST, progress=False)
+    recomputed = fit_head(fresh_head(), images[parts["train"]], targets["train"], images[parts["val"]],
+                          targets["val"], FAST, encode=lite0.features, progress=False)
+    columns = ["train_loss", "val_loss", "train_accuracy", "val_accuracy"]
+    difference = (cached.history[columns] - recomputed.history[columns]).abs().to_numpy()
+    assert difference.max() < 1e-4, cached.history.compare(recomputed.history)
+    assert cached.best_epoch == recomputed.best_epoch
+    assert cached.history["train_loss"].iloc[-1] < cached.history["train_loss"].iloc[0]
+
+
+def test_cache_key_changes_with_weights_preprocessing_and_size(lite0) -> None:
+    other_size = create_model("efficientnet_lite0", image_size=237)
+    random = create_model("efficientnet_lite0", pretrained=False, image_size=224)
+    keys = {lite0.model_key_hash(), other_size.model_key_hash(), random.model_key_hash()}
+    assert len(keys) == 3
+    assert lite0.model_key_hash() == create_model("efficientnet_lite0", image_size=224).model_key_hash()
+
+
+def test_cache_is_keyed_by_image_content_and_survives_damage(tmp_path: Path, cxr3: Path, cxr3_meta, lite0) -> None:
+    names = list(cxr3_meta["filename"][:2])
+    work = tmp_path / "image.jpg"
+    work.write_bytes((cxr3 / names[0]).read_bytes())
+    first = extract_features(lite0, [work], cache_dir=tmp_path / "cache", progress=False)
+    work.write_bytes((cxr3 / names[1]).read_bytes())  # same path, new content
+    second = extract_features(lite0, [work], cache_dir=tmp_path / "cache", progress=False)
+    assert not np.allclose(first, second)
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(entries) == 2
+    entries[0].write_bytes(b"damaged")
+    again = extract_features(lite0, [cxr3 / names[0], cxr3 / names[1]], cache_dir=tmp_path / "cache", progress=False)
+    assert np.allclose(again[0], first[0], atol=1e-5) and np.allclose(again[1], second[0], atol=1e-5)
+
+
+def test_an_unreadable_image_is_named_after_the_others_are_cached(tmp_path: Path, cxr3: Path, cxr3_meta, lite0) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    good = [cxr3 / n for n in cxr3_meta["filename"][:3]]
+    with pytest.raises(CovidxrError, match="broken.png: not a readable image"):
+        extract_features(lite0, [good[0], bad, *good[1:]], cache_dir=tmp_path / "cache", progress=False)
+    cache = FeatureCache(lite0, tmp_path / "cache")
+    from covidxr.data import file_sha256
+
+    assert all(cache.get(file_sha256(p)) is not None for p in good)
+
+
+def test_a_run_folder_says_how_it_was_made(trained_run: Path) -> None:
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "run.json", "splits.csv", "history.csv", "head.safetensors"} <= names
+    info = json.loads((trained_run / "run.json").read_text())
+    assert info["weights"]["kind"] == "package" and len(info["weights"]["sha256"]) == 64
+    assert TrainConfig.load(trained_run / "config.yaml") == replace(FAST, epochs=10)
+    history = pd.read_csv(trained_run / "history.csv")
+    assert len(history) == 10 and info["best_epoch"] == int(history["val_loss"].idxmin()) + 1
+    splits = pd.read_csv(trained_run / "splits.csv")
+    assert (splits.groupby("patient_id")["split"].nunique() == 1).all()
+    with pytest.raises(CovidxrError, match="already holds a run"):
+        train(Path(info["data"]), trained_run, FAST, progress=False)
+
+
+def test_evaluate_writes_metrics_and_figures(trained_run: Path) -> None:
+    metrics = evaluate_run(trained_run, progress=False)
+    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "curves.png"):
+        assert (trained_run / name).stat().st_size > 0
+    stored = json.loads((trained_run / "metrics.json").read_text())
+    assert stored["n"] == metrics["n"] == len(pd.read_csv(trained_run / "predictions.csv"))
+    assert set(stored["per_class"]) == set(LABELS)
+    for label in LABELS:
+        assert set(stored["per_class"][label]) == {"n", "sensitivity", "specificity", "ppv", "f1", "auc"}
+    low, high = stored["accuracy_ci95"]
+    assert low <= stored["accuracy"] <= high
+    assert stored["confusion_matrix"]["labels"] == list(LABELS)
+
+
+def test_evaluate_on_an_external_set_with_two_classes(trained_run: Path, cxr3: Path, cxr3_meta, tmp_path: Path):
+    rows = cxr3_meta[cxr3_meta["label"].isin(["COVID-19", "NORMAL"])].groupby("label").tail(4)
+    external = tmp_path / "external"
+    (external / "images").mkdir(parents=True)
+    for name in rows["filename"]:
+        (external / name).symlink_to(cxr3 / name)
+    rows.to_csv(external / "metadata.csv", index=False)
+    metrics = evaluate_run(trained_run, data=external, out=tmp_path / "eval", progress=False)
+    assert metrics["n"] == 8 and metrics["split"] == "all"
+    assert set(metrics["per_class"]) == {"COVID-19", "NORMAL"}
+    assert len(metrics["confusion_matrix"]["matrix"]) == 3  # predictions still over all three classes
+    assert (tmp_path / "eval" / "confusion_matrix.png").exists()
+
+
+def test_load_run_refuses_different_backbone_weights(trained_run: Path, tmp_path: Path) -> None:
+    run = load_run(trained_run)
+    assert run.model.weights.sha256 == json.loads((trained_run / "run.json").read_text())["weights"]["sha256"]
+    other = create_model("efficientnet_lite0", pretrained=False).backbone.body.state_dict()
+    torch.save(other, tmp_path / "other.pth")
+    with pytest.raises(CovidxrError, match="was trained on efficientnet_lite0 weights"):
+        load_run(trained_run, weights=tmp_path / "other.pth")
+
+
+def test_metrics_by_hand() -> None:
+    labels = list(LABELS)
+    truth = ["COVID-19", "COVID-19", "NORMAL", "NORMAL"]
+    probabilities = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.3, 0.1, 0.6]])
+    metrics = compute_metrics(truth, probabilities, labels)
+    assert metrics["accuracy"] == 0.5 and metrics["n"] == 4
+    assert metrics["confusion_matrix"]["matrix"] == [[1, 1, 0], [0, 1, 1], [0, 0, 0]]
+    covid = metrics["per_class"]["COVID-19"]
+    assert covid == {"n": 2, "sensitivity": 0.5, "specificity": 1.0, "ppv": 1.0, "f1": pytest.approx(2 / 3),
+                     "auc": 0.75}  # COVID-19 scores 0.9, 0.2 vs 0.1, 0.3: three of four pairs ordered
+    assert metrics["per_class"]["NORMAL"]["auc"] == 0.75
+    assert "PNEUMONIA" not in metrics["per_class"]
+    assert metrics["macro_auc"] == 0.75
+
+
+def test_wilson_interval_matches_the_textbook() -> None:
+    low, high = wilson_interval(73, 75)  # the paper's VGG-16: 73 of 75
+    assert low == pytest.approx(0.9078, abs=1e-3) and high == pytest.approx(0.9927, abs=1e-3)
+
+
+def test_config_round_trips_and_refuses_unknown_keys(tmp_path: Path) -> None:
+    config = TrainConfig(model="vgg16", epochs=5, split_fractions=(0.7, 0.15, 0.15))
+    config.save(tmp_path / "c.yaml")
+    assert TrainConfig.load(tmp_path / "c.yaml") == config
+    assert TrainConfig() == TrainConfig(epochs=80, batch_size=15, learning_rate=0.001, image_size=237)
+    (tmp_path / "bad.yaml").write_text("epochs: 5\nlearning_rat: 0.1\n")
+    with pytest.raises(CovidxrError, match="unknown key.*learning_rat"):
+        TrainConfig.load(tmp_path / "bad.yaml")
