@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -61,3 +62,44 @@ def small_dataset(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: pytest.
         (root / name).symlink_to(cxr3 / name)
     subset.to_csv(root / "metadata.csv", index=False)
     return root
+
+
+def raw_sources(tmp_path: Path, cxr3: Path, meta: pd.DataFrame) -> tuple[Path, Path]:
+    """The two public raw layouts, populated with real images from cxr3 under upstream-style names."""
+    covid = meta[meta["label"] == "COVID-19"].head(4)
+    ieee = tmp_path / "covid-chestxray-dataset"
+    (ieee / "images").mkdir(parents=True)
+    upstream = []
+    for i, name in enumerate(covid["filename"]):
+        shutil.copy(cxr3 / name, ieee / "images" / f"covid{i}.jpg")
+        upstream.append(
+            {
+                "patientid": str(100 + i // 2),
+                "finding": "Pneumonia/Viral/COVID-19",
+                "modality": "X-ray",
+                "view": ["PA", "AP", "AP Supine", "PA"][i],
+                "folder": "images",
+                "filename": f"covid{i}.jpg",
+                "age": "60",
+                "sex": "F",
+            }
+        )
+    shutil.copy(cxr3 / covid["filename"].iloc[0], ieee / "images" / "lateral.jpg")
+    upstream.append({**upstream[0], "view": "L", "filename": "lateral.jpg"})  # not a frontal view
+    upstream.append({**upstream[1], "modality": "CT", "filename": "ct.jpg"})  # not an X-ray
+    upstream.append({**upstream[2], "finding": "Pneumonia/Bacterial/Streptococcus", "filename": "strep.jpg"})
+    pd.DataFrame(upstream).to_csv(ieee / "metadata.csv", index=False)
+
+    kermany = tmp_path / "chest_xray"
+    names = {
+        "NORMAL": ["IM-0115-0001.jpeg", "NORMAL2-IM-1427-0001.jpeg"],
+        "PNEUMONIA": ["person1_bacteria_1.jpeg", "person1_virus_6.jpeg"],
+    }
+    for label, files in names.items():
+        sources = meta[meta["label"] == label]["filename"].head(len(files))
+        for part, file, source in zip(("train", "test"), files, sources, strict=True):
+            (kermany / part / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy(cxr3 / source, kermany / part / label / file)
+    # The same image twice under two names: the build must keep one.
+    shutil.copy(kermany / "train" / "NORMAL" / "IM-0115-0001.jpeg", kermany / "test" / "NORMAL" / "IM-0116-0001.jpeg")
+    return ieee, kermany

@@ -14,12 +14,14 @@ from covidxr.data import (
     check_dataset,
     kermany_patient,
     load_dataset,
-    read_image,
     read_ieee8023,
+    read_image,
     read_kermany,
     split_by_patient,
 )
 from covidxr.errors import CovidxrError
+
+from .conftest import raw_sources
 
 
 def test_reads_the_shared_metadata_dataset(cxr3: Path) -> None:
@@ -136,7 +138,9 @@ def test_check_flags_a_label_that_contradicts_its_class_folder(tmp_path: Path, c
     rows.iloc[0, rows.columns.get_loc("label")] = "NORMAL"
     rows.to_csv(tmp_path / "metadata.csv", index=False)
     problems = [str(p) for p in check_dataset(tmp_path)]
-    assert problems == [f"label: row 2 ({rows.iloc[0]['filename']}): labelled NORMAL but stored under a COVID-19 folder"]
+    assert problems == [
+        f"label: row 2 ({rows.iloc[0]['filename']}): labelled NORMAL but stored under a COVID-19 folder"
+    ]
 
 
 def test_check_reports_a_single_class_dataset(tmp_path: Path, cxr3: Path, cxr3_meta: pd.DataFrame) -> None:
@@ -181,47 +185,20 @@ def test_kermany_patient_ids() -> None:
     assert kermany_patient("NORMAL2-IM-1427-0001") == "NORMAL2-IM-1427"
 
 
-def _raw_sources(tmp_path: Path, cxr3: Path, meta: pd.DataFrame) -> tuple[Path, Path]:
-    """The two public raw layouts, populated with real images from cxr3 under upstream-style names."""
-    covid = meta[meta["label"] == "COVID-19"].head(4)
-    ieee = tmp_path / "covid-chestxray-dataset"
-    (ieee / "images").mkdir(parents=True)
-    upstream = []
-    for i, name in enumerate(covid["filename"]):
-        shutil.copy(cxr3 / name, ieee / "images" / f"covid{i}.jpg")
-        upstream.append(
-            {"patientid": str(100 + i // 2), "finding": "Pneumonia/Viral/COVID-19", "modality": "X-ray",
-             "view": ["PA", "AP", "AP Supine", "PA"][i], "folder": "images", "filename": f"covid{i}.jpg",
-             "age": "60", "sex": "F"}
-        )
-    shutil.copy(cxr3 / covid["filename"].iloc[0], ieee / "images" / "lateral.jpg")
-    upstream.append({**upstream[0], "view": "L", "filename": "lateral.jpg"})  # not a frontal view
-    upstream.append({**upstream[1], "modality": "CT", "filename": "ct.jpg"})  # not an X-ray
-    upstream.append({**upstream[2], "finding": "Pneumonia/Bacterial/Streptococcus", "filename": "strep.jpg"})
-    pd.DataFrame(upstream).to_csv(ieee / "metadata.csv", index=False)
-
-    kermany = tmp_path / "chest_xray"
-    names = {"NORMAL": ["IM-0115-0001.jpeg", "NORMAL2-IM-1427-0001.jpeg"],
-             "PNEUMONIA": ["person1_bacteria_1.jpeg", "person1_virus_6.jpeg"]}
-    for label, files in names.items():
-        sources = meta[meta["label"] == label]["filename"].head(len(files))
-        for part, file, source in zip(("train", "test"), files, sources, strict=True):
-            (kermany / part / label).mkdir(parents=True, exist_ok=True)
-            shutil.copy(cxr3 / source, kermany / part / label / file)
-    # The same image twice under two names: the build must keep one.
-    shutil.copy(kermany / "train" / "NORMAL" / "IM-0115-0001.jpeg", kermany / "test" / "NORMAL" / "IM-0116-0001.jpeg")
-    return ieee, kermany
-
-
 def test_raw_layouts_are_read_as_the_paper_used_them(tmp_path: Path, cxr3: Path, cxr3_meta: pd.DataFrame) -> None:
-    ieee, kermany = _raw_sources(tmp_path, cxr3, cxr3_meta)
+    ieee, kermany = raw_sources(tmp_path, cxr3, cxr3_meta)
     covid = read_ieee8023(ieee)
     assert len(covid) == 4 and set(covid["view"]) == {"PA", "AP", "AP Supine"}
     assert list(covid["patient_id"]) == ["ieee8023-100", "ieee8023-100", "ieee8023-101", "ieee8023-101"]
     kids = read_kermany(kermany.parent)
     assert sorted(kids["patient_id"]) == sorted(
-        ["kermany-normal-IM-0115", "kermany-normal-IM-0116", "kermany-normal-NORMAL2-IM-1427",
-         "kermany-pneumonia-person1", "kermany-pneumonia-person1"]
+        [
+            "kermany-normal-IM-0115",
+            "kermany-normal-IM-0116",
+            "kermany-normal-NORMAL2-IM-1427",
+            "kermany-pneumonia-person1",
+            "kermany-pneumonia-person1",
+        ]
     )
     assert set(kids.loc[kids["label"] == "PNEUMONIA", "finding"]) == {"bacterial pneumonia", "viral pneumonia"}
 
@@ -229,7 +206,7 @@ def test_raw_layouts_are_read_as_the_paper_used_them(tmp_path: Path, cxr3: Path,
 def test_build_writes_a_deduplicated_dataset(tmp_path: Path, cxr3: Path, cxr3_meta: pd.DataFrame) -> None:
     from covidxr.data import build_dataset
 
-    ieee, kermany = _raw_sources(tmp_path, cxr3, cxr3_meta)
+    ieee, kermany = raw_sources(tmp_path, cxr3, cxr3_meta)
     (kermany / "train" / "NORMAL" / "IM-0200-0001.jpeg").write_bytes(b"broken")
     sources = pd.concat([read_ieee8023(ieee), read_kermany(kermany)], ignore_index=True)
     frame, skipped = build_dataset(sources, tmp_path / "built")

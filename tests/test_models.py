@@ -79,7 +79,9 @@ def test_head_keys_may_be_absent_but_backbone_keys_may_not(tmp_path: Path) -> No
     create_backbone("resnet50", weights=tmp_path / "headless.pth")
     del headless["layer4.2.bn3.weight"]
     torch.save(headless, tmp_path / "broken.pth")
-    with pytest.raises(CovidxrError, match=r"broken.pth: not resnet50 weights .* 1 missing \(e.g. layer4.2.bn3.weight\)"):
+    with pytest.raises(
+        CovidxrError, match=r"broken.pth: not resnet50 weights .* 1 missing \(e.g. layer4.2.bn3.weight\)"
+    ):
         create_backbone("resnet50", weights=tmp_path / "broken.pth")
     torch.save(_reference_state("vgg16"), tmp_path / "vgg.pth")
     with pytest.raises(CovidxrError, match="not resnet50 weights"):
@@ -162,7 +164,10 @@ def test_preprocessing_modes_match_their_definitions() -> None:
 
 def test_safetensors_metadata_can_declare_keras_preprocessing(tmp_path: Path) -> None:
     state = _reference_state("vgg16")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "vgg16.safetensors"),
-              metadata={"preprocessing": "caffe"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(tmp_path / "vgg16.safetensors"),
+        metadata={"preprocessing": "caffe"},
+    )
     model = create_model("vgg16", weights_dir=tmp_path)
     assert model.preprocessing.name == "caffe" and model.model_key()["preprocessing"]["bgr"] is True

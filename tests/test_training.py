@@ -44,10 +44,25 @@ def test_cached_features_train_exactly_like_the_frozen_backbone(small_dataset: P
     def fresh_head():
         return create_model("efficientnet_lite0", image_size=224, seed=FAST.seed).head
 
-    cached = fit_head(fresh_head(), features[parts["train"]], targets["train"], features[parts["val"]],
-                      targets["val"], FAST, progress=False)
-    recomputed = fit_head(fresh_head(), images[parts["train"]], targets["train"], images[parts["val"]],
-                          targets["val"], FAST, encode=lite0.features, progress=False)
+    cached = fit_head(
+        fresh_head(),
+        features[parts["train"]],
+        targets["train"],
+        features[parts["val"]],
+        targets["val"],
+        FAST,
+        progress=False,
+    )
+    recomputed = fit_head(
+        fresh_head(),
+        images[parts["train"]],
+        targets["train"],
+        images[parts["val"]],
+        targets["val"],
+        FAST,
+        encode=lite0.features,
+        progress=False,
+    )
     columns = ["train_loss", "val_loss", "train_accuracy", "val_accuracy"]
     difference = (cached.history[columns] - recomputed.history[columns]).abs().to_numpy()
     assert difference.max() < 1e-4, cached.history.compare(recomputed.history)
@@ -149,8 +164,14 @@ def test_metrics_by_hand() -> None:
     assert metrics["accuracy"] == 0.5 and metrics["n"] == 4
     assert metrics["confusion_matrix"]["matrix"] == [[1, 1, 0], [0, 1, 1], [0, 0, 0]]
     covid = metrics["per_class"]["COVID-19"]
-    assert covid == {"n": 2, "sensitivity": 0.5, "specificity": 1.0, "ppv": 1.0, "f1": pytest.approx(2 / 3),
-                     "auc": 0.75}  # COVID-19 scores 0.9, 0.2 vs 0.1, 0.3: three of four pairs ordered
+    assert covid == {
+        "n": 2,
+        "sensitivity": 0.5,
+        "specificity": 1.0,
+        "ppv": 1.0,
+        "f1": pytest.approx(2 / 3),
+        "auc": 0.75,
+    }  # COVID-19 scores 0.9, 0.2 vs 0.1, 0.3: three of four pairs ordered
     assert metrics["per_class"]["NORMAL"]["auc"] == 0.75
     assert "PNEUMONIA" not in metrics["per_class"]
     assert metrics["macro_auc"] == 0.75
