@@ -31,8 +31,18 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["data"], ["data", "build"], ["data", "check"], ["models"], ["train"], ["evaluate"],
-                ["predict"], ["reproduce"]]
+    "command",
+    [
+        [],
+        ["data"],
+        ["data", "build"],
+        ["data", "check"],
+        ["models"],
+        ["train"],
+        ["evaluate"],
+        ["predict"],
+        ["reproduce"],
+    ],
 )
 def test_help_everywhere(command: list[str]) -> None:
     result = run(*command, "--help")
@@ -44,8 +54,17 @@ def cli_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     out = tmp_path_factory.mktemp("cli") / "run"
     config = out.parent / "fast.yaml"
     config.write_text("epochs: 6\nimage_size: 224\nseed: 3\n")
-    result = run("train", "--data", str(small_dataset), "--model", "efficientnet_lite0", "--out", str(out),
-                 "--config", str(config))
+    result = run(
+        "train",
+        "--data",
+        str(small_dataset),
+        "--model",
+        "efficientnet_lite0",
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+    )
     assert result.returncode == 0, result.stderr
     assert "best epoch" in result.stdout
     return out
@@ -78,8 +97,17 @@ def test_predict_reports_bad_files_and_keeps_going(cli_run: Path, cxr3: Path, cx
 
 def test_reproduce_skips_models_without_weights_and_writes_the_table(small_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "reproduce"
-    args = ("reproduce", "--data", str(small_dataset), "--out", str(out), "--models", "vgg16,efficientnet_lite0",
-            "--epochs", "4")
+    args = (
+        "reproduce",
+        "--data",
+        str(small_dataset),
+        "--out",
+        str(out),
+        "--models",
+        "vgg16,efficientnet_lite0",
+        "--epochs",
+        "4",
+    )
     result = run(*args)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out / "results.csv")

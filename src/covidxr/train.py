@@ -135,6 +135,26 @@ def _environment() -> dict:
     }
 
 
+def model_from_config(
+    config: TrainConfig,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+) -> CovidxrNet:
+    """The model a configuration describes: its backbone, input size and head, over all labels."""
+    return create_model(
+        config.model,
+        pretrained=pretrained,
+        num_classes=len(LABELS),
+        image_size=config.image_size,
+        hidden=config.hidden_units,
+        dropout=config.dropout,
+        weights=weights,
+        weights_dir=weights_dir,
+        seed=config.seed,
+    )
+
+
 def prepare_out_dir(out: str | Path) -> Path:
     """Create a run folder, refusing one that already holds a run (outputs are never overwritten)."""
     out = Path(out)
@@ -156,16 +176,7 @@ def train(
     """The paper's protocol on one dataset: split by patient, cache frozen features, train the head."""
     dataset = load_dataset(data, require_classes=2)
     frame = make_splits(dataset, config)
-    model = create_model(
-        config.model,
-        num_classes=len(LABELS),
-        image_size=config.image_size,
-        hidden=config.hidden_units,
-        dropout=config.dropout,
-        weights=weights,
-        weights_dir=weights_dir,
-        seed=config.seed,
-    )
+    model = model_from_config(config, weights=weights, weights_dir=weights_dir)
     out = prepare_out_dir(out)
     config.save(out / "config.yaml")
     frame.to_csv(out / "splits.csv", index=False)
@@ -243,17 +254,7 @@ def load_run(path: str | Path, weights: str | Path | None = None, weights_dir: s
     recorded = Path(info["weights"]["location"])
     if weights is None and info["weights"]["kind"] in {"file", "weights-dir"} and recorded.is_file():
         weights = recorded
-    model = create_model(
-        config.model,
-        pretrained=pretrained,
-        num_classes=len(info["labels"]),
-        image_size=config.image_size,
-        hidden=config.hidden_units,
-        dropout=config.dropout,
-        weights=weights,
-        weights_dir=weights_dir,
-        seed=config.seed,
-    )
+    model = model_from_config(config, pretrained, weights, weights_dir)
     if model.weights.sha256 != info["weights"]["sha256"]:
         raise CovidxrError(
             f"{path}: was trained on {config.model} weights {info['weights']['sha256'][:12]} "
