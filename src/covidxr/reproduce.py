@@ -121,8 +121,8 @@ def results_markdown(table: pd.DataFrame, data: str | Path) -> str:
         lines.append(
             f"| {row['model']} | {row['paper_model']} | {_pct(row.get('paper_accuracy'))} | {_pct(row['accuracy'])} "
             f"| {_pct(row['accuracy_ci95_low'])}-{_pct(row['accuracy_ci95_high'])} "
-            f"| {row['correct']} / {row['n_test']} | {row['macro_auc']:.3f} | {_pct(row['covid_sensitivity'])} "
-            "| trained |"
+            f"| {int(row['correct'])} / {int(row['n_test'])} | {row['macro_auc']:.3f} "
+            f"| {_pct(row['covid_sensitivity'])} | trained |"
         )
     lines += [
         "",
