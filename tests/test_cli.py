@@ -95,6 +95,27 @@ def test_predict_reports_bad_files_and_keeps_going(cli_run: Path, cxr3: Path, cx
     assert text.returncode == 0 and "Research use only" in text.stdout
 
 
+def test_explain_writes_maps_and_reports_bad_files(cli_run: Path, cxr3: Path, cxr3_meta, tmp_path: Path) -> None:
+    image = cxr3 / cxr3_meta["filename"].iloc[0]
+    missing = tmp_path / "missing.png"
+    result = run(
+        "explain",
+        str(image),
+        str(missing),
+        "--model",
+        str(cli_run),
+        "--method",
+        "eigencam",
+        "--out",
+        str(tmp_path / "maps"),
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{image}: " in result.stdout and "(p=" in result.stdout and "Research use only" in result.stdout
+    assert f"{missing}: ERROR" in result.stdout and "file not found" in result.stdout
+    assert (tmp_path / "maps" / f"{image.stem}.eigencam.png").exists()
+    assert (tmp_path / "maps" / f"{image.stem}.eigencam.npy").exists()
+
+
 def test_reproduce_skips_models_without_weights_and_writes_the_table(small_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "reproduce"
     args = (

@@ -121,7 +121,14 @@ def test_a_run_folder_says_how_it_was_made(trained_run: Path) -> None:
 
 def test_evaluate_writes_metrics_and_figures(trained_run: Path) -> None:
     metrics = evaluate_run(trained_run, progress=False)
-    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "curves.png"):
+    for name in (
+        "metrics.json",
+        "predictions.csv",
+        "confusion_matrix.png",
+        "curves.png",
+        "predictions.png",
+        "gradcam.png",
+    ):
         assert (trained_run / name).stat().st_size > 0
     stored = json.loads((trained_run / "metrics.json").read_text())
     assert stored["n"] == metrics["n"] == len(pd.read_csv(trained_run / "predictions.csv"))
@@ -131,6 +138,11 @@ def test_evaluate_writes_metrics_and_figures(trained_run: Path) -> None:
     low, high = stored["accuracy_ci95"]
     assert low <= stored["accuracy"] <= high
     assert stored["confusion_matrix"]["labels"] == list(LABELS)
+    explanations = stored["explanations"]
+    assert set(explanations["methods"]) == {"gradcam", "gradcam++", "eigencam"}
+    for checks in explanations["methods"].values():
+        assert checks["verdict"] in {"pass", "warning", "fail"}
+        assert 0 <= checks["mass"]["lung_field"] <= 1 and checks["better_than_random_p"] <= 1
 
 
 def test_evaluate_on_an_external_set_with_two_classes(trained_run: Path, cxr3: Path, cxr3_meta, tmp_path: Path):
@@ -140,11 +152,12 @@ def test_evaluate_on_an_external_set_with_two_classes(trained_run: Path, cxr3: P
     for name in rows["filename"]:
         (external / name).symlink_to(cxr3 / name)
     rows.to_csv(external / "metadata.csv", index=False)
-    metrics = evaluate_run(trained_run, data=external, out=tmp_path / "eval", progress=False)
+    metrics = evaluate_run(trained_run, data=external, out=tmp_path / "eval", progress=False, explain=False)
     assert metrics["n"] == 8 and metrics["split"] == "all"
     assert set(metrics["per_class"]) == {"COVID-19", "NORMAL"}
     assert len(metrics["confusion_matrix"]["matrix"]) == 3  # predictions still over all three classes
-    assert (tmp_path / "eval" / "confusion_matrix.png").exists()
+    assert (tmp_path / "eval" / "confusion_matrix.png").exists() and (tmp_path / "eval" / "predictions.png").exists()
+    assert "explanations" not in metrics and not (tmp_path / "eval" / "gradcam.png").exists()
 
 
 def test_load_run_refuses_different_backbone_weights(trained_run: Path, tmp_path: Path) -> None:

@@ -28,27 +28,31 @@ class FriendlyGroup(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+weights_file_option = click.option(
+    "--weights", type=_path, default=None, help="Backbone weights file (.safetensors or .pth) in the registry's layout."
+)
+weights_dir_option = click.option(
+    "--weights-dir",
+    type=_path,
+    default=None,
+    envvar="COVIDXR_WEIGHTS_DIR",
+    help="Folder of <model>.safetensors / <model>.pth files [env: COVIDXR_WEIGHTS_DIR].",
+)
+cache_option = click.option(
+    "--cache-dir",
+    type=_path,
+    default=None,
+    envvar="COVIDXR_CACHE_DIR",
+    help="Feature cache folder [env: COVIDXR_CACHE_DIR; default ~/.cache/covidxr].",
+)
+
+
+def weights_options(func):
+    return weights_dir_option(weights_file_option(func))
+
+
 def model_options(func):
-    func = click.option(
-        "--weights",
-        type=_path,
-        default=None,
-        help="Backbone weights file (.safetensors or .pth) in the registry's layout.",
-    )(func)
-    func = click.option(
-        "--weights-dir",
-        type=_path,
-        default=None,
-        envvar="COVIDXR_WEIGHTS_DIR",
-        help="Folder of <model>.safetensors / <model>.pth files [env: COVIDXR_WEIGHTS_DIR].",
-    )(func)
-    return click.option(
-        "--cache-dir",
-        type=_path,
-        default=None,
-        envvar="COVIDXR_CACHE_DIR",
-        help="Feature cache folder [env: COVIDXR_CACHE_DIR; default ~/.cache/covidxr].",
-    )(func)
+    return cache_option(weights_options(func))
 
 
 def _progress() -> bool:
@@ -103,7 +107,7 @@ def data_check(directory: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 @cli.command("models")
-@click.option("--weights-dir", type=_path, default=None, envvar="COVIDXR_WEIGHTS_DIR")
+@weights_dir_option
 def models_command(weights_dir: Path | None) -> None:
     """List the registered backbones and whether their pretrained weights can be found."""
     from covidxr.models import REGISTRY, resolve_weights
@@ -146,12 +150,15 @@ def train_command(data_dir, model, out, config_file, epochs, seed, image_size, w
 @click.option("--data", "data_dir", type=_path, default=None, help="Evaluate on every image of another dataset.")
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
 @click.option("--out", type=_path, default=None, help="Output folder (default: the run folder).")
+@click.option("--no-explain", is_flag=True, help="Skip the Grad-CAM figure and the explanation checks.")
 @model_options
-def evaluate_command(run, data_dir, split, out, weights, weights_dir, cache_dir):
-    """Write metrics.json, predictions.csv, confusion_matrix.png and curves.png."""
+def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir, cache_dir):
+    """Write metrics.json, predictions.csv, the four figures and the reports."""
     from covidxr.evaluate import evaluate_run
 
-    metrics = evaluate_run(run, data_dir, split, out, weights, weights_dir, cache_dir, progress=_progress())
+    metrics = evaluate_run(
+        run, data_dir, split, out, weights, weights_dir, cache_dir, progress=_progress(), explain=not no_explain
+    )
     low, high = metrics["accuracy_ci95"]
     click.echo(
         f"{metrics['model']} on {metrics['data']} ({metrics['split']}): accuracy {metrics['accuracy']:.1%} "
@@ -186,6 +193,41 @@ def predict_command(images, run, as_json, weights, weights_dir, cache_dir):
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
 
 
+@cli.command("explain")
+@click.argument("images", type=_path, nargs=-1, required=True)
+@click.option("--model", "run", type=_path, required=True, help="Run folder of a trained model.")
+@click.option(
+    "--method",
+    type=click.Choice(["gradcam", "gradcam++", "scorecam", "eigencam"]),
+    default="gradcam",
+    show_default=True,
+)
+@click.option(
+    "--out",
+    type=_path,
+    default=Path("explanations"),
+    show_default=True,
+    help="Folder for <image>.<method>.png (overlay) and .npy (raw map).",
+)
+@weights_options
+def explain_command(images, run, method, out, weights, weights_dir):
+    """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
+    from covidxr.explain import explain_files
+    from covidxr.train import load_run
+
+    loaded = load_run(run, weights, weights_dir)
+    results = explain_files(loaded.model, loaded.labels, images, out, method)
+    for result in results:
+        if "error" in result:
+            click.echo(f"{result['file']}: ERROR {result['error']}")
+        else:
+            click.echo(f"{result['file']}: {result['label']} (p={result['probability']:.3f}) → {result['overlay']}")
+    click.echo(DISCLAIMER)
+    failures = sum("error" in r for r in results)
+    if failures:
+        raise click.ClickException(f"{failures} of {len(results)} file(s) could not be explained")
+
+
 @cli.command("reproduce")
 @click.option("--data", "data_dir", type=_path, required=True, help="Dataset folder (e.g. ../shared/data/cxr3).")
 @click.option("--out", type=_path, required=True, help="Output folder; finished models in it are reused.")
@@ -195,8 +237,8 @@ def predict_command(images, run, as_json, weights, weights_dir, cache_dir):
 @click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--weights-dir", type=_path, default=None, envvar="COVIDXR_WEIGHTS_DIR")
-@click.option("--cache-dir", type=_path, default=None, envvar="COVIDXR_CACHE_DIR")
+@weights_dir_option
+@cache_option
 def reproduce_command(data_dir, out, models, config_file, epochs, seed, weights_dir, cache_dir):
     """Run the paper's protocol for every backbone with weights and write results.md beside its numbers."""
     from covidxr.reproduce import DEFAULT_MODELS, reproduce

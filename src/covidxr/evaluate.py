@@ -9,13 +9,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
+from PIL import Image
 from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from covidxr import DISCLAIMER
-from covidxr.data import load_dataset
+from covidxr.data import load_dataset, read_image
 from covidxr.errors import CovidxrError
+from covidxr.explain import Explainer, check_maps, overlay, probabilities_of
 from covidxr.inference import predict_probabilities
+from covidxr.models import CovidxrNet, to_input_tensor
 from covidxr.train import Run, load_run
 
 
@@ -116,6 +120,85 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     plt.close(fig)
 
 
+def choose_examples(frame: pd.DataFrame, per_class: int, seed: int) -> list[int]:
+    """Row positions of up to ``per_class`` images of each true class, drawn with ``seed``."""
+    chosen: list[int] = []
+    for _, group in frame.groupby("label", sort=True):
+        chosen += list(group.sample(n=min(per_class, len(group)), random_state=seed).index)
+    return chosen
+
+
+def plot_predictions(
+    frame: pd.DataFrame, probabilities: np.ndarray, labels: list[str], root: Path, path: Path, seed: int
+) -> None:
+    """A grid of evaluated images captioned "Predict = X / Correct = Y", wrong ones in red (the paper's Figure 3).
+
+    Wrong predictions are shown first, so the grid shows the model's errors when there are any.
+    """
+    predicted = np.array([labels[k] for k in probabilities.argmax(1)])
+    wrong = list(np.flatnonzero(predicted != frame["label"].to_numpy()))
+    right = list(np.random.default_rng(seed).permutation(np.flatnonzero(predicted == frame["label"].to_numpy())))
+    shown = (wrong[:8] + right)[:16]
+    columns = 4
+    rows = max(1, -(-len(shown) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.25 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), shown, strict=False):
+        ax.imshow(read_image(root / frame["filename"].iloc[i]).convert("L"), cmap="gray")
+        is_wrong = predicted[i] != frame["label"].iloc[i]
+        ax.set_title(
+            f"Predict = {predicted[i]} ({probabilities[i].max():.2f})\nCorrect = {frame['label'].iloc[i]}",
+            color="red" if is_wrong else "black",
+            fontsize=10,
+            fontweight="bold" if is_wrong else "normal",
+        )
+    fig.suptitle(f"{len(wrong)} wrong of {len(frame)}; wrong predictions in red, shown first")
+    fig.text(0.5, 0.005, DISCLAIMER, ha="center", fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_gradcam(
+    model: CovidxrNet,
+    labels: list[str],
+    images: list[Image.Image],
+    true_labels: list[str],
+    path: Path,
+    method: str = "gradcam",
+) -> None:
+    """Rows per true class, columns of examples with their class activation maps (the paper's Figure 4).
+
+    Only the (up to) three examples per class that are drawn are explained.
+    """
+    classes = [label for label in labels if label in true_labels]
+    per_class = {label: [i for i, t in enumerate(true_labels) if t == label][:3] for label in classes}
+    shown = [i for label in classes for i in per_class[label]]
+    images = {i: images[i] for i in shown}
+    inputs = torch.stack([to_input_tensor(images[i], model.image_size, model.preprocessing) for i in shown])
+    probs = dict(zip(shown, probabilities_of(model, inputs), strict=True))
+    maps = dict(zip(shown, Explainer(model, method)(inputs, [p.argmax() for p in probs.values()]), strict=True))
+    columns = 2 * max(len(v) for v in per_class.values())
+    fig, axes = plt.subplots(len(classes), columns, figsize=(2.4 * columns, 2.7 * len(classes)), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for row, label in enumerate(classes):
+        for n, i in enumerate(per_class[label]):
+            k = int(probs[i].argmax())
+            axes[row, 2 * n].imshow(images[i].convert("L").resize((model.image_size,) * 2), cmap="gray")
+            axes[row, 2 * n].set_title(f"true {label}", fontsize=9)
+            axes[row, 2 * n + 1].imshow(overlay(images[i], maps[i], model.image_size))
+            axes[row, 2 * n + 1].set_title(
+                f"{method}: {labels[k]} {probs[i][k]:.2f}", fontsize=9, color="black" if labels[k] == label else "red"
+            )
+    fig.suptitle(f"{method} maps for the predicted class, rows = true class")
+    fig.text(0.5, 0.005, DISCLAIMER, ha="center", fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def evaluate_run(
     run: str | Path | Run,
     data: str | Path | None = None,
@@ -125,11 +208,13 @@ def evaluate_run(
     weights_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    explain: bool = True,
 ) -> dict:
     """Evaluate a run on its own split (default: test) or on every image of another dataset.
 
-    Writes ``metrics.json``, ``predictions.csv``, ``confusion_matrix.png`` and ``curves.png`` into
-    ``out`` (default: the run folder) and returns the metrics.
+    Writes ``metrics.json``, ``predictions.csv``, the figures ``curves.png``, ``confusion_matrix.png``,
+    ``predictions.png`` and (with ``explain``) ``gradcam.png`` plus the explanation checks, and the
+    reports, into ``out`` (default: the run folder); returns the metrics.
     """
     run = run if isinstance(run, Run) else load_run(run, weights, weights_dir)
     if data is None:
@@ -168,7 +253,15 @@ def evaluate_run(
     for k, label in enumerate(run.labels):
         predictions[f"p_{label}"] = probabilities[:, k]
     predictions.to_csv(out / "predictions.csv", index=False)
+    seed = run.config.seed
+    if explain:
+        chosen = choose_examples(frame, per_class=8, seed=seed)
+        images = [read_image(root / frame["filename"].iloc[i]) for i in chosen]
+        inputs = torch.stack([to_input_tensor(img, run.model.image_size, run.model.preprocessing) for img in images])
+        metrics["explanations"] = check_maps(run.model, inputs, seed=seed)
+        plot_gradcam(run.model, run.labels, images, list(frame["label"].iloc[chosen]), out / "gradcam.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_predictions(frame, probabilities, run.labels, Path(root), out / "predictions.png", seed)
     acc = metrics["accuracy"]
     low, high = metrics["accuracy_ci95"]
     plot_confusion(
