@@ -134,8 +134,10 @@ def test_reproduce_skips_models_without_weights_and_writes_the_table(small_datas
     table = pd.read_csv(out / "results.csv")
     assert list(table["status"]) == ["skipped", "trained"]
     assert "no pretrained weights for 'vgg16'" in table.loc[0, "reason"]
-    markdown = (out / "results.md").read_text()
+    assert "efficientnet_lite0: test accuracy" in result.stdout and "vgg16: skipped" in result.stdout
+    markdown = (out / "report.md").read_text()
     assert "97.3%" in markdown and "(not in the paper)" in markdown and "by patient" in markdown
+    assert (out / "report.html").stat().st_size > 0
     for name in ("metrics.json", "confusion_matrix.png", "curves.png", "run.json"):
         assert (out / "efficientnet_lite0" / name).exists()
     first = json.loads((out / "efficientnet_lite0" / "run.json").read_text())["created"]

@@ -240,13 +240,25 @@ def explain_command(images, run, method, out, weights, weights_dir):
 @weights_dir_option
 @cache_option
 def reproduce_command(data_dir, out, models, config_file, epochs, seed, weights_dir, cache_dir):
-    """Run the paper's protocol for every backbone with weights and write results.md beside its numbers."""
+    """Run the paper's protocol for every backbone with weights; write the report beside the paper's numbers."""
     from covidxr.reproduce import DEFAULT_MODELS, reproduce
 
     config = _load_config(config_file, epochs=epochs, seed=seed)
     names = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
     table = reproduce(data_dir, out, names, config, weights_dir, cache_dir, progress=_progress())
-    click.echo((out / "results.md").read_text())
+    for row in table.to_dict("records"):
+        if row["status"] == "trained":
+            low, high = row["accuracy_ci95_low"], row["accuracy_ci95_high"]
+            paper = (
+                f"; paper {row['paper_accuracy']:.1%}" if row.get("paper_accuracy") == row.get("paper_accuracy") else ""
+            )
+            click.echo(
+                f"{row['model']}: test accuracy {row['accuracy']:.1%} (95% CI {low:.1%}-{high:.1%}), "
+                f"{int(row['correct'])}/{int(row['n_test'])}{paper}"
+            )
+        else:
+            click.echo(f"{row['model']}: skipped ({row['reason']})")
+    click.echo(f"report: {out / 'report.html'} and {out / 'report.md'}\n{DISCLAIMER}")
     if not (table["status"] == "trained").any():
         raise click.ClickException("no model could be trained: none has weights here")
 

@@ -20,6 +20,7 @@ from covidxr.errors import CovidxrError
 from covidxr.explain import Explainer, check_maps, overlay, probabilities_of
 from covidxr.inference import predict_probabilities
 from covidxr.models import CovidxrNet, to_input_tensor
+from covidxr.report import write_run_report
 from covidxr.train import Run, load_run
 
 
@@ -239,7 +240,7 @@ def evaluate_run(
         progress,
     )
     metrics = {
-        "run": str(run.path),
+        "run": str(run.path.resolve()),
         "model": run.config.model,
         "data": str(Path(root).resolve()),
         "split": split,
@@ -271,4 +272,5 @@ def evaluate_run(
         f"{run.config.model}: {scope}\naccuracy {acc:.1%} (95% CI {low:.1%}-{high:.1%}), n={metrics['n']}",
     )
     plot_history(run.history(), out / "curves.png", f"{run.config.model}: training curves")
+    write_run_report(out)
     return metrics

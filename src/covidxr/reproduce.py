@@ -14,20 +14,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from covidxr import DISCLAIMER
 from covidxr.config import TrainConfig
 from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.evaluate import evaluate_run
 from covidxr.models import PAPER_MODELS, get_spec, resolve_weights
+from covidxr.report import PAPER_RESULTS, write_reproduce_report
 from covidxr.train import train
 
-# Soares & Soares (2020), test set of 75 images split at random from 375.
-PAPER_RESULTS = {
-    "vgg16": {"paper_model": "VGG-16", "paper_accuracy": 0.973, "paper_n": 75},
-    "xception": {"paper_model": "Xception", "paper_accuracy": 0.959, "paper_n": 75},
-    "resnet50": {"paper_model": "ResNet", "paper_accuracy": 0.946, "paper_n": 75},
-}
 DEFAULT_MODELS = (*PAPER_MODELS, "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
@@ -40,7 +34,7 @@ def reproduce(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Train and evaluate each model on one shared patient-disjoint split; write the results table."""
+    """Train and evaluate each model on one shared patient-disjoint split; write results and the report."""
     config = config or TrainConfig()
     load_dataset(data, require_classes=2)  # fail on bad data before any model is trained
     for name in models:
@@ -90,49 +84,5 @@ def reproduce(
     table = pd.DataFrame(rows)
     table.to_csv(out / "results.csv", index=False)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    (out / "results.md").write_text(results_markdown(table, data))
+    write_reproduce_report(out)
     return table
-
-
-def _pct(value: float | None) -> str:
-    return "" if value is None or pd.isna(value) else f"{value:.1%}"
-
-
-def results_markdown(table: pd.DataFrame, data: str | Path) -> str:
-    """The results beside the paper's: accuracy with its 95% Wilson interval and the test-set size."""
-    lines = [
-        "# covidxr reproduce: Soares & Soares (2020) protocol",
-        "",
-        f"Data: `{Path(data).resolve()}`. Split 80/10/10 **by patient** (the paper split images at random), "
-        "frozen ImageNet backbone, new head (GAP, Dense 256 ReLU, Dropout 0.5, Dense 3), 80 epochs of Adam "
-        "(lr 0.001, batch 15), 237x237 input, best epoch by validation loss.",
-        "",
-        "| model | paper's name | paper accuracy (n=75) | covidxr test accuracy | 95% CI (Wilson) | correct / n "
-        "| macro AUC | COVID-19 sensitivity | status |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in table.to_dict("records"):
-        if row["status"] == "skipped":
-            lines.append(
-                f"| {row['model']} | {row['paper_model']} | {_pct(row.get('paper_accuracy'))} | | | | | | "
-                f"skipped: {row['reason']} |"
-            )
-            continue
-        lines.append(
-            f"| {row['model']} | {row['paper_model']} | {_pct(row.get('paper_accuracy'))} | {_pct(row['accuracy'])} "
-            f"| {_pct(row['accuracy_ci95_low'])}-{_pct(row['accuracy_ci95_high'])} "
-            f"| {int(row['correct'])} / {int(row['n_test'])} | {row['macro_auc']:.3f} "
-            f"| {_pct(row['covid_sensitivity'])} | trained |"
-        )
-    lines += [
-        "",
-        "Rows marked *(not in the paper)* use a different backbone and are not a replication of a paper row.",
-        "",
-        "**Caveat.** In this data every COVID-19 image is an adult from many hospitals and every NORMAL and "
-        "PNEUMONIA image a child from one hospital: high accuracy here does not show that a model recognises "
-        "COVID-19 rather than age or source.",
-        "",
-        DISCLAIMER,
-        "",
-    ]
-    return "\n".join(lines)
