@@ -16,11 +16,17 @@ from selenium.webdriver.common.by import By
 from covidxr import DISCLAIMER
 from covidxr.config import TrainConfig
 from covidxr.evaluate import evaluate_run
-from covidxr.report import FIGURES, write_reproduce_report, write_run_report
-from covidxr.reproduce import reproduce
+from covidxr.report import (
+    CALIBRATION_FIGURE,
+    FIGURES,
+    _paper_against_seeds,
+    write_reproduce_report,
+    write_run_report,
+)
+from covidxr.reproduce import reproduce, seed_spread
 from covidxr.train import train
 
-from .conftest import REPO
+from .conftest import ADULT_CONTROLS, REPO, small_subset
 
 FAST = TrainConfig(model="efficientnet_lite0", epochs=5, image_size=224)
 CONFOUNDED = (
@@ -41,9 +47,37 @@ def _section(markdown: str, heading: str) -> str:
     return markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
 
 
+def _headings(markdown: str) -> list[str]:
+    return [line[3:] for line in markdown.splitlines() if line.startswith("## ")]
+
+
+def _range(interval: list[float]) -> str:
+    """The report's interval format: "93.6–100.0%"."""
+    return f"{100 * interval[0]:.1f}–{100 * interval[1]:.1f}%"
+
+
+def _rate(value: float, interval: list[float]) -> str:
+    return f"{value:.1%} ({_range(interval)})"
+
+
 @pytest.fixture(scope="module")
 def run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _report_run(small_dataset, tmp_path_factory.mktemp("report") / "run")
+
+
+@pytest.fixture(scope="module")
+def external(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run evaluated on a few real adult NIH images (no COVID-19): another source, another age group."""
+    root = tmp_path_factory.mktemp("small-adult-controls")
+    meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    subset = small_subset(meta, per_class=6)
+    (root / "images").mkdir()
+    for name in subset["filename"]:
+        (root / name).symlink_to(ADULT_CONTROLS / name)
+    subset.to_csv(root / "metadata.csv", index=False)
+    out = tmp_path_factory.mktemp("external") / "evaluation"
+    evaluate_run(run, data=root, out=out, progress=False, explain=False)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +130,9 @@ def test_run_report_states_what_it_has_and_lacks(run: Path) -> None:
     covid = test[test["label"] == "COVID-19"]
     assert f"| test | {len(covid)} / {covid['patient_id'].nunique()} |" in _section(markdown, "Split")
     assert "| image_size | 224 |" in _section(markdown, "Configuration")
-    low, high = metrics["accuracy_ci95"]
-    assert f"Accuracy {metrics['accuracy']:.1%} (95% Wilson interval {low:.1%} to {high:.1%})" in markdown
-    assert "| VGG-16 (paper) | 97.3% | not reported | 75 | by image |" in _section(markdown, "Against the paper")
+    assert "| VGG-16 (paper) | 97.3% | not reported | not reported | 75 | by image |" in _section(
+        markdown, "Against the paper"
+    )
     for key, name, _ in FIGURES:
         if (run / name).is_file():
             assert f"]({name})" in markdown
@@ -115,10 +149,73 @@ def test_run_report_states_what_it_has_and_lacks(run: Path) -> None:
     assert "No patient of the evaluated rows is in the training split." in limitations
 
 
+def test_run_report_puts_an_interval_next_to_every_number(run: Path) -> None:
+    markdown = (run / "report.md").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    section = _section(markdown, "Metrics")
+    accuracy, wilson, boot = metrics["accuracy"], metrics["accuracy_ci95"], metrics["accuracy_bootstrap_ci95"]
+    assert f"| accuracy | {accuracy:.1%} (95% CI {_range(wilson)}) | Wilson score interval" in section
+    assert (
+        f"| accuracy | {accuracy:.1%} (95% CI {_range(boot)}) | patient-level bootstrap, 1000 replicates |" in section
+    )
+    assert f"Accuracy {accuracy:.1%} (95% CI {_range(wilson)}, Wilson; 95% CI {_range(boot)}, patient bootstrap)" in (
+        section
+    )
+    low, high = metrics["macro_auc_ci95"]
+    assert f"| macro one-vs-rest AUC | {metrics['macro_auc']:.3f} (95% CI {low:.3f}–{high:.3f}) |" in section
+    for label, m in metrics["per_class"].items():
+        auc = f"{m['auc']:.3f} ({m['auc_ci95'][0]:.3f}–{m['auc_ci95'][1]:.3f})"
+        sensitivity, specificity = (
+            _rate(m["sensitivity"], m["sensitivity_ci95"]),
+            _rate(m["specificity"], m["specificity_ci95"]),
+        )
+        assert f"| {label} | {m['n']} | {sensitivity} | {specificity} |" in section
+        assert section.split(f"| {label} |", 1)[1].split("\n", 1)[0].endswith(f"| {auc} |")
+    assert (
+        f"patient-level bootstrap: 1000 replicates, each drawing the {metrics['bootstrap']['patients']} patients"
+        in (section)
+    )
+    assert f"| {_range(wilson)} | {_range(boot)} | {metrics['n']} | by patient (test split) |" in _section(
+        markdown, "Against the paper"
+    )
+
+
+def test_run_report_shows_calibration_threshold_and_no_audit(run: Path) -> None:
+    markdown = (run / "report.md").read_text()
+    metrics = json.loads((run / "metrics.json").read_text())
+    fitted = json.loads((run / "run.json").read_text())["calibration"]
+    headings = _headings(markdown)
+    assert "How the model travels" not in headings  # evaluated on its own test split
+    assert headings.index("Metrics") < headings.index("COVID-19 versus the rest") < headings.index("Calibration")
+    calibration = _section(markdown, "Calibration")
+    assert f"Temperature T = {fitted['temperature']:.3f}, fitted by temperature scaling on the validation split" in (
+        calibration
+    )
+    assert (
+        f"| validation split (where T was fitted) | {fitted['val_ece_uncalibrated']:.3f} | "
+        f"{fitted['val_ece_calibrated']:.3f} |" in calibration
+    )
+    here = metrics["calibration"]
+    assert f"| {here['ece_uncalibrated']:.3f} | {here['ece_calibrated']:.3f} |" in calibration
+    lowered = here["ece_calibrated"] < here["ece_uncalibrated"]
+    assert ("On the evaluated images temperature scaling did not lower the ECE" in calibration) is not lowered
+    threshold = fitted["covid_threshold"]
+    assert f"reaching the target sensitivity {threshold['target_sensitivity']:.1%}: there it gave sensitivity" in (
+        calibration
+    )
+    assert f"on {threshold['val_positives']} COVID-19 image" in calibration
+    assert f"]({CALIBRATION_FIGURE[1]})" in calibration
+    covid = metrics["covid_vs_rest"]
+    row = f"| {covid['n_covid']} | {covid['n_other']} | {covid['auc']:.3f} | {covid['sensitivity']:.1%} ("
+    assert row in _section(markdown, "COVID-19 versus the rest")
+    assert f"No shortcut audit yet: run `covidxr audit {run}`." in _section(markdown, "Shortcut audit")
+
+
 def test_run_report_is_self_contained_in_chromium(run: Path, browser: webdriver.Chrome) -> None:
     widths = _open(browser, run / "report.html", "report.png")
-    expected = {f"fig-{key}" for key, name, _ in FIGURES if (run / name).is_file()}
-    assert {"fig-curves", "fig-confusion"} <= expected
+    figures = (*FIGURES, CALIBRATION_FIGURE)
+    expected = {f"fig-{key}" for key, name, _ in figures if (run / name).is_file()}
+    assert {"fig-curves", "fig-confusion", "fig-calibration"} <= expected
     assert set(widths) == expected
     assert all(width > 0 for width in widths.values())
     assert all(browser.find_element(By.ID, anchor).get_attribute("alt") for anchor in expected)
@@ -128,27 +225,77 @@ def test_run_report_is_self_contained_in_chromium(run: Path, browser: webdriver.
     assert "confounded with the source" in page
 
 
-def test_reproduce_report_shows_paper_rows_skips_and_figures(
+def test_reproduce_report_shows_paper_rows_skips_seeds_and_figures(
     small_dataset: Path, tmp_path: Path, browser: webdriver.Chrome
 ) -> None:
     folder = tmp_path / "reproduce"
     config = TrainConfig(epochs=3, image_size=224)
-    reproduce(small_dataset, folder, ("vgg16", "efficientnet_lite0"), config, progress=False)
+    reproduce(small_dataset, folder, ("vgg16", "efficientnet_lite0"), config, progress=False, seeds=(0, 1))
     write_reproduce_report(folder)
     markdown = (folder / "report.md").read_text()
     assert "| vgg16 | VGG-16 | 97.3% (n=75) |" in markdown
     assert "| efficientnet_lite0 | (not in the paper) | not in the paper |" in markdown
     assert "- vgg16 (VGG-16): no pretrained weights for 'vgg16'" in _section(markdown, "Skipped models")
     assert "](efficientnet_lite0/curves.png)" in markdown
+    assert "](efficientnet_lite0/calibration.png)" in markdown
     assert CONFOUNDED in _section(markdown, "Limitations")
-    explanations = json.loads((folder / "efficientnet_lite0" / "metrics.json").read_text()).get("explanations", {})
-    checks = markdown.split("## efficientnet_lite0\n", 1)[1].split("### Explanation checks\n", 1)[1]
+    metrics = json.loads((folder / "efficientnet_lite0" / "metrics.json").read_text())
+    row = next(r for r in json.loads((folder / "results.json").read_text()) if r["model"] == "efficientnet_lite0")
+    wilson = [row["accuracy_ci95_low"], row["accuracy_ci95_high"]]
+    covid = metrics["per_class"]["COVID-19"]
+    assert (
+        f"| {row['accuracy']:.1%} (95% CI {_range(wilson)}) | {_range(metrics['accuracy_bootstrap_ci95'])} | "
+        f"{row['correct']} / {row['n_test']} |" in _section(markdown, "Results against the paper")
+    )
+    assert f"| {_rate(covid['sensitivity'], covid['sensitivity_ci95'])} | trained |" in markdown
+
+    seeds = _section(markdown, "Seeds")
+    mean_sd = f"{row['accuracy_mean']:.1%} ± {row['accuracy_sd']:.1%}"
+    assert f"| efficientnet_lite0 | 0 1 | {mean_sd} | {row['accuracy_min']:.1%} to {row['accuracy_max']:.1%} |" in seeds
+    assert f"{row['macro_auc_mean']:.3f} ± {row['macro_auc_sd']:.3f}" in seeds
+    assert "not comparable: different backbone (the paper did not use efficientnet_lite0)" in seeds
+    assert "| efficientnet_lite0 | 1 | efficientnet_lite0-seed1 |" in seeds
+    # The sentence a paper backbone gets, from the real per-seed numbers set against VGG-16's 97.3%.
+    spread = seed_spread(pd.read_csv(folder / "seeds.csv"), 0.973)
+    sentence = _paper_against_seeds({"model": "vgg16", "paper_accuracy": 0.973, **spread})
+    if spread.get("paper_accuracy_z") is not None:
+        z = spread["paper_accuracy_z"]
+        assert sentence.startswith(f"the paper's 97.3% lies {abs(z):.1f} sd {'above' if z > 0 else 'below'} the mean")
+        assert "over 2 seeds" in sentence
+    else:
+        assert "the accuracy did not vary over the seeds" in sentence
+
+    explanations = metrics.get("explanations", {})
+    model_part = markdown.split("## efficientnet_lite0\n", 1)[1]
+    checks = model_part.split("### Explanation checks\n", 1)[1]
     assert all(f"| {method} |" in checks for method in explanations.get("methods", {}))
+    assert "### Calibration\n" in model_part and "### COVID-19 versus the rest\n" in model_part
+    assert f"No shortcut audit yet: run `covidxr audit {folder / 'efficientnet_lite0'}`." in model_part
     widths = _open(browser, folder / "report.html", "reproduce-report.png")
-    present = {key for key, name, _ in FIGURES if (folder / "efficientnet_lite0" / name).is_file()}
+    present = {
+        key for key, name, _ in (*FIGURES, CALIBRATION_FIGURE) if (folder / "efficientnet_lite0" / name).is_file()
+    }
+    assert "calibration" in present
     assert set(widths) == {f"efficientnet_lite0-fig-{key}" for key in present}
     assert all(width > 0 for width in widths.values())
     assert "97.3%" in browser.find_element(By.TAG_NAME, "table").text
+    assert "Seeds" in [h.text for h in browser.find_elements(By.TAG_NAME, "h2")]
+
+    # The same folder as a single-seed reproduce would leave it: the report says so and how to run more.
+    single = tmp_path / "single-seed"
+    shutil.copytree(folder, single, ignore=shutil.ignore_patterns("*-seed*", "seeds.csv", "report.*"))
+    spread_keys = {"seeds", "paper_accuracy_z"} | {
+        f"{column}_{stat}"
+        for column in ("accuracy", "macro_auc", "covid_sensitivity")
+        for stat in ("mean", "sd", "min", "max")
+    }
+    rows = [
+        {k: v for k, v in r.items() if k not in spread_keys} for r in json.loads((single / "results.json").read_text())
+    ]
+    (single / "results.json").write_text(json.dumps(rows))
+    seeds = _section(write_reproduce_report(single)[0].read_text(), "Seeds")
+    assert seeds.startswith("\nOne seed was run (seed 0)")
+    assert "--seeds 0,1,2,3,4" in seeds
 
 
 def test_no_confounding_claimed_when_every_class_has_both_sources(small_dataset: Path, tmp_path: Path) -> None:
@@ -201,3 +348,72 @@ def test_explanation_checks_render_whatever_keys_they_have(run: Path, tmp_path: 
     page = html_path.read_text()
     assert "map mass on the border &lt;b&gt;" in page
     assert f'id="fig-curves" alt="{metrics["model"]}: Training curves' in page
+
+
+def test_external_evaluation_shows_how_the_model_travels(external: Path, browser: webdriver.Chrome) -> None:
+    markdown = (external / "report.md").read_text()
+    metrics = json.loads((external / "metrics.json").read_text())
+    shift = metrics["predicted_class_shift"]
+    headings = _headings(markdown)
+    assert headings.index("How the model travels") == headings.index("Metrics") + 1  # right after the headline
+    travels = _section(markdown, "How the model travels")
+    assert travels.startswith("\n**External evaluation: the model was trained on ")
+    for label, share in shift["this_data"].items():
+        row = travels.split(f"| {label} |", 1)[1].split("\n", 1)[0]
+        assert f"| {shift['internal_test'][label]:.1%} |" in row
+        assert row.endswith(f"| {share:.1%} | {100 * shift['difference'][label]:+.1f} points |")
+    assert f"Total variation distance between the two predicted-class mixes: {shift['total_variation']:.3f}" in travels
+    covid = _section(markdown, "COVID-19 versus the rest")
+    assert metrics["covid_vs_rest"]["n_covid"] == 0  # NIH adult controls: NORMAL and PNEUMONIA only
+    assert "No evaluated image is COVID-19, so sensitivity and AUC are undefined" in covid
+    assert f"| evaluated images ({Path(metrics['data']).name}, all split, n = {metrics['n']}) |" in (
+        _section(markdown, "Calibration")
+    )
+    widths = _open(browser, external / "report.html", "external-report.png")
+    assert "fig-calibration" in widths
+    assert all(width > 0 for width in widths.values())
+    assert "How the model travels" in [h.text for h in browser.find_elements(By.TAG_NAME, "h2")]
+
+
+def test_shortcut_audit_renders_whatever_keys_it_has(external: Path, tmp_path: Path) -> None:
+    """A hand-written fixture of the audit.json format `covidxr audit` writes (checks with a verdict, a summary
+    and numbers, some nested; one check lacking keys, one unknown check), beside a copy of a real evaluation."""
+    folder = tmp_path / "evaluation"
+    shutil.copytree(external, folder)
+    audit = {
+        "model": "efficientnet_lite0",
+        "n_images": 12,
+        "images": "all images of small-adult-controls",
+        "geometry": {"description": "lung field, border and corners", "area": {"lung_field": 0.49, "border": 0.36}},
+        "verdict": "fail",
+        "summary": "Shortcut audit of efficientnet_lite0 on 12 images: fail (lungs_hidden fail).",
+        "checks": {
+            "source_probe": {"verdict": "not applicable", "summary": "Source probe not applicable: one source."},
+            "lungs_hidden": {
+                "accuracy": 0.9,
+                "accuracy_lungs_hidden": 0.85,
+                "predicted_counts": {"lungs_hidden": {"COVID-19": 3, "NORMAL": 9}},
+                "verdict": "fail",
+                "summary": "With the lung field blacked out the model is right on 85% <of> 12 images.",
+            },
+            "resolution_format": {"changed_share": 0.0, "verdict": "pass"},
+            "new_check": {"score": 0.5},
+        },
+    }
+    (folder / "audit.json").write_text(json.dumps(audit))
+    markdown_path, html_path = write_run_report(folder)
+    section = _section(markdown_path.read_text(), "Shortcut audit")
+    assert section.startswith(f"\n**Overall verdict: fail. {audit['summary']}**")
+    assert "- images: all images of small-adult-controls" in section
+    assert "- geometry area: lung field: 0.49" in section
+    assert (
+        "| lungs hidden | fail | With the lung field blacked out the model is right on 85% <of> 12 images. | "
+        "accuracy = 0.9; accuracy lungs hidden = 0.85; predicted counts: lungs hidden: COVID-19 = 3; "
+        "predicted counts: lungs hidden: NORMAL = 9 |" in section
+    )
+    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| lungs hidden", "| source probe", "| resolution format", "| new check"]
+    assert "| resolution format | pass |  | changed share = 0 |" in section
+    assert "| new check | n/a |  | score = 0.5 |" in section
+    assert "No shortcut audit yet" not in section
+    assert "right on 85% &lt;of&gt; 12 images" in html_path.read_text()

@@ -35,7 +35,7 @@ def trained_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -
 def test_cached_features_train_exactly_like_the_frozen_backbone(small_dataset: Path, lite0) -> None:
     """Same seed, same shuffles, same dropout: losses agree within 1e-4 epoch by epoch."""
     dataset = load_dataset(small_dataset)
-    frame = make_splits(dataset, FAST)
+    frame, _ = make_splits(dataset, FAST)
     parts = {p: torch.tensor(frame.index[frame["split"] == p]) for p in ("train", "val")}
     targets = {p: torch.tensor([LABELS.index(v) for v in frame.loc[i.numpy(), "label"]]) for p, i in parts.items()}
     features = torch.from_numpy(extract_features(lite0, dataset.paths(), progress=False))
@@ -134,7 +134,17 @@ def test_evaluate_writes_metrics_and_figures(trained_run: Path) -> None:
     assert stored["n"] == metrics["n"] == len(pd.read_csv(trained_run / "predictions.csv"))
     assert set(stored["per_class"]) == set(LABELS)
     for label in LABELS:
-        assert set(stored["per_class"][label]) == {"n", "sensitivity", "specificity", "ppv", "f1", "auc"}
+        assert set(stored["per_class"][label]) == {
+            "n",
+            "sensitivity",
+            "specificity",
+            "ppv",
+            "f1",
+            "auc",
+            "sensitivity_ci95",
+            "specificity_ci95",
+            "auc_ci95",
+        }
     low, high = stored["accuracy_ci95"]
     assert low <= stored["accuracy"] <= high
     assert stored["confusion_matrix"]["labels"] == list(LABELS)
@@ -203,3 +213,32 @@ def test_config_round_trips_and_refuses_unknown_keys(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("epochs: 5\nlearning_rat: 0.1\n")
     with pytest.raises(CovidxrError, match="unknown key.*learning_rat"):
         TrainConfig.load(tmp_path / "bad.yaml")
+
+
+def test_a_split_never_separates_near_duplicates_unless_told(cxr3: Path, cxr3_meta, tmp_path: Path) -> None:
+    """The same radiograph re-encoded under a second patient id: grouped by default, refused when ungrouped."""
+    from PIL import Image
+
+    rows = cxr3_meta.drop_duplicates("patient_id").groupby("label").head(8).copy()
+    (tmp_path / "images").mkdir()
+    for name in rows["filename"]:
+        (tmp_path / name).symlink_to(cxr3 / name)
+    original = rows.iloc[0]
+    Image.open(cxr3 / original["filename"]).convert("L").save(tmp_path / "images" / "copy.jpg", quality=60)
+    copy = {**original.to_dict(), "filename": "images/copy.jpg", "patient_id": "someone-else"}
+    rows = pd.concat([rows, pd.DataFrame([copy])], ignore_index=True)
+    rows.to_csv(tmp_path / "metadata.csv", index=False)
+    dataset = load_dataset(tmp_path)
+    refused = []
+    for seed in range(30):
+        frame, report = make_splits(dataset, replace(FAST, seed=seed))
+        assert report["pairs_across_patients"] == 1 and report["pairs_crossing_splits"] == 0
+        assert frame["split"].iloc[0] == frame["split"].iloc[-1]
+        try:
+            make_splits(dataset, replace(FAST, seed=seed, group_near_duplicates=False))
+        except CovidxrError as exc:
+            assert "1 near-duplicate pair(s) cross splits" in str(exc) and "copy.jpg" in str(exc)
+            refused.append(seed)
+    assert refused, "some seed must separate the two patients when they are not grouped"
+    allowed = replace(FAST, seed=refused[0], group_near_duplicates=False, allow_near_duplicate_leakage=True)
+    assert make_splits(dataset, allowed)[1]["pairs_crossing_splits"] == 1

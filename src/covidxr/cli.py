@@ -134,12 +134,32 @@ def _load_config(config_file: Path | None, **overrides) -> TrainConfig:
 @click.option("--epochs", type=int, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--image-size", type=int, default=None)
+@click.option(
+    "--allow-near-duplicate-leakage",
+    is_flag=True,
+    default=None,
+    help="Split by patient only and accept near-duplicate images in two splits (not recommended).",
+)
 @model_options
-def train_command(data_dir, model, out, config_file, epochs, seed, image_size, weights, weights_dir, cache_dir):
+def train_command(
+    data_dir,
+    model,
+    out,
+    config_file,
+    epochs,
+    seed,
+    image_size,
+    allow_near_duplicate_leakage,
+    weights,
+    weights_dir,
+    cache_dir,
+):
     """Train the paper's head on a frozen backbone; writes a run folder."""
     from covidxr.train import train
 
     config = _load_config(config_file, model=model, epochs=epochs, seed=seed, image_size=image_size)
+    if allow_near_duplicate_leakage:
+        config = replace(config, group_near_duplicates=False, allow_near_duplicate_leakage=True)
     run = train(data_dir, out, config, weights, weights_dir, cache_dir, progress=_progress())
     info = json.loads((run / "run.json").read_text())
     click.echo(f"trained {config.model} → {run} (best epoch {info['best_epoch']}); next: covidxr evaluate {run}")
@@ -177,7 +197,7 @@ def predict_command(images, run, as_json, weights, weights_dir, cache_dir):
     from covidxr.train import load_run
 
     loaded = load_run(run, weights, weights_dir)
-    results = predict_files(loaded.model, loaded.labels, images, cache_dir, progress=_progress())
+    results = predict_files(loaded, images, cache_dir, progress=_progress())
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -186,7 +206,11 @@ def predict_command(images, run, as_json, weights, weights_dir, cache_dir):
                 click.echo(f"{result['file']}: ERROR {result['error']}")
                 continue
             probs = "  ".join(f"{label} {p:.3f}" for label, p in result["probabilities"].items())
-            click.echo(f"{result['file']}: {result['label']}  ({probs})")
+            flag = "at or above" if result["covid_positive"] else "below"
+            click.echo(
+                f"{result['file']}: {result['label']}  ({probs}; COVID-19 {flag} the validation-chosen threshold "
+                f"{result['covid_threshold']:.3f})"
+            )
         click.echo(DISCLAIMER)
     failures = sum("error" in r for r in results)
     if failures:
@@ -237,29 +261,38 @@ def explain_command(images, run, method, out, weights, weights_dir):
 @click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option(
+    "--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3,4: split and training repeated per seed."
+)
 @weights_dir_option
 @cache_option
-def reproduce_command(data_dir, out, models, config_file, epochs, seed, weights_dir, cache_dir):
+def reproduce_command(data_dir, out, models, config_file, epochs, seed, seeds, weights_dir, cache_dir):
     """Run the paper's protocol for every backbone with weights; write the report beside the paper's numbers."""
     from covidxr.reproduce import DEFAULT_MODELS, reproduce
 
     config = _load_config(config_file, epochs=epochs, seed=seed)
     names = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
-    table = reproduce(data_dir, out, names, config, weights_dir, cache_dir, progress=_progress())
-    for row in table.to_dict("records"):
-        if row["status"] == "trained":
-            low, high = row["accuracy_ci95_low"], row["accuracy_ci95_high"]
-            paper = (
-                f"; paper {row['paper_accuracy']:.1%}" if row.get("paper_accuracy") == row.get("paper_accuracy") else ""
-            )
-            click.echo(
-                f"{row['model']}: test accuracy {row['accuracy']:.1%} (95% CI {low:.1%}-{high:.1%}), "
-                f"{int(row['correct'])}/{int(row['n_test'])}{paper}"
-            )
-        else:
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
+    except ValueError:
+        raise CovidxrError(f"--seeds must be comma-separated integers, not {seeds!r}") from None
+    rows = reproduce(data_dir, out, names, config, weights_dir, cache_dir, progress=_progress(), seeds=seed_list)
+    for row in rows:
+        if row["status"] != "trained":
             click.echo(f"{row['model']}: skipped ({row['reason']})")
+            continue
+        paper = f"; paper {row['paper_accuracy']:.1%}" if "paper_accuracy" in row else ""
+        click.echo(
+            f"{row['model']}: test accuracy {row['accuracy']:.1%} (95% CI {row['accuracy_ci95_low']:.1%}-"
+            f"{row['accuracy_ci95_high']:.1%}), {row['correct']}/{row['n_test']}{paper}"
+        )
+        if row.get("accuracy_sd") is not None:
+            click.echo(
+                f"  over seeds {row['seeds']}: accuracy {row['accuracy_mean']:.1%} ± {row['accuracy_sd']:.1%} "
+                f"(range {row['accuracy_min']:.1%}-{row['accuracy_max']:.1%})"
+            )
     click.echo(f"report: {out / 'report.html'} and {out / 'report.md'}\n{DISCLAIMER}")
-    if not (table["status"] == "trained").any():
+    if not any(row["status"] == "trained" for row in rows):
         raise click.ClickException("no model could be trained: none has weights here")
 
 

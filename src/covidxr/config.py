@@ -25,6 +25,8 @@ class TrainConfig:
     dropout: float = 0.5
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
+    group_near_duplicates: bool = True
+    allow_near_duplicate_leakage: bool = False
     extract_batch_size: int = 32
     num_workers: int = 1
 

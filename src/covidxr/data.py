@@ -215,7 +215,7 @@ def _table_problems(frame: pd.DataFrame, root: Path) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class Problem:
-    kind: str  # table | missing | unreadable | duplicate | label | classes
+    kind: str  # table | missing | unreadable | duplicate | near-duplicate | label | classes
     where: str
     message: str
 
@@ -224,7 +224,13 @@ class Problem:
 
 
 def check_dataset(root: str | Path) -> list[Problem]:
-    """Every problem of a dataset in one pass: bad rows, missing, unreadable, duplicate, mislabelled."""
+    """Every problem of a dataset in one pass: bad rows, missing, unreadable, duplicate, mislabelled.
+
+    Also near-duplicates (same radiograph re-encoded, by perceptual hash) under two patient ids, which a
+    patient-disjoint split would put on both sides; several look-alike views of one patient are normal.
+    """
+    from covidxr.duplicates import HashCache  # here, as covidxr.duplicates imports this module
+
     root = Path(root)
     if not root.is_dir():
         return [Problem("missing", str(root), "dataset folder not found")]
@@ -236,6 +242,9 @@ def check_dataset(root: str | Path) -> list[Problem]:
     problems = [Problem("table", where, message) for where, message in _table_problems(frame, root)]
     seen_names: dict[str, int] = {}
     seen_hashes: dict[str, tuple[int, str]] = {}
+    hash_cache = HashCache()
+    hashed_rows: list[int] = []
+    perceptual_hashes: list[np.ndarray] = []
     for index, row in frame.iterrows():
         row_no = index + 2
         where = f"row {row_no} ({row['filename']})"
@@ -253,7 +262,7 @@ def check_dataset(root: str | Path) -> list[Problem]:
             problems.append(Problem("missing", where, f"{path} does not exist"))
             continue
         try:
-            read_image(path)
+            image = read_image(path)
         except CovidxrError as exc:
             problems.append(Problem("unreadable", where, str(exc).removeprefix(f"{path}: ")))
             continue
@@ -268,9 +277,34 @@ def check_dataset(root: str | Path) -> list[Problem]:
                 problems.append(Problem("duplicate", where, f"identical image to row {other_row}"))
         else:
             seen_hashes[digest] = (row_no, label or "")
+            # Identical files are reported above; only the first of them is compared by looks.
+            hashed_rows.append(index)
+            perceptual_hashes.append(hash_cache.hash_of(digest, image))
+    problems += _near_duplicate_problems(frame, hashed_rows, perceptual_hashes)
     classes = {canonical_label(v) for v in frame["label"]} - {None}
     if len(classes) < 2:
         problems.append(Problem("classes", str(root), f"only {len(classes)} class ({', '.join(sorted(classes))})"))
+    return problems
+
+
+def _near_duplicate_problems(frame: pd.DataFrame, rows: list[int], hashes: list[np.ndarray]) -> list[Problem]:
+    """One problem per near-duplicate pair across patient ids, named at the later row."""
+    from covidxr.duplicates import HASH_BITS, pairs_within  # here, as covidxr.duplicates imports this module
+
+    pairs = pairs_within(np.array(hashes, dtype=bool).reshape(len(rows), HASH_BITS))
+    problems = []
+    for a, b, distance in pairs[["a", "b", "distance"]].itertuples(index=False):
+        first, second = frame.loc[rows[a]], frame.loc[rows[b]]
+        if first["patient_id"] == second["patient_id"]:
+            continue
+        problems.append(
+            Problem(
+                "near-duplicate",
+                f"row {rows[b] + 2} ({second['filename']})",
+                f"looks like row {rows[a] + 2} ({first['filename']}), distance {distance}/{HASH_BITS}, "
+                f"under another patient id ({second['patient_id']} vs {first['patient_id']})",
+            )
+        )
     return problems
 
 
@@ -397,28 +431,37 @@ def build_dataset(sources: pd.DataFrame, out: str | Path) -> tuple[pd.DataFrame,
 
 
 def split_by_patient(
-    frame: pd.DataFrame, seed: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    frame: pd.DataFrame,
+    seed: int,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    groups: pd.Series | None = None,
 ) -> pd.Series:
     """Assign every row to train/val/test so that no patient is in two splits.
 
     Patients are stratified by their most frequent label and shuffled with ``seed``; within each
     class the first 80% of patients go to train, the next 10% to validation, the rest to test.
+    ``groups`` (one id per row, e.g. ``covidxr.duplicates.patient_groups``) replaces the patient as
+    the unit that is never divided, so near-duplicates filed under two patient ids stay together.
     """
     if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
         raise CovidxrError(f"split fractions {fractions} must be non-negative and sum to 1")
+    if groups is None:
+        groups = frame["patient_id"]
+    elif not groups.index.equals(frame.index):
+        raise CovidxrError("split groups must have one entry per row of the table, with the same index")
     rng = np.random.default_rng(seed)
-    patient_label = frame.groupby("patient_id")["label"].agg(lambda s: s.value_counts().index[0])
+    group_label = frame["label"].groupby(groups).agg(lambda s: s.value_counts().index[0])
     assignment: dict[str, str] = {}
-    for label in sorted(patient_label.unique()):
-        patients = sorted(patient_label.index[patient_label == label])
-        rng.shuffle(patients)
-        n = len(patients)
+    for label in sorted(group_label.unique()):
+        units = sorted(group_label.index[group_label == label])
+        rng.shuffle(units)
+        n = len(units)
         n_train = int(round(fractions[0] * n))
         n_val = int(round(fractions[1] * n))
         if n >= 3 and fractions[1] > 0 and fractions[2] > 0:
-            # Keep at least one patient in validation and test for every class.
+            # Keep at least one patient (group) in validation and test for every class.
             n_val = max(n_val, 1)
             n_train = min(n_train, n - n_val - 1)
-        for i, patient in enumerate(patients):
-            assignment[patient] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
-    return frame["patient_id"].map(assignment).rename("split")
+        for i, unit in enumerate(units):
+            assignment[unit] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
+    return groups.map(assignment).rename("split")

@@ -15,10 +15,12 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from covidxr import DISCLAIMER
+from covidxr.calibration import POSITIVE, expected_calibration_error, reliability_curve
 from covidxr.data import load_dataset, read_image
 from covidxr.errors import CovidxrError
 from covidxr.explain import Explainer, check_maps, overlay, probabilities_of
-from covidxr.inference import predict_probabilities
+from covidxr.features import extract_features
+from covidxr.inference import head_probabilities
 from covidxr.models import CovidxrNet, to_input_tensor
 from covidxr.report import write_run_report
 from covidxr.train import Run, load_run
@@ -36,11 +38,57 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return float(numerator / denominator) if denominator else None
 
 
-def compute_metrics(truth: list[str], probabilities: np.ndarray, labels: list[str]) -> dict:
+BOOTSTRAP_REPLICATES = 1000
+
+
+def _rates(truth_idx: np.ndarray, probabilities: np.ndarray, n_labels: int) -> dict[str, float | None]:
+    """Accuracy and, per class k, sensitivity, specificity and one-vs-rest AUC, flat (for the bootstrap)."""
+    predicted = probabilities.argmax(1)
+    rates: dict[str, float | None] = {"accuracy": float((predicted == truth_idx).mean())}
+    aucs = []
+    for k in range(n_labels):
+        positive, called = truth_idx == k, predicted == k
+        rates[f"{k}.sensitivity"] = float(called[positive].mean()) if positive.any() else None
+        rates[f"{k}.specificity"] = float((~called[~positive]).mean()) if (~positive).any() else None
+        auc = float(roc_auc_score(positive, probabilities[:, k])) if 0 < positive.sum() < len(positive) else None
+        rates[f"{k}.auc"] = auc
+        if auc is not None:
+            aucs.append(auc)
+    rates["macro_auc"] = float(np.mean(aucs)) if aucs else None
+    return rates
+
+
+def patient_bootstrap(
+    truth_idx: np.ndarray, probabilities: np.ndarray, patients: np.ndarray, n_labels: int, seed: int = 0
+) -> dict[str, list[float] | None]:
+    """95% percentile intervals of every rate, resampling *patients* (all their images) with replacement.
+
+    Images of one patient are not independent, so resampling images would give intervals that are
+    too narrow. A rate undefined in a replicate (no positives drawn) is left out of that replicate.
+    """
+    rng = np.random.default_rng(seed)
+    codes, members = np.unique(patients, return_inverse=True)
+    rows_of = [np.flatnonzero(members == i) for i in range(len(codes))]
+    draws: dict[str, list[float]] = {}
+    for _ in range(BOOTSTRAP_REPLICATES):
+        rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(codes), len(codes))])
+        for key, value in _rates(truth_idx[rows], probabilities[rows], n_labels).items():
+            if value is not None:
+                draws.setdefault(key, []).append(value)
+    return {
+        key: [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] for key, values in draws.items()
+    }
+
+
+def compute_metrics(
+    truth: list[str], probabilities: np.ndarray, labels: list[str], patients: list[str] | None = None, seed: int = 0
+) -> dict:
     """Metrics over the classes present in ``truth``; predictions range over all ``labels``.
 
     Rates that are undefined on this data (an AUC with one class, a PPV with no positive
-    prediction) are ``null`` rather than a made-up number.
+    prediction) are ``null`` rather than a made-up number. With ``patients``, every accuracy,
+    sensitivity, specificity and AUC gets a ``*_ci95`` from a patient-level bootstrap (accuracy's
+    ``accuracy_ci95`` stays the Wilson interval; its bootstrap interval is ``accuracy_bootstrap_ci95``).
     """
     truth_idx = np.array([labels.index(t) for t in truth])
     predicted = probabilities.argmax(1)
@@ -68,7 +116,7 @@ def compute_metrics(truth: list[str], probabilities: np.ndarray, labels: list[st
             "auc": float(roc_auc_score(positives, probabilities[:, k])) if 0 < positives.sum() < n else None,
         }
     aucs = [m["auc"] for m in per_class.values() if m["auc"] is not None]
-    return {
+    metrics = {
         "n": n,
         "accuracy": correct / n if n else None,
         "accuracy_ci95": wilson_interval(correct, n),
@@ -78,6 +126,72 @@ def compute_metrics(truth: list[str], probabilities: np.ndarray, labels: list[st
         "confusion_matrix": {"labels": labels, "matrix": matrix.tolist()},
         "predicted_class_counts": {label: int((predicted == k).sum()) for k, label in enumerate(labels)},
     }
+    if patients is not None:
+        intervals = patient_bootstrap(truth_idx, probabilities, np.asarray(patients), len(labels), seed)
+        metrics["accuracy_bootstrap_ci95"] = intervals.get("accuracy")
+        metrics["macro_auc_ci95"] = intervals.get("macro_auc") if metrics["macro_auc"] is not None else None
+        for k, label in enumerate(labels):
+            for rate in ("sensitivity", "specificity", "auc"):
+                if label in per_class:
+                    defined = per_class[label][rate] is not None
+                    per_class[label][f"{rate}_ci95"] = intervals.get(f"{k}.{rate}") if defined else None
+        metrics["bootstrap"] = {
+            "unit": "patient",
+            "patients": int(len(set(patients))),
+            "replicates": BOOTSTRAP_REPLICATES,
+            "seed": seed,
+        }
+    return metrics
+
+
+def covid_versus_rest(truth: list[str], probabilities: np.ndarray, labels: list[str], threshold: float) -> dict:
+    """COVID-19 against everything else at the run's validation-chosen threshold."""
+    covid = np.asarray(truth) == POSITIVE
+    score = probabilities[:, labels.index(POSITIVE)]
+    called = score >= threshold
+    return {
+        "threshold": threshold,
+        "n_covid": int(covid.sum()),
+        "n_other": int((~covid).sum()),
+        "auc": float(roc_auc_score(covid, score)) if 0 < covid.sum() < len(covid) else None,
+        "sensitivity": float(called[covid].mean()) if covid.any() else None,
+        "specificity": float((~called[~covid]).mean()) if (~covid).any() else None,
+        "called_covid_share": float(called.mean()),
+    }
+
+
+def class_mix_shift(external_counts: dict[str, int], internal_counts: dict[str, int]) -> dict:
+    """How the share of each predicted class moves from the internal test set to another dataset."""
+
+    def shares(counts: dict[str, int]) -> dict[str, float]:
+        total = sum(counts.values()) or 1
+        return {label: counts[label] / total for label in counts}
+
+    external, internal = shares(external_counts), shares(internal_counts)
+    return {
+        "internal_test": internal,
+        "this_data": external,
+        "difference": {label: external[label] - internal[label] for label in external},
+        "total_variation": 0.5 * sum(abs(external[label] - internal[label]) for label in external),
+    }
+
+
+def plot_calibration(
+    probabilities: np.ndarray, uncalibrated: np.ndarray, truth_idx: np.ndarray, path: Path, title: str
+) -> None:
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    for name, probs, style in (("uncalibrated", uncalibrated, "o--"), ("temperature-scaled", probabilities, "s-")):
+        curve = reliability_curve(probs, truth_idx)
+        ece = expected_calibration_error(probs, truth_idx)
+        ax.plot(curve["confidence"], curve["accuracy"], style, label=f"{name} (ECE {ece:.3f})")
+    ax.set(xlabel="confidence of the predicted class", ylabel="accuracy", xlim=(0, 1.02), ylim=(0, 1.02), title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
@@ -231,22 +345,32 @@ def evaluate_run(
         frame, root, split = dataset.frame, dataset.root, "all"
         scope = f"{dataset.name} (external: all images)"
     frame = frame.reset_index(drop=True)
-    probabilities = predict_probabilities(
-        run.model,
-        [root / f for f in frame["filename"]],
-        cache_dir,
-        run.config.extract_batch_size,
-        run.config.num_workers,
-        progress,
-    )
+    extraction = (cache_dir, run.config.extract_batch_size, run.config.num_workers, progress)
+    features = extract_features(run.model, [root / f for f in frame["filename"]], *extraction)
+    uncalibrated = head_probabilities(run.model, features)
+    probabilities = head_probabilities(run.model, features, run.temperature)
+    truth = list(frame["label"])
+    truth_idx = np.array([run.labels.index(t) for t in truth])
     metrics = {
         "run": str(run.path.resolve()),
         "model": run.config.model,
         "data": str(Path(root).resolve()),
         "split": split,
         "disclaimer": DISCLAIMER,
-        **compute_metrics(list(frame["label"]), probabilities, run.labels),
+        **compute_metrics(truth, probabilities, run.labels, list(frame["patient_id"]), seed=run.config.seed),
+        "calibration": {
+            "temperature": run.temperature,
+            "ece_uncalibrated": expected_calibration_error(uncalibrated, truth_idx),
+            "ece_calibrated": expected_calibration_error(probabilities, truth_idx),
+        },
+        "covid_vs_rest": covid_versus_rest(truth, probabilities, run.labels, run.covid_threshold),
     }
+    if data is not None:
+        internal = run.splits().query("split == 'test'")
+        internal_paths = [Path(run.info["data"]) / f for f in internal["filename"]]
+        internal_predicted = head_probabilities(run.model, extract_features(run.model, internal_paths, *extraction))
+        internal_counts = {label: int((internal_predicted.argmax(1) == k).sum()) for k, label in enumerate(run.labels)}
+        metrics["predicted_class_shift"] = class_mix_shift(metrics["predicted_class_counts"], internal_counts)
     out = Path(out) if out else run.path
     out.mkdir(parents=True, exist_ok=True)
     predictions = frame[["filename", "label", "patient_id", "source"]].copy()
@@ -272,5 +396,6 @@ def evaluate_run(
         f"{run.config.model}: {scope}\naccuracy {acc:.1%} (95% CI {low:.1%}-{high:.1%}), n={metrics['n']}",
     )
     plot_history(run.history(), out / "curves.png", f"{run.config.model}: training curves")
+    plot_calibration(probabilities, uncalibrated, truth_idx, out / "calibration.png", f"{run.config.model}\n{scope}")
     write_run_report(out)
     return metrics

@@ -17,17 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from covidxr.cache import default_cache_dir
 from covidxr.data import file_sha256, read_image
 from covidxr.errors import CovidxrError
 from covidxr.models import CovidxrNet, to_input_tensor
-
-
-def default_cache_dir() -> Path:
-    """``COVIDXR_CACHE_DIR``, else the user's cache folder (``~/.cache/covidxr``)."""
-    value = os.environ.get("COVIDXR_CACHE_DIR")
-    if value:
-        return Path(value)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "covidxr"
 
 
 class FeatureCache:

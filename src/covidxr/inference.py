@@ -9,41 +9,35 @@ import numpy as np
 import torch
 
 from covidxr import DISCLAIMER
-from covidxr.features import compute_features, extract_features
+from covidxr.calibration import POSITIVE
+from covidxr.features import compute_features
 from covidxr.models import CovidxrNet
+from covidxr.train import Run
 
 
 @torch.no_grad()
-def head_probabilities(model: CovidxrNet, features: np.ndarray) -> np.ndarray:
-    """Softmax probabilities of the trained head on pooled backbone features."""
+def head_probabilities(model: CovidxrNet, features: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax probabilities of the trained head on pooled backbone features, logits divided by ``temperature``."""
     model.head.eval()
-    return torch.softmax(model.head(torch.from_numpy(features)), dim=1).numpy()
-
-
-def predict_probabilities(
-    model: CovidxrNet,
-    paths: Sequence[str | Path],
-    cache_dir: str | Path | None = None,
-    batch_size: int = 32,
-    num_workers: int = 1,
-    progress: bool = True,
-) -> np.ndarray:
-    """Class probabilities for every file; stops with a clear error on an unreadable one."""
-    return head_probabilities(model, extract_features(model, paths, cache_dir, batch_size, num_workers, progress))
+    return torch.softmax(model.head(torch.from_numpy(features)) / temperature, dim=1).numpy()
 
 
 def predict_files(
-    model: CovidxrNet,
-    labels: Sequence[str],
+    run: Run,
     paths: Sequence[str | Path],
     cache_dir: str | Path | None = None,
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = True,
 ) -> list[dict]:
-    """One result per file — label and probabilities, or the error — continuing past bad files."""
+    """One result per file — label and calibrated probabilities, or the error — continuing past bad files.
+
+    ``covid_positive`` applies the run's COVID-19 threshold, chosen on validation data.
+    """
+    model, labels = run.model, run.labels
     features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress)
-    probabilities = head_probabilities(model, features)
+    probabilities = head_probabilities(model, features, run.temperature)
+    covid = labels.index(POSITIVE)
     results = []
     for i, path in enumerate(paths):
         if i in errors:
@@ -54,6 +48,8 @@ def predict_files(
                 "file": str(path),
                 "label": labels[int(probabilities[i].argmax())],
                 "probabilities": {label: float(p) for label, p in zip(labels, probabilities[i], strict=True)},
+                "covid_threshold": run.covid_threshold,
+                "covid_positive": bool(probabilities[i, covid] >= run.covid_threshold),
                 "disclaimer": DISCLAIMER,
             }
         )

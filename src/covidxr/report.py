@@ -1,7 +1,8 @@
 """Reports of a run or of a ``reproduce`` folder: ``report.md`` beside the PNGs, ``report.html`` self-contained.
 
-Everything is read back from what the run left (metrics.json, run.json, config.yaml, splits.csv, figures)
-and from the dataset itself, so the limitations describe the data that was used, not the data one expects.
+Everything is read back from what the run left (metrics.json, run.json, config.yaml, splits.csv, figures,
+audit.json when `covidxr audit` has run; results.json and seeds.csv for reproduce) and from the dataset
+itself, so the limitations describe the data that was used, not the data one expects.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from scipy.stats import binomtest
 
 from covidxr import DISCLAIMER
+from covidxr.calibration import ECE_BINS
 from covidxr.data import LABELS, SPLITS, load_dataset
 from covidxr.errors import CovidxrError
 
@@ -32,6 +35,14 @@ FIGURES = (
     ("predictions", "predictions.png", 'Evaluated images captioned "Predict = X / Correct = Y"'),
     ("gradcam", "gradcam.png", "Grad-CAM maps per class"),
 )
+# Not one of the paper's figures: evaluate's reliability diagram, shown in the Calibration section.
+CALIBRATION_FIGURE = (
+    "calibration",
+    "calibration.png",
+    "Reliability diagram of the evaluated images: accuracy against confidence, before and after temperature scaling",
+)
+# The checks `covidxr audit` writes into audit.json, in its order; unknown checks are shown after them.
+AUDIT_CHECKS = ("lungs_hidden", "source_probe", "resolution_format")
 # Columns whose values may coincide with the label: (column, noun, verb, the verb's part kept after
 # the first clause, plural) -- "every A image comes from x and every B image from y".
 CONFOUNDERS = (
@@ -41,6 +52,10 @@ CONFOUNDERS = (
 )
 # A class/value overlap this small on both sides is reported as an exception rather than as mixing.
 MINOR_SHARE = 0.05
+# A COVID-19 threshold chosen on fewer validation positives than this is called a rough choice.
+FEW_VAL_POSITIVES = 20
+# Below this many images a class share moves by several percentage points by chance alone.
+FEW_IMAGES = 100
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 70rem; padding: 0 1rem; color: #222; }
 .warning { border: 2px solid #b00; background: #fee; padding: .6rem 1rem; font-weight: bold; }
@@ -188,6 +203,51 @@ def _num(value: object) -> str:
     return str(value)
 
 
+def _range(interval: object, percent: bool = True) -> str | None:
+    """ "93.6–100.0%" (or "0.950–1.000"), None when there is no interval."""
+    if not isinstance(interval, (list, tuple)) or len(interval) != 2 or any(_missing(v) for v in interval):
+        return None
+    low, high = interval
+    if percent:
+        return f"{100 * low:.1f}–{100 * high:.1f}%"
+    return f"{low:.3f}–{high:.3f}"
+
+
+def _with_ci(value: object, interval: object, percent: bool = True, label: str = "") -> str:
+    """ "97.3% (95% CI 93.6–100.0%)" with ``label`` "95% CI ", "100.0% (100.0–100.0%)" without."""
+    shown = _pct(value) if percent else _dec(value)
+    if _missing(value):
+        return shown
+    span = _range(interval, percent)
+    return f"{shown} ({label}{span})" if span else f"{shown} (no interval)"
+
+
+def _mean_sd(mean: object, sd: object, percent: bool = True) -> str:
+    fmt = _pct if percent else _dec
+    if _missing(mean):
+        return "n/a"
+    return f"{fmt(mean)} ± {fmt(sd)}" if not _missing(sd) else f"{fmt(mean)} (sd n/a)"
+
+
+def _wilson(successes: int, n: int) -> list[float] | None:
+    """95% Wilson interval of a proportion (images taken as independent); None without images."""
+    if n <= 0:
+        return None
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def _threshold(value: object) -> str:
+    """A probability cut-off; one within 0.001 of 0 or 1 keeps its distance from the edge visible."""
+    if _missing(value):
+        return "n/a"
+    if 0.999 < value < 1:
+        return f"1 − {1 - value:.1e}"
+    if 0 < value < 0.001:
+        return f"{value:.1e}"
+    return f"{value:.3f}"
+
+
 def _or(words: list[str]) -> str:
     return " or ".join(words) if len(words) < 3 else ", ".join(words[:-1]) + " or " + words[-1]
 
@@ -226,6 +286,32 @@ def _run_folder(folder: Path, metrics: dict) -> Path | None:
     """The run behind an evaluation; metrics.json records its path relative to where evaluate ran."""
     candidates = [Path(metrics["run"])] if metrics.get("run") else []
     return next((path for path in [*candidates, folder] if (path / "run.json").is_file()), None)
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object written by another command, or None when it is missing or damaged."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _run_info(run: Path | None) -> dict:
+    return (_read_json(run / "run.json") if run else None) or {}
+
+
+def _same_path(a: object, b: object) -> bool:
+    return bool(a) and bool(b) and Path(str(a)).resolve() == Path(str(b)).resolve()
+
+
+def _is_external(metrics: dict, info: dict) -> bool:
+    """Evaluated on every image of a dataset other than the one the run was trained on."""
+    if metrics.get("split") != "all":
+        return False
+    if info.get("data"):
+        return not _same_path(metrics.get("data"), info["data"])
+    return "predicted_class_shift" in metrics
 
 
 def _read_splits(run: Path | None) -> pd.DataFrame | None:
@@ -278,32 +364,97 @@ def _split_table(splits: pd.DataFrame) -> Table:
     return Table(["split", *(f"{label} images / patients" for label in labels), "all images / patients"], rows)
 
 
-def _metrics_blocks(metrics: dict) -> list[Block]:
-    low, high = metrics.get("accuracy_ci95") or [None, None]
-    summary = (
-        f"Evaluated on {metrics.get('data')} ({metrics.get('split')} split): n = {metrics.get('n')}. "
-        f"Accuracy {_pct(metrics.get('accuracy'))} (95% Wilson interval {_pct(low)} to {_pct(high)}), "
-        f"{metrics.get('correct')} of {metrics.get('n')} correct. "
-        f"Macro one-vs-rest AUC {_dec(metrics.get('macro_auc'))}."
+def _bootstrap_note(metrics: dict) -> str:
+    boot = metrics.get("bootstrap")
+    if not isinstance(boot, dict):
+        return (
+            "This metrics.json has no bootstrap intervals (it predates them): only accuracy has an interval, "
+            "the Wilson one. Run `covidxr evaluate` again for intervals on every rate."
+        )
+    return (
+        f"Intervals are 95% percentile intervals from a {boot.get('unit', 'patient')}-level bootstrap: "
+        f"{_num(boot.get('replicates'))} replicates, each drawing the {_num(boot.get('patients'))} patients with "
+        f"replacement and keeping all images of a drawn patient (seed {_num(boot.get('seed'))}), because images of "
+        "one patient are not independent. Accuracy also gets the Wilson interval, which treats images as "
+        "independent. PPV and F1 have no interval."
     )
+
+
+def _zero_width(metrics: dict) -> bool:
+    intervals = [metrics.get("accuracy_bootstrap_ci95"), metrics.get("macro_auc_ci95")]
+    for m in (metrics.get("per_class") or {}).values():
+        intervals += [m.get(f"{rate}_ci95") for rate in ("sensitivity", "specificity", "auc")]
+    return any(_range(ci) is not None and ci[0] == ci[1] for ci in intervals)
+
+
+def _metrics_blocks(metrics: dict) -> list[Block]:
+    """Headline numbers and per-class rates, each with its 95% interval, and the confusion matrix."""
+    boot = metrics.get("bootstrap") if isinstance(metrics.get("bootstrap"), dict) else None
+    accuracy, wilson = metrics.get("accuracy"), metrics.get("accuracy_ci95")
+    patients = f" of {_num(boot.get('patients'))} patients" if boot else ""
+    intervals = [f"95% CI {_range(wilson) or 'n/a'}, Wilson"]
+    if boot:
+        intervals.append(f"95% CI {_range(metrics.get('accuracy_bootstrap_ci95')) or 'n/a'}, patient bootstrap")
+    auc = metrics.get("macro_auc")
+    summary = (
+        f"Evaluated on {metrics.get('data')} ({metrics.get('split')} split): n = {metrics.get('n')} images{patients}. "
+        f"Accuracy {_pct(accuracy)}" + ("" if _missing(accuracy) else f" ({'; '.join(intervals)})") + ", "
+        f"{metrics.get('correct')} of {metrics.get('n')} correct. Macro one-vs-rest AUC "
+        + (_with_ci(auc, metrics.get("macro_auc_ci95"), False, "95% CI ") if boot else _dec(auc))
+        + "."
+    )
+    replicates = f", {_num(boot.get('replicates'))} replicates" if boot else ""
+    headline = [
+        ["accuracy", _with_ci(accuracy, wilson, label="95% CI "), "Wilson score interval (images as independent)"],
+    ]
+    if boot:
+        headline += [
+            [
+                "accuracy",
+                _with_ci(accuracy, metrics.get("accuracy_bootstrap_ci95"), label="95% CI "),
+                f"patient-level bootstrap{replicates}",
+            ],
+            [
+                "macro one-vs-rest AUC",
+                _with_ci(metrics.get("macro_auc"), metrics.get("macro_auc_ci95"), False, "95% CI "),
+                f"patient-level bootstrap{replicates}",
+            ],
+        ]
+    else:
+        headline.append(["macro one-vs-rest AUC", _dec(metrics.get("macro_auc")), "no interval computed"])
+
+    def rate(m: dict, key: str, percent: bool = True) -> str:
+        if not boot:
+            return _pct(m.get(key)) if percent else _dec(m.get(key))
+        return _with_ci(m.get(key), m.get(f"{key}_ci95"), percent)
+
     per_class = [
         [
             label,
             str(m.get("n")),
-            _pct(m.get("sensitivity")),
-            _pct(m.get("specificity")),
+            rate(m, "sensitivity"),
+            rate(m, "specificity"),
             _pct(m.get("ppv")),
             _dec(m.get("f1")),
-            _dec(m.get("auc")),
+            rate(m, "auc", percent=False),
         ]
-        for label, m in metrics.get("per_class", {}).items()
+        for label, m in (metrics.get("per_class") or {}).items()
     ]
+    ci = " (95% CI)" if boot else ""
     confusion = metrics.get("confusion_matrix", {})
     labels = confusion.get("labels", [])
     matrix = [[label, *(str(v) for v in row)] for label, row in zip(labels, confusion.get("matrix", []), strict=True)]
+    notes = [_bootstrap_note(metrics)]
+    if boot and _zero_width(metrics):
+        notes.append(
+            "A bootstrap interval of zero width (such as 100.0–100.0%) means every replicate gave the same rate, "
+            "as happens with a rate of 0% or 100% on few patients; it does not mean the rate is certain."
+        )
     return [
         Text(summary),
-        Table(["class", "n", "sensitivity", "specificity", "PPV", "F1", "AUC (one-vs-rest)"], per_class),
+        Table(["metric", "value (95% CI)", "interval"], headline),
+        Table(["class", "n", f"sensitivity{ci}", f"specificity{ci}", "PPV", "F1", f"AUC one-vs-rest{ci}"], per_class),
+        Items(notes),
         Text("Confusion matrix (rows = truth, columns = prediction):"),
         Table(["truth \\ prediction", *labels], matrix),
     ]
@@ -312,17 +463,25 @@ def _metrics_blocks(metrics: dict) -> list[Block]:
 def _paper_blocks(metrics: dict) -> list[Block]:
     model = metrics.get("model")
     rows = [
-        [f"{row['paper_model']} (paper)", _pct(row["paper_accuracy"]), "not reported", str(row["paper_n"]), "by image"]
+        [
+            f"{row['paper_model']} (paper)",
+            _pct(row["paper_accuracy"]),
+            "not reported",
+            "not reported",
+            str(row["paper_n"]),
+            "by image",
+        ]
         for row in PAPER_RESULTS.values()
     ]
     same = PAPER_RESULTS.get(model, {}).get("paper_model")
     name = f"{model} (covidxr; the paper's {same} backbone)" if same else f"{model} (covidxr; not in the paper)"
-    low, high = metrics.get("accuracy_ci95") or [None, None]
     data = Path(str(metrics.get("data"))).name
     drawn = f"every image of {data}" if metrics.get("split") == "all" else f"by patient ({metrics.get('split')} split)"
-    rows.append([name, _pct(metrics.get("accuracy")), f"{_pct(low)} to {_pct(high)}", str(metrics.get("n")), drawn])
+    wilson = _range(metrics.get("accuracy_ci95")) or "n/a"
+    boot = _range(metrics.get("accuracy_bootstrap_ci95")) or "not computed"
+    rows.append([name, _pct(metrics.get("accuracy")), wilson, boot, str(metrics.get("n")), drawn])
     return [
-        Table(["model", "test accuracy", "95% CI (Wilson)", "n test", "test set"], rows),
+        Table(["model", "test accuracy", "95% CI (Wilson)", "95% CI (patient bootstrap)", "n test", "test set"], rows),
         Text(
             "The paper's test images were drawn at random from 375 images, so one patient could be in training and "
             "test; covidxr splits by patient, on different data. The numbers are not directly comparable."
@@ -370,6 +529,251 @@ def _explanation_blocks(metrics: dict) -> list[Block]:
     columns = [c for c in columns if c not in {"flags", "verdict"}] + ["flags", "verdict"]
     rows = [[name, *(_num(values.get(c)) for c in columns)] for name, values in methods.items()]
     blocks.append(Table(["method", *columns], rows) if rows else Text("No explanation method was checked."))
+    return blocks
+
+
+def _covid_blocks(metrics: dict) -> list[Block]:
+    """COVID-19 against everything else at the run's validation-chosen threshold."""
+    covid = metrics.get("covid_vs_rest")
+    if not isinstance(covid, dict):
+        return [Text("Not computed: this metrics.json predates the COVID-19 threshold; run `covidxr evaluate` again.")]
+    n_covid, n_other = int(covid.get("n_covid") or 0), int(covid.get("n_other") or 0)
+    sensitivity, specificity = covid.get("sensitivity"), covid.get("specificity")
+    share = covid.get("called_covid_share")
+
+    def wilson(rate: object, n: int) -> str:
+        return _with_ci(rate, None if _missing(rate) else _wilson(round(rate * n), n))
+
+    row = [
+        _threshold(covid.get("threshold")),
+        str(n_covid),
+        str(n_other),
+        _dec(covid.get("auc")),
+        wilson(sensitivity, n_covid),
+        wilson(specificity, n_other),
+        wilson(share, n_covid + n_other),
+    ]
+    header = [
+        "threshold on p(COVID-19)",
+        "COVID-19 images",
+        "other images",
+        "AUC",
+        "sensitivity (95% CI)",
+        "specificity (95% CI)",
+        "called COVID-19 (95% CI)",
+    ]
+    notes = [
+        "An image is called COVID-19 when its temperature-scaled COVID-19 probability reaches the threshold, "
+        "which was chosen on the validation split (see Calibration), never on these images. The intervals here "
+        "are Wilson intervals, which treat images as independent (covid_vs_rest has no bootstrap)."
+    ]
+    if n_covid == 0:
+        notes.append(
+            f"No evaluated image is COVID-19, so sensitivity and AUC are undefined; {_pct(share)} of the "
+            f"{n_other} non-COVID images were nonetheless called COVID-19."
+        )
+    elif n_other == 0:
+        notes.append("Every evaluated image is COVID-19, so specificity and AUC are undefined.")
+    return [Table(header, [row]), Items(notes)]
+
+
+def _true_shares(labels: list[str], counts: dict[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {label: counts.get(label, 0) / total for label in labels} if total else {}
+
+
+def _travel_blocks(metrics: dict, info: dict, splits: pd.DataFrame | None, external: bool) -> list[Block]:
+    """The predicted-class mix on this data against the mix on the run's internal test set."""
+    shift = metrics["predicted_class_shift"]
+    internal, here = shift.get("internal_test") or {}, shift.get("this_data") or {}
+    difference = shift.get("difference") or {}
+    labels = list(dict.fromkeys([*internal, *here]))
+    confusion = metrics.get("confusion_matrix") or {}
+    true_here = _true_shares(
+        labels,
+        {label: sum(row) for label, row in zip(confusion.get("labels", []), confusion.get("matrix", []), strict=False)},
+    )
+    true_internal: dict[str, float] = {}
+    if splits is not None:
+        test = splits.loc[splits["split"] == "test", "label"]
+        true_internal = _true_shares(labels, test.value_counts().to_dict())
+    rows = [
+        [
+            label,
+            _pct(true_internal.get(label)),
+            _pct(internal.get(label)),
+            _pct(true_here.get(label)),
+            _pct(here.get(label)),
+            "n/a" if _missing(difference.get(label)) else f"{100 * difference[label]:+.1f} points",
+        ]
+        for label in labels
+    ]
+    header = [
+        "class",
+        "internal test: true share",
+        "internal test: predicted share",
+        "this data: true share",
+        "this data: predicted share",
+        "change in predicted share",
+    ]
+    trained_on = Path(str(info.get("data"))).name if info.get("data") else "its training data"
+    lead = (
+        f"External evaluation: the model was trained on {trained_on} and is evaluated on every image of "
+        f"{Path(str(metrics.get('data'))).name}, which it has never seen. Numbers from its internal test set do "
+        "not carry over; this is how its predictions moved."
+        if external
+        else "The predicted-class mix here against the mix on the run's internal test set."
+    )
+    tv = shift.get("total_variation")
+    n_internal = None if splits is None else int((splits["split"] == "test").sum())
+    n_here = int(metrics.get("n") or 0)
+    few = min(n_here, n_internal if n_internal is not None else n_here) < FEW_IMAGES
+    sentences = [
+        f"Total variation distance between the two predicted-class mixes: {_dec(tv)} (0: the same mix; 1: no "
+        "class in common). Part of a shift is expected where the true mix differs; compare the true shares.",
+        "Compared: the run's internal test set"
+        + ("" if n_internal is None else f" ({_plural(n_internal, 'image')})")
+        + f" and the {_plural(n_here, 'image')} evaluated here"
+        + ("; on so few images a share moves by several points by chance alone." if few else "."),
+    ]
+    if "COVID-19" in here and "COVID-19" in true_here:
+        sentences.append(
+            f"Here the model calls {_pct(here['COVID-19'])} of the images COVID-19 (by its most probable class), "
+            f"while {_pct(true_here['COVID-19'])} are COVID-19."
+        )
+    return [Text(lead, warning=external), Table(header, rows), Items(sentences)]
+
+
+def _ece_change(before: object, after: object, where: str) -> str:
+    if _missing(before) or _missing(after):
+        return f"On {where} the ECE was not computed."
+    if after < before:
+        return f"On {where} temperature scaling lowered the ECE from {_dec(before)} to {_dec(after)}."
+    return (
+        f"On {where} temperature scaling did not lower the ECE ({_dec(before)} before, {_dec(after)} after): "
+        "the calibrated probabilities are no better calibrated there."
+    )
+
+
+def _calibration_blocks(
+    metrics: dict, info: dict, folder: Path, base: Path, model: str, prefix: str = ""
+) -> list[Block]:
+    """Temperature, ECE before and after on validation and on the evaluated images, the COVID-19 threshold."""
+    fitted = info.get("calibration") if isinstance(info.get("calibration"), dict) else {}
+    here = metrics.get("calibration") if isinstance(metrics.get("calibration"), dict) else {}
+    if not fitted and not here:
+        return [
+            Text(
+                "No calibration recorded in run.json or metrics.json: a run made before temperature scaling uses "
+                "its raw probabilities (temperature 1) and a COVID-19 threshold of 0.5."
+            )
+        ]
+    temperature = fitted.get("temperature", here.get("temperature"))
+    val = (info.get("split_sizes") or {}).get("val") or {}
+    known = isinstance(val, dict) and {"images", "patients"} <= set(val)
+    val_size = f" ({_plural(val['images'], 'image')} of {_plural(val['patients'], 'patient')})" if known else ""
+    blocks: list[Block] = []
+    if _missing(temperature):
+        blocks.append(Text("Temperature: not recorded."))
+    else:
+        direction = (
+            "T > 1 softens the probabilities: the head was over-confident on validation"
+            if temperature > 1
+            else "T < 1 sharpens the probabilities: the head was under-confident on validation"
+            if temperature < 1
+            else "T = 1 leaves the probabilities as they were"
+        )
+        blocks.append(
+            Text(
+                f"Temperature T = {_threshold(temperature)}, fitted by {fitted.get('method', 'temperature scaling')}"
+                f"{val_size} by minimising its negative log-likelihood; every probability in this report is "
+                f"softmax(logits / T). {direction}. Scaling by one temperature never changes the predicted class."
+            )
+        )
+    data = Path(str(metrics.get("data"))).name
+    evaluated = f"evaluated images ({data}, {metrics.get('split')} split, n = {metrics.get('n')})"
+    rows = [
+        [
+            "validation split (where T was fitted)",
+            _dec(fitted.get("val_ece_uncalibrated")),
+            _dec(fitted.get("val_ece_calibrated")),
+        ],
+        [evaluated, _dec(here.get("ece_uncalibrated")), _dec(here.get("ece_calibrated"))],
+    ]
+    blocks.append(Table(["images", "ECE before (T = 1)", f"ECE after (T = {_threshold(temperature)})"], rows))
+    notes = [
+        f"ECE: expected calibration error, the mean gap between confidence and accuracy over {ECE_BINS} "
+        "equal-width confidence bins (0 is perfect); on few images it is itself very noisy.",
+        _ece_change(fitted.get("val_ece_uncalibrated"), fitted.get("val_ece_calibrated"), "the validation split"),
+        _ece_change(here.get("ece_uncalibrated"), here.get("ece_calibrated"), "the evaluated images"),
+    ]
+    threshold = fitted.get("covid_threshold") if isinstance(fitted.get("covid_threshold"), dict) else None
+    if threshold is None:
+        notes.append("COVID-19 threshold: not recorded in run.json.")
+    elif not threshold.get("val_positives"):
+        notes.append(
+            f"COVID-19 threshold {_threshold(threshold.get('value'))}: the validation split had no COVID-19 image, "
+            "so this is the default, not a chosen operating point."
+        )
+    else:
+        value, positives = threshold.get("value"), int(threshold["val_positives"])
+        rough = "; with so few positives the cut-off is a rough choice" if positives < FEW_VAL_POSITIVES else ""
+        notes.append(
+            f"COVID-19 threshold {_threshold(value)} on the temperature-scaled COVID-19 probability, chosen on the "
+            "validation split as the highest cut-off reaching the target sensitivity "
+            f"{_pct(threshold.get('target_sensitivity'))}: there it gave sensitivity "
+            f"{_pct(threshold.get('val_sensitivity'))} and specificity {_pct(threshold.get('val_specificity'))}, on "
+            f"{_plural(positives, 'COVID-19 image')}{rough}."
+        )
+        if not _missing(value) and (value > 0.999 or value < 0.001):
+            notes.append(
+                "The threshold lies within 0.001 of 0 or 1: the validation probabilities are saturated, so a "
+                "small change in the model can move many images across it."
+            )
+    blocks.append(Items(notes))
+    key, name, caption = CALIBRATION_FIGURE
+    path = folder / name
+    if path.is_file():
+        link = path.relative_to(base).as_posix()
+        blocks.append(Figure(f"{prefix}fig-{key}", path, link, f"{model}: {caption}", f"{caption}."))
+    else:
+        blocks.append(Text(f"Missing figure: {name} (the reliability diagram) is not in {folder}."))
+    return blocks
+
+
+def _audit_figures(check: dict) -> str:
+    flat = _flatten({k: v for k, v in check.items() if k not in {"verdict", "summary"}})
+    return "; ".join(f"{key} = {_num(value)}" for key, value in flat.items()) or "none"
+
+
+def _audit_blocks(candidates: list[Path], command: str) -> list[Block]:
+    """The first audit.json among ``candidates``, rendered generically; or how to make one."""
+    path = next((c / "audit.json" for c in candidates if (c / "audit.json").is_file()), None)
+    audit = _read_json(path) if path else None
+    if audit is None:
+        damaged = f" ({path} is damaged)" if path else ""
+        return [Text(f"No shortcut audit yet{damaged}: run `{command}`.")]
+    verdict = str(audit.get("verdict") or "not recorded")
+    blocks: list[Block] = [
+        Text(f"Overall verdict: {verdict}. {audit.get('summary', '')}".strip(), warning=verdict in {"fail", "warning"})
+    ]
+    facts = [f"from: {path}"]
+    facts += [f"{_name(k)}: {_num(audit[k])}" for k in ("model", "images", "n_images") if k in audit]
+    geometry = audit.get("geometry")
+    if isinstance(geometry, dict):
+        facts += [f"geometry {key}: {_num(value)}" for key, value in _flatten(geometry).items()]
+    blocks.append(Items(facts))
+    checks = audit.get("checks") if isinstance(audit.get("checks"), dict) else {}
+    names = [name for name in AUDIT_CHECKS if name in checks] + [name for name in checks if name not in AUDIT_CHECKS]
+    rows = []
+    for name in names:
+        check = checks[name] if isinstance(checks[name], dict) else {"value": checks[name]}
+        rows.append(
+            [_name(name), str(check.get("verdict", "n/a")), str(check.get("summary", "")), _audit_figures(check)]
+        )
+    blocks.append(
+        Table(["check", "verdict", "summary", "figures"], rows) if rows else Text("The audit lists no check.")
+    )
     return blocks
 
 
@@ -540,6 +944,12 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
     metrics = _read_metrics(folder)
     run = _run_folder(folder, metrics)
     splits = _read_splits(run)
+    info = _run_info(run)
+    model = str(metrics.get("model"))
+    external = _is_external(metrics, info)
+    travels: list[Block] = []
+    if "predicted_class_shift" in metrics:
+        travels = [Heading(2, "How the model travels"), *_travel_blocks(metrics, info, splits, external)]
     blocks: list[Block] = [
         Text(DISCLAIMER, warning=True),
         Heading(2, "Run"),
@@ -550,50 +960,171 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
         _split_table(splits) if splits is not None else Text("Missing: the run's splits.csv."),
         Heading(2, "Metrics"),
         *_metrics_blocks(metrics),
+        *(travels if external else []),
+        Heading(2, "COVID-19 versus the rest"),
+        *_covid_blocks(metrics),
+        *([] if external else travels),
+        Heading(2, "Calibration"),
+        *_calibration_blocks(metrics, info, folder, folder, model),
         Heading(2, "Against the paper"),
         *_paper_blocks(metrics),
         Heading(2, "Figures"),
-        *_figure_blocks(folder, folder, str(metrics.get("model"))),
+        *_figure_blocks(folder, folder, model),
         Heading(2, "Explanation checks"),
         *_explanation_blocks(metrics),
+        Heading(2, "Shortcut audit"),
+        *_audit_blocks(list(dict.fromkeys([folder, *([run] if run else [])])), f"covidxr audit {run or 'RUN'}"),
         Heading(2, "Limitations"),
         *_limitation_blocks(metrics, run),
     ]
     return _write(folder, f"covidxr report: {metrics.get('model')}", blocks)
 
 
-def _results_table(rows: list[dict]) -> Table:
+def _results_table(rows: list[dict], metrics: dict[str, dict]) -> Table:
+    """One row per model; the covidxr numbers are its first seed's run, each with its 95% interval."""
     cells = []
     for row in rows:
         paper = row.get("paper_accuracy")
         paper_cell = f"{_pct(paper)} (n={row.get('paper_n')})" if paper is not None else "not in the paper"
-        trained = row.get("status") == "trained"
-        ci = f"{_pct(row.get('accuracy_ci95_low'))} to {_pct(row.get('accuracy_ci95_high'))}"
+        if row.get("status") != "trained":
+            cells.append(
+                [
+                    str(row.get("model")),
+                    str(row.get("paper_model")),
+                    paper_cell,
+                    *[""] * 5,
+                    "skipped (see Skipped models)",
+                ]
+            )
+            continue
+        m = metrics.get(str(row.get("model")), {})
+        covid = (m.get("per_class") or {}).get("COVID-19", {})
+        wilson = [row.get("accuracy_ci95_low"), row.get("accuracy_ci95_high")]
         cells.append(
             [
                 str(row.get("model")),
                 str(row.get("paper_model")),
                 paper_cell,
-                _pct(row.get("accuracy")) if trained else "",
-                ci if trained else "",
-                f"{row.get('correct')} / {row.get('n_test')}" if trained else "",
-                _dec(row.get("macro_auc")) if trained else "",
-                _pct(row.get("covid_sensitivity")) if trained else "",
-                "trained" if trained else "skipped (see Skipped models)",
+                _with_ci(row.get("accuracy"), wilson, label="95% CI "),
+                _range(m.get("accuracy_bootstrap_ci95")) or "not computed",
+                f"{row.get('correct')} / {row.get('n_test')}",
+                _with_ci(row.get("macro_auc"), m.get("macro_auc_ci95"), False),
+                _with_ci(row.get("covid_sensitivity"), covid.get("sensitivity_ci95")),
+                "trained",
             ]
         )
     header = [
         "model",
         "paper's name",
         "paper accuracy",
-        "covidxr test accuracy",
-        "95% CI (Wilson)",
+        "covidxr test accuracy (Wilson)",
+        "accuracy 95% CI (patient bootstrap)",
         "correct / n",
-        "macro AUC",
-        "COVID-19 sensitivity",
+        "macro AUC (95% CI)",
+        "COVID-19 sensitivity (95% CI)",
         "status",
     ]
     return Table(header, cells)
+
+
+def _several_seeds(row: dict) -> bool:
+    return len(str(row.get("seeds") or "").split()) > 1
+
+
+def _paper_against_seeds(row: dict) -> str:
+    """Where the paper's single-split accuracy lies in this model's spread over seeds."""
+    paper, n = row.get("paper_accuracy"), len(str(row.get("seeds")).split())
+    if paper is None:
+        return f"not comparable: different backbone (the paper did not use {row.get('model')})"
+    z = row.get("paper_accuracy_z")
+    low, high = row.get("accuracy_min"), row.get("accuracy_max")
+    inside = "" if _missing(low) or _missing(high) else ("inside" if low <= paper <= high else "outside")
+    where = f", {inside} the seeds' range" if inside else ""
+    if _missing(z):
+        return (
+            f"the paper's {_pct(paper)} against a mean of {_pct(row.get('accuracy_mean'))} over {n} seeds{where}; "
+            "the accuracy did not vary over the seeds, so there is no distance in sd"
+        )
+    side = "above" if z > 0 else "below"
+    return f"the paper's {_pct(paper)} lies {abs(z):.1f} sd {side} the mean over {n} seeds{where}"
+
+
+def _seed_blocks(folder: Path, rows: list[dict]) -> list[Block]:
+    """Mean ± sd and range over seeds per model, the paper's number against that spread, and each seed's run."""
+    trained = [row for row in rows if row.get("status") == "trained"]
+    if not any(_several_seeds(row) for row in trained):
+        config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
+        seed = (config or {}).get("seed", "from the configuration")
+        return [
+            Text(
+                f"One seed was run (seed {seed}): every number above comes from one patient split and one training "
+                "run, and says nothing about how much another split would move it. To see that spread, run "
+                f"`covidxr reproduce DATA --out {folder} --seeds 0,1,2,3,4` (finished runs are reused)."
+            )
+        ]
+    spreads = (
+        ("accuracy", "accuracy", True),
+        ("macro_auc", "macro AUC", False),
+        ("covid_sensitivity", "COVID-19 sensitivity", True),
+    )
+    header = ["model", "seeds"]
+    for _, label, _ in spreads:
+        header += [f"{label} mean ± sd", f"{label} range"]
+    header.append("the paper's accuracy against the spread")
+    table = []
+    for row in trained:
+        if not _several_seeds(row):
+            table.append([str(row.get("model")), str(row.get("seeds", "one")), *["n/a"] * 6, "one seed only"])
+            continue
+        cells = [str(row.get("model")), str(row.get("seeds"))]
+        for key, _, percent in spreads:
+            fmt = _pct if percent else _dec
+            cells.append(_mean_sd(row.get(f"{key}_mean"), row.get(f"{key}_sd"), percent))
+            low, high = row.get(f"{key}_min"), row.get(f"{key}_max")
+            cells.append("n/a" if _missing(low) else f"{fmt(low)} to {fmt(high)}")
+        cells.append(_paper_against_seeds(row))
+        table.append(cells)
+    blocks: list[Block] = [
+        Text(
+            "Each seed draws its own patient split and trains its own head; sd is the sample standard deviation "
+            "over the seeds. The paper reported one random split, so its number is one draw from a spread like "
+            "this one, on its own (smaller, by-image) split of different data; with few seeds the sd is itself "
+            "uncertain."
+        ),
+        Table(header, table),
+    ]
+    per_seed = folder / "seeds.csv"
+    if per_seed.is_file():
+        table = []
+        for r in pd.read_csv(per_seed).to_dict("records"):
+            m = _read_json(folder / str(r.get("run")) / "metrics.json") or {}
+            covid = (m.get("per_class") or {}).get("COVID-19", {})
+            wilson = [r.get("accuracy_ci95_low"), r.get("accuracy_ci95_high")]
+            table.append(
+                [
+                    str(r.get("model")),
+                    _num(r.get("seed")),
+                    str(r.get("run")),
+                    _with_ci(r.get("accuracy"), wilson, label="95% CI "),
+                    f"{_num(r.get('correct'))} / {_num(r.get('n_test'))}",
+                    _with_ci(r.get("macro_auc"), m.get("macro_auc_ci95"), False),
+                    _with_ci(r.get("covid_sensitivity"), covid.get("sensitivity_ci95")),
+                ]
+            )
+        header = [
+            "model",
+            "seed",
+            "run folder",
+            "test accuracy (Wilson)",
+            "correct / n",
+            "macro AUC (95% CI)",
+            "COVID-19 sensitivity (95% CI)",
+        ]
+        blocks += [
+            Text("Each seed's run (the first seed's run is the one described in detail below):"),
+            Table(header, table),
+        ]
+    return blocks
 
 
 def _shared_split_blocks(folder: Path, models: list[str]) -> list[Block]:
@@ -621,12 +1152,15 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
     blocks: list[Block] = [
         Text(DISCLAIMER, warning=True),
         Heading(2, "Results against the paper"),
-        _results_table(rows),
+        _results_table(rows, metrics),
         Text(
             "The paper (Soares & Soares, 2020) tested on 75 images drawn at random from 375, so one patient could be "
             "in training and test; covidxr splits by patient, on different data. Rows marked (not in the paper) "
-            "use a backbone the paper did not use and replicate no paper row."
+            "use a backbone the paper did not use and replicate no paper row. The covidxr numbers are each model's "
+            "first seed; intervals: Wilson for accuracy, patient-level bootstrap for the rest."
         ),
+        Heading(2, "Seeds"),
+        *_seed_blocks(folder, rows),
         Heading(2, "Configuration"),
         *_config_blocks(folder / "config.yaml"),
         Heading(2, "Split"),
@@ -639,14 +1173,21 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
     else:
         blocks.append(Text("No model was trained, so there is nothing to describe."))
     for model in trained:
+        run = folder / model
         blocks += [
             Heading(2, model),
             Heading(3, "Metrics"),
             *_metrics_blocks(metrics[model]),
+            Heading(3, "COVID-19 versus the rest"),
+            *_covid_blocks(metrics[model]),
+            Heading(3, "Calibration"),
+            *_calibration_blocks(metrics[model], _run_info(run), run, folder, model, prefix=f"{model}-"),
             Heading(3, "Figures"),
-            *_figure_blocks(folder / model, folder, model, prefix=f"{model}-"),
+            *_figure_blocks(run, folder, model, prefix=f"{model}-"),
             Heading(3, "Explanation checks"),
             *_explanation_blocks(metrics[model]),
+            Heading(3, "Shortcut audit"),
+            *_audit_blocks([run], f"covidxr audit {run}"),
         ]
     blocks.append(Heading(2, "Skipped models"))
     blocks.append(

@@ -25,8 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from covidxr import __version__
+from covidxr.calibration import POSITIVE, choose_threshold, expected_calibration_error, fit_temperature, softmax
 from covidxr.config import TrainConfig
 from covidxr.data import LABELS, SPLITS, Dataset, load_dataset, split_by_patient
+from covidxr.duplicates import crossing_pairs, near_duplicate_pairs, patient_groups
 from covidxr.errors import CovidxrError
 from covidxr.features import extract_features
 from covidxr.models import CovidxrNet, create_model
@@ -107,18 +109,61 @@ def evaluate_head(
     return loss, float((logits.argmax(1) == y).float().mean())
 
 
+@torch.no_grad()
+def calibrate(head: nn.Module, val_features: torch.Tensor, val_targets: torch.Tensor) -> dict:
+    """Temperature and COVID-19 threshold fitted on the validation split (never on test)."""
+    head.eval()
+    logits = head(val_features).double().numpy()
+    targets = val_targets.numpy()
+    temperature = fit_temperature(logits, targets)
+    raw, calibrated = softmax(logits), softmax(logits, temperature)
+    covid = LABELS.index(POSITIVE)
+    threshold = choose_threshold(calibrated[:, covid], targets == covid)
+    return {
+        "method": "temperature scaling on the validation split",
+        "temperature": temperature,
+        "val_ece_uncalibrated": expected_calibration_error(raw, targets),
+        "val_ece_calibrated": expected_calibration_error(calibrated, targets),
+        "covid_threshold": threshold.to_dict(),
+    }
+
+
 def _label_indices(labels: pd.Series) -> torch.Tensor:
     return torch.tensor([LABELS.index(label) for label in labels], dtype=torch.long)
 
 
-def make_splits(dataset: Dataset, config: TrainConfig) -> pd.DataFrame:
-    """The dataset's rows with a ``split`` column; refuses splits that leave a part empty."""
+def make_splits(
+    dataset: Dataset, config: TrainConfig, cache_dir: str | Path | None = None
+) -> tuple[pd.DataFrame, dict]:
+    """The dataset's rows with a ``split`` column, and what was done about near-duplicates.
+
+    Patients linked by a near-duplicate image (the same radiograph filed under two ids) are split as
+    one unit unless ``config.group_near_duplicates`` is off; a split in which a near-duplicate still
+    crosses from one part to another is refused unless ``config.allow_near_duplicate_leakage``.
+    """
     frame = dataset.frame.copy()
-    frame["split"] = split_by_patient(frame, config.seed, config.split_fractions).values
+    pairs = near_duplicate_pairs(frame, dataset.root, cache_dir=cache_dir)
+    groups = patient_groups(frame, pairs) if config.group_near_duplicates else None
+    frame["split"] = split_by_patient(frame, config.seed, config.split_fractions, groups).values
     for part in ("train", "val"):
         if not (frame["split"] == part).any():
             raise CovidxrError(f"{dataset.root}: too few patients for a {part} split ({len(frame)} images)")
-    return frame
+    crossing = crossing_pairs(pairs, frame["split"])
+    if len(crossing) and not config.allow_near_duplicate_leakage:
+        a, b = crossing.iloc[0]["a"], crossing.iloc[0]["b"]
+        raise CovidxrError(
+            f"{dataset.root}: {len(crossing)} near-duplicate pair(s) cross splits, e.g. {frame['filename'][a]} "
+            f"({crossing.iloc[0]['split_a']}) and {frame['filename'][b]} ({crossing.iloc[0]['split_b']}); "
+            "keep group_near_duplicates on, or set allow_near_duplicate_leakage to accept the leak"
+        )
+    across = int((frame["patient_id"].to_numpy()[pairs["a"]] != frame["patient_id"].to_numpy()[pairs["b"]]).sum())
+    report = {
+        "pairs": len(pairs),
+        "pairs_across_patients": across,
+        "grouped": config.group_near_duplicates,
+        "pairs_crossing_splits": len(crossing),
+    }
+    return frame, report
 
 
 def _environment() -> dict:
@@ -175,7 +220,7 @@ def train(
 ) -> Path:
     """The paper's protocol on one dataset: split by patient, cache frozen features, train the head."""
     dataset = load_dataset(data, require_classes=2)
-    frame = make_splits(dataset, config)
+    frame, near_duplicates = make_splits(dataset, config, cache_dir)
     model = model_from_config(config, weights=weights, weights_dir=weights_dir)
     out = prepare_out_dir(out)
     config.save(out / "config.yaml")
@@ -210,8 +255,10 @@ def train(
             }
             for part in SPLITS
         },
+        "near_duplicates": near_duplicates,
         "engine": "torch",
         "best_epoch": result.best_epoch,
+        "calibration": calibrate(model.head, tensors["val"], targets["val"]),
         "seconds": {"feature_extraction": round(extract_seconds, 2), "training": round(train_seconds, 2)},
         "environment": _environment(),
     }
@@ -231,6 +278,15 @@ class Run:
     @property
     def labels(self) -> list[str]:
         return self.info["labels"]
+
+    @property
+    def temperature(self) -> float:
+        """The validation-fitted temperature (1.0 for runs made before calibration existed)."""
+        return float(self.info.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def covid_threshold(self) -> float:
+        return float(self.info.get("calibration", {}).get("covid_threshold", {}).get("value", 0.5))
 
     def splits(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "splits.csv", dtype=str, keep_default_na=False)

@@ -1,0 +1,134 @@
+"""Patient-level intervals, calibration, the validation-chosen threshold, seeds and external evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidxr.calibration import choose_threshold, expected_calibration_error, fit_temperature, softmax
+from covidxr.config import TrainConfig
+from covidxr.data import LABELS
+from covidxr.evaluate import compute_metrics, evaluate_run
+from covidxr.features import extract_features
+from covidxr.inference import predict_files
+from covidxr.reproduce import reproduce
+from covidxr.train import load_run, train
+
+FAST = TrainConfig(model="efficientnet_lite0", epochs=6, image_size=224)
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(small_dataset, tmp_path_factory.mktemp("honest") / "run", FAST, progress=False)
+
+
+def test_temperature_scaling_recovers_a_known_temperature() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(4000, 3))
+    truth = np.array([rng.choice(3, p=p) for p in softmax(logits, temperature=2.0)])
+    assert fit_temperature(logits, truth) == pytest.approx(2.0, rel=0.1)
+    assert expected_calibration_error(softmax(logits, 2.0), truth) < expected_calibration_error(softmax(logits), truth)
+    # Every validation image right: the optimum runs to T -> 0, which says nothing; keep T = 1.
+    separable = np.eye(3)[truth] * 5.0
+    assert fit_temperature(separable, truth) == 1.0
+
+
+def test_expected_calibration_error_by_hand() -> None:
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.9, 0.05, 0.05], [0.6, 0.4, 0.0], [0.6, 0.3, 0.1]])
+    truth = np.array([0, 1, 0, 0])
+    # bin (0.8, 0.867]: none; (0.867, 0.933]: conf 0.9, acc 0.5 -> 0.4 x 2/4; (0.533, 0.6]: conf 0.6, acc 1 -> 0.4 x 2/4
+    assert expected_calibration_error(probabilities, truth) == pytest.approx(0.4)
+
+
+def test_threshold_is_the_highest_cut_off_reaching_the_target_sensitivity() -> None:
+    covid_scores = np.linspace(0.05, 1.0, 20)  # 20 COVID-19 images
+    other_scores = np.linspace(0.0, 0.5, 30)
+    threshold = choose_threshold(np.r_[covid_scores, other_scores], np.r_[np.ones(20, bool), np.zeros(30, bool)])
+    assert threshold.value == pytest.approx(covid_scores[1])  # 19 of 20 = 95% at or above it
+    assert threshold.val_sensitivity == pytest.approx(0.95)
+    assert threshold.val_specificity == pytest.approx((other_scores < covid_scores[1]).mean())
+    none = choose_threshold(other_scores, np.zeros(30, bool))
+    assert none.value == 0.5 and none.val_sensitivity is None and none.val_positives == 0
+
+
+def test_a_run_stores_calibration_and_predict_uses_it(run_dir: Path, cxr3: Path, cxr3_meta: pd.DataFrame) -> None:
+    info = json.loads((run_dir / "run.json").read_text())
+    calibration = info["calibration"]
+    assert 0.05 <= calibration["temperature"] <= 20
+    threshold = calibration["covid_threshold"]
+    assert 0 <= threshold["value"] <= 1 and threshold["target_sensitivity"] == 0.95
+    if threshold["val_positives"]:
+        assert threshold["val_sensitivity"] >= 0.95
+    run = load_run(run_dir)
+    images = [cxr3 / name for name in cxr3_meta.groupby("label").head(2)["filename"]]
+    results = predict_files(run, images, progress=False)
+    features = torch.from_numpy(extract_features(run.model, images, progress=False))
+    with torch.no_grad():
+        logits = run.model.head(features).double().numpy()
+    expected = softmax(logits, calibration["temperature"])
+    got = np.array([[r["probabilities"][label] for label in LABELS] for r in results])
+    assert np.allclose(got, expected, atol=1e-5)
+    covid = LABELS.index("COVID-19")
+    assert [r["covid_positive"] for r in results] == list(expected[:, covid] >= threshold["value"])
+
+
+def test_patient_bootstrap_gives_intervals_around_every_rate() -> None:
+    rng = np.random.default_rng(1)
+    truth = list(np.repeat(LABELS, 30))
+    probabilities = rng.dirichlet(np.ones(3), size=90)
+    probabilities[np.arange(90), [LABELS.index(t) for t in truth]] += 0.6  # mostly right
+    probabilities /= probabilities.sum(1, keepdims=True)
+    patients = [f"p{i // 3}" for i in range(90)]  # three images per patient
+    metrics = compute_metrics(truth, probabilities, list(LABELS), patients)
+    assert metrics["bootstrap"]["patients"] == 30 and metrics["bootstrap"]["unit"] == "patient"
+    low, high = metrics["accuracy_bootstrap_ci95"]
+    assert low < metrics["accuracy"] < high
+    for label, rates in metrics["per_class"].items():
+        for rate in ("sensitivity", "specificity", "auc"):
+            low, high = rates[f"{rate}_ci95"]
+            assert low <= rates[rate] <= high, (label, rate)
+    # Resampling patients, not images: the interval is wider than when each image were its own patient.
+    per_image = compute_metrics(truth, probabilities, list(LABELS), [f"i{i}" for i in range(90)])
+    assert np.diff(metrics["accuracy_bootstrap_ci95"]) > np.diff(per_image["accuracy_bootstrap_ci95"])
+
+
+def test_external_evaluation_reports_covid_versus_rest_and_the_class_mix_shift(
+    run_dir: Path, cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path: Path
+) -> None:
+    rows = cxr3_meta[cxr3_meta["label"].isin(["COVID-19", "NORMAL"])].groupby("label").tail(5)
+    external = tmp_path / "external"
+    (external / "images").mkdir(parents=True)
+    for name in rows["filename"]:
+        (external / name).symlink_to(cxr3 / name)
+    rows.to_csv(external / "metadata.csv", index=False)
+    metrics = evaluate_run(run_dir, data=external, out=tmp_path / "eval", progress=False, explain=False)
+    versus = metrics["covid_vs_rest"]
+    assert versus["n_covid"] == 5 and versus["n_other"] == 5 and 0 <= versus["auc"] <= 1
+    assert versus["threshold"] == load_run(run_dir).covid_threshold
+    shift = metrics["predicted_class_shift"]
+    assert set(shift["this_data"]) == set(LABELS) and 0 <= shift["total_variation"] <= 1
+    assert sum(shift["internal_test"].values()) == pytest.approx(1)
+    assert metrics["calibration"]["temperature"] == load_run(run_dir).temperature
+    assert (tmp_path / "eval" / "calibration.png").stat().st_size > 0
+
+
+def test_reproduce_over_seeds_reports_the_spread(small_dataset: Path, tmp_path: Path) -> None:
+    rows = reproduce(small_dataset, tmp_path / "rep", ("efficientnet_lite0",), FAST, progress=False, seeds=(0, 1, 2))
+    row = rows[0]
+    per_seed = pd.read_csv(tmp_path / "rep" / "seeds.csv")
+    assert list(per_seed["seed"]) == [0, 1, 2] and list(per_seed["run"]) == [
+        "efficientnet_lite0",
+        "efficientnet_lite0-seed1",
+        "efficientnet_lite0-seed2",
+    ]
+    assert row["seeds"] == "0 1 2"
+    assert row["accuracy_mean"] == pytest.approx(per_seed["accuracy"].mean())
+    assert row["accuracy_sd"] == pytest.approx(per_seed["accuracy"].std(ddof=1))
+    assert row["accuracy_min"] <= row["accuracy_mean"] <= row["accuracy_max"]
+    splits = [pd.read_csv(tmp_path / "rep" / name / "splits.csv")["split"] for name in per_seed["run"]]
+    assert not splits[0].equals(splits[1])  # the split follows the seed too
