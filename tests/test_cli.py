@@ -80,6 +80,18 @@ def test_train_then_evaluate(cli_run: Path) -> None:
     assert "seed: 3" in (cli_run / "config.yaml").read_text()
 
 
+def test_audit_writes_its_verdicts_into_the_report(cli_run: Path) -> None:
+    assert run("evaluate", str(cli_run), "--no-explain").returncode == 0
+    result = run("audit", str(cli_run))
+    assert result.returncode == 0, result.stderr
+    for check in ("lungs_hidden", "source_probe", "resolution_format"):
+        assert f"{check}: " in result.stdout
+    audit = json.loads((cli_run / "audit.json").read_text())
+    assert audit["verdict"] in {"pass", "warning", "fail"} and "overall: " + audit["verdict"] in result.stdout
+    assert "Shortcut audit" in (cli_run / "report.md").read_text()
+    assert "No shortcut audit yet" not in (cli_run / "report.md").read_text()
+
+
 def test_predict_reports_bad_files_and_keeps_going(cli_run: Path, cxr3: Path, cxr3_meta, tmp_path: Path) -> None:
     good = [str(cxr3 / n) for n in cxr3_meta.groupby("label").head(1)["filename"]]
     bad = tmp_path / "notes.txt"

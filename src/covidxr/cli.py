@@ -252,6 +252,27 @@ def explain_command(images, run, method, out, weights, weights_dir):
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be explained")
 
 
+@cli.command("audit")
+@click.argument("run", type=_path)
+@click.option("--data", "data_dir", type=_path, default=None, help="Audit every image of another dataset.")
+@click.option("--out", type=_path, default=None, help="Output folder (default: the run folder).")
+@model_options
+def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
+    """Shortcut checks: lungs hidden, source probe, resolution/format; writes audit.json and the report."""
+    from covidxr.audit import run_audit
+    from covidxr.report import write_run_report
+    from covidxr.train import load_run
+
+    folder = out or run
+    result = run_audit(load_run(run, weights, weights_dir), data_dir, folder, cache_dir, progress=_progress())
+    for name, check in result["checks"].items():
+        click.echo(f"{name}: {check['verdict']} - {check['summary']}")
+    click.echo(f"overall: {result['verdict']}; written to {Path(folder) / 'audit.json'}")
+    if (Path(folder) / "metrics.json").exists():
+        write_run_report(Path(folder))
+        click.echo(f"report updated: {Path(folder) / 'report.html'}")
+
+
 @cli.command("reproduce")
 @click.option("--data", "data_dir", type=_path, required=True, help="Dataset folder (e.g. ../shared/data/cxr3).")
 @click.option("--out", type=_path, required=True, help="Output folder; finished models in it are reused.")

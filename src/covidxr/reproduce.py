@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidxr.audit import run_audit
 from covidxr.config import TrainConfig
 from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.evaluate import evaluate_run
 from covidxr.models import PAPER_MODELS, get_spec, resolve_weights
-from covidxr.report import PAPER_RESULTS, write_reproduce_report
+from covidxr.report import PAPER_RESULTS, write_reproduce_report, write_run_report
 from covidxr.train import train
 
 DEFAULT_MODELS = (*PAPER_MODELS, "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -63,11 +64,13 @@ def reproduce(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     seeds: tuple[int, ...] | None = None,
+    audit: bool = True,
 ) -> list[dict]:
     """Train and evaluate each model per seed (split and training both follow the seed); write results and report.
 
     The first seed's run is ``out/<model>`` (evaluated with explanations and every figure); further
-    seeds are ``out/<model>-seed<N>``. With several seeds each model's row carries the spread.
+    seeds are ``out/<model>-seed<N>``. With several seeds each model's row carries the spread. With
+    ``audit`` the first seed's run also gets the shortcut audit (``audit.json``, in both reports).
     """
     config = config or TrainConfig()
     seeds = seeds or (config.seed,)
@@ -98,9 +101,13 @@ def reproduce(
                     cache_dir=cache_dir,
                     progress=progress,
                 )
+            first_seed = seed == seeds[0]
             metrics = evaluate_run(
-                run_dir, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress, explain=seed == seeds[0]
+                run_dir, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress, explain=first_seed
             )
+            if first_seed and audit:
+                run_audit(run_dir, cache_dir=cache_dir, progress=progress, seed=seed)
+                write_run_report(run_dir)
             per_seed_rows.append({"model": name, "seed": seed, "run": run_dir.name, **_summary_row(metrics, run_dir)})
             print(f"{name} seed {seed}: test accuracy {metrics['accuracy']:.1%} ({metrics['correct']}/{metrics['n']})")
         mine = [r for r in per_seed_rows if r["model"] == name]
