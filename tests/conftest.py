@@ -52,16 +52,19 @@ def small_subset(meta: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFr
     return pd.concat(rows).reset_index(drop=True)
 
 
+def linked_dataset(root: Path, source: Path, rows: pd.DataFrame) -> Path:
+    """A dataset folder whose ``metadata.csv`` lists ``rows`` and whose images link to ``source``'s files."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for name in rows["filename"]:
+        (root / name).symlink_to((source / name).resolve())
+    rows.to_csv(root / "metadata.csv", index=False)
+    return root
+
+
 @pytest.fixture(scope="session")
 def small_dataset(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dataset folder of ~20 real images per class: a metadata.csv whose rows point at ../shared by symlink."""
-    root = tmp_path_factory.mktemp("small-cxr3")
-    subset = small_subset(cxr3_meta, per_class=20)
-    (root / "images").mkdir()
-    for name in subset["filename"]:
-        (root / name).symlink_to(cxr3 / name)
-    subset.to_csv(root / "metadata.csv", index=False)
-    return root
+    return linked_dataset(tmp_path_factory.mktemp("small-cxr3"), cxr3, small_subset(cxr3_meta, per_class=20))
 
 
 def raw_sources(tmp_path: Path, cxr3: Path, meta: pd.DataFrame) -> tuple[Path, Path]:

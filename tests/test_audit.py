@@ -30,7 +30,7 @@ from covidxr.explain import region_masks
 from covidxr.models import to_input_tensor
 from covidxr.train import load_run, train
 
-from .conftest import small_subset
+from .conftest import linked_dataset, small_subset
 
 # Half the patients train, 40% are audited: ~29 test images, where +0.25 over chance is not noise.
 FAST = TrainConfig(model="efficientnet_lite0", epochs=60, image_size=224, split_fractions=(0.5, 0.1, 0.4))
@@ -112,13 +112,7 @@ def confounded_dataset(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: py
 
     (With ~20 per class the source probe's balanced accuracy swings from 0.87 to 0.98 with the fold seed.)
     """
-    root = tmp_path_factory.mktemp("confounded")
-    subset = small_subset(cxr3_meta, per_class=40)
-    (root / "images").mkdir()
-    for name in subset["filename"]:
-        (root / name).symlink_to(cxr3 / name)
-    subset.to_csv(root / "metadata.csv", index=False)
-    return root
+    return linked_dataset(tmp_path_factory.mktemp("confounded"), cxr3, small_subset(cxr3_meta, per_class=40))
 
 
 @pytest.fixture(scope="module")

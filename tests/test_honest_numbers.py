@@ -19,6 +19,8 @@ from covidxr.inference import predict_files
 from covidxr.reproduce import reproduce
 from covidxr.train import load_run, train
 
+from .conftest import linked_dataset
+
 FAST = TrainConfig(model="efficientnet_lite0", epochs=6, image_size=224)
 
 
@@ -101,11 +103,7 @@ def test_external_evaluation_reports_covid_versus_rest_and_the_class_mix_shift(
     run_dir: Path, cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path: Path
 ) -> None:
     rows = cxr3_meta[cxr3_meta["label"].isin(["COVID-19", "NORMAL"])].groupby("label").tail(5)
-    external = tmp_path / "external"
-    (external / "images").mkdir(parents=True)
-    for name in rows["filename"]:
-        (external / name).symlink_to(cxr3 / name)
-    rows.to_csv(external / "metadata.csv", index=False)
+    external = linked_dataset(tmp_path / "external", cxr3, rows)
     metrics = evaluate_run(run_dir, data=external, out=tmp_path / "eval", progress=False, explain=False)
     versus = metrics["covid_vs_rest"]
     assert versus["n_covid"] == 5 and versus["n_other"] == 5 and 0 <= versus["auc"] <= 1

@@ -26,7 +26,7 @@ from covidxr.report import (
 from covidxr.reproduce import reproduce, seed_spread
 from covidxr.train import train
 
-from .conftest import ADULT_CONTROLS, REPO, small_subset
+from .conftest import ADULT_CONTROLS, REPO, linked_dataset, small_subset
 
 FAST = TrainConfig(model="efficientnet_lite0", epochs=5, image_size=224)
 CONFOUNDED = (
@@ -70,11 +70,7 @@ def external(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run evaluated on a few real adult NIH images (no COVID-19): another source, another age group."""
     root = tmp_path_factory.mktemp("small-adult-controls")
     meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
-    subset = small_subset(meta, per_class=6)
-    (root / "images").mkdir()
-    for name in subset["filename"]:
-        (root / name).symlink_to(ADULT_CONTROLS / name)
-    subset.to_csv(root / "metadata.csv", index=False)
+    linked_dataset(root, ADULT_CONTROLS, small_subset(meta, per_class=6))
     out = tmp_path_factory.mktemp("external") / "evaluation"
     evaluate_run(run, data=root, out=out, progress=False, explain=False)
     return out
@@ -308,11 +304,7 @@ def test_no_confounding_claimed_when_every_class_has_both_sources(small_dataset:
     meta = pd.read_csv(small_dataset / "metadata.csv", dtype=str, keep_default_na=False)
     mixed = meta[["filename", "label", "patient_id"]].copy()
     mixed["source"] = [["hospital-a", "hospital-b"][i % 2] for i in mixed.groupby("label").cumcount()]
-    root = tmp_path / "two-sources"
-    (root / "images").mkdir(parents=True)
-    for name in mixed["filename"]:
-        (root / name).symlink_to((small_dataset / name).resolve())
-    mixed.to_csv(root / "metadata.csv", index=False)
+    root = linked_dataset(tmp_path / "two-sources", small_dataset, mixed)
     limitations = _section((_report_run(root, tmp_path / "run") / "report.md").read_text(), "Limitations")
     assert "confounded" not in limitations
     assert "In the training split, no source coincides with a class." in limitations

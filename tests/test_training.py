@@ -19,6 +19,8 @@ from covidxr.features import FeatureCache, extract_features
 from covidxr.models import create_model, to_input_tensor
 from covidxr.train import fit_head, load_run, make_splits, train
 
+from .conftest import linked_dataset
+
 FAST = TrainConfig(model="efficientnet_lite0", epochs=3, image_size=224)
 
 
@@ -157,11 +159,7 @@ def test_evaluate_writes_metrics_and_figures(trained_run: Path) -> None:
 
 def test_evaluate_on_an_external_set_with_two_classes(trained_run: Path, cxr3: Path, cxr3_meta, tmp_path: Path):
     rows = cxr3_meta[cxr3_meta["label"].isin(["COVID-19", "NORMAL"])].groupby("label").tail(4)
-    external = tmp_path / "external"
-    (external / "images").mkdir(parents=True)
-    for name in rows["filename"]:
-        (external / name).symlink_to(cxr3 / name)
-    rows.to_csv(external / "metadata.csv", index=False)
+    external = linked_dataset(tmp_path / "external", cxr3, rows)
     metrics = evaluate_run(trained_run, data=external, out=tmp_path / "eval", progress=False, explain=False)
     assert metrics["n"] == 8 and metrics["split"] == "all"
     assert set(metrics["per_class"]) == {"COVID-19", "NORMAL"}

@@ -194,6 +194,14 @@ def plot_calibration(
     plt.close(fig)
 
 
+def save_with_disclaimer(fig: plt.Figure, path: Path, top: float = 1.0) -> None:
+    """Every figure that shows predictions carries the research-use disclaimer at its foot."""
+    fig.text(0.5, 0.005, DISCLAIMER, ha="center", fontsize=7, color="gray")
+    fig.tight_layout(rect=(0, 0.02, 1, top))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
     """Accuracy and loss per epoch for training and validation (the paper's Figure 1)."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
@@ -229,10 +237,7 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
     ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(labels)), labels)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.text(0.5, 0.01, DISCLAIMER, ha="center", fontsize=6, color="gray")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_with_disclaimer(fig, path)
 
 
 def choose_examples(frame: pd.DataFrame, per_class: int, seed: int) -> list[int]:
@@ -269,10 +274,7 @@ def plot_predictions(
             fontweight="bold" if is_wrong else "normal",
         )
     fig.suptitle(f"{len(wrong)} wrong of {len(frame)}; wrong predictions in red, shown first")
-    fig.text(0.5, 0.005, DISCLAIMER, ha="center", fontsize=7, color="gray")
-    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_with_disclaimer(fig, path, top=0.97)
 
 
 def plot_gradcam(
@@ -308,10 +310,7 @@ def plot_gradcam(
                 f"{method}: {labels[k]} {probs[i][k]:.2f}", fontsize=9, color="black" if labels[k] == label else "red"
             )
     fig.suptitle(f"{method} maps for the predicted class, rows = true class")
-    fig.text(0.5, 0.005, DISCLAIMER, ha="center", fontsize=7, color="gray")
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_with_disclaimer(fig, path)
 
 
 def evaluate_run(
