@@ -248,3 +248,27 @@ def test_a_margin_on_a_handful_of_images_is_only_a_warning() -> None:
         check = lungs_hidden_check(truth, predictions, labels)
         assert check["excess_over_chance"] == pytest.approx(1 / 3)
         assert check["verdict"] == verdict, check["summary"]
+
+
+def test_a_colour_tint_on_one_class_fails_the_format_check(confounded_dataset: Path, tmp_path: Path) -> None:
+    """Real NORMAL X-rays, half labelled COVID-19 at random and saved with a sepia tint (as journal figures
+    often are): the only signal is the file's colour, which the common 8-bit grey format removes."""
+    frame = pd.read_csv(confounded_dataset / "metadata.csv", dtype=str, keep_default_na=False)
+    rows = frame[frame["label"] == "NORMAL"].reset_index(drop=True)
+    labels = np.array(["COVID-19", "NORMAL"] * (len(rows) // 2 + 1))[: len(rows)]
+    np.random.default_rng(2).shuffle(labels)
+    rows["label"] = labels
+    data = link_dataset(tmp_path / "data", rows[rows["label"] == "NORMAL"], confounded_dataset)
+    tinted = rows[rows["label"] == "COVID-19"].assign(filename=lambda t: t["filename"].str.replace(".jpg", ".png"))
+    for original, name in zip(rows.loc[rows["label"] == "COVID-19", "filename"], tinted["filename"], strict=True):
+        grey = np.asarray(read_image(confounded_dataset / original).convert("L"), dtype=np.float32)
+        sepia = np.stack([grey, grey * 0.8, grey * 0.55], axis=2).astype(np.uint8)
+        Image.fromarray(sepia).save(data / name)
+    pd.concat([rows[rows["label"] == "NORMAL"], tinted]).to_csv(data / "metadata.csv", index=False)
+    run = train(data, tmp_path / "run", FAST, progress=False)
+    audit = run_audit(run)
+    assert_well_formed(audit, run)
+    fmt = audit["checks"]["resolution_format"]
+    assert fmt["accuracy"] >= 0.9, fmt["summary"]  # the tint is easy to learn
+    assert fmt["verdict"] == "fail" and fmt["changed_share"] >= 0.2, fmt["summary"]
+    assert audit["verdict"] == "fail"
