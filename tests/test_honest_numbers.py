@@ -108,6 +108,9 @@ def test_external_evaluation_reports_covid_versus_rest_and_the_class_mix_shift(
     versus = metrics["covid_vs_rest"]
     assert versus["n_covid"] == 5 and versus["n_other"] == 5 and 0 <= versus["auc"] <= 1
     assert versus["threshold"] == load_run(run_dir).covid_threshold
+    for rate in ("sensitivity", "specificity", "called_covid_share"):
+        low, high = versus[f"{rate}_ci95"]  # Wilson, from the counts
+        assert low <= versus[rate] <= high
     shift = metrics["predicted_class_shift"]
     assert set(shift["this_data"]) == set(LABELS) and 0 <= shift["total_variation"] <= 1
     assert sum(shift["internal_test"].values()) == pytest.approx(1)

@@ -145,18 +145,22 @@ def compute_metrics(
 
 
 def covid_versus_rest(truth: list[str], probabilities: np.ndarray, labels: list[str], threshold: float) -> dict:
-    """COVID-19 against everything else at the run's validation-chosen threshold."""
+    """COVID-19 against everything else at the run's validation-chosen threshold, with Wilson intervals."""
     covid = np.asarray(truth) == POSITIVE
     score = probabilities[:, labels.index(POSITIVE)]
     called = score >= threshold
+    caught, cleared = int(called[covid].sum()), int((~called[~covid]).sum())
     return {
         "threshold": threshold,
         "n_covid": int(covid.sum()),
         "n_other": int((~covid).sum()),
         "auc": float(roc_auc_score(covid, score)) if 0 < covid.sum() < len(covid) else None,
-        "sensitivity": float(called[covid].mean()) if covid.any() else None,
-        "specificity": float((~called[~covid]).mean()) if (~covid).any() else None,
+        "sensitivity": float(caught / covid.sum()) if covid.any() else None,
+        "sensitivity_ci95": wilson_interval(caught, int(covid.sum())) if covid.any() else None,
+        "specificity": float(cleared / (~covid).sum()) if (~covid).any() else None,
+        "specificity_ci95": wilson_interval(cleared, int((~covid).sum())) if (~covid).any() else None,
         "called_covid_share": float(called.mean()),
+        "called_covid_share_ci95": wilson_interval(int(called.sum()), len(called)),
     }
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from scipy.stats import binomtest
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import ECE_BINS
@@ -227,14 +226,6 @@ def _mean_sd(mean: object, sd: object, percent: bool = True) -> str:
     if _missing(mean):
         return "n/a"
     return f"{fmt(mean)} ± {fmt(sd)}" if not _missing(sd) else f"{fmt(mean)} (sd n/a)"
-
-
-def _wilson(successes: int, n: int) -> list[float] | None:
-    """95% Wilson interval of a proportion (images taken as independent); None without images."""
-    if n <= 0:
-        return None
-    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=0.95, method="wilson")
-    return [float(ci.low), float(ci.high)]
 
 
 def _threshold(value: object) -> str:
@@ -541,17 +532,14 @@ def _covid_blocks(metrics: dict) -> list[Block]:
     sensitivity, specificity = covid.get("sensitivity"), covid.get("specificity")
     share = covid.get("called_covid_share")
 
-    def wilson(rate: object, n: int) -> str:
-        return _with_ci(rate, None if _missing(rate) else _wilson(round(rate * n), n))
-
     row = [
         _threshold(covid.get("threshold")),
         str(n_covid),
         str(n_other),
         _dec(covid.get("auc")),
-        wilson(sensitivity, n_covid),
-        wilson(specificity, n_other),
-        wilson(share, n_covid + n_other),
+        _with_ci(sensitivity, covid.get("sensitivity_ci95")),
+        _with_ci(specificity, covid.get("specificity_ci95")),
+        _with_ci(share, covid.get("called_covid_share_ci95")),
     ]
     header = [
         "threshold on p(COVID-19)",
