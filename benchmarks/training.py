@@ -6,9 +6,9 @@ head on them. This script trains the same head on the same real images, with the
 both ways, in one run:
 
 1. cached: ``extract_features`` into a fresh, empty temporary cache folder (so the extraction cost is
-   paid and timed in full, separately), then ``fit_head`` on the cached features for ``--epochs``;
+   paid and timed in full, separately), then ``covidxr.loop.fit`` on the cached features for ``--epochs``;
 2. recomputed: the images are decoded once into preprocessed tensors in memory (timed separately),
-   then ``fit_head(..., encode=model.features)`` runs the frozen backbone on every training batch and
+   then ``fit`` with the frozen backbone as the trainee's encoder runs the frozen backbone on every training batch and
    on the validation set in every epoch, as training a frozen-backbone model end to end would. Running
    all ``--epochs`` this way is too slow on a small CPU, so ``--bench-epochs`` epochs are timed and the
    total is extrapolated linearly: every epoch does the same forward passes, so its cost is constant,
@@ -41,19 +41,19 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from covidxr.config import TrainConfig
 from covidxr.data import LABELS, Dataset, load_dataset, read_image, split_by_patient
 from covidxr.features import extract_features
+from covidxr.loop import FitResult, TensorSet, Trainee, fit
 from covidxr.models import CovidxrNet, create_model, to_input_tensor
-from covidxr.train import FitResult, fit_head
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
@@ -123,25 +123,34 @@ def load_average() -> str:
         return "n/a"
 
 
+class ChannelsLastEncoder(nn.Module):
+    """The frozen backbone + pooling in the same layout as the cache's extraction (``backbone_features``),
+    so both paths run the same kernels."""
+
+    def __init__(self, model: CovidxrNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x.contiguous(memory_format=torch.channels_last))
+
+
 def timed_fit(
     model: CovidxrNet,
     initial_head: dict[str, torch.Tensor],
     data: dict[str, torch.Tensor],
     targets: dict[str, torch.Tensor],
     config: TrainConfig,
-    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    encoder: nn.Module | None = None,
 ) -> tuple[FitResult, float]:
-    """``fit_head`` from the same initial head weights; returns the result and its wall time."""
+    """``covidxr.loop.fit`` from the same initial head weights; returns the result and its wall time."""
     model.head.load_state_dict(initial_head)
     started = time.perf_counter()
-    result = fit_head(
-        model.head,
-        data["train"],
-        targets["train"],
-        data["val"],
-        targets["val"],
+    result = fit(
+        Trainee(model.head, encoder),
+        TensorSet(data["train"], targets["train"]),
+        TensorSet(data["val"], targets["val"]),
         config,
-        encode=encode,
         progress=False,
     )
     return result, time.perf_counter() - started
@@ -218,14 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     images = {part: decode_images(paths[part], model) for part in parts}
     decode_seconds = time.perf_counter() - started
 
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        # The same layout as the cache's extraction (backbone_features), so both run the same kernels.
-        return model.features(x.contiguous(memory_format=torch.channels_last))
-
+    encode = ChannelsLastEncoder(model)
     # The first epoch is slower (one-time kernel set-up for each batch shape, memory pools): it is run
     # and timed on its own, then the steady-state epochs are measured from the same start.
-    _, first_seconds = timed_fit(model, initial_head, images, targets, replace(config, epochs=1), encode=encode)
-    recomputed, recomputed_seconds = timed_fit(model, initial_head, images, targets, bench_config, encode=encode)
+    _, first_seconds = timed_fit(model, initial_head, images, targets, replace(config, epochs=1), encoder=encode)
+    recomputed, recomputed_seconds = timed_fit(model, initial_head, images, targets, bench_config, encoder=encode)
     per_epoch = recomputed_seconds / args.bench_epochs
     recomputed_training = first_seconds + per_epoch * (args.epochs - 1)
     recomputed_total = decode_seconds + recomputed_training

@@ -16,8 +16,9 @@ from covidxr.data import LABELS, load_dataset, read_image
 from covidxr.errors import CovidxrError
 from covidxr.evaluate import compute_metrics, evaluate_run, wilson_interval
 from covidxr.features import FeatureCache, extract_features
+from covidxr.loop import TensorSet, Trainee, fit
 from covidxr.models import create_model, to_input_tensor
-from covidxr.train import fit_head, load_run, make_splits, train
+from covidxr.train import load_run, make_splits, train
 
 from .conftest import linked_dataset
 
@@ -43,28 +44,13 @@ def test_cached_features_train_exactly_like_the_frozen_backbone(small_dataset: P
     features = torch.from_numpy(extract_features(lite0, dataset.paths(), progress=False))
     images = torch.stack([to_input_tensor(read_image(p), 224, lite0.preprocessing) for p in dataset.paths()])
 
-    def fresh_head():
-        return create_model("efficientnet_lite0", image_size=224, seed=FAST.seed).head
+    def fitted(inputs: torch.Tensor, encoder: torch.nn.Module | None):
+        head = create_model("efficientnet_lite0", image_size=224, seed=FAST.seed).head
+        parts_sets = [TensorSet(inputs[parts[p]], targets[p]) for p in ("train", "val")]
+        return fit(Trainee(head, encoder), *parts_sets, FAST, progress=False)
 
-    cached = fit_head(
-        fresh_head(),
-        features[parts["train"]],
-        targets["train"],
-        features[parts["val"]],
-        targets["val"],
-        FAST,
-        progress=False,
-    )
-    recomputed = fit_head(
-        fresh_head(),
-        images[parts["train"]],
-        targets["train"],
-        images[parts["val"]],
-        targets["val"],
-        FAST,
-        encode=lite0.features,
-        progress=False,
-    )
+    cached = fitted(features, None)
+    recomputed = fitted(images, torch.nn.Sequential(lite0.backbone, lite0.pool))
     columns = ["train_loss", "val_loss", "train_accuracy", "val_accuracy"]
     difference = (cached.history[columns] - recomputed.history[columns]).abs().to_numpy()
     assert difference.max() < 1e-4, cached.history.compare(recomputed.history)

