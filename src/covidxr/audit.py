@@ -95,10 +95,11 @@ NOT_APPLICABLE = "not applicable"
 def masked_input(image: Image.Image, keep: np.ndarray, model: CovidxrNet) -> torch.Tensor:
     """The model input with every pixel outside ``keep`` set to 0 in the resized RGB image, then normalised.
 
-    Masking after resizing (not on the original) puts the mask exactly on ``region_masks``' pixels.
+    Masking after the model's pipeline and resizing (not on the original) puts the mask exactly on
+    ``region_masks``' pixels of what the network sees.
     """
     size = model.image_size
-    resized = np.array(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    resized = np.array(model.pipeline(image).convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
     resized[~keep] = 0
     return to_input_tensor(Image.fromarray(resized), size, model.preprocessing)
 
@@ -124,7 +125,7 @@ def variant_predictions(
     variants = {
         "lungs_hidden": lambda image: masked_input(image, ~masks["lung_field"], model),
         "border_only": lambda image: masked_input(image, masks["border"], model),
-        "common_format": lambda image: to_input_tensor(common_format(image), model.image_size, model.preprocessing),
+        "common_format": lambda image: model.input_tensor(common_format(image)),
     }
     features: dict[str, list[np.ndarray]] = {name: [] for name in variants}
     with tqdm(total=len(paths), desc="audit", unit="img", disable=not progress, leave=False) as bar:
@@ -400,8 +401,8 @@ def run_audit(
     run = run if isinstance(run, Run) else load_run(run)
     model, labels = run.model, run.labels
     if data is None:
-        dataset = load_dataset(run.info["data"])
-        frame = run.splits()
+        dataset = run.dataset()
+        frame = dataset.frame
         frame = frame[frame["split"] == "test"].reset_index(drop=True)
         images = f"test split of {dataset.root}"
         if frame.empty:

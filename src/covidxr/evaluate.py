@@ -4,6 +4,7 @@ matrix, and the paper's Figures 1 (training curves) and 2 (confusion matrix)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -21,7 +22,7 @@ from covidxr.errors import CovidxrError
 from covidxr.explain import Explainer, check_maps, overlay, probabilities_of
 from covidxr.features import extract_features
 from covidxr.inference import head_probabilities
-from covidxr.models import CovidxrNet, to_input_tensor
+from covidxr.models import CovidxrNet
 from covidxr.report import write_run_report
 from covidxr.train import Run, load_run
 
@@ -164,6 +165,32 @@ def covid_versus_rest(truth: list[str], probabilities: np.ndarray, labels: list[
     }
 
 
+def called_covid_rates(truth: Sequence[str], predicted: Sequence[str]) -> dict:
+    """How often COVID-19 images are called COVID-19 (sensitivity) and other images are (false-alarm
+    rate), with Wilson intervals; ``None`` where a group has no images of that kind."""
+    truth, predicted = np.asarray(truth), np.asarray(predicted)
+    covid, called = truth == POSITIVE, predicted == POSITIVE
+    correct = int((truth == predicted).sum())
+    rates: dict = {"n": len(truth), "n_covid": int(covid.sum()), "n_other": int((~covid).sum())}
+    rates["accuracy"] = correct / len(truth) if len(truth) else None
+    rates["accuracy_ci95"] = wilson_interval(correct, len(truth)) if len(truth) else None
+    for name, rows in (("covid_sensitivity", covid), ("other_called_covid", ~covid)):
+        hits = int(called[rows].sum())
+        rates[name] = hits / int(rows.sum()) if rows.any() else None
+        rates[f"{name}_ci95"] = wilson_interval(hits, int(rows.sum())) if rows.any() else None
+    return rates
+
+
+def rates_by_group(frame: pd.DataFrame, predicted: Sequence[str], column: str = "source") -> dict[str, dict]:
+    """``called_covid_rates`` for every value of ``column`` (e.g. per source)."""
+    predicted = np.asarray(predicted)
+    return {
+        str(value): called_covid_rates(frame["label"].to_numpy()[rows], predicted[rows])
+        for value in sorted(frame[column].astype(str).unique())
+        for rows in [(frame[column].astype(str) == value).to_numpy()]
+    }
+
+
 def class_mix_shift(external_counts: dict[str, int], internal_counts: dict[str, int]) -> dict:
     """How the share of each predicted class moves from the internal test set to another dataset."""
 
@@ -297,7 +324,7 @@ def plot_gradcam(
     per_class = {label: [i for i, t in enumerate(true_labels) if t == label][:3] for label in classes}
     shown = [i for label in classes for i in per_class[label]]
     images = {i: images[i] for i in shown}
-    inputs = torch.stack([to_input_tensor(images[i], model.image_size, model.preprocessing) for i in shown])
+    inputs = torch.stack([model.input_tensor(images[i]) for i in shown])
     probs = dict(zip(shown, probabilities_of(model, inputs), strict=True))
     maps = dict(zip(shown, Explainer(model, method)(inputs, [p.argmax() for p in probs.values()]), strict=True))
     columns = 2 * max(len(v) for v in per_class.values())
@@ -367,6 +394,7 @@ def evaluate_run(
             "ece_calibrated": expected_calibration_error(probabilities, truth_idx),
         },
         "covid_vs_rest": covid_versus_rest(truth, probabilities, run.labels, run.covid_threshold),
+        "by_source": rates_by_group(frame, [run.labels[k] for k in probabilities.argmax(1)]),
     }
     if data is not None:
         internal = run.splits().query("split == 'test'")
@@ -385,7 +413,7 @@ def evaluate_run(
     if explain:
         chosen = choose_examples(frame, per_class=8, seed=seed)
         images = [read_image(root / frame["filename"].iloc[i]) for i in chosen]
-        inputs = torch.stack([to_input_tensor(img, run.model.image_size, run.model.preprocessing) for img in images])
+        inputs = torch.stack([run.model.input_tensor(img) for img in images])
         metrics["explanations"] = check_maps(run.model, inputs, seed=seed)
         plot_gradcam(run.model, run.labels, images, list(frame["label"].iloc[chosen]), out / "gradcam.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -32,7 +32,7 @@ from torch import nn
 from covidxr import DISCLAIMER
 from covidxr.data import read_image
 from covidxr.errors import CovidxrError
-from covidxr.models import CovidxrNet, to_input_tensor
+from covidxr.models import CovidxrNet
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM}
 # ScoreCAM runs one forward pass per feature channel (1,280-2,048 here): too slow to check routinely.
@@ -152,7 +152,7 @@ def explain_files(
     used_names: set[str] = set()
     for start in range(0, len(ready), batch_size):
         batch = ready[start : start + batch_size]
-        inputs = torch.stack([to_input_tensor(img, model.image_size, model.preprocessing) for _, img in batch])
+        inputs = torch.stack([model.input_tensor(img) for _, img in batch])
         probs = probabilities_of(model, inputs)
         maps = explainer(inputs, probs.argmax(1))
         for (i, image), prob, cam in zip(batch, probs, maps, strict=True):

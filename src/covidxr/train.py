@@ -407,6 +407,11 @@ class Run:
     def splits(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "splits.csv", dtype=str, keep_default_na=False)
 
+    def dataset(self) -> Dataset:
+        """Every image the run was split from (one dataset, or several merged), with its ``split``."""
+        names = [Path(d).name for d in self.info.get("datasets", [self.info["data"]])]
+        return Dataset(Path(self.info["data"]), self.splits(), "+".join(names))
+
     def history(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "history.csv")
 
