@@ -299,10 +299,30 @@ def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
 
 
 @cli.command("reproduce")
-@click.option("--data", "data_dir", type=_path, required=True, help="Dataset folder (e.g. ../shared/data/cxr3).")
+@click.option(
+    "--data",
+    "data_dirs",
+    type=_path,
+    required=True,
+    multiple=True,
+    help="Dataset folder (e.g. ../shared/data/cxr3); with --design deconfounded repeat it for every source.",
+)
 @click.option("--out", type=_path, required=True, help="Output folder; finished models in it are reused.")
 @click.option(
+    "--design",
+    type=click.Choice(["paper", "deconfounded"]),
+    default="paper",
+    show_default=True,
+    help="paper: the preprint's protocol per backbone. deconfounded: the paper's design (first --data) beside "
+    "training on every --data folder with each shortcut-resistant variant, with audits and leave-one-source-out.",
+)
+@click.option(
     "--models", default=None, help="Comma-separated backbones (default: the paper's three + EfficientNet-Lite0/1/2)."
+)
+@click.option(
+    "--variants",
+    default=None,
+    help="Deconfounded design: comma-separated variants (default: all; see the README).",
 )
 @click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
 @click.option("--epochs", type=int, default=None)
@@ -312,10 +332,24 @@ def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
 )
 @weights_dir_option
 @cache_option
-def reproduce_command(data_dir, out, models, config_file, epochs, seed, seeds, weights_dir, cache_dir):
+def reproduce_command(
+    data_dirs, out, design, models, variants, config_file, epochs, seed, seeds, weights_dir, cache_dir
+):
     """Run the paper's protocol for every backbone with weights; write the report beside the paper's numbers."""
-    from covidxr.reproduce import DEFAULT_MODELS, reproduce
+    from covidxr.reproduce import DEFAULT_MODELS, DESIGN_VARIANTS, reproduce, reproduce_designs
 
+    if design == "deconfounded":
+        config = _load_config(config_file, epochs=epochs, seed=seed)
+        model = models or "efficientnet_lite0"
+        if "," in model:
+            raise CovidxrError("--design deconfounded compares designs on one backbone; pass a single --models name")
+        chosen = tuple(v.strip() for v in variants.split(",")) if variants else tuple(DESIGN_VARIANTS)
+        reproduce_designs(data_dirs, out, model, config, chosen, weights_dir, cache_dir, _progress())
+        click.echo(f"report: {out / 'report.html'} and {out / 'report.md'}\n{DISCLAIMER}")
+        return
+    if len(data_dirs) > 1:
+        raise CovidxrError("--design paper uses one dataset; pass several --data folders with --design deconfounded")
+    data_dir = data_dirs[0]
     config = _load_config(config_file, epochs=epochs, seed=seed)
     names = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
     try:

@@ -1184,3 +1184,8 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
         else Text("None.")
     )
     return _write(folder, "covidxr reproduce report: Soares & Soares (2020) protocol", blocks)
+
+
+def write_designs_report(out: str | Path) -> tuple[Path, Path]:
+    """Placeholder replaced below."""
+    raise NotImplementedError

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from covidxr.config import TrainConfig
 from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.evaluate import evaluate_run
+from covidxr.generalisation import leave_one_source_out
 from covidxr.models import PAPER_MODELS, get_spec, resolve_weights
-from covidxr.report import PAPER_RESULTS, write_reproduce_report, write_run_report
+from covidxr.report import PAPER_RESULTS, write_designs_report, write_reproduce_report, write_run_report
 from covidxr.train import train
 
 DEFAULT_MODELS = (*PAPER_MODELS, "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -122,3 +124,132 @@ def reproduce(
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     write_reproduce_report(out)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Designs: the paper's, and the deconfounded one with each shortcut-resistant choice
+# ---------------------------------------------------------------------------------------------
+
+# Each deconfounded variant trains on every --data folder with these changes to the configuration.
+DESIGN_VARIANTS: dict[str, dict] = {
+    "none": {},
+    "clahe": {"intensity": "clahe"},
+    "zscore": {"intensity": "zscore"},
+    "resolution": {"effective_resolution": 192},
+    "thorax": {"crop_thorax": True},
+    "mask": {"mask_text": True},
+    "augment": {"augment": True, "augment_views": 3},
+    "adversarial": {"adversarial_weight": 0.5},
+    "combined": {
+        "intensity": "clahe",
+        "effective_resolution": 192,
+        "crop_thorax": True,
+        "mask_text": True,
+        "augment": True,
+        "augment_views": 3,
+        "adversarial_weight": 0.5,
+    },
+}
+
+
+def _design_row(run_dir: Path, design: str, variant: str) -> dict:
+    """One line of the designs table: internal numbers, audit verdicts and leave-one-source-out figures."""
+    info = json.loads((run_dir / "run.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    audit = json.loads((run_dir / "audit.json").read_text())
+    loso = json.loads((run_dir / "loso.json").read_text())
+    covid = metrics["covid_vs_rest"]
+    row = {
+        "design": design,
+        "variant": variant,
+        "run": run_dir.name,
+        "description": info.get("design", {}).get("summary", "the paper's protocol"),
+        "datasets": " + ".join(Path(d).name for d in info.get("datasets", [info["data"]])),
+        "internal_accuracy": metrics["accuracy"],
+        "internal_accuracy_ci95": metrics["accuracy_ci95"],
+        "internal_n": metrics["n"],
+        "internal_covid_sensitivity": covid["sensitivity"],
+        "internal_covid_sensitivity_ci95": covid["sensitivity_ci95"],
+        "internal_covid_specificity": covid["specificity"],
+        "internal_covid_specificity_ci95": covid["specificity_ci95"],
+        "audit_verdict": audit["verdict"],
+        **{f"audit_{name}": check["verdict"] for name, check in audit["checks"].items()},
+        "loso_covid_sensitivity": loso["pooled"].get("covid_sensitivity"),
+        "loso_covid_sensitivity_ci95": loso["pooled"].get("covid_sensitivity_ci95"),
+        "loso_covid_n": loso["pooled"].get("n_covid"),
+        "loso_auc": loso["pooled"].get("covid_vs_rest_auc"),
+        "loso_auc_ci95": loso["pooled"].get("covid_vs_rest_auc_ci95"),
+    }
+    for unit in loso["units"]:
+        if unit["status"] == "evaluated" and unit.get("other_called_covid") is not None:
+            row[f"loso_called_covid[{unit['unit']}]"] = unit["other_called_covid"]
+            row[f"loso_called_covid[{unit['unit']}]_ci95"] = unit["other_called_covid_ci95"]
+            row[f"loso_called_covid[{unit['unit']}]_n"] = unit["n_other"]
+    return row
+
+
+def _finish_run(run_dir: Path, external: list[Path], weights_dir, cache_dir, progress: bool, seed: int) -> None:
+    """Evaluate, audit and hold out sources for a trained run; steps already done are not redone."""
+    if not (run_dir / "metrics.json").exists():
+        evaluate_run(run_dir, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress, explain=True)
+    if not (run_dir / "audit.json").exists():
+        run_audit(run_dir, cache_dir=cache_dir, progress=progress, seed=seed)
+        write_run_report(run_dir)
+    if not (run_dir / "loso.json").exists():
+        leave_one_source_out(run_dir, external=external, cache_dir=cache_dir, progress=progress)
+
+
+def reproduce_designs(
+    data: Sequence[str | Path],
+    out: str | Path,
+    model: str = "efficientnet_lite0",
+    config: TrainConfig | None = None,
+    variants: Sequence[str] = tuple(DESIGN_VARIANTS),
+    weights_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """The paper's design (first dataset only) beside the deconfounded one (every dataset) for each
+    preprocessing variant, each with its test metrics, shortcut audit and leave-one-source-out figures.
+
+    Writes ``out/paper``, ``out/deconfounded-<variant>``, ``designs.csv``/``designs.json`` and the report.
+    Finished steps are reused when the command is run again on the same folder.
+    """
+    data = [Path(d) for d in data]
+    if len(data) < 2:
+        raise CovidxrError("--design deconfounded needs at least two --data folders (e.g. cxr3 and adult-controls)")
+    unknown = [v for v in variants if v not in DESIGN_VARIANTS]
+    if unknown:
+        raise CovidxrError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(DESIGN_VARIANTS)}")
+    for folder in data:
+        load_dataset(folder, require_classes=1)  # fail on bad data before any model is trained
+    config = replace(config or TrainConfig(), model=model)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.yaml")
+    plan = [("paper", "paper", [data[0]], config, data[1:])]
+    plan += [
+        ("deconfounded", name, data, TrainConfig.from_dict(config.to_dict() | DESIGN_VARIANTS[name]), [])
+        for name in variants
+    ]
+    rows = []
+    for design, variant, folders, run_config, external in plan:
+        run_dir = out / (design if design == "paper" else f"deconfounded-{variant}")
+        started = time.perf_counter()
+        if not (run_dir / "run.json").exists():
+            train(folders, run_dir, run_config, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress)
+        _finish_run(run_dir, external, weights_dir, cache_dir, progress, run_config.seed)
+        rows.append({**_design_row(run_dir, design, variant), "wall_seconds": round(time.perf_counter() - started, 1)})
+        row = rows[-1]
+        print(
+            f"{run_dir.name}: internal accuracy {row['internal_accuracy']:.1%}, audit {row['audit_verdict']}, "
+            f"held-out COVID-19 sensitivity {_share(row['loso_covid_sensitivity'])}"
+        )
+    pd.DataFrame(rows).to_csv(out / "designs.csv", index=False)
+    (out / "designs.json").write_text(json.dumps(rows, indent=2))
+    write_designs_report(out)
+    return rows
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
