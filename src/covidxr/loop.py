@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from covidxr.config import TrainConfig
@@ -147,8 +147,18 @@ class TensorSet(torch.utils.data.Dataset):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self.choice = torch.randint(len(self.choices), (len(self.targets),), generator=generator)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | list[int]):
+        """One item, or (for a list of indices) a whole batch in one indexing operation."""
+        index = torch.as_tensor(index)
         return self.choices[self.choice[index], index], self.targets[index], self.domains[index]
+
+
+def make_loader(dataset, batch_size: int, sampler=None, workers: int = 0) -> DataLoader:
+    """Batches of ``dataset``; an in-memory ``TensorSet`` is sliced a batch at a time, not item by item."""
+    if isinstance(dataset, TensorSet):
+        order = sampler if sampler is not None else range(len(dataset))
+        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(order, batch_size, drop_last=False))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -314,7 +324,7 @@ def predict_logits(trainee: Trainee, dataset, batch_size: int, config: TrainConf
     """Logits of ``trainee`` in inference mode over a dataset of ``(x, target, domain)`` items."""
     trainee.eval()
     device = next(trainee.head.parameters()).device
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    loader = make_loader(dataset, batch_size, workers=workers)
     outputs = []
     with _autocast(config, device):
         for x, _, _ in loader:
@@ -368,9 +378,7 @@ def fit(
         )
     weights = class_balanced_weights(train_set.targets) if config.balanced_sampling else None
     sampler = EpochSampler(train_set, world, config.seed, weights)
-    loader = DataLoader(
-        train_set, batch_size=config.batch_size // world.world_size, sampler=sampler, num_workers=workers
-    )
+    loader = make_loader(train_set, config.batch_size // world.world_size, sampler, workers)
     optimizer = _optimizer(trainee, backbone_parameters, config)
     scheduler = _scheduler(optimizer, config)
     class_loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

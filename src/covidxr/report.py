@@ -18,7 +18,7 @@ import yaml
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import ECE_BINS
-from covidxr.data import LABELS, SPLITS, load_dataset
+from covidxr.data import LABELS, SPLITS, load_dataset, load_datasets
 from covidxr.errors import CovidxrError
 
 # Soares & Soares (2020), test set of 75 images split at random from 375.
@@ -96,6 +96,13 @@ class Table:
 
 
 @dataclass
+class Links:
+    """A list of relative links, (text, target): e.g. from a designs report to each run's own report."""
+
+    links: list[tuple[str, str]]
+
+
+@dataclass
 class Figure:
     anchor: str
     path: Path
@@ -104,7 +111,7 @@ class Figure:
     caption: str
 
 
-Block = Heading | Text | Items | Table | Figure
+Block = Heading | Text | Items | Links | Table | Figure
 
 
 def _md_cell(text: str) -> str:
@@ -121,6 +128,8 @@ def render_markdown(title: str, blocks: list[Block]) -> str:
             lines += [f"**{block.text}**" if block.warning else block.text, ""]
         elif isinstance(block, Items):
             lines += [*(f"- {item}" for item in block.items), ""]
+        elif isinstance(block, Links):
+            lines += [*(f"- [{_md_cell(text)}]({target})" for text, target in block.links), ""]
         elif isinstance(block, Table):
             lines.append("| " + " | ".join(_md_cell(h) for h in block.header) + " |")
             lines.append("|" + "---|" * len(block.header))
@@ -150,6 +159,9 @@ def render_html(title: str, blocks: list[Block]) -> str:
             parts.append(f"{opening}{esc(block.text)}</p>")
         elif isinstance(block, Items):
             parts.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block.items) + "</ul>")
+        elif isinstance(block, Links):
+            items = "".join(f'<li><a href="{esc(target)}">{esc(text)}</a></li>' for text, target in block.links)
+            parts.append(f"<ul>{items}</ul>")
         elif isinstance(block, Table):
             head = "".join(f"<th>{esc(h)}</th>" for h in block.header)
             body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
@@ -895,11 +907,14 @@ def _limitation_blocks(metrics: dict, run: Path | None) -> list[Block]:
     splits = _read_splits(run)
     if splits is None:
         return [Text("Not computed: the run's splits.csv was not found.")]
+    info = _run_info(run)
+    # A run on several folders records their common parent as its data: read the folders themselves.
+    roots = info.get("datasets") if _same_path(metrics.get("data"), info.get("data")) else None
     try:
-        evaluated = load_dataset(metrics["data"]).frame
+        dataset = load_datasets(roots) if roots else load_dataset(metrics["data"])
     except CovidxrError as exc:
         return [Text(f"Not computed: {exc}.")]
-    name = Path(metrics["data"]).name
+    evaluated, name = dataset.frame, dataset.name
     if metrics.get("split") == "all":
         scope = f"evaluated rows (all images of {name})"
     else:
@@ -922,6 +937,129 @@ def _limitation_blocks(metrics: dict, run: Path | None) -> list[Block]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Rates per source and per held-out source (metrics.json "by_source", loso.json)
+# ---------------------------------------------------------------------------------------------
+
+CALLED_BY_ARGMAX = (
+    "Here an image is called COVID-19 when COVID-19 is its most probable class (not the validation-chosen "
+    "threshold of the COVID-19-versus-the-rest table); intervals are 95% Wilson intervals, which treat images "
+    "as independent."
+)
+
+
+def _rate_n(value: object, interval: object, n: object) -> str:
+    """ "93.3% (78.7–98.2%), n = 30"; "n/a" where there were no images to compute it on."""
+    return "n/a" if _missing(value) else f"{_with_ci(value, interval)}, n = {_num(n)}"
+
+
+def _image_counts(rates: dict) -> str:
+    """ "30 (0 COVID-19, 30 other)" """
+    if _missing(rates.get("n_covid")):
+        return _num(rates.get("n"))
+    return f"{_num(rates.get('n'))} ({_num(rates.get('n_covid'))} COVID-19, {_num(rates.get('n_other'))} other)"
+
+
+def _rate_cells(rates: dict) -> list[str]:
+    """Accuracy, COVID-19 sensitivity and the share of other images called COVID-19, each with its interval."""
+    return [
+        _with_ci(rates.get("accuracy"), rates.get("accuracy_ci95")),
+        _with_ci(rates.get("covid_sensitivity"), rates.get("covid_sensitivity_ci95")),
+        _with_ci(rates.get("other_called_covid"), rates.get("other_called_covid_ci95")),
+    ]
+
+
+RATE_HEADER = ["accuracy (95% CI)", "COVID-19 sensitivity (95% CI)", "non-COVID images called COVID-19 (95% CI)"]
+
+
+def _by_source_table(by_source: dict) -> Table:
+    """metrics.json "by_source": one row per source of the evaluated images."""
+    rows = [[str(source), _image_counts(rates), *_rate_cells(rates)] for source, rates in by_source.items()]
+    return Table(["source", "images", *RATE_HEADER], rows)
+
+
+def _loso_unit_table(loso: dict) -> Table:
+    """loso.json "units": one row per held-out unit, evaluated or skipped with the reason."""
+    rows = []
+    for unit in loso.get("units") or []:
+        status = str(unit.get("status", "n/a"))
+        if unit.get("reason"):
+            status += f": {unit['reason']}"
+        rows.append(
+            [str(unit.get("unit")), str(unit.get("kind", "n/a")), _image_counts(unit), status, *_rate_cells(unit)]
+        )
+    return Table(["held-out unit", "how it was held out", "images", "status", *RATE_HEADER], rows)
+
+
+def _pooled_loso_table(pooled: dict) -> Table:
+    rows = [
+        [
+            "held-out COVID-19 images called COVID-19 (sensitivity)",
+            _with_ci(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95")),
+            _num(pooled.get("n_covid")),
+        ],
+        [
+            "held-out non-COVID images called COVID-19",
+            _with_ci(pooled.get("other_called_covid"), pooled.get("other_called_covid_ci95")),
+            _num(pooled.get("n_other")),
+        ],
+        [
+            "accuracy (three classes)",
+            _with_ci(pooled.get("accuracy"), pooled.get("accuracy_ci95")),
+            _num(pooled.get("n")),
+        ],
+        [
+            "COVID-19-versus-rest AUC (patient bootstrap)",
+            _with_ci(pooled.get("covid_vs_rest_auc"), pooled.get("covid_vs_rest_auc_ci95"), False),
+            _num(pooled.get("n")),
+        ],
+    ]
+    return Table(["pooled over every held-out unit", "value (95% CI)", "images"], rows)
+
+
+def _units_with_every_covid(loso: dict, splits: pd.DataFrame | None) -> list[str]:
+    """Held-out units, retrained without, that hold every COVID-19 image of the run's data: the model
+    retrained without them never saw COVID-19, so its sensitivity there is zero by construction."""
+    total = 0 if splits is None else int((splits["label"] == "COVID-19").sum())
+    return [
+        f"{unit.get('unit')} ({_plural(total, 'COVID-19 image')})"
+        for unit in loso.get("units") or []
+        if total
+        and unit.get("status") == "evaluated"
+        and unit.get("n_covid") == total
+        and unit.get("kind") != "never in this run's data"
+    ]
+
+
+def _every_covid_note(units: list[str]) -> str:
+    return (
+        "Held-out COVID-19 sensitivity is 0% by construction where a held-out unit holds every COVID-19 image of "
+        f"the run's data (the model retrained without it never saw COVID-19): {'; '.join(units)}."
+    )
+
+
+def _loso_blocks(loso: dict, path: Path, splits: pd.DataFrame | None) -> list[Block]:
+    """The pooled held-out rates and the per-unit table of one run's loso.json."""
+    whole = _units_with_every_covid(loso, splits)
+    return [
+        Text(
+            "Each unit (a source, or for a many-site source a publishing site; sites with fewer than "
+            f"{_num(loso.get('min_unit_images'))} images together) was removed from training, the run's protocol "
+            "retrained on the rest and tested on the unit's images; a dataset the run never trained on is a unit "
+            f"of the run's own model. From {path}."
+        ),
+        _pooled_loso_table(loso.get("pooled") or {}),
+        _loso_unit_table(loso),
+        Items(
+            [
+                CALLED_BY_ARGMAX,
+                "The pooled AUC mixes units, each predicted by its own retrained model.",
+                *([_every_covid_note(whole)] if whole else []),
+            ]
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # The two reports
 # ---------------------------------------------------------------------------------------------
 
@@ -938,6 +1076,17 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
     travels: list[Block] = []
     if "predicted_class_shift" in metrics:
         travels = [Heading(2, "How the model travels"), *_travel_blocks(metrics, info, splits, external)]
+    sources: list[Block] = []
+    if isinstance(metrics.get("by_source"), dict):
+        sources = [
+            Heading(2, "By source"),
+            _by_source_table(metrics["by_source"]),
+            Items([CALLED_BY_ARGMAX]),
+        ]
+    loso_path = next((c / "loso.json" for c in [folder, *([run] if run else [])] if (c / "loso.json").is_file()), None)
+    loso = _read_json(loso_path) if loso_path else None
+    if loso is not None:
+        sources += [Heading(2, "Leave-one-source-out"), *_loso_blocks(loso, loso_path, splits)]
     blocks: list[Block] = [
         Text(DISCLAIMER, warning=True),
         Heading(2, "Run"),
@@ -952,6 +1101,7 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
         Heading(2, "COVID-19 versus the rest"),
         *_covid_blocks(metrics),
         *([] if external else travels),
+        *sources,
         Heading(2, "Calibration"),
         *_calibration_blocks(metrics, info, folder, folder, model),
         Heading(2, "Against the paper"),
@@ -1186,6 +1336,503 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
     return _write(folder, "covidxr reproduce report: Soares & Soares (2020) protocol", blocks)
 
 
+# ---------------------------------------------------------------------------------------------
+# The designs report: the paper's design beside the deconfounded variants
+# ---------------------------------------------------------------------------------------------
+
+# The bar a design would have to clear on held-out sources (point estimates): find COVID-19 at a new
+# hospital without calling adult non-COVID images COVID-19.
+TARGET_HELD_OUT_SENSITIVITY = 0.80
+MAX_HELD_OUT_ADULT_CALLED_COVID = 0.20
+DESIGNS_FIGURE = "designs.png"
+# Sources whose labels were not read from the images; the note is shown when the source is in the data.
+TEXT_MINED_LABELS = {
+    "nih": "NIH ChestX-ray14 labels (No Finding, Pneumonia) were mined from radiology reports by language "
+    "processing, not read from the images: some are wrong, so a held-out NIH image called COVID-19 is not "
+    "always a healthy or bacterial-pneumonia lung.",
+}
+
+
+@dataclass
+class _Design:
+    """One row of designs.json with what its run folder holds (None where a file is missing or damaged)."""
+
+    row: dict
+    folder: Path
+    info: dict
+    metrics: dict | None
+    audit: dict | None
+    loso: dict | None
+    splits: pd.DataFrame | None
+
+    @property
+    def name(self) -> str:
+        return str(self.row.get("run") or self.folder.name)
+
+    @property
+    def description(self) -> str:
+        return str(self.row.get("description") or "n/a")
+
+    @property
+    def trained_on(self) -> str:
+        scope = "first dataset only" if self.row.get("design") == "paper" else "every dataset merged"
+        return f"{self.row.get('datasets', 'n/a')} ({scope})"
+
+    @property
+    def units(self) -> list[dict]:
+        return [u for u in (self.loso or {}).get("units") or [] if isinstance(u, dict)]
+
+    @property
+    def pooled(self) -> dict:
+        return (self.loso or {}).get("pooled") or {}
+
+
+def _read_designs(out: Path) -> list[_Design]:
+    path = out / "designs.json"
+    rows = json.loads(path.read_text()) if path.is_file() else None
+    if not isinstance(rows, list):
+        raise CovidxrError(f"{out}: no designs.json; run `covidxr reproduce --design deconfounded` first")
+    designs = []
+    for row in rows:
+        folder = out / str(row.get("run"))
+        designs.append(
+            _Design(
+                row,
+                folder,
+                _run_info(folder if (folder / "run.json").is_file() else None),
+                _read_json(folder / "metrics.json"),
+                _read_json(folder / "audit.json"),
+                _read_json(folder / "loso.json"),
+                _read_splits(folder),
+            )
+        )
+    return designs
+
+
+def _adult_sources(designs: list[_Design]) -> list[str]:
+    """Sources of non-COVID images most of whose non-COVID images of known age are adults, over every run's rows."""
+    frames = [d.splits for d in designs if d.splits is not None and "age_group" in d.splits.columns]
+    if not frames:
+        return []
+    rows = pd.concat(frames).drop_duplicates("filename")
+    rows = rows[rows["label"] != "COVID-19"]
+    known = rows[rows["age_group"].astype(str).str.strip() != ""]
+    adult = (known["age_group"] == "adult").groupby(known["source"].astype(str)).mean()
+    return sorted(adult[adult > 0.5].index)
+
+
+def _unit_sources(unit: dict) -> set[str]:
+    return {s.strip() for s in str(unit.get("source", "")).split(",") if s.strip()}
+
+
+def _adult_units(design: _Design, adult: list[str]) -> list[dict]:
+    """Evaluated held-out units of non-COVID images whose sources are all adult sources."""
+    return [
+        u
+        for u in design.units
+        if u.get("status") == "evaluated"
+        and not _missing(u.get("other_called_covid"))
+        and _unit_sources(u)
+        and _unit_sources(u) <= set(adult)
+    ]
+
+
+def _non_covid_units(designs: list[_Design]) -> list[str]:
+    """Names of held-out units with non-COVID images in any run, in order of first appearance."""
+    names = [str(u.get("unit")) for d in designs for u in d.units if (u.get("n_other") or 0) > 0]
+    return list(dict.fromkeys(names))
+
+
+def _loso_overview_table(designs: list[_Design], units: list[str]) -> Table:
+    """One row per design: pooled held-out sensitivity, false-COVID share per held-out unit, pooled AUC."""
+    rows = []
+    for d in designs:
+        if d.loso is None:
+            rows.append([d.name, d.trained_on, d.description, "no loso.json", *["n/a"] * (len(units) + 1)])
+            continue
+        by_name = {str(u.get("unit")): u for u in d.units}
+        cells = []
+        for name in units:
+            unit = by_name.get(name)
+            if unit is None:
+                cells.append("n/a (not a unit of this run)")
+            elif unit.get("status") != "evaluated":
+                cells.append("n/a (skipped)")
+            else:
+                cells.append(
+                    _rate_n(unit.get("other_called_covid"), unit.get("other_called_covid_ci95"), unit.get("n_other"))
+                )
+        pooled = d.pooled
+        rows.append(
+            [
+                d.name,
+                d.trained_on,
+                d.description,
+                _rate_n(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"), pooled.get("n_covid")),
+                *cells,
+                _with_ci(pooled.get("covid_vs_rest_auc"), pooled.get("covid_vs_rest_auc_ci95"), False),
+            ]
+        )
+    header = [
+        "run",
+        "trained on",
+        "description",
+        "held-out COVID-19 sensitivity (95% CI), n",
+        *(f"held-out {name}: non-COVID called COVID-19 (95% CI), n" for name in units),
+        "pooled COVID-19-vs-rest AUC (95% CI)",
+    ]
+    return Table(header, rows)
+
+
+def _unit_called(unit: dict) -> str:
+    return _rate_n(unit.get("other_called_covid"), unit.get("other_called_covid_ci95"), unit.get("n_other"))
+
+
+def _pooled_sensitivity(design: _Design) -> str:
+    pooled = design.pooled
+    return _rate_n(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"), pooled.get("n_covid"))
+
+
+def _loso_findings(designs: list[_Design], adult: list[str]) -> list[str]:
+    """Which design called the fewest held-out adult non-COVID images COVID-19, and whether any met the bar."""
+    named = ", ".join(adult) or "none"
+    candidates = [(d, u) for d in designs for u in _adult_units(d, adult)]
+    if not candidates:
+        return [
+            "No run has held-out non-COVID images from an adult source (sources whose non-COVID images of known "
+            f"age are mostly adults: {named}), so the false-COVID rate on adult controls is not measured here."
+        ]
+    lowest = min(u["other_called_covid"] for _, u in candidates)
+    best = [(d, u) for d, u in candidates if u["other_called_covid"] == lowest]
+    described = "; ".join(
+        f"{d.name} ({d.trained_on}; {d.description}) called {_unit_called(u)} of held-out {u.get('unit')} "
+        f"COVID-19, with a held-out COVID-19 sensitivity of {_pooled_sensitivity(d)}"
+        for d, u in best
+    )
+    findings = [
+        "Lowest share of held-out adult non-COVID images called COVID-19 (sources whose non-COVID images of known "
+        f"age are mostly adults: {named}): {described}."
+    ]
+    bar = (
+        f"held-out COVID-19 sensitivity of at least {_pct(TARGET_HELD_OUT_SENSITIVITY)} while calling at most "
+        f"{_pct(MAX_HELD_OUT_ADULT_CALLED_COVID)} of held-out adult non-COVID images ({named}) COVID-19 "
+        "(point estimates)"
+    )
+    passed = [
+        d.name
+        for d in designs
+        if _adult_units(d, adult)
+        and not _missing(d.pooled.get("covid_sensitivity"))
+        and d.pooled["covid_sensitivity"] >= TARGET_HELD_OUT_SENSITIVITY
+        and all(u["other_called_covid"] <= MAX_HELD_OUT_ADULT_CALLED_COVID for u in _adult_units(d, adult))
+    ]
+    findings.append(
+        f"Runs that kept a {bar}: {', '.join(passed)}."
+        if passed
+        else f"No run kept a {bar}: none of these designs separates COVID-19 from adult controls on sources it "
+        "never trained on."
+    )
+    return findings
+
+
+def _whole_class_units(designs: list[_Design]) -> list[str]:
+    return [f"{unit} in {d.name}" for d in designs for unit in _units_with_every_covid(d.loso or {}, d.splits)]
+
+
+def _designs_figure(out: Path, designs: list[_Design], adult: list[str]) -> list[Block]:
+    """Held-out COVID-19 sensitivity against the share of held-out adult non-COVID images called COVID-19."""
+    import matplotlib.pyplot as plt
+
+    from covidxr.evaluate import save_with_disclaimer
+
+    points = []
+    for d in designs:
+        sensitivity = d.pooled.get("covid_sensitivity")
+        for u in _adult_units(d, adult):
+            if not _missing(sensitivity):
+                points.append((d, u, sensitivity))
+    if not points:
+        return [Text("No figure: no run has both a held-out COVID-19 sensitivity and held-out adult non-COVID images.")]
+
+    def error(value: float, interval: object) -> list[float]:
+        span = interval if _range(interval) else [value, value]
+        return [value - span[0], span[1] - value]
+
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.add_patch(
+        plt.Rectangle(
+            (0, TARGET_HELD_OUT_SENSITIVITY),
+            MAX_HELD_OUT_ADULT_CALLED_COVID,
+            1.05 - TARGET_HELD_OUT_SENSITIVITY,
+            color="tab:green",
+            alpha=0.12,
+            label=f"the bar: sensitivity ≥ {_pct(TARGET_HELD_OUT_SENSITIVITY)}, adult non-COVID called "
+            f"COVID-19 ≤ {_pct(MAX_HELD_OUT_ADULT_CALLED_COVID)}",
+        )
+    )
+    for d, u, sensitivity in points:
+        x = u["other_called_covid"]
+        ax.errorbar(
+            x,
+            sensitivity,
+            xerr=[[v] for v in error(x, u.get("other_called_covid_ci95"))],
+            yerr=[[v] for v in error(sensitivity, d.pooled.get("covid_sensitivity_ci95"))],
+            fmt="s" if d.row.get("design") == "paper" else "o",
+            capsize=3,
+            label=f"{d.name}: held-out {u.get('unit')}",
+        )
+    ax.set(
+        xlabel=f"held-out adult non-COVID images ({', '.join(adult)}) called COVID-19",
+        ylabel="held-out COVID-19 images called COVID-19 (pooled)",
+        xlim=(-0.05, 1.05),
+        ylim=(-0.05, 1.05),
+        title="Leave-one-source-out, 95% Wilson intervals",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=7, ncol=2)
+    path = out / DESIGNS_FIGURE
+    save_with_disclaimer(fig, path)
+    caption = (
+        "Each run's pooled held-out COVID-19 sensitivity against the share of its held-out adult non-COVID "
+        "images called COVID-19 (most probable class), with 95% Wilson intervals; the shaded corner is the bar."
+    )
+    return [Figure("fig-designs", path, DESIGNS_FIGURE, caption, caption)]
+
+
+def _internal_table(designs: list[_Design]) -> Table:
+    rows = []
+    for d in designs:
+        m = d.metrics or {}
+        covid = m.get("covid_vs_rest") if isinstance(m.get("covid_vs_rest"), dict) else {}
+        rows.append(
+            [
+                d.name,
+                d.trained_on,
+                _num(m.get("n")),
+                _with_ci(m.get("accuracy"), m.get("accuracy_ci95")),
+                _with_ci(covid.get("sensitivity"), covid.get("sensitivity_ci95")),
+                _with_ci(covid.get("specificity"), covid.get("specificity_ci95")),
+                _threshold(covid.get("threshold")),
+            ]
+        )
+    header = [
+        "run",
+        "trained on",
+        "test images",
+        "accuracy (95% CI)",
+        "COVID-19 sensitivity (95% CI)",
+        "COVID-19 specificity (95% CI)",
+        "threshold on p(COVID-19)",
+    ]
+    return Table(header, rows)
+
+
+def _audit_verdict_blocks(designs: list[_Design]) -> list[Block]:
+    """Overall and per-check verdicts, one row per run, then each check's summary."""
+    checks = list(AUDIT_CHECKS)
+    for d in designs:
+        for name in (d.audit or {}).get("checks") or {}:
+            if name not in checks:
+                checks.append(name)
+    verdicts, summaries = [], []
+    for d in designs:
+        if d.audit is None:
+            verdicts.append([d.name, "no audit.json", *["n/a"] * len(checks)])
+            continue
+        found = d.audit.get("checks") if isinstance(d.audit.get("checks"), dict) else {}
+        verdicts.append(
+            [d.name, str(d.audit.get("verdict") or "n/a")]
+            + [
+                str((found.get(c) or {}).get("verdict", "n/a")) if isinstance(found.get(c, {}), dict) else "n/a"
+                for c in checks
+            ]
+        )
+        if d.audit.get("summary"):
+            summaries.append([d.name, "overall", str(d.audit.get("verdict") or "n/a"), str(d.audit["summary"])])
+        for name in checks:
+            check = found.get(name)
+            if isinstance(check, dict):
+                summaries.append(
+                    [d.name, _name(name), str(check.get("verdict", "n/a")), str(check.get("summary", "n/a"))]
+                )
+    return [
+        Table(["run", "overall", *(_name(c) for c in checks)], verdicts),
+        Table(["run", "check", "verdict", "summary"], summaries),
+    ]
+
+
+def _split_by_source(info: dict) -> str:
+    parts = []
+    for part, sizes in (info.get("split_sizes") or {}).items():
+        by_source = sizes.get("by_source") if isinstance(sizes, dict) else None
+        if isinstance(by_source, dict):
+            parts.append(f"{part}: " + ", ".join(f"{source} {_num(n)}" for source, n in by_source.items()))
+    return "; ".join(parts) or "n/a"
+
+
+def _made_blocks(out: Path, designs: list[_Design]) -> list[Block]:
+    rows = []
+    for d in designs:
+        datasets = d.info.get("datasets") or ([d.info["data"]] if d.info.get("data") else [])
+        rows.append(
+            [
+                d.name,
+                str(d.row.get("design", "n/a")),
+                "; ".join(str(x) for x in datasets) or "n/a",
+                str((d.info.get("design") or {}).get("summary") or d.description),
+                _split_by_source(d.info),
+                str(d.info.get("feature_cache") or "n/a"),
+                _num(d.row.get("wall_seconds")),
+            ]
+        )
+    header = ["run", "design", "datasets", "design summary", "images per split and source", "feature cache", "seconds"]
+    links = [
+        (f"{d.name}: its own report", f"{d.name}/report.html") for d in designs if (d.folder / "report.html").is_file()
+    ]
+    return [
+        Table(header, rows),
+        Text("Each run's own report (configuration, split, figures, calibration, audit, held-out units):"),
+        Links(links) if links else Text("No run has a report.html."),
+        Text("The shared configuration; each deconfounded variant changes only the settings its description names:"),
+        *_config_blocks(out / "config.yaml"),
+    ]
+
+
+def _designs_limitations(designs: list[_Design]) -> list[str]:
+    frames = [d.splits for d in designs if d.splits is not None]
+    rows = pd.concat(frames).drop_duplicates("filename") if frames else pd.DataFrame(columns=["label", "source"])
+    covid_sources = sorted(rows.loc[rows["label"] == "COVID-19", "source"].astype(str).unique())
+    covid_units = sorted({str(u.get("unit")) for d in designs for u in d.units if (u.get("n_covid") or 0) > 0})
+    notes = []
+    if len(covid_sources) == 1:
+        notes.append(
+            f"{covid_sources[0]} is the only source of COVID-19 images, so the held-out COVID-19 units "
+            f"({', '.join(covid_units) or 'none'}) are publishing sites within one collection, not hospitals: their "
+            "images were gathered, selected and processed together, so a held-out site is less new than a new hospital."
+        )
+    elif covid_sources:
+        notes.append(
+            f"COVID-19 images come from {', '.join(covid_sources)}; held-out COVID-19 units: {', '.join(covid_units)}."
+        )
+    mixed = sorted(
+        {
+            str(u.get("unit"))
+            for d in designs
+            for u in d.units
+            if (u.get("n_covid") or 0) > 0 and (u.get("n_other") or 0) > 0
+        }
+    )
+    notes.append(
+        f"Held-out units with both COVID-19 and non-COVID images: {', '.join(mixed)}."
+        if mixed
+        else "No held-out unit has both COVID-19 and non-COVID images, so no unit has an AUC of its own: the "
+        "COVID-19-versus-rest AUC pools units, each predicted by its own retrained model (or the run's own model for "
+        "data it never trained on), and partly measures how the units differ rather than how one model ranks images."
+    )
+    pooled = sorted(
+        {
+            f"{u.get('unit')} ({_num(u.get('n'))} images)"
+            for d in designs
+            for u in d.units
+            if "other sites" in str(u.get("unit"))
+        }
+    )
+    if pooled:
+        minimum = next((d.loso.get("min_unit_images") for d in designs if d.loso), None)
+        notes.append(
+            f"Sites with fewer than {_num(minimum)} images are held out together, so one result mixes several sites: "
+            f"{'; '.join(pooled)}."
+        )
+    sources = set(rows["source"].astype(str)) | {s for d in designs for u in d.units for s in _unit_sources(u)}
+    notes += [text for source, text in TEXT_MINED_LABELS.items() if source in sources]
+    sizes = [
+        u.get("n") for d in designs for u in d.units if u.get("status") == "evaluated" and not _missing(u.get("n"))
+    ]
+    if sizes:
+        notes.append(
+            f"The smallest evaluated held-out unit has {_plural(int(min(sizes)), 'image')}; Wilson intervals treat "
+            "images as independent, though several images can come from one patient, so they are too narrow where "
+            "patients have many images."
+        )
+    notes.append(CALLED_BY_ARGMAX)
+    return notes
+
+
 def write_designs_report(out: str | Path) -> tuple[Path, Path]:
-    """Placeholder replaced below."""
-    raise NotImplementedError
+    """``report.md`` and ``report.html`` for a ``covidxr reproduce --design deconfounded`` folder.
+
+    Leave-one-source-out comes first: internal test accuracy rewards shortcuts. Each run's own report is
+    written again first, so that it shows the run's loso.json (written after the run's first report).
+    """
+    out = Path(out)
+    designs = _read_designs(out)
+    for d in designs:
+        if d.metrics is not None:
+            write_run_report(d.folder)
+    adult = _adult_sources(designs)
+    paper = next((d for d in designs if d.row.get("design") == "paper"), designs[0] if designs else None)
+    confounded = (
+        _scope_sentences(f"data of the {paper.name} run ({paper.row.get('datasets')})", paper.splits)
+        if paper is not None and paper.splits is not None
+        else ["The paper's data was not found: no confounding computed."]
+    )
+    units = _non_covid_units(designs)
+    whole = _whole_class_units(designs)
+    loso_notes = [
+        *_loso_findings(designs, adult),
+        "A column per held-out unit with non-COVID images: a unit is a source held out by retraining without it, or "
+        "a dataset the run never trained on (external), predicted by the run's own model. n/a (skipped): removing "
+        "the unit left too few classes to train on (see the per-run tables).",
+        CALLED_BY_ARGMAX,
+    ]
+    if whole:
+        loso_notes.append(_every_covid_note(whole))
+    blocks: list[Block] = [
+        Text(DISCLAIMER, warning=True),
+        Heading(2, "Why internal accuracy is not the goal"),
+        Text(
+            "A test split drawn from the same sources as training shares their hospitals, scanners, markers and "
+            "patients' ages, so a model that recognises the hospital or the age instead of the disease scores well "
+            'on it. When one source supplies every COVID-19 image and another every other image, "adult" or '
+            '"this hospital" predicts the label: high internal accuracy is then expected whether or not the model '
+            "sees COVID-19. Leave-one-source-out is the closest thing to a new hospital that the data allows: each "
+            "source (for a many-site collection, each publishing site) is removed from training, the run's protocol "
+            "retrained on the rest and tested on the removed images; a dataset a run never trained on is held out "
+            "as a whole."
+        ),
+        Items(confounded),
+        Heading(2, "Leave-one-source-out"),
+        _loso_overview_table(designs, units),
+        Items(loso_notes),
+        *_designs_figure(out, designs, adult),
+        Heading(2, "Held-out units per run"),
+    ]
+    for d in designs:
+        blocks += [Heading(3, d.name), Text(f"{d.description}; trained on {d.trained_on}.")]
+        blocks.append(_loso_unit_table(d.loso) if d.loso else Text(f"No loso.json in {d.folder}."))
+    blocks += [
+        Heading(2, "Internal test split"),
+        Text(
+            "The test split of each run's own data: the same sources, and so the same shortcuts, as training. "
+            "Sensitivity and specificity here use the run's validation-chosen COVID-19 threshold (Wilson intervals); "
+            "the by-source tables use the most probable class."
+        ),
+        _internal_table(designs),
+    ]
+    for d in designs:
+        by_source = (d.metrics or {}).get("by_source")
+        blocks += [Heading(3, f"{d.name}: by source")]
+        blocks.append(
+            _by_source_table(by_source)
+            if isinstance(by_source, dict)
+            else Text("Not computed: no by_source in metrics.json.")
+        )
+    blocks += [
+        Heading(2, "Shortcut audit"),
+        *_audit_verdict_blocks(designs),
+        Heading(2, "How each run was made"),
+        *_made_blocks(out, designs),
+        Heading(2, "Limitations"),
+        Items(_designs_limitations(designs)),
+    ]
+    return _write(out, "covidxr designs report: the paper's design against deconfounded training", blocks)
