@@ -283,6 +283,16 @@ def attribute_probe(features: np.ndarray, frame: pd.DataFrame, column: str, seed
     }
 
 
+@torch.no_grad()
+def head_hidden_layer(model: CovidxrNet, features: np.ndarray) -> np.ndarray | None:
+    """The trained head's hidden activations (where a source adversary acts), or None for a linear head."""
+    head = model.head
+    if not isinstance(head[0], torch.nn.Linear) or len(head) < 4:
+        return None
+    head.eval()
+    return head[1](head[0](torch.from_numpy(features))).numpy()
+
+
 def source_probe_check(
     model: CovidxrNet,
     dataset: Dataset,
@@ -316,12 +326,23 @@ def source_probe_check(
     overall = attribute_probe(features, frame, "source", seed)
     if not overall["applicable"]:
         return {**common, "verdict": NOT_APPLICABLE, "summary": f"Source probe not applicable: {overall['reason']}."}
-    within_class = {}
-    for label in table.index:
-        rows = (frame["label"] == label).to_numpy()
-        if frame.loc[rows, "source"].value_counts().ge(MIN_IMAGES_PER_GROUP).sum() >= 2:
-            within_class[label] = attribute_probe(features[rows], frame[rows], "source", seed)
+    class_rows = {
+        label: rows
+        for label in table.index
+        for rows in [(frame["label"] == label).to_numpy()]
+        if frame.loc[rows, "source"].value_counts().ge(MIN_IMAGES_PER_GROUP).sum() >= 2
+    }
+    within_class = {
+        label: attribute_probe(features[rows], frame[rows], "source", seed) for label, rows in class_rows.items()
+    }
     within_scores = {k: v["balanced_accuracy"] for k, v in within_class.items() if v["applicable"]}
+    hidden = head_hidden_layer(model, features)
+    head_within_class = (
+        {label: attribute_probe(hidden[rows], frame[rows], "source", seed) for label, rows in class_rows.items()}
+        if hidden is not None
+        else {}
+    )
+    head_scores = {k: v["balanced_accuracy"] for k, v in head_within_class.items() if v["applicable"]}
     other_attributes = {
         column: attribute_probe(features, frame, column, seed) for column in ("age_group",) if column in frame.columns
     }
@@ -341,6 +362,9 @@ def source_probe_check(
         verdict = "pass"
         meaning = "the sources are not readily recognised"
     within_text = "".join(f"; within {label}: {score:.2f}" for label, score in within_scores.items())
+    within_text += "".join(
+        f"; on the trained head's hidden layer within {label}: {score:.2f}" for label, score in head_scores.items()
+    )
     attribute_text = "".join(
         f"; {column} predicted with {probe['balanced_accuracy']:.2f}"
         for column, probe in other_attributes.items()
@@ -359,6 +383,7 @@ def source_probe_check(
         "folds": overall["folds"],
         "source_counts": overall["counts"],
         "within_class": within_class,
+        "head_hidden_within_class": head_within_class,
         "other_attributes": other_attributes,
         "thresholds": {
             "source": SOURCE_PROBE_LIMIT,

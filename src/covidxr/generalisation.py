@@ -122,7 +122,13 @@ def _train_without(run: Run, frame: pd.DataFrame, features: np.ndarray, keep: np
     )
     val_set = TensorSet(torch.from_numpy(features[rows["val"]]), targets["val"], domains["val"])
     weight = config.adversarial_weight if len(domain_names) > 1 else 0.0
-    fit(Trainee(head, None, len(domain_names), weight, len(LABELS)), train_set, val_set, config, progress=False)
+    fit(
+        Trainee(head, None, len(domain_names), weight, len(LABELS), config.seed),
+        train_set,
+        val_set,
+        config,
+        progress=False,
+    )
     return head, calibrate(head, val_set.choices[0], targets["val"])["temperature"]
 
 

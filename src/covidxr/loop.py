@@ -232,6 +232,7 @@ class Trainee(nn.Module):
         num_domains: int = 0,
         adversarial_weight: float = 0.0,
         num_classes: int = 3,
+        seed: int = 0,
     ):
         super().__init__()
         self.head = head
@@ -243,9 +244,11 @@ class Trainee(nn.Module):
             if not isinstance(head[0], nn.Linear) or len(head) < 4:
                 raise CovidxrError("adversarial training needs a head with a hidden layer (hidden_units > 0)")
             width = head[0].out_features
-            self.adversary = nn.Sequential(
-                nn.Linear(width + num_classes, width), nn.ReLU(inplace=True), nn.Linear(width, num_domains)
-            )
+            with torch.random.fork_rng(devices=[]):  # the same initial adversary in every process and rerun
+                torch.manual_seed(seed)
+                self.adversary = nn.Sequential(
+                    nn.Linear(width + num_classes, width), nn.ReLU(inplace=True), nn.Linear(width, num_domains)
+                )
 
     def train(self, mode: bool = True) -> Trainee:
         """The encoder stays in inference mode (see ``CovidxrNet.unfreeze_last_blocks``)."""

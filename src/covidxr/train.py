@@ -277,7 +277,7 @@ def train(
         encoder = None
     extract_seconds = time.perf_counter() - started
 
-    trainee = Trainee(model.head, encoder, len(domain_names), config.adversarial_weight, len(LABELS))
+    trainee = Trainee(model.head, encoder, len(domain_names), config.adversarial_weight, len(LABELS), config.seed)
     started = time.perf_counter()
     result = fit(
         trainee,
