@@ -7,7 +7,9 @@ distributed sampler, rank-0 logging and checkpoints) and resumes from its last c
 Determinism: the sample order of epoch ``e`` is drawn from ``seed + e`` (identically in every
 process, then dealt out rank by rank), and dropout is reseeded from ``(seed, epoch, rank)`` at the
 start of every epoch. So a resumed run continues exactly where the uninterrupted one would be, and
-N processes with a per-process batch of ``batch_size / N`` see the same global batches as one.
+N processes with a per-process batch of ``batch_size / N`` see the same global batches as one when
+the training set divides by the batch (otherwise the sampler repeats up to N-1 items per epoch);
+their dropout masks differ from one process's, so losses match exactly only without dropout.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Distributed:
         """Element-wise sum over processes (identity in a single process)."""
         if not self.enabled:
             return values
-        tensor = torch.tensor(values, dtype=torch.float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -376,8 +378,9 @@ def fit(
     trainee.to(device)
     model = trainee
     if world.enabled:
+        # The frozen backbone's BatchNorm statistics never change, so they need no broadcasting.
         model = nn.parallel.DistributedDataParallel(
-            trainee, device_ids=[device.index] if device.type == "cuda" else None
+            trainee, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
     weights = class_balanced_weights(train_set.targets) if config.balanced_sampling else None
     sampler = EpochSampler(train_set, world, config.seed, weights)

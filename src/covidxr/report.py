@@ -1032,8 +1032,9 @@ def _units_with_every_covid(loso: dict, splits: pd.DataFrame | None) -> list[str
 
 def _every_covid_note(units: list[str]) -> str:
     return (
-        "Held-out COVID-19 sensitivity is 0% by construction where a held-out unit holds every COVID-19 image of "
-        f"the run's data (the model retrained without it never saw COVID-19): {'; '.join(units)}."
+        "Where a held-out unit holds every COVID-19 image of the run's data, the model retrained without it never "
+        "saw a COVID-19 image and can hardly call one COVID-19: its held-out sensitivity says nothing about new "
+        f"hospitals ({'; '.join(units)})."
     )
 
 
@@ -1052,7 +1053,8 @@ def _loso_blocks(loso: dict, path: Path, splits: pd.DataFrame | None) -> list[Bl
         Items(
             [
                 CALLED_BY_ARGMAX,
-                "The pooled AUC mixes units, each predicted by its own retrained model.",
+                "The pooled AUC mixes units, each predicted by a model that never saw it (one retrained model per "
+                "unit, the run's own model for data it never trained on).",
                 *([_every_covid_note(whole)] if whole else []),
             ]
         ),
@@ -1443,6 +1445,15 @@ def _non_covid_units(designs: list[_Design]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _unit_called(unit: dict) -> str:
+    return _rate_n(unit.get("other_called_covid"), unit.get("other_called_covid_ci95"), unit.get("n_other"))
+
+
+def _pooled_sensitivity(design: _Design) -> str:
+    pooled = design.pooled
+    return _rate_n(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"), pooled.get("n_covid"))
+
+
 def _loso_overview_table(designs: list[_Design], units: list[str]) -> Table:
     """One row per design: pooled held-out sensitivity, false-COVID share per held-out unit, pooled AUC."""
     rows = []
@@ -1459,20 +1470,9 @@ def _loso_overview_table(designs: list[_Design], units: list[str]) -> Table:
             elif unit.get("status") != "evaluated":
                 cells.append("n/a (skipped)")
             else:
-                cells.append(
-                    _rate_n(unit.get("other_called_covid"), unit.get("other_called_covid_ci95"), unit.get("n_other"))
-                )
-        pooled = d.pooled
-        rows.append(
-            [
-                d.name,
-                d.trained_on,
-                d.description,
-                _rate_n(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"), pooled.get("n_covid")),
-                *cells,
-                _with_ci(pooled.get("covid_vs_rest_auc"), pooled.get("covid_vs_rest_auc_ci95"), False),
-            ]
-        )
+                cells.append(_unit_called(unit))
+        auc = _with_ci(d.pooled.get("covid_vs_rest_auc"), d.pooled.get("covid_vs_rest_auc_ci95"), False)
+        rows.append([d.name, d.trained_on, d.description, _pooled_sensitivity(d), *cells, auc])
     header = [
         "run",
         "trained on",
@@ -1482,15 +1482,6 @@ def _loso_overview_table(designs: list[_Design], units: list[str]) -> Table:
         "pooled COVID-19-vs-rest AUC (95% CI)",
     ]
     return Table(header, rows)
-
-
-def _unit_called(unit: dict) -> str:
-    return _rate_n(unit.get("other_called_covid"), unit.get("other_called_covid_ci95"), unit.get("n_other"))
-
-
-def _pooled_sensitivity(design: _Design) -> str:
-    pooled = design.pooled
-    return _rate_n(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"), pooled.get("n_covid"))
 
 
 def _loso_findings(designs: list[_Design], adult: list[str]) -> list[str]:
@@ -1640,21 +1631,16 @@ def _audit_verdict_blocks(designs: list[_Design]) -> list[Block]:
             verdicts.append([d.name, "no audit.json", *["n/a"] * len(checks)])
             continue
         found = d.audit.get("checks") if isinstance(d.audit.get("checks"), dict) else {}
-        verdicts.append(
-            [d.name, str(d.audit.get("verdict") or "n/a")]
-            + [
-                str((found.get(c) or {}).get("verdict", "n/a")) if isinstance(found.get(c, {}), dict) else "n/a"
-                for c in checks
-            ]
-        )
+        found = {name: check for name, check in found.items() if isinstance(check, dict)}
+        overall = str(d.audit.get("verdict") or "n/a")
+        verdicts.append([d.name, overall, *(str(found.get(c, {}).get("verdict") or "n/a") for c in checks)])
         if d.audit.get("summary"):
-            summaries.append([d.name, "overall", str(d.audit.get("verdict") or "n/a"), str(d.audit["summary"])])
-        for name in checks:
-            check = found.get(name)
-            if isinstance(check, dict):
-                summaries.append(
-                    [d.name, _name(name), str(check.get("verdict", "n/a")), str(check.get("summary", "n/a"))]
-                )
+            summaries.append([d.name, "overall", overall, str(d.audit["summary"])])
+        summaries += [
+            [d.name, _name(c), str(found[c].get("verdict") or "n/a"), str(found[c].get("summary") or "n/a")]
+            for c in checks
+            if c in found
+        ]
     return [
         Table(["run", "overall", *(_name(c) for c in checks)], verdicts),
         Table(["run", "check", "verdict", "summary"], summaries),
@@ -1704,11 +1690,16 @@ def _designs_limitations(designs: list[_Design]) -> list[str]:
     covid_sources = sorted(rows.loc[rows["label"] == "COVID-19", "source"].astype(str).unique())
     covid_units = sorted({str(u.get("unit")) for d in designs for u in d.units if (u.get("n_covid") or 0) > 0})
     notes = []
-    if len(covid_sources) == 1:
+    if len(covid_sources) == 1 and set(covid_units) - set(covid_sources):
         notes.append(
             f"{covid_sources[0]} is the only source of COVID-19 images, so the held-out COVID-19 units "
-            f"({', '.join(covid_units) or 'none'}) are publishing sites within one collection, not hospitals: their "
-            "images were gathered, selected and processed together, so a held-out site is less new than a new hospital."
+            f"({', '.join(covid_units)}) are sites within one collection, not hospitals: their images were gathered, "
+            "selected and processed together, so a held-out site is less new than a new hospital."
+        )
+    elif len(covid_sources) == 1:
+        notes.append(
+            f"{covid_sources[0]} is the only source of COVID-19 images and is held out whole: the model retrained "
+            "without it has no COVID-19 image to learn from."
         )
     elif covid_sources:
         notes.append(

@@ -38,7 +38,7 @@ def _summary_row(metrics: dict, run_dir: Path) -> dict:
         "n_test": metrics["n"],
         "macro_auc": metrics["macro_auc"],
         "covid_sensitivity": metrics["per_class"].get("COVID-19", {}).get("sensitivity"),
-        "feature_seconds": seconds["feature_extraction"],
+        "feature_seconds": seconds.get("feature_extraction"),
         "train_seconds": seconds["training"],
     }
 
