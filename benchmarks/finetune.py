@@ -1,0 +1,503 @@
+"""Benchmark: training throughput with a frozen, partly unfrozen and fully unfrozen backbone, fp32 vs. bf16,
+and the epoch time of 2 torchrun processes vs. 1.
+
+The paper trains only a new head on a frozen ImageNet backbone; covidxr can also fine-tune the last
+``unfreeze_blocks`` backbone stages, in fp32 or under bfloat16 autocast, and run under torchrun. This script
+measures, on real X-rays, what each of these costs per training image on this machine:
+
+1. **frozen backbone** (the paper's design), two ways: *images in* (the frozen backbone runs in every step,
+   as it does when augmentation is drawn afresh every epoch) and, for reference, *features in* (the head
+   alone on pooled features computed once, which is what covidxr does by default);
+2. **last block unfrozen** (``CovidxrNet.unfreeze_last_blocks(1)``);
+3. **fully unfrozen** (every stage the registry names: ``unfreeze_last_blocks(len(spec.blocks(body)))``);
+
+each in fp32 and, where ``covidxr.loop.bf16_supported`` says this CPU can, under bf16 autocast.
+Every measurement runs the real loop, ``covidxr.loop.fit`` with a ``Trainee`` on a ``TensorSet``, for one
+epoch of ``--warmup + --steps`` batches of ``--batch-size`` (the same optimizer, parameter groups, autocast,
+loss and bookkeeping as ``covidxr train``). ``fit`` validates after every epoch, so ``fit`` itself is not
+timed as a whole: the training set notes the time at which the loader fetches the first item of each
+batch, and the validation set the time of its first item, so each step is timed from one batch fetch to
+the next (forward + loss + backward + optimizer step + the loop's bookkeeping and the in-memory batch
+collation), and validation falls outside. The first ``--warmup`` steps (one-time kernel set-up) are
+dropped; images/s is ``--steps`` x ``--batch-size`` over the remaining steps' time. The ``--images`` real
+images are decoded and preprocessed once into memory (not timed; decoding is not measured) and cycled to fill
+the batches; every configuration starts from the same pretrained weights and head.
+
+4. **2 processes vs. 1**: the real ``covidxr train --unfreeze-blocks 1`` command, run once as one process
+   and once under ``python -m torch.distributed.run --nproc_per_node 2`` (gloo over 127.0.0.1), on a
+   temporary dataset folder of about 60 real images (symlinks to ``--data``), with a temporary feature
+   cache; the per-epoch training time is ``seconds.training / epochs_run`` from each run's ``run.json``
+   (each epoch: training steps with decoding in a loader worker, validation, checkpoint). On a CPU the two
+   processes share the same cores (covidxr gives each ``cores / 2`` torch threads), so no speed-up is
+   expected there: this shows that it works and what it costs. On GPUs each process gets its own device.
+
+Run from the repository root (not part of the test suite; it writes nothing into the repository)::
+
+    .venv/bin/python benchmarks/finetune.py
+    .venv/bin/python benchmarks/finetune.py --images 32 --steps 3 --epochs 1
+    .venv/bin/python benchmarks/finetune.py --batch-size 32 --skip-ddp
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from covidxr.config import TrainConfig
+from covidxr.data import LABELS, load_dataset, read_image
+from covidxr.loop import TensorSet, Trainee, bf16_supported, fit
+from covidxr.models import CovidxrNet, create_model
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
+MODEL = "efficientnet_lite0"
+IMAGE_SIZE = 224
+LOAD_WARNING = 0.5
+FEATURE_STEPS = 100  # the head alone takes well under a millisecond per step: time many
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder (default: %(default)s)")
+    parser.add_argument(
+        "--images", type=int, default=72, help="real X-rays decoded once into memory (default: %(default)s)"
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="images per training step (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=4, help="timed training steps per configuration (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed first steps per configuration (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epochs of each `covidxr train` run in part 4 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--ddp-images", type=int, default=20, help="images per class in part 4's dataset (default: %(default)s)"
+    )
+    parser.add_argument("--skip-ddp", action="store_true", help="skip part 4 (the two `covidxr train` runs)")
+    args = parser.parse_args(argv)
+    if args.images < 3:
+        parser.error("--images must be at least 3")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.epochs < 1:
+        parser.error("--batch-size, --steps and --epochs must be at least 1, --warmup at least 0")
+    if not args.skip_ddp and args.batch_size % 2:
+        parser.error("--batch-size must be even for the 2-process run (or pass --skip-ddp)")
+    return args
+
+
+def load_average() -> float | None:
+    """The 1-minute system load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def describe_load(load: float | None, own_threads: int = 0) -> str:
+    """The load, flagged when other processes probably competed for the cores (see ``explain.py``)."""
+    if load is None:
+        return "n/a"
+    limit = LOAD_WARNING + own_threads
+    text = f"{load:.2f}"
+    if own_threads:
+        text += f" (includes this run's own {own_threads} busy threads)"
+    if load > limit:
+        text += f"  (above {limit}: other processes shared these cores; timings are noisy)"
+    return text
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_bf16_flags() -> str:
+    """The CPU's native bfloat16 instruction sets (AMX tiles, AVX-512 BF16), as /proc/cpuinfo lists them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "n/a"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    present = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join(present) or "none (bf16 would be emulated)"
+
+
+def choose_rows(frame: pd.DataFrame, n_images: int) -> pd.DataFrame:
+    """About ``n_images`` rows, the same number per class, spread evenly over each class's rows."""
+    per_class = max(1, n_images // frame["label"].nunique())
+    rows = []
+    for _, group in frame.groupby("label", sort=True):
+        step = max(1, len(group) // per_class)
+        rows.append(group.iloc[::step].head(per_class))
+    return pd.concat(rows).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts 1-3: training steps of the real loop, timed from one batch fetch to the next
+# ---------------------------------------------------------------------------------------------
+
+
+class StepClock:
+    """Times at which the loader fetches the first item of each training batch, and validation starts."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.marks: list[float] = []
+        self.items = 0
+        self.ended = False
+
+    def fetch(self, count: int) -> None:
+        """``count`` items fetched (1 per call item by item, a whole batch where the loader slices batches)."""
+        if self.items % self.batch_size == 0:
+            self.marks.append(time.perf_counter())
+        self.items += count
+
+    def end(self) -> None:
+        if not self.ended:
+            self.marks.append(time.perf_counter())
+            self.ended = True
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
+
+
+class ClockedTrainSet(TensorSet):
+    """A ``TensorSet`` whose fetches mark the start of every step (item by item or a batch at a time,
+    whichever ``covidxr.loop`` asks for; always in the training process, never in a worker)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, clock: StepClock):
+        super().__init__(inputs, targets)
+        self.clock = clock
+
+    def __getitem__(self, index):
+        self.clock.fetch(torch.as_tensor(index).numel())
+        return super().__getitem__(index)
+
+
+class ClockedValSet(TensorSet):
+    """A ``TensorSet`` whose first fetch marks the end of the last training step (validation starts)."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, clock: StepClock):
+        super().__init__(inputs, targets)
+        self.clock = clock
+
+    def __getitem__(self, index):
+        self.clock.end()
+        return super().__getitem__(index)
+
+
+@dataclass
+class Measurement:
+    steps: list[float]  # seconds of every step, warm-up included
+    warmup: int
+    batch_size: int
+    train_loss: float
+
+    @property
+    def timed(self) -> list[float]:
+        return self.steps[self.warmup :]
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.timed) * self.batch_size / sum(self.timed)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return sum(self.timed) / len(self.timed)
+
+
+@dataclass(frozen=True)
+class Setting:
+    label: str
+    short: str
+    images_in: bool  # False: pooled features in (the head alone)
+    unfreeze: int  # backbone stages made trainable (0: frozen)
+
+
+def cycled(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    return tensor[torch.arange(count) % len(tensor)]
+
+
+def measure(
+    base: CovidxrNet,
+    setting: Setting,
+    precision: str,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+) -> tuple[Measurement, int]:
+    """One epoch of ``fit`` over ``warmup + steps`` full batches; returns the step times and trainable count."""
+    model = copy.deepcopy(base)  # the same pretrained weights and head for every configuration
+    backbone_parameters = model.unfreeze_last_blocks(setting.unfreeze) if setting.unfreeze else []
+    encoder = nn.Sequential(model.backbone, model.pool) if setting.images_in else None  # as covidxr.train does
+    trainee = Trainee(model.head, encoder, num_classes=len(LABELS))
+    trainable = sum(p.numel() for p in trainee.parameters() if p.requires_grad)
+    count = (warmup + steps) * batch_size
+    clock = StepClock(batch_size)
+    train_set = ClockedTrainSet(cycled(inputs, count), cycled(targets, count), clock)
+    val_set = ClockedValSet(inputs[:1], targets[:1], clock)  # validation is not timed; keep it small
+    config = TrainConfig(
+        model=MODEL,
+        image_size=IMAGE_SIZE,
+        epochs=1,
+        batch_size=batch_size,
+        precision=precision,
+        unfreeze_blocks=setting.unfreeze,
+        extract_batch_size=1,
+    )
+    result = fit(trainee, train_set, val_set, config, backbone_parameters=backbone_parameters, progress=False)
+    times = clock.steps()
+    if len(times) != warmup + steps:
+        raise RuntimeError(f"expected {warmup + steps} timed steps, got {len(times)}")
+    return Measurement(times, warmup, batch_size, float(result.history["train_loss"].iloc[-1])), trainable
+
+
+def throughput(args: argparse.Namespace) -> None:
+    dataset = load_dataset(args.data, require_classes=2)
+    rows = choose_rows(dataset.frame, args.images)
+    paths = [dataset.root / f for f in rows["filename"]]
+    targets = torch.tensor([LABELS.index(label) for label in rows["label"]], dtype=torch.long)
+
+    started = time.perf_counter()
+    base = create_model(MODEL, num_classes=len(LABELS), image_size=IMAGE_SIZE)
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    images = torch.stack([base.input_transform(read_image(p)) for p in paths])
+    decode_seconds = time.perf_counter() - started
+    with torch.no_grad():
+        features = torch.cat([base.features(images[i : i + 32]) for i in range(0, len(images), 32)])
+    stages = len(base.spec.blocks(base.backbone.body))
+    bf16 = bf16_supported(torch.device("cpu"))
+
+    counts = rows["label"].value_counts().reindex(list(LABELS), fill_value=0)
+    print(f"  images:      {len(paths)} real X-rays ({', '.join(f'{k} {v}' for k, v in counts.items())}), decoded")
+    print(
+        f"               once into memory in {decode_seconds:.1f} s ({images.numel() * 4 / 2**20:.0f} MiB; "
+        "decoding is not measured), cycled to fill the batches"
+    )
+    print(
+        f"  model:       {MODEL} ({base.weights.kind} weights, {base.weights.location}), {IMAGE_SIZE} x {IMAGE_SIZE}, "
+        f"{stages} backbone stages; loaded in {load_seconds:.1f} s"
+    )
+    print(
+        f"  training:    covidxr.loop.fit, Adam lr 1e-3 (backbone x0.1), batch {args.batch_size}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps per row ({FEATURE_STEPS} timed for features in); "
+        "BatchNorm statistics stay frozen"
+    )
+    print(f"  bf16:        covidxr.loop.bf16_supported(cpu) = {bf16}; CPU bf16 instructions: {cpu_bf16_flags()}")
+    print()
+
+    settings = [
+        Setting("frozen, features in (the head alone; reference)", "features in", False, 0),
+        Setting("frozen, images in (backbone runs every step)", "frozen, images in", True, 0),
+        Setting("last block unfrozen (unfreeze_last_blocks(1))", "last block", True, 1),
+        Setting(f"fully unfrozen (unfreeze_last_blocks({stages}))", "fully unfrozen", True, stages),
+    ]
+    precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
+    results: dict[tuple[Setting, str], Measurement] = {}
+    trainable: dict[Setting, int] = {}
+    for setting in settings:
+        data = images if setting.images_in else features
+        steps = args.steps if setting.images_in else FEATURE_STEPS
+        for precision in precisions:
+            print(f"  measuring: {setting.label}, {precision} ...", file=sys.stderr, flush=True)
+            results[setting, precision], trainable[setting] = measure(
+                base, setting, precision, data, targets, args.batch_size, steps, args.warmup
+            )
+
+    reference = results[settings[1], "fp32"].images_per_second
+    print(
+        "Training throughput (images/s; higher is better). 'x frozen' = time per image relative to the frozen "
+        "backbone, images in, fp32."
+    )
+    print(
+        f"   {'':<50s}{'trainable':>11s} | {'fp32 img/s':>10s} {'s/step':>7s} {'x frozen':>8s} | "
+        f"{'bf16 img/s':>10s} {'s/step':>7s} {'x frozen':>8s} | {'bf16/fp32':>9s}"
+    )
+    for setting in settings:
+        fp32 = results[setting, "fp32"]
+        line = (
+            f"   {setting.label:<50s}{trainable[setting]:>11,d} | {fp32.images_per_second:>10.1f} "
+            f"{fp32.seconds_per_step:>7.3f} {reference / fp32.images_per_second:>7.2f}x | "
+        )
+        if bf16:
+            b = results[setting, "bf16"]
+            line += (
+                f"{b.images_per_second:>10.1f} {b.seconds_per_step:>7.3f} {reference / b.images_per_second:>7.2f}x | "
+                f"{b.images_per_second / fp32.images_per_second:>8.2f}x"
+            )
+        else:
+            line += f"{'not supported on this CPU':>28s} | {'-':>9s}"
+        print(line)
+    print("   (bf16/fp32 = the row's bf16 speed-up; s/step = mean of the timed steps)")
+    print("   every step's seconds, warm-up in brackets (a spread of many percent means the machine was busy):")
+    for setting in settings:
+        for precision in precisions:
+            m = results[setting, precision]
+            warm = "[" + " ".join(f"{t:.2f}" for t in m.steps[: m.warmup]) + "]"
+            if len(m.timed) <= 12:
+                timed = " ".join(f"{t:.2f}" for t in m.timed)
+            else:
+                timed = (
+                    f"{len(m.timed)} steps: min {min(m.timed):.4f}, median {statistics.median(m.timed):.4f}, "
+                    f"max {max(m.timed):.4f}"
+                )
+            print(f"     {setting.short + ', ' + precision:<24s} {warm} {timed}")
+    bad = [f"{s.label} {p}" for (s, p), m in results.items() if not torch.isfinite(torch.tensor(m.train_loss))]
+    if bad:
+        print(f"   WARNING: non-finite training loss in: {'; '.join(bad)}")
+    print(
+        "   Timed: each step from one batch fetch to the next inside covidxr.loop.fit (forward, loss, backward, "
+        "optimizer step, bookkeeping, in-memory collation); not timed: decoding, warm-up, validation."
+    )
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 4: `covidxr train` in one process and in two under torch.distributed.run
+# ---------------------------------------------------------------------------------------------
+
+
+def small_subset(meta: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
+    """A few real images per class, whole patients only (as ``tests/conftest.py::small_subset``)."""
+    rows = []
+    for _, group in meta.groupby("label"):
+        patients = group["patient_id"].drop_duplicates().sample(frac=1.0, random_state=seed)
+        taken, count = [], 0
+        for patient in patients:
+            chosen = group[group["patient_id"] == patient]
+            taken.append(chosen)
+            count += len(chosen)
+            if count >= per_class:
+                break
+        rows.append(pd.concat(taken))
+    return pd.concat(rows).reset_index(drop=True)
+
+
+def linked_dataset(root: Path, source: Path, rows: pd.DataFrame) -> Path:
+    """A dataset folder whose ``metadata.csv`` lists ``rows`` and whose images link to ``source``'s files."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for name in rows["filename"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to((source / name).resolve())
+    rows.to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_train(command: list[str], env: dict[str, str], out: Path) -> tuple[dict, pd.DataFrame, float]:
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        print(f"FAILED ({done.returncode}): {' '.join(command)}\n{done.stderr[-4000:]}")
+        raise SystemExit(1)
+    return json.loads((out / "run.json").read_text()), pd.read_csv(out / "history.csv"), wall
+
+
+def distributed(args: argparse.Namespace) -> None:
+    meta = pd.read_csv(args.data / "metadata.csv", dtype=str, keep_default_na=False)
+    with tempfile.TemporaryDirectory(prefix="covidxr-bench-ddp-") as tmp:
+        tmp = Path(tmp)
+        data = linked_dataset(tmp / "data", args.data.resolve(), small_subset(meta, args.ddp_images))
+        env = os.environ | {"COVIDXR_CACHE_DIR": str(tmp / "cache"), "COVIDXR_OFFLINE": "1"}
+        train_args = ["-m", "covidxr", "train", "--data", str(data), "--model", MODEL, "--image-size"]
+        train_args += [str(IMAGE_SIZE), "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+        train_args += ["--unfreeze-blocks", "1", "--seed", "0"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        launcher += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        runs = {}
+        for name, command in (
+            ("1 process", [sys.executable, *train_args, "--out", str(tmp / "one")]),
+            ("2 processes", [*launcher, *train_args, "--out", str(tmp / "two")]),
+        ):
+            print(f"  running `covidxr train` in {name} ...", file=sys.stderr, flush=True)
+            runs[name] = run_train(command, env, tmp / ("one" if name == "1 process" else "two"))
+
+    info = runs["1 process"][0]
+    sizes = info["split_sizes"]
+    print(
+        f"4. `covidxr train --unfreeze-blocks 1`: 1 process vs 2 (torch.distributed.run, gloo on 127.0.0.1), "
+        f"{MODEL} {IMAGE_SIZE} px, batch {args.batch_size} (global), {args.epochs} epoch(s)"
+    )
+    print(
+        f"   data: a temporary folder of {sum(s['images'] for s in sizes.values())} real images linked from "
+        f"{args.data.resolve()} ({sizes['train']['images']} train, {sizes['val']['images']} val, "
+        f"{sizes['test']['images']} test unused)"
+    )
+    print(
+        f"   {'':<13s}{'processes':>10s}{'epochs':>8s}{'training s':>12s}{'s/epoch':>9s}{'last train_loss':>17s}"
+        f"{'whole command':>15s}"
+    )
+    per_epoch = {}
+    for name, (run, history, wall) in runs.items():
+        seconds = run["seconds"]["training"]
+        per_epoch[name] = seconds / run["epochs_run"]
+        print(
+            f"   {name:<13s}{run['processes']:>10d}{run['epochs_run']:>8d}{seconds:>12.2f}{per_epoch[name]:>9.2f}"
+            f"{history['train_loss'].iloc[-1]:>17.4f}{wall:>13.1f} s"
+        )
+    ratio = per_epoch["2 processes"] / per_epoch["1 process"]
+    print(f"   epoch time, 2 processes / 1 process: {ratio:.2f}x")
+    print(
+        f"   On this {os.cpu_count()}-core CPU the two processes share the same cores (each gets "
+        f"{max(1, (os.cpu_count() or 1) // 2)} torch thread(s) instead of {torch.get_num_threads()}), so no "
+        "speed-up is expected: this shows that it runs and what the process group, the gradient all-reduce "
+        "and the per-process validation cost. On GPUs each process gets its own device."
+    )
+    print(
+        "   s/epoch = run.json seconds.training / epochs_run (training steps with decoding in a loader worker, "
+        "a validation pass and a checkpoint per epoch); 'whole command' adds start-up, splitting and calibration."
+    )
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    load_at_start = load_average()
+    started = time.perf_counter()
+    print("covidxr fine-tuning benchmark: training throughput by unfrozen depth and precision; 2 processes vs 1")
+    print(f"  data:        {Path(args.data).resolve()}")
+    print(f"  CPU:         {cpu_model()}, {os.cpu_count()} cores; torch threads {torch.get_num_threads()}")
+    print(f"  platform:    torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}")
+    print(f"  load avg:    {describe_load(load_at_start)} at start")
+    throughput(args)
+    if not args.skip_ddp:
+        distributed(args)
+    print(f"total {time.perf_counter() - started:.0f} s; load average at the end: ", end="")
+    print(describe_load(load_average(), torch.get_num_threads()))
+
+
+if __name__ == "__main__":
+    main()
