@@ -236,6 +236,11 @@ def predict_command(images, run, as_json, weights, weights_dir, cache_dir):
                 f"{result['file']}: {result['label']}  ({probs}; COVID-19 {flag} the validation-chosen threshold "
                 f"{result['covid_threshold']:.3f})"
             )
+            if result["out_of_distribution"]:
+                click.echo(
+                    f"  WARNING: unlike the chest X-rays this model was trained on (out-of-distribution score "
+                    f"{result['ood_score']:.2f}); the label above means nothing for this image"
+                )
         click.echo(DISCLAIMER)
     failures = sum("error" in r for r in results)
     if failures:

@@ -10,8 +10,10 @@ import torch
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE
+from covidxr.data import read_image
 from covidxr.features import compute_features
 from covidxr.models import CovidxrNet
+from covidxr.ood import is_blank
 from covidxr.train import Run
 
 
@@ -32,11 +34,16 @@ def predict_files(
 ) -> list[dict]:
     """One result per file — label and calibrated probabilities, or the error — continuing past bad files.
 
-    ``covid_positive`` applies the run's COVID-19 threshold, chosen on validation data.
+    ``covid_positive`` applies the run's COVID-19 threshold, chosen on validation data;
+    ``out_of_distribution`` says whether the image is unlike the training X-rays (``covidxr.ood``;
+    ``None`` for runs made before the guard existed).
     """
     model, labels = run.model, run.labels
     features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress)
     probabilities = head_probabilities(model, features, run.temperature)
+    guard = run.ood_guard
+    scores = guard.score(features) if guard is not None else None
+    blank = {i for i, path in enumerate(paths) if i not in errors and guard is not None and is_blank(read_image(path))}
     covid = labels.index(POSITIVE)
     results = []
     for i, path in enumerate(paths):
@@ -50,6 +57,8 @@ def predict_files(
                 "probabilities": {label: float(p) for label, p in zip(labels, probabilities[i], strict=True)},
                 "covid_threshold": run.covid_threshold,
                 "covid_positive": bool(probabilities[i, covid] >= run.covid_threshold),
+                "out_of_distribution": None if scores is None else bool(scores[i] > guard.threshold or i in blank),
+                "ood_score": None if scores is None else float(scores[i]),
                 "disclaimer": DISCLAIMER,
             }
         )

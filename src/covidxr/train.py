@@ -43,6 +43,8 @@ from covidxr.loop import (
     init_distributed,
 )
 from covidxr.models import CovidxrNet, WeightsSource, create_model, hash_state_dict
+from covidxr.ood import FILE as OOD_FILE
+from covidxr.ood import MARGIN, QUANTILE, OODGuard, fit_guard
 from covidxr.preprocess import AcquisitionAugment
 
 
@@ -305,9 +307,10 @@ def train(
     fine_tuned = None
     if backbone_parameters:
         fine_tuned = save_backbone(model, out / BACKBONE_FILE)
-    val_features = torch.from_numpy(
-        extract_features(model, paths["val"], cache_dir, config.extract_batch_size, progress=progress)
-    )
+    extraction = (cache_dir, config.extract_batch_size, config.num_workers, progress)
+    val_features = torch.from_numpy(extract_features(model, paths["val"], *extraction))
+    guard = fit_guard(extract_features(model, paths["train"], *extraction), val_features.numpy())
+    guard.save(out / OOD_FILE)
     run_info = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": model.spec.describe(),
@@ -336,6 +339,12 @@ def train(
         "stopped_early": result.stopped_early,
         "resumed_after_epoch": result.resumed_from,
         "calibration": calibrate(model.head, val_features, targets["val"]),
+        "out_of_distribution": {
+            "file": OOD_FILE,
+            "method": "Mahalanobis distance in the training features' principal components + residual",
+            "threshold": guard.threshold,
+            "threshold_rule": f"{MARGIN} x the {QUANTILE:.0%} quantile of the validation split's scores",
+        },
         # Training includes the validation pass and the checkpoint after every epoch.
         "seconds": {preparation: round(prepare_seconds, 2), "training": round(train_seconds, 2)},
         "environment": _environment(),
@@ -402,6 +411,12 @@ class Run:
     def temperature(self) -> float:
         """The validation-fitted temperature (1.0 for runs made before calibration existed)."""
         return float(self.info.get("calibration", {}).get("temperature", 1.0))
+
+    @property
+    def ood_guard(self) -> OODGuard | None:
+        """The out-of-distribution guard, for runs made since it exists."""
+        path = self.path / OOD_FILE
+        return OODGuard.load(path) if path.is_file() else None
 
     @property
     def covid_threshold(self) -> float:
