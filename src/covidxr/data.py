@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from covidxr import dicom
 from covidxr.errors import CovidxrError
 
 LABELS: tuple[str, ...] = ("COVID-19", "NORMAL", "PNEUMONIA")
@@ -31,7 +32,7 @@ _LABEL_ALIASES = {
     "other infection": "PNEUMONIA",
     "infection": "PNEUMONIA",
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 REQUIRED_COLUMNS = ("filename", "label", "patient_id")
 # Larger than any radiograph (a 43x43 cm detector at 0.1 mm is ~18 Mpx); bigger files are refused.
 MAX_IMAGE_PIXELS = 60_000_000
@@ -52,17 +53,21 @@ def canonical_label(value: object) -> str | None:
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Decode an image file into 8-bit RGB, whatever its mode (16-bit, RGBA, palette, grey).
+    """Decode an image file into 8-bit RGB, whatever its mode (16-bit, RGBA, palette, grey) or DICOM.
 
     High-bit-depth images are scaled by their own range, so 12-bit data in a 16-bit container
-    keeps its contrast. Raises CovidxrError naming the file for anything that is not a
-    readable, complete image.
+    keeps its contrast. DICOM is recognised by its content (``DICM`` after the preamble), or by a
+    ``.dcm``/``.dicom`` name when no other image format matches, and decoded by ``covidxr.dicom``
+    (modality and VOI transforms, MONOCHROME1 inverted). Raises CovidxrError naming the file for
+    anything that is not a readable, complete image.
     """
     path = Path(path)
     if not path.is_file():
         raise CovidxrError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise CovidxrError(f"{path}: empty file")
+    if dicom.has_dicom_magic(path):
+        return dicom.read_dicom(path, max_pixels=MAX_IMAGE_PIXELS)
     try:
         with Image.open(path) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -75,10 +80,15 @@ def read_image(path: str | Path) -> Image.Image:
             return _to_rgb8(img)
     except CovidxrError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:
+        if path.suffix.lower() not in dicom.DICOM_SUFFIXES:
+            raise CovidxrError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    except Image.DecompressionBombError as exc:
         raise CovidxrError(f"{path}: not a readable image ({type(exc).__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise CovidxrError(f"{path}: corrupt or truncated image ({exc})") from None
+    # A .dcm/.dicom file that no image format recognised: a DICOM without preamble, or not an image at all.
+    return dicom.read_dicom(path, max_pixels=MAX_IMAGE_PIXELS)
 
 
 def _to_rgb8(img: Image.Image) -> Image.Image:
