@@ -215,14 +215,42 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
 @click.argument("images", type=_path, nargs=-1, required=True)
 @click.option("--model", "run", type=_path, required=True, help="Run folder of a trained model.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option(
+    "--out",
+    type=_path,
+    default=None,
+    help="Write one row per image to this .csv or .json, chunk by chunk (folders are searched recursively).",
+)
+@click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
+@click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
 @model_options
-def predict_command(images, run, as_json, weights, weights_dir, cache_dir):
-    """Predict the class of each image; bad files are reported and skipped (exit 1 if any)."""
-    from covidxr.inference import predict_files
+def predict_command(images, run, as_json, out, resume, chunk_size, weights, weights_dir, cache_dir):
+    """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
+    from covidxr.inference import expand_inputs, predict_files, predict_to_file
     from covidxr.train import load_run
 
     loaded = load_run(run, weights, weights_dir)
-    results = predict_files(loaded, images, cache_dir, progress=_progress())
+    if out is not None:
+        try:
+            rows, new = predict_to_file(
+                loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size
+            )
+        except KeyboardInterrupt:
+            raise click.ClickException(f"interrupted; the finished rows are in {out}: rerun with --resume") from None
+        errors = [row for row in rows if row["error"]]
+        for row in errors:
+            click.echo(f"ERROR {row['error']}", err=True)
+        flagged = sum(bool(row["out_of_distribution"]) for row in rows)
+        counts = pd.Series([row["label"] for row in rows if not row["error"]]).value_counts().to_dict()
+        click.echo(
+            f"{len(rows)} image(s) → {out}: {', '.join(f'{k} {v}' for k, v in counts.items()) or 'none readable'}; "
+            f"{flagged} out-of-distribution; {len(errors)} unreadable "
+            f"({len(rows) - new} were already done)\n{DISCLAIMER}"
+        )
+        if errors:
+            raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
+        return
+    results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress())
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:

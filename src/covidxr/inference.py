@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from tqdm import tqdm
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE
-from covidxr.data import read_image
+from covidxr.data import IMAGE_SUFFIXES, read_image
+from covidxr.errors import CovidxrError
 from covidxr.features import compute_features
 from covidxr.models import CovidxrNet
 from covidxr.ood import is_blank
@@ -63,3 +68,109 @@ def predict_files(
             }
         )
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders and batches, written as they finish
+# ---------------------------------------------------------------------------------------------
+
+CHUNK = 256  # files predicted between two writes of the output file
+
+
+def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and every image file under each folder (recursively, in sorted order).
+
+    Named files are always tried, whatever their extension, so a mislabelled file gets its own line.
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def _flat_row(result: dict, labels: Sequence[str]) -> dict:
+    probabilities = result.get("probabilities", {})
+    return {
+        "file": result["file"],
+        "label": result.get("label", ""),
+        **{f"p_{label}": probabilities.get(label) for label in labels},
+        "covid_positive": result.get("covid_positive"),
+        "out_of_distribution": result.get("out_of_distribution"),
+        "ood_score": result.get("ood_score"),
+        "error": result.get("error", ""),
+    }
+
+
+def _read_done(out: Path) -> list[dict]:
+    """Rows already in an output file (for ``--resume``); a damaged file is refused, never overwritten."""
+    try:
+        if out.suffix == ".json":
+            rows = json.loads(out.read_text())["predictions"]
+        else:
+            rows = pd.read_csv(out, dtype={"file": str}, keep_default_na=False).to_dict("records")
+    except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError) as exc:
+        raise CovidxrError(
+            f"{out}: cannot resume from it ({type(exc).__name__}); move it away or choose another --out"
+        ) from None
+    return rows
+
+
+def _write_json(out: Path, run: Run, rows: list[dict]) -> None:
+    payload = {"model": str(run.path), "labels": list(run.labels), "disclaimer": DISCLAIMER, "predictions": rows}
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, out)
+
+
+def predict_to_file(
+    run: Run,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    resume: bool = False,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    progress: bool = True,
+    chunk_size: int = CHUNK,
+) -> tuple[list[dict], int]:
+    """Predict files and folders into ``out`` (``.csv`` or ``.json``), one row per image, written chunk
+    by chunk: a crash or Ctrl-C leaves a valid file of the finished rows, and ``resume`` completes it
+    without redoing them. Returns every row (old, then new) and how many are new."""
+    out = Path(out)
+    if out.suffix not in {".csv", ".json"}:
+        raise CovidxrError(f"{out}: --out must end in .csv or .json")
+    files = expand_inputs(inputs)
+    if not files:
+        raise CovidxrError(f"no image files found in {', '.join(map(str, inputs))}")
+    rows: list[dict] = []
+    if out.exists():
+        if not resume:
+            raise CovidxrError(f"{out}: exists; pass --resume to complete it, or choose another --out")
+        rows = _read_done(out)
+    done = {str(row["file"]) for row in rows}
+    todo = [f for f in files if str(f) not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(_flat_row({"file": ""}, run.labels))
+    if out.suffix == ".csv" and not out.exists():
+        pd.DataFrame(columns=columns).to_csv(out, index=False)
+    with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            new = [
+                _flat_row(r, run.labels) for r in predict_files(run, chunk, cache_dir, batch_size, num_workers, False)
+            ]
+            rows += new
+            if out.suffix == ".csv":
+                with open(out, "a", newline="") as handle:
+                    pd.DataFrame(new, columns=columns).to_csv(handle, header=False, index=False)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            else:
+                _write_json(out, run, rows)
+            bar.update(len(chunk))
+    if out.suffix == ".json" and not todo:
+        _write_json(out, run, rows)
+    return rows, len(todo)
