@@ -85,10 +85,8 @@ def _pooled_auc(truth: np.ndarray, score: np.ndarray, patients: np.ndarray, seed
         rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(codes), len(codes))])
         if 0 < covid[rows].sum() < len(rows):
             draws.append(roc_auc_score(covid[rows], score[rows]))
-    return {
-        "auc": float(roc_auc_score(covid, score)),
-        "auc_ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
-    }
+    interval = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if draws else None
+    return {"auc": float(roc_auc_score(covid, score)), "auc_ci95": interval}
 
 
 def _train_without(run: Run, frame: pd.DataFrame, features: np.ndarray, keep: np.ndarray, cache_dir, progress):
@@ -155,9 +153,14 @@ def leave_one_source_out(
     for unit in holdout_units(frame, min_images):
         keep = ~unit.rows
         present = set(frame.loc[keep & (frame["split"] == "train").to_numpy(), "label"])
+        unseen = sorted(set(frame.loc[unit.rows, "label"]) - present)
         record = {"unit": unit.name, "source": unit.source, "kind": "retrained without it", "n": int(unit.rows.sum())}
-        if len(present) < 2:
-            reason = f"without it the training split has only {sorted(present)}: nothing to learn a distinction from"
+        if len(present) < 2 or unseen:
+            reason = (
+                f"without it the training split has only {sorted(present)}: nothing to learn a distinction from"
+                if len(present) < 2
+                else f"without it the training split has no {', '.join(unseen)} image: a wrong answer by construction"
+            )
             records.append({**record, "status": "skipped", "reason": reason})
             continue
         head, temperature = _train_without(run, frame, features, keep, cache_dir, progress)

@@ -311,9 +311,10 @@ def _optimizer(trainee: Trainee, backbone_parameters: list[nn.Parameter], config
     groups = [{"params": [p for n, p in trainee.named_parameters() if not n.startswith("encoder")]}]
     if backbone_parameters:
         groups.append({"params": backbone_parameters, "lr": config.learning_rate * config.backbone_lr_scale})
+    # foreach: one kernel per step for all parameters instead of one per tensor (several times faster on CPU).
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.learning_rate)
-    return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9)
+        return torch.optim.Adam(groups, lr=config.learning_rate, foreach=True)
+    return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, foreach=True)
 
 
 def _scheduler(optimizer, config: TrainConfig):

@@ -20,7 +20,7 @@ from covidxr.config import TrainConfig
 from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.evaluate import evaluate_run
-from covidxr.generalisation import leave_one_source_out
+from covidxr.generalisation import MIN_UNIT_IMAGES, leave_one_source_out
 from covidxr.models import PAPER_MODELS, get_spec, resolve_weights
 from covidxr.report import PAPER_RESULTS, write_designs_report, write_reproduce_report, write_run_report
 from covidxr.train import train
@@ -189,16 +189,23 @@ def _design_row(run_dir: Path, design: str, variant: str) -> dict:
 
 
 def _finish_run(
-    run_dir: Path, external: list[Path], weights_dir, cache_dir, progress: bool, seed: int, explain: bool
+    run_dir: Path,
+    external: list[Path],
+    weights_dir,
+    cache_dir,
+    progress: bool,
+    seed: int,
+    explain: bool,
+    min_unit_images: int = MIN_UNIT_IMAGES,
 ) -> None:
     """Evaluate, audit and hold out sources for a trained run; steps already done are not redone."""
     if not (run_dir / "metrics.json").exists():
         evaluate_run(run_dir, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress, explain=explain)
     if not (run_dir / "audit.json").exists():
         run_audit(run_dir, cache_dir=cache_dir, progress=progress, seed=seed)
-        write_run_report(run_dir)
     if not (run_dir / "loso.json").exists():
-        leave_one_source_out(run_dir, external=external, cache_dir=cache_dir, progress=progress)
+        leave_one_source_out(run_dir, external, cache_dir, progress, min_unit_images)
+    write_run_report(run_dir)
 
 
 def reproduce_designs(
@@ -210,6 +217,7 @@ def reproduce_designs(
     weights_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    min_unit_images: int = MIN_UNIT_IMAGES,
 ) -> list[dict]:
     """The paper's design (first dataset only) beside the deconfounded one (every dataset) for each
     preprocessing variant, each with its test metrics, shortcut audit and leave-one-source-out figures.
@@ -234,15 +242,20 @@ def reproduce_designs(
         ("deconfounded", name, data, TrainConfig.from_dict(config.to_dict() | DESIGN_VARIANTS[name]), [])
         for name in variants
     ]
+    for _, variant, _, run_config, _ in plan:
+        if run_config.trains_on_images:  # leave-one-source-out retrains on cached features only
+            raise CovidxrError(f"variant {variant}: fine-tuning or fresh augmentation cannot be compared here")
     rows = []
     for design, variant, folders, run_config, external in plan:
         run_dir = out / (design if design == "paper" else f"deconfounded-{variant}")
         started = time.perf_counter()
+        if (run_dir / "run.json").exists() and TrainConfig.load(run_dir / "config.yaml") != run_config:
+            raise CovidxrError(f"{run_dir}: holds a run of another configuration; choose a new --out folder")
         if not (run_dir / "run.json").exists():
             train(folders, run_dir, run_config, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress)
         # Grad-CAM and its checks for the two reference runs; the variants differ in preprocessing only.
         explain = variant in {"paper", "none"}
-        _finish_run(run_dir, external, weights_dir, cache_dir, progress, run_config.seed, explain)
+        _finish_run(run_dir, external, weights_dir, cache_dir, progress, run_config.seed, explain, min_unit_images)
         rows.append({**_design_row(run_dir, design, variant), "wall_seconds": round(time.perf_counter() - started, 1)})
         row = rows[-1]
         print(
