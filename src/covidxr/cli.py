@@ -223,8 +223,15 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
 )
 @click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
+@click.option(
+    "--engine",
+    type=click.Choice(["torch", "onnx"]),
+    default="torch",
+    show_default=True,
+    help="onnx: the model exported once to ONNX and run by onnxruntime (faster on CPU).",
+)
 @model_options
-def predict_command(images, run, as_json, out, resume, chunk_size, weights, weights_dir, cache_dir):
+def predict_command(images, run, as_json, out, resume, chunk_size, engine, weights, weights_dir, cache_dir):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
     from covidxr.inference import expand_inputs, predict_files, predict_to_file
     from covidxr.train import load_run
@@ -250,7 +257,7 @@ def predict_command(images, run, as_json, out, resume, chunk_size, weights, weig
         if errors:
             raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
         return
-    results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress())
+    results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=engine)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -273,6 +280,23 @@ def predict_command(images, run, as_json, out, resume, chunk_size, weights, weig
     failures = sum("error" in r for r in results)
     if failures:
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
+
+
+@cli.command("export")
+@click.argument("run", type=_path)
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", type=_path, default=None, help="Output .onnx file (default: RUN/model.onnx).")
+@weights_options
+def export_command(run, fmt, out, weights, weights_dir):
+    """Export a run as one graph (preprocessed image → features, logits) plus a JSON sidecar."""
+    from covidxr.engines import export_onnx, sidecar
+    from covidxr.train import load_run
+
+    loaded = load_run(run, weights, weights_dir)
+    target = out or loaded.path / "model.onnx"
+    info = sidecar(loaded.model, loaded.labels, loaded.temperature, loaded.covid_threshold)
+    export_onnx(loaded.model, target, info)
+    click.echo(f"wrote {target} and {target.with_suffix('.json')} (labels, preprocessing, temperature, threshold)")
 
 
 @cli.command("explain")

@@ -13,10 +13,11 @@ import torch
 from tqdm import tqdm
 
 from covidxr import DISCLAIMER
-from covidxr.calibration import POSITIVE
-from covidxr.data import IMAGE_SUFFIXES, read_image
+from covidxr.calibration import POSITIVE, softmax
+from covidxr.data import IMAGE_SUFFIXES, LABELS, read_image
+from covidxr.engines import ENGINES, OnnxEngine, cached_export, sidecar
 from covidxr.errors import CovidxrError
-from covidxr.features import compute_features
+from covidxr.features import compute_features, iterate_batches
 from covidxr.models import CovidxrNet
 from covidxr.ood import is_blank
 from covidxr.train import Run
@@ -36,16 +37,24 @@ def predict_files(
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = True,
+    engine: str = "torch",
 ) -> list[dict]:
     """One result per file — label and calibrated probabilities, or the error — continuing past bad files.
 
     ``covid_positive`` applies the run's COVID-19 threshold, chosen on validation data;
     ``out_of_distribution`` says whether the image is unlike the training X-rays (``covidxr.ood``;
-    ``None`` for runs made before the guard existed).
+    ``None`` for runs made before the guard existed). ``engine`` is ``torch`` (features from the
+    feature cache where present) or ``onnx`` (the exported graph in onnxruntime; see ``covidxr.engines``).
     """
     model, labels = run.model, run.labels
-    features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress)
-    probabilities = head_probabilities(model, features, run.temperature)
+    if engine == "torch":
+        features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress)
+        probabilities = head_probabilities(model, features, run.temperature)
+    elif engine == "onnx":
+        features, logits, errors = _run_engine(onnx_engine(run, cache_dir), model, paths, batch_size, num_workers)
+        probabilities = softmax(logits.astype(np.float64), run.temperature)
+    else:
+        raise CovidxrError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     guard = run.ood_guard
     scores = guard.score(features) if guard is not None else None
     blank = {i for i, path in enumerate(paths) if i not in errors and guard is not None and is_blank(read_image(path))}
@@ -68,6 +77,25 @@ def predict_files(
             }
         )
     return results
+
+
+def onnx_engine(run: Run, cache_dir: str | Path | None = None) -> OnnxEngine:
+    """The run's model exported to ONNX (once, then from the cache) and loaded into onnxruntime."""
+    info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
+    return OnnxEngine(cached_export(run.model, info, cache_dir))
+
+
+def _run_engine(engine, model: CovidxrNet, paths: Sequence[str | Path], batch_size: int, num_workers: int):
+    """Features and logits of every readable file, decoding in workers while the engine runs."""
+    features = np.zeros((len(paths), model.spec.num_features), dtype=np.float32)
+    logits = np.zeros((len(paths), len(LABELS)), dtype=np.float32)
+    errors: dict[int, str] = {}
+    for indices, inputs, batch_errors in iterate_batches(
+        [Path(p) for p in paths], model.input_transform, batch_size, num_workers, None
+    ):
+        features[indices], logits[indices] = engine(inputs)
+        errors |= {i: e for i, e in zip(indices, batch_errors, strict=True) if e}
+    return features, logits, errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +163,7 @@ def predict_to_file(
     num_workers: int = 1,
     progress: bool = True,
     chunk_size: int = CHUNK,
+    engine: str = "torch",
 ) -> tuple[list[dict], int]:
     """Predict files and folders into ``out`` (``.csv`` or ``.json``), one row per image, written chunk
     by chunk: a crash or Ctrl-C leaves a valid file of the finished rows, and ``resume`` completes it
@@ -160,7 +189,8 @@ def predict_to_file(
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             new = [
-                _flat_row(r, run.labels) for r in predict_files(run, chunk, cache_dir, batch_size, num_workers, False)
+                _flat_row(r, run.labels)
+                for r in predict_files(run, chunk, cache_dir, batch_size, num_workers, False, engine)
             ]
             rows += new
             if out.suffix == ".csv":

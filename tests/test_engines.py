@@ -1,0 +1,101 @@
+"""The ONNX export and the onnxruntime engine agree with torch on real X-rays."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+
+from covidxr.config import TrainConfig
+from covidxr.data import read_image
+from covidxr.engines import OnnxEngine, TorchEngine, cached_export, sidecar
+from covidxr.errors import CovidxrError
+from covidxr.inference import predict_files
+from covidxr.train import load_run, train
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = replace(TrainConfig(image_size=224), epochs=2, intensity="clahe")  # the pipeline must travel too
+    return train(small_dataset, tmp_path_factory.mktemp("runs") / "r", config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def images(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    run = load_run(run_dir)
+    paths = run.dataset().paths()[::4][:12]
+    bad = tmp_path_factory.mktemp("bad") / "notes.png"
+    bad.write_text("not an image")
+    return [*paths[:6], bad, *paths[6:]]
+
+
+def test_onnx_predictions_match_torch(run_dir: Path, images: list[Path], tmp_path: Path) -> None:
+    run = load_run(run_dir)
+    by_torch = predict_files(run, images, tmp_path / "cache", progress=False, engine="torch")
+    by_onnx = predict_files(run, images, tmp_path / "cache", progress=False, engine="onnx")
+    assert [("error" in r) for r in by_torch] == [("error" in r) for r in by_onnx] == [i == 6 for i in range(13)]
+    for a, b in zip(by_torch, by_onnx, strict=True):
+        if "error" in a:
+            assert a["error"] == b["error"]
+            continue
+        assert a["label"] == b["label"]
+        assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) < 1e-4
+        assert a["ood_score"] == pytest.approx(b["ood_score"], rel=1e-3)
+
+
+def test_export_cli_writes_graph_and_sidecar(run_dir: Path, images: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "exported" / "lite0.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "covidxr", "export", str(run_dir), "--format", "onnx", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    info = json.loads(out.with_suffix(".json").read_text())
+    run = load_run(run_dir)
+    assert info["labels"] == run.labels
+    assert info["temperature"] == run.temperature and info["covid_threshold"] == run.covid_threshold
+    assert info["pipeline"]["intensity"] == "clahe" and info["image_size"] == 224
+    # A user with only the graph, the sidecar and onnxruntime gets the same logits.
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    inputs = np.stack([run.model.input_tensor(read_image(p)).numpy() for p in images[:3]])
+    features, logits = session.run(["features", "logits"], {"image": inputs})
+    expected_features, expected_logits = TorchEngine(run.model)(inputs)
+    assert np.abs(logits - expected_logits).max() < 1e-4
+    assert np.abs(features - expected_features).max() < 1e-4
+
+
+def test_cached_export_is_reused_and_rebuilt_when_damaged(run_dir: Path, tmp_path: Path) -> None:
+    run = load_run(run_dir)
+    info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
+    first = cached_export(run.model, info, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cached_export(run.model, info, tmp_path).stat().st_mtime_ns == stamp  # reused
+    first.write_bytes(b"\x00garbage")
+    rebuilt = cached_export(run.model, info, tmp_path)
+    assert rebuilt == first and rebuilt.stat().st_size > 1_000_000
+    stale = {**info, "key": {**info["key"], "head_sha256": "0" * 64}}
+    first.with_suffix(".json").write_text(json.dumps(stale))
+    stamp = first.stat().st_mtime_ns
+    cached_export(run.model, info, tmp_path)
+    assert first.stat().st_mtime_ns != stamp  # a sidecar for other weights means a stale export: rebuilt
+
+
+def test_bad_engine_settings_are_refused(run_dir: Path, tmp_path: Path) -> None:
+    run = load_run(run_dir)
+    path = cached_export(run.model, sidecar(run.model, run.labels, 1.0, 0.5), tmp_path)
+    for threads in (0, (os.cpu_count() or 1) + 1):
+        with pytest.raises(CovidxrError, match="threads must be between 1 and"):
+            OnnxEngine(path, threads=threads)
+    (tmp_path / "broken.onnx").write_bytes(b"not a graph")
+    with pytest.raises(CovidxrError, match="broken.onnx: not a usable ONNX graph"):
+        OnnxEngine(tmp_path / "broken.onnx")
+    with pytest.raises(CovidxrError, match="engine must be one of"):
+        predict_files(run, [], engine="tensorrt")
