@@ -1,0 +1,107 @@
+"""The Python API: ``covidxr.load_model(run)`` → ``model.predict(images)`` / ``model.explain(images)``.
+
+Images may be file paths (PNG, JPEG, TIFF, DICOM) or decoded images (PIL images or HxW / HxWx3
+uint8 arrays). Every result carries the research-use disclaimer. The command line is built on
+the same functions (``covidxr.inference``), so both answer alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from covidxr import DISCLAIMER
+from covidxr.calibration import POSITIVE, softmax
+from covidxr.data import read_image
+from covidxr.engines import ENGINES, TorchEngine
+from covidxr.errors import CovidxrError
+from covidxr.explain import METHODS, Explainer, overlay
+from covidxr.inference import onnx_engine, predict_files
+from covidxr.ood import is_blank
+from covidxr.train import Run, load_run
+
+ImageLike = str | Path | Image.Image | np.ndarray
+
+
+def _as_image(item: ImageLike) -> Image.Image:
+    if isinstance(item, str | Path):
+        return read_image(item)
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    array = np.asarray(item)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise CovidxrError(f"an image array must be uint8 HxW or HxWx3, not {array.dtype} {array.shape}")
+    return Image.fromarray(array).convert("RGB")
+
+
+class Model:
+    """A trained covidxr model, ready to predict and explain."""
+
+    def __init__(self, run: Run, engine: str = "torch", cache_dir: str | Path | None = None):
+        if engine not in ENGINES:
+            raise CovidxrError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+        self.run, self.engine_name, self.cache_dir = run, engine, cache_dir
+        self._engine = TorchEngine(run.model) if engine == "torch" else onnx_engine(run, cache_dir)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.run.labels
+
+    def predict(self, images: Sequence[ImageLike], batch_size: int = 32) -> list[dict]:
+        """Label, calibrated probabilities, COVID-19 threshold decision and out-of-distribution flag per image.
+
+        File paths are read in batches and an unreadable file gets ``error`` instead of a label; for
+        decoded images a bad one raises ``CovidxrError``.
+        """
+        if all(isinstance(item, str | Path) for item in images):
+            return predict_files(
+                self.run, list(images), self.cache_dir, batch_size, progress=False, engine=self.engine_name
+            )
+        decoded = [_as_image(item) for item in images]
+        results = []
+        guard, covid = self.run.ood_guard, self.labels.index(POSITIVE)
+        for start in range(0, len(decoded), batch_size):
+            batch = decoded[start : start + batch_size]
+            features, logits = self._engine(torch.stack([self.run.model.input_tensor(image) for image in batch]))
+            probabilities = softmax(logits.astype(np.float64), self.run.temperature)
+            scores = guard.score(features) if guard is not None else [None] * len(batch)
+            for image, p, score in zip(batch, probabilities, scores, strict=True):
+                results.append(
+                    {
+                        "label": self.labels[int(p.argmax())],
+                        "probabilities": {label: float(v) for label, v in zip(self.labels, p, strict=True)},
+                        "covid_threshold": self.run.covid_threshold,
+                        "covid_positive": bool(p[covid] >= self.run.covid_threshold),
+                        "out_of_distribution": None
+                        if guard is None
+                        else bool(score > guard.threshold or is_blank(image)),
+                        "ood_score": None if score is None else float(score),
+                        "disclaimer": DISCLAIMER,
+                    }
+                )
+        return results
+
+    def explain(self, images: Sequence[ImageLike], method: str = "gradcam") -> list[dict]:
+        """``predict``'s answer plus the class activation map (``map``, input-sized floats in [0, 1])
+        for the predicted class and its ``overlay`` on the image (a PIL image). Explanations need
+        gradients, so they always run in torch."""
+        if method not in METHODS:
+            raise CovidxrError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        decoded = [_as_image(item) for item in images]
+        results = self.predict(decoded)
+        explainer = Explainer(self.run.model, method)
+        inputs = torch.stack([self.run.model.input_tensor(image) for image in decoded])
+        classes = [self.labels.index(result["label"]) for result in results]
+        maps = explainer(inputs, classes)
+        for result, image, cam in zip(results, decoded, maps, strict=True):
+            result |= {"method": method, "map": cam, "overlay": overlay(self.run.model.pipeline(image), cam)}
+        return results
+
+
+def load_model(path: str | Path, engine: str = "torch", cache_dir: str | Path | None = None) -> Model:
+    """A trained model from a run folder (``covidxr train`` / ``reproduce`` output)."""
+    return Model(load_run(path), engine, cache_dir)
