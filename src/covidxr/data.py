@@ -36,6 +36,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".di
 REQUIRED_COLUMNS = ("filename", "label", "patient_id")
 # Larger than any radiograph (a 43x43 cm detector at 0.1 mm is ~18 Mpx); bigger files are refused.
 MAX_IMAGE_PIXELS = 60_000_000
+MIN_IMAGE_SIDE = 32  # a 1x1 or thumbnail "image" carries no anatomy to classify
 SPLITS = ("train", "val", "test")
 
 
@@ -53,6 +54,17 @@ def canonical_label(value: object) -> str | None:
 
 
 def read_image(path: str | Path) -> Image.Image:
+    """Decode an image file into 8-bit RGB (see ``_decode``); refuse images too small to be a radiograph."""
+    image = _decode(Path(path))
+    if min(image.size) < MIN_IMAGE_SIDE:
+        raise CovidxrError(
+            f"{path}: {image.width}x{image.height} pixels is too small to be a chest radiograph "
+            f"(at least {MIN_IMAGE_SIDE} pixels a side)"
+        )
+    return image
+
+
+def _decode(path: Path) -> Image.Image:
     """Decode an image file into 8-bit RGB, whatever its mode (16-bit, RGBA, palette, grey) or DICOM.
 
     High-bit-depth images are scaled by their own range, so 12-bit data in a 16-bit container
@@ -83,8 +95,11 @@ def read_image(path: str | Path) -> Image.Image:
     except UnidentifiedImageError as exc:
         if path.suffix.lower() not in dicom.DICOM_SUFFIXES:
             raise CovidxrError(f"{path}: not a readable image ({type(exc).__name__})") from None
-    except Image.DecompressionBombError as exc:
-        raise CovidxrError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    except Image.DecompressionBombError:
+        raise CovidxrError(
+            f"{path}: image is over the limit of {MAX_IMAGE_PIXELS:,} pixels (refused before decoding: "
+            "a decompression bomb or not a radiograph)"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise CovidxrError(f"{path}: corrupt or truncated image ({exc})") from None
     # A .dcm/.dicom file that no image format recognised: a DICOM without preamble, or not an image at all.
