@@ -16,6 +16,7 @@ from PIL import Image
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
+from covidxr.card import default_model_path
 from covidxr.data import read_image
 from covidxr.engines import ENGINES, TorchEngine
 from covidxr.errors import CovidxrError
@@ -102,6 +103,7 @@ class Model:
         return results
 
 
-def load_model(path: str | Path, engine: str = "torch", cache_dir: str | Path | None = None) -> Model:
-    """A trained model from a run folder (``covidxr train`` / ``reproduce`` output)."""
-    return Model(load_run(path), engine, cache_dir)
+def load_model(path: str | Path | None = None, engine: str = "torch", cache_dir: str | Path | None = None) -> Model:
+    """A trained model from a run folder (``covidxr train`` / ``reproduce`` output), or with no path
+    the model bundled with the package (see its card: ``covidxr model-card``)."""
+    return Model(load_run(path if path is not None else default_model_path()), engine, cache_dir)

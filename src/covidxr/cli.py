@@ -213,7 +213,9 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
 
 @cli.command("predict")
 @click.argument("images", type=_path, nargs=-1, required=True)
-@click.option("--model", "run", type=_path, required=True, help="Run folder of a trained model.")
+@click.option(
+    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option(
     "--out",
@@ -233,10 +235,11 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
 @model_options
 def predict_command(images, run, as_json, out, resume, chunk_size, engine, weights, weights_dir, cache_dir):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
+    from covidxr.card import default_model_path
     from covidxr.inference import expand_inputs, predict_files, predict_to_file
     from covidxr.train import load_run
 
-    loaded = load_run(run, weights, weights_dir)
+    loaded = load_run(run or default_model_path(), weights, weights_dir)
     if out is not None:
         try:
             rows, new = predict_to_file(
@@ -297,6 +300,27 @@ def export_command(run, fmt, out, weights, weights_dir):
     info = sidecar(loaded.model, loaded.labels, loaded.temperature, loaded.covid_threshold)
     export_onnx(loaded.model, target, info)
     click.echo(f"wrote {target} and {target.with_suffix('.json')} (labels, preprocessing, temperature, threshold)")
+
+
+@cli.command("model-card")
+@click.argument("run", type=_path, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
+def model_card_command(run, as_json):
+    """The model card of a run folder (default: the bundled model): data, confounders, metrics, audit, failures."""
+    from covidxr.card import default_model_path, model_card, render_model_card
+
+    card = model_card(run or default_model_path())
+    click.echo(json.dumps(card, indent=2) if as_json else render_model_card(card))
+
+
+@cli.command("bundle")
+@click.argument("run", type=_path)
+@click.option("--dest", type=_path, default=None, help="Destination folder (default: the package's bundled/).")
+def bundle_command(run, dest):
+    """Make an evaluated, audited and held-out run the packaged default model (for maintainers)."""
+    from covidxr.card import BUNDLED, bundle_run
+
+    click.echo(f"bundled {run} → {bundle_run(run, dest or BUNDLED)}")
 
 
 @cli.command("explain")

@@ -1,0 +1,205 @@
+"""Model cards, and the model that ships with the package.
+
+A model card says what a model is for and, more importantly here, what it is not good at: its
+training data and their confounders, its test metrics with intervals, the shortcut audit's verdicts,
+its leave-one-source-out figures and the failure modes they reveal. Everything in it is read from
+the run folder (``run.json``, ``metrics.json``, ``audit.json``, ``loso.json``); nothing is typed in.
+
+``bundle_run`` copies what prediction needs (configuration, head, out-of-distribution statistics)
+and the evidence (metrics, audit, leave-one-source-out) into ``covidxr/bundled``, without image
+paths of the machine it was trained on, so ``covidxr predict IMAGE`` works after ``pip install``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from covidxr import DISCLAIMER
+from covidxr.errors import CovidxrError
+
+BUNDLED = Path(__file__).parent / "bundled"
+BUNDLE_FILES = ("config.yaml", "head.safetensors", "ood.safetensors", "history.csv", "metrics.json", "audit.json")
+INTENDED_USE = (
+    "Research on shortcut learning and generalisation in chest X-ray classification (COVID-19 / NORMAL / "
+    "PNEUMONIA); teaching; a baseline to beat. Not a medical device: never use it for diagnosis, triage or "
+    "any decision about a patient."
+)
+
+
+def default_model_path() -> Path:
+    """The model bundled with the package, for ``predict`` and ``load_model`` without a run folder."""
+    if not (BUNDLED / "run.json").is_file():
+        raise CovidxrError("this installation has no bundled model; pass a run folder (--model RUN)")
+    return BUNDLED
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(value: float | None, interval: list | None = None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.1%}"
+    return text + (f" (95% CI {interval[0]:.1%}–{interval[1]:.1%})" if interval else "")
+
+
+def model_card(run_dir: str | Path) -> dict:
+    """The card of a run folder (or of the bundled model) as a dictionary."""
+    folder = Path(run_dir)
+    info = _read(folder / "run.json")
+    if info is None:
+        raise CovidxrError(f"{folder}: not a covidxr run folder (no run.json)")
+    metrics, audit, loso = (_read(folder / name) for name in ("metrics.json", "audit.json", "loso.json"))
+    card: dict = {
+        "model": info["model"]["name"],
+        "weights": {"kind": info["weights"]["kind"], "sha256": info["weights"]["sha256"]},
+        "design": info.get("design", {}).get("summary", "the paper's protocol"),
+        "labels": info["labels"],
+        "training_data": {
+            "datasets": [Path(d).name for d in info.get("datasets", [info["data"]])],
+            "images_by_split_and_source": {part: s.get("by_source") for part, s in info["split_sizes"].items()},
+        },
+        "calibration": {
+            "temperature": info["calibration"]["temperature"],
+            "covid_threshold": info["calibration"]["covid_threshold"]["value"],
+        },
+        "out_of_distribution": info.get("out_of_distribution"),
+        "intended_use": INTENDED_USE,
+        "disclaimer": DISCLAIMER,
+    }
+    if metrics:
+        covid = metrics["covid_vs_rest"]
+        card["test_metrics"] = {
+            "data": f"{' + '.join(card['training_data']['datasets'])}, {metrics['split']} split",
+            "n": metrics["n"],
+            "accuracy": metrics["accuracy"],
+            "accuracy_ci95": metrics["accuracy_ci95"],
+            "covid_sensitivity": covid["sensitivity"],
+            "covid_sensitivity_ci95": covid["sensitivity_ci95"],
+            "covid_specificity": covid["specificity"],
+            "covid_specificity_ci95": covid["specificity_ci95"],
+            "by_source": metrics.get("by_source"),
+        }
+    if audit:
+        card["audit"] = {"verdict": audit["verdict"], **{k: v["verdict"] for k, v in audit["checks"].items()}}
+        card["audit_summaries"] = {k: v["summary"] for k, v in audit["checks"].items()}
+    if loso:
+        card["leave_one_source_out"] = {
+            "pooled": loso["pooled"],
+            "units": [
+                {k: u.get(k) for k in ("unit", "status", "n", "covid_sensitivity", "other_called_covid")}
+                for u in loso["units"]
+            ],
+        }
+    card["confounders"] = _confounders(folder)
+    card["failure_modes"] = _failure_modes(card)
+    return card
+
+
+def _confounders(folder: Path) -> list[str]:
+    """Where a class comes from one source only, or one age group only, in the training table."""
+    path = folder / "splits.csv"
+    if not path.is_file():
+        return []
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    notes = []
+    for label, rows in frame.groupby("label"):
+        sources = rows["source"].value_counts()
+        if len(sources) == 1:
+            notes.append(f"every {label} image comes from one source ({sources.index[0]})")
+        if "age_group" in rows.columns:
+            ages = rows.loc[rows["age_group"] != "", "age_group"].value_counts(normalize=True)
+            if len(ages) and ages.iloc[0] >= 0.95:
+                notes.append(f"{ages.iloc[0]:.0%} of the {label} images of known age are {ages.index[0]}")
+    return notes
+
+
+def _failure_modes(card: dict) -> list[str]:
+    modes = [
+        "COVID-19 images all come from one public collection (ieee8023, figures from publications and case "
+        "sites): nothing here shows how it behaves on a hospital's own COVID-19 radiographs.",
+        "The out-of-distribution guard flags photographs, drawings and blank images, not X-rays from another "
+        "hospital: a chest X-ray it has never seen the like of still gets a confident answer.",
+    ]
+    for unit in card.get("leave_one_source_out", {}).get("units", []):
+        if unit["status"] == "evaluated" and unit.get("other_called_covid") is not None:
+            modes.append(
+                f"Trained without {unit['unit']}, it called {_pct(unit['other_called_covid'])} of that source's "
+                f"{unit['n']} non-COVID images COVID-19."
+            )
+    if card.get("audit", {}).get("verdict") in {"fail", "warning"}:
+        modes.append(f"The shortcut audit's verdict is {card['audit']['verdict']}: see the audit summaries.")
+    return modes
+
+
+def render_model_card(card: dict) -> str:
+    """The card as Markdown."""
+    lines = [f"# Model card: covidxr {card['model']}", "", f"**{card['disclaimer']}**", "", "## Intended use", ""]
+    lines += [card["intended_use"], "", "## Model", ""]
+    lines += [
+        f"- Backbone: {card['model']} ({card['weights']['kind']} weights, sha256 {card['weights']['sha256'][:12]})"
+    ]
+    lines += [f"- Design: {card['design']}", f"- Classes: {', '.join(card['labels'])}"]
+    lines += [
+        f"- Calibration: temperature {card['calibration']['temperature']:.3f}; COVID-19 threshold "
+        f"{card['calibration']['covid_threshold']:.3f} (chosen on validation data)",
+        "",
+        "## Training data",
+        "",
+        f"- Datasets: {', '.join(card['training_data']['datasets'])}",
+    ]
+    for part, counts in card["training_data"]["images_by_split_and_source"].items():
+        lines.append(f"- {part}: " + ", ".join(f"{source} {n}" for source, n in (counts or {}).items()))
+    lines += ["", "## Confounders", ""] + [f"- {note}" for note in card["confounders"] or ["none found in the table"]]
+    if "test_metrics" in card:
+        t = card["test_metrics"]
+        lines += ["", f"## Test metrics ({t['data']}, n={t['n']})", ""]
+        lines += [f"- Accuracy: {_pct(t['accuracy'], t['accuracy_ci95'])}"]
+        lines += [f"- COVID-19 sensitivity: {_pct(t['covid_sensitivity'], t['covid_sensitivity_ci95'])}"]
+        lines += [f"- COVID-19 specificity: {_pct(t['covid_specificity'], t['covid_specificity_ci95'])}"]
+        lines += ["", "Internal test splits share their sources with training; read the next section."]
+    if "leave_one_source_out" in card:
+        pooled = card["leave_one_source_out"]["pooled"]
+        lines += ["", "## Leave-one-source-out (each source unseen in training)", ""]
+        sensitivity = _pct(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"))
+        false_alarms = _pct(pooled.get("other_called_covid"), pooled.get("other_called_covid_ci95"))
+        lines += [f"- Held-out COVID-19 sensitivity: {sensitivity}"]
+        lines += [f"- Held-out non-COVID images called COVID-19: {false_alarms}"]
+        auc = pooled.get("covid_vs_rest_auc")
+        lines += [f"- Pooled COVID-19-versus-rest AUC: {'n/a' if auc is None else f'{auc:.3f}'}"]
+    if "audit" in card:
+        lines += ["", f"## Shortcut audit: {card['audit']['verdict']}", ""]
+        lines += [f"- {name}: {card['audit'][name]} — {summary}" for name, summary in card["audit_summaries"].items()]
+    lines += ["", "## Known failure modes", ""] + [f"- {mode}" for mode in card["failure_modes"]]
+    return "\n".join(lines) + "\n"
+
+
+def bundle_run(run_dir: str | Path, dest: str | Path = BUNDLED) -> Path:
+    """Copy a finished run into ``dest`` as the packaged default model, with its card."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    missing = [name for name in (*BUNDLE_FILES, "run.json", "loso.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise CovidxrError(f"{run_dir}: cannot be bundled without {', '.join(missing)} (evaluate, audit, hold out)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in BUNDLE_FILES:
+        shutil.copy2(run_dir / name, dest / name)
+    info = json.loads((run_dir / "run.json").read_text())
+    info["weights"]["location"] = "pip package"  # no paths of the training machine in the package
+    info["data"] = Path(info["data"]).name
+    info["datasets"] = [Path(d).name for d in info.get("datasets", [])]
+    info["environment"].pop("command", None)
+    (dest / "run.json").write_text(json.dumps(info, indent=2))
+    loso = json.loads((run_dir / "loso.json").read_text())
+    loso["run"] = "bundled"
+    (dest / "loso.json").write_text(json.dumps(loso, indent=2))
+    splits = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    splits[["filename", "label", "source", "split"] + [c for c in ("site", "age_group") if c in splits]].to_csv(
+        dest / "splits.csv", index=False
+    )
+    (dest / "model_card.md").write_text(render_model_card(model_card(dest)))
+    return dest
