@@ -12,6 +12,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
+from covidxr.api import load_model
+from covidxr.card import bundle_run
 from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
 from covidxr.generalisation import holdout_units
@@ -241,3 +243,30 @@ def test_cli_refuses_bad_designs_with_one_line(datasets, tmp_path: Path) -> None
         assert result.returncode == 1, result.stderr
         assert_one_line_error(result, fragment)
         assert not out.exists()
+
+
+def test_a_designs_run_bundles_with_its_model_card(designs: Path, datasets: tuple[Path, Path], tmp_path: Path) -> None:
+    source = designs / "deconfounded-combined"
+    bundled = bundle_run(source, tmp_path / "bundled")
+    info = json.loads((bundled / "run.json").read_text())
+    text = (bundled / "run.json").read_text() + (bundled / "loso.json").read_text()
+    assert str(tmp_path.parent) not in text and str(datasets[0]) not in text  # no paths of the training machine
+    card = (bundled / "model_card.md").read_text()
+    for heading in ("## Intended use", "## Confounders", "## Leave-one-source-out", "## Known failure modes"):
+        assert heading in card
+    assert "every COVID-19 image comes from one source (ieee8023)" in card
+    assert "Research use only" in card
+    loso = json.loads((source / "loso.json").read_text())
+    nih = next(u for u in loso["units"] if u["unit"] == "nih")
+    assert f"Trained without nih, it called {nih['other_called_covid']:.1%}" in card
+    model = load_model(bundled)
+    [result] = model.predict([datasets[1] / pd.read_csv(datasets[1] / "metadata.csv")["filename"].iloc[0]])
+    assert result["out_of_distribution"] is not None and info["design"]["summary"] in card
+
+    as_json = covidxr("model-card", str(bundled), "--json")
+    assert as_json.returncode == 0 and json.loads(as_json.stdout)["audit"]["verdict"] in {"pass", "warning", "fail"}
+    (tmp_path / "incomplete").mkdir()
+    for name in ("run.json", "config.yaml", "head.safetensors"):
+        (tmp_path / "incomplete" / name).write_bytes((source / name).read_bytes())
+    with pytest.raises(CovidxrError, match="cannot be bundled without"):
+        bundle_run(tmp_path / "incomplete", tmp_path / "b2")
