@@ -13,7 +13,7 @@ measures, side by side in one run, on the same real X-rays and the same trained 
    - *torch channels-last fp32*: ``TorchEngine`` (what ``predict_files`` runs with ``engine="torch"``);
    - *torch bf16 autocast*: ``TorchEngine`` under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where
      ``covidxr.loop.bf16_supported`` says this CPU can ("not supported" otherwise);
-   - *onnxruntime fp32*: ``OnnxEngine`` on ``cached_export`` (via ``covidxr.inference.onnx_engine``, as
+   - *onnxruntime fp32*: ``OnnxEngine`` on ``cached_export`` (via ``covidxr.inference.make_engine(run, "onnx")``, as
      ``predict_files`` with ``engine="onnx"`` builds it).
 
    Each is timed at batch 1 (one image per call, over the first ``--latency-images`` images) and at
@@ -27,18 +27,16 @@ measures, side by side in one run, on the same real X-rays and the same trained 
 2. **end to end**: ``predict_files`` over the same image files (decode + preprocess in DataLoader workers,
    forward, out-of-distribution guard, calibration), with ``engine`` torch and onnx and ``num_workers``
    1 and 2, each timed ``--repeats`` times (interleaved; median reported) with a fresh, empty cache
-   folder per call, so the torch engine finds no cached features (it writes them there). The onnx engine
+   folder per call (prediction never reads or writes the feature cache). The onnx engine
    would export the graph again into an empty cache; the export made in part 1 is copied into each fresh
    cache first, so a call pays what it pays with a cached export (its validation and the session), not the
    one-time export. Each rate is printed as a percentage of the bare throughput of the same engine at the
    same batch size (torch channels-last fp32 for torch, onnxruntime for onnx), with PASS at 90 % or more
    and MISS below. To explain the gap it also measures, once each: decoding alone through
-   ``iterate_batches`` with 1 and 2 workers and in this process on one core, the guard's blank-image check
-   (``predict_files`` decodes every file a second time for it, in the main process, after the forward
-   passes), and building the onnx engine with a cached export; and it prints the best rate those measured
-   costs allow on these cores: 1 / (1 / bare + 1 / (cores x decode) + 1 / blank check), i.e. the forward
-   passes on all cores, decoding taking its core time from them, the blank check after them on one core,
-   and no other overhead.
+   ``iterate_batches`` with 1 and 2 workers (which includes the guard's blank-image check) and in this
+   process on one core, and building the onnx engine with a cached export; and it prints the best rate
+   those measured costs allow on these cores: 1 / (1 / bare + 1 / (cores x decode)), i.e. the forward
+   passes on all cores, decoding taking its core time from them, and no other overhead.
 
 The model is EfficientNet-Lite0 (its pip-installed weights) in a covidxr run trained for the purpose: a
 temporary dataset folder of real cxr3 images (symlinks, whole patients, ``--train-images`` per class),
@@ -75,9 +73,8 @@ from covidxr.config import TrainConfig
 from covidxr.data import read_image
 from covidxr.engines import TorchEngine
 from covidxr.features import iterate_batches
-from covidxr.inference import onnx_engine, predict_files
+from covidxr.inference import make_engine, predict_files
 from covidxr.loop import bf16_supported
-from covidxr.ood import is_blank
 from covidxr.train import Run, load_run, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,7 +272,7 @@ def bare_model(
 ) -> tuple[dict[str, Measured], float]:
     bf16 = bf16_supported(torch.device("cpu"))
     started = time.perf_counter()
-    onnx = onnx_engine(run, cache)
+    onnx = make_engine(run, "onnx", cache)
     export_seconds = time.perf_counter() - started
     variants = {
         "eager": Measured("torch eager fp32 (NCHW)", eager_engine(run), "reference"),
@@ -403,13 +400,9 @@ def end_to_end(
     for path in paths:
         run.model.input_transform(read_image(path))
     decode_rate = len(paths) / (time.perf_counter() - started)  # warm: the files are in the page cache now
-    guarded = run.ood_guard is not None  # predict_files checks for blank images only when the run has a guard
-    started = time.perf_counter()
-    blanks = sum(is_blank(read_image(p)) for p in paths)
-    blank_rate = len(paths) / (time.perf_counter() - started)
     cache = fresh_cache(tmp / "e2e-session", export)
     started = time.perf_counter()
-    onnx_engine(run, cache)
+    make_engine(run, "onnx", cache)
     session_seconds = time.perf_counter() - started
     shutil.rmtree(cache)
 
@@ -446,32 +439,23 @@ def end_to_end(
     for workers, rate in decode_rates.items():
         print(f"     decode + preprocess alone, iterate_batches with {workers} worker(s), no model: {rate:8.1f} img/s")
     print(
-        f"     the guard's blank check, read_image + is_blank per file in the main process: {blank_rate:8.1f} img/s "
-        f"({len(paths) / blank_rate:.2f} s for {len(paths)} files; {blanks} blank); "
-        + (
-            "predict_files decodes every file a second time for it, after the forward passes, on one core"
-            if guarded
-            else "this run has no guard, so predict_files skips it (not counted below)"
-        )
-    )
-    print(
-        f"     onnx_engine() with the export cached (a validation session + the real one): {session_seconds:.2f} s "
-        "per predict_files call (predict_to_file pays it per chunk of 256 files)"
+        f"     make_engine(run, 'onnx') with the export cached (a validation session + the real one): "
+        f"{session_seconds:.2f} s per predict_files call given an engine name (predict_to_file builds it once)"
     )
     cores = os.cpu_count() or 1
     decode_core_seconds = 1 / decode_rate  # one image's decode + preprocess, on one core
     for engine in ("torch", "onnx"):
-        # The forward passes use every core; decoding in workers competes for the same cores; the blank check
-        # runs afterwards on one core. Best case: no other overhead, and the cores shared perfectly.
-        best = 1 / (1 / bare_rate[engine] + decode_core_seconds / cores + (1 / blank_rate if guarded else 0))
+        # The forward passes use every core; decoding (with the blank check) in workers competes for the same
+        # cores. Best case: no other overhead, and the cores shared perfectly.
+        best = 1 / (1 / bare_rate[engine] + decode_core_seconds / cores)
         print(
             f"     best case for {engine} on {cores} core(s) from these costs: 1 / (1/{bare_rate[engine]:.1f} + "
-            f"1/({cores} x {decode_rate:.1f})" + (f" + 1/{blank_rate:.1f}" if guarded else "") + f") = "
+            f"1/({cores} x {decode_rate:.1f})) = "
             f"{best:.1f} img/s = {best / bare_rate[engine]:.0%} of bare"
         )
     print(
         f"     ({decode_rate:.1f} img/s: decode + preprocess of every file again in this process, one core, files "
-        "in the page cache; forward on all cores, decoding sharing them, the blank check after it on one core)"
+        "in the page cache; forward on all cores, decoding, with the blank check, sharing them)"
     )
     print()
 

@@ -18,10 +18,9 @@ from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
 from covidxr.card import default_model_path
 from covidxr.data import read_image
-from covidxr.engines import ENGINES, TorchEngine
 from covidxr.errors import CovidxrError
 from covidxr.explain import METHODS, Explainer, overlay
-from covidxr.inference import onnx_engine, predict_files
+from covidxr.inference import make_engine, predict_files
 from covidxr.ood import is_blank
 from covidxr.train import Run, load_run
 
@@ -43,10 +42,8 @@ class Model:
     """A trained covidxr model, ready to predict and explain."""
 
     def __init__(self, run: Run, engine: str = "torch", cache_dir: str | Path | None = None):
-        if engine not in ENGINES:
-            raise CovidxrError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
         self.run, self.engine_name, self.cache_dir = run, engine, cache_dir
-        self._engine = TorchEngine(run.model) if engine == "torch" else onnx_engine(run, cache_dir)
+        self._engine = make_engine(run, engine, cache_dir)
 
     @property
     def labels(self) -> list[str]:

@@ -23,6 +23,7 @@ from covidxr.cache import default_cache_dir
 from covidxr.data import file_sha256, read_image
 from covidxr.errors import CovidxrError
 from covidxr.models import CovidxrNet, InputTransform
+from covidxr.ood import is_blank
 from covidxr.preprocess import AcquisitionAugment
 
 
@@ -102,14 +103,16 @@ class ImageTensors(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
+        """``(index, input, error, blank)``: ``blank`` (a nearly uniform image) is cheap here, where the
+        decoded image already is, and the out-of-distribution guard needs it."""
         size = self.transform.image_size
         try:
             image = read_image(self.paths[index])
         except CovidxrError as exc:
-            return index, torch.zeros(3, size, size), str(exc)
+            return index, torch.zeros(3, size, size), str(exc), False
         if self.view is not None:
             image = self.view.augment(image, self.view.generator(self.digests[index]))
-        return index, self.transform(image), ""
+        return index, self.transform(image), "", is_blank(image)
 
 
 def _worker_init(_: int) -> None:
@@ -125,7 +128,7 @@ def iterate_batches(
     view: AugmentedView | None = None,
     digests: Sequence[str] | None = None,
 ):
-    """Yield ``(indices, inputs, errors)`` batches, decoding in worker processes while the model runs."""
+    """Yield ``(indices, inputs, errors, blanks)`` batches, decoding in worker processes while the model runs."""
     loader = DataLoader(
         ImageTensors(paths, transform, view, digests),
         batch_size=batch_size,
@@ -134,8 +137,8 @@ def iterate_batches(
         persistent_workers=False,
     )
     with tqdm(total=len(paths), desc=desc, unit="img", disable=desc is None, leave=False) as bar:
-        for indices, inputs, errors in loader:
-            yield indices.tolist(), inputs, list(errors)
+        for indices, inputs, errors, blanks in loader:
+            yield indices.tolist(), inputs, list(errors), blanks.tolist()
             bar.update(len(indices))
 
 
@@ -190,7 +193,7 @@ def compute_features(
             view,
             [digests[i] for i in todo],
         )
-        for positions, inputs, batch_errors in batches:
+        for positions, inputs, batch_errors, _ in batches:
             vectors = backbone_features(model, inputs)
             for position, vector, error in zip(positions, vectors, batch_errors, strict=True):
                 index = todo[position]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +17,11 @@ from tqdm import tqdm
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
-from covidxr.data import IMAGE_SUFFIXES, LABELS, read_image
-from covidxr.engines import ENGINES, OnnxEngine, cached_export, sidecar
+from covidxr.data import IMAGE_SUFFIXES
+from covidxr.engines import ENGINES, OnnxEngine, TorchEngine, cached_export, sidecar
 from covidxr.errors import CovidxrError
-from covidxr.features import compute_features, iterate_batches
+from covidxr.features import iterate_batches
 from covidxr.models import CovidxrNet
-from covidxr.ood import is_blank
 from covidxr.train import Run
 
 
@@ -30,6 +32,16 @@ def head_probabilities(model: CovidxrNet, features: np.ndarray, temperature: flo
     return torch.softmax(model.head(torch.from_numpy(features)) / temperature, dim=1).numpy()
 
 
+def make_engine(run: Run, engine: str, cache_dir: str | Path | None = None) -> TorchEngine | OnnxEngine:
+    """``torch`` (the model itself) or ``onnx`` (exported once into the cache, run by onnxruntime)."""
+    if engine == "torch":
+        return TorchEngine(run.model)
+    if engine == "onnx":
+        info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
+        return OnnxEngine(cached_export(run.model, info, cache_dir))
+    raise CovidxrError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+
+
 def predict_files(
     run: Run,
     paths: Sequence[str | Path],
@@ -37,27 +49,33 @@ def predict_files(
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = True,
-    engine: str = "torch",
+    engine: str | TorchEngine | OnnxEngine = "torch",
 ) -> list[dict]:
     """One result per file — label and calibrated probabilities, or the error — continuing past bad files.
 
-    ``covid_positive`` applies the run's COVID-19 threshold, chosen on validation data;
-    ``out_of_distribution`` says whether the image is unlike the training X-rays (``covidxr.ood``;
-    ``None`` for runs made before the guard existed). ``engine`` is ``torch`` (features from the
-    feature cache where present) or ``onnx`` (the exported graph in onnxruntime; see ``covidxr.engines``).
+    Files are decoded in a worker process while the engine (``torch``, ``onnx``, or one made by
+    ``make_engine``) runs; nothing is written to the feature cache (prediction is not training, and
+    a hospital's images should leave no trace). ``covid_positive`` applies the run's COVID-19
+    threshold, chosen on validation data; ``out_of_distribution`` says whether the image is unlike
+    the training X-rays (``covidxr.ood``; ``None`` for runs made before the guard existed).
     """
     model, labels = run.model, run.labels
-    if engine == "torch":
-        features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress)
-        probabilities = head_probabilities(model, features, run.temperature)
-    elif engine == "onnx":
-        features, logits, errors = _run_engine(onnx_engine(run, cache_dir), model, paths, batch_size, num_workers)
-        probabilities = softmax(logits.astype(np.float64), run.temperature)
-    else:
-        raise CovidxrError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    runner = make_engine(run, engine, cache_dir) if isinstance(engine, str) else engine
+    paths = [Path(p) for p in paths]
+    features = np.zeros((len(paths), model.spec.num_features), dtype=np.float32)
+    logits = np.zeros((len(paths), len(labels)), dtype=np.float32)
+    errors: dict[int, str] = {}
+    blank: set[int] = set()
+    desc = "predict" if progress else None
+    for indices, inputs, batch_errors, blanks in iterate_batches(
+        paths, model.input_transform, batch_size, num_workers, desc
+    ):
+        features[indices], logits[indices] = runner(inputs)
+        errors |= {i: e for i, e in zip(indices, batch_errors, strict=True) if e}
+        blank |= {i for i, b in zip(indices, blanks, strict=True) if b}
+    probabilities = softmax(logits.astype(np.float64), run.temperature)
     guard = run.ood_guard
     scores = guard.score(features) if guard is not None else None
-    blank = {i for i, path in enumerate(paths) if i not in errors and guard is not None and is_blank(read_image(path))}
     covid = labels.index(POSITIVE)
     results = []
     for i, path in enumerate(paths):
@@ -77,25 +95,6 @@ def predict_files(
             }
         )
     return results
-
-
-def onnx_engine(run: Run, cache_dir: str | Path | None = None) -> OnnxEngine:
-    """The run's model exported to ONNX (once, then from the cache) and loaded into onnxruntime."""
-    info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
-    return OnnxEngine(cached_export(run.model, info, cache_dir))
-
-
-def _run_engine(engine, model: CovidxrNet, paths: Sequence[str | Path], batch_size: int, num_workers: int):
-    """Features and logits of every readable file, decoding in workers while the engine runs."""
-    features = np.zeros((len(paths), model.spec.num_features), dtype=np.float32)
-    logits = np.zeros((len(paths), len(LABELS)), dtype=np.float32)
-    errors: dict[int, str] = {}
-    for indices, inputs, batch_errors in iterate_batches(
-        [Path(p) for p in paths], model.input_transform, batch_size, num_workers, None
-    ):
-        features[indices], logits[indices] = engine(inputs)
-        errors |= {i: e for i, e in zip(indices, batch_errors, strict=True) if e}
-    return features, logits, errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +152,29 @@ def _write_json(out: Path, run: Run, rows: list[dict]) -> None:
     os.replace(tmp, out)
 
 
+@contextmanager
+def _stop_after_chunk():
+    """Ctrl-C asks the loop to stop once the chunk in hand is written (a second Ctrl-C stops at once).
+
+    Only the main thread can handle signals; elsewhere Ctrl-C keeps its default behaviour.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, request)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def predict_to_file(
     run: Run,
     inputs: Sequence[str | Path],
@@ -185,12 +207,13 @@ def predict_to_file(
     columns = list(_flat_row({"file": ""}, run.labels))
     if out.suffix == ".csv" and not out.exists():
         pd.DataFrame(columns=columns).to_csv(out, index=False)
-    with tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
+    runner = make_engine(run, engine, cache_dir)  # once, not per chunk
+    with _stop_after_chunk() as stop, tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]
             new = [
                 _flat_row(r, run.labels)
-                for r in predict_files(run, chunk, cache_dir, batch_size, num_workers, False, engine)
+                for r in predict_files(run, chunk, cache_dir, batch_size, num_workers, False, runner)
             ]
             rows += new
             if out.suffix == ".csv":
@@ -201,6 +224,8 @@ def predict_to_file(
             else:
                 _write_json(out, run, rows)
             bar.update(len(chunk))
+            if stop.is_set() and start + chunk_size < len(todo):
+                raise KeyboardInterrupt
     if out.suffix == ".json" and not todo:
         _write_json(out, run, rows)
     return rows, len(todo)
