@@ -51,11 +51,11 @@ from covidxr.data import load_dataset, read_image
 from covidxr.errors import CovidxrError
 from covidxr.explain import METHODS, Explainer
 from covidxr.models import CovidxrNet, create_model, to_input_tensor
+from machine import describe_load, load_average
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
 PAPER_IMAGE_SIZE = 237
-LOAD_WARNING = 0.5
 # ScoreCAM last: it is timed separately, on fewer images.
 ORDER = ("gradcam", "gradcam++", "eigencam", "scorecam")
 
@@ -88,31 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.scorecam_images <= args.images:
         parser.error("--scorecam-images must be between 0 and --images")
     return args
-
-
-def load_average() -> float | None:
-    """The 1-minute system load average, or None where the platform has none."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def describe_load(load: float | None, own_threads: int = 0) -> str:
-    """The load, flagged when other processes probably competed for the cores.
-
-    At the end of a run the 1-minute average also counts this benchmark's own ``own_threads`` busy
-    threads, so only a load above ``LOAD_WARNING + own_threads`` is flagged then.
-    """
-    if load is None:
-        return "n/a"
-    limit = LOAD_WARNING + own_threads
-    text = f"{load:.2f}"
-    if own_threads:
-        text += f" (includes this run's own {own_threads} busy threads)"
-    if load > limit:
-        text += f"  (above {limit}: other processes shared these cores; timings are noisy)"
-    return text
 
 
 def choose_paths(data: Path, n_images: int) -> tuple[list[Path], list[str]]:

@@ -62,12 +62,12 @@ from covidxr.config import TrainConfig
 from covidxr.data import LABELS, load_dataset, read_image
 from covidxr.loop import TensorSet, Trainee, bf16_supported, fit
 from covidxr.models import CovidxrNet, create_model
+from machine import cpu_bf16_flags, cpu_model, describe_load, linked_dataset, load_average, small_subset
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
 MODEL = "efficientnet_lite0"
 IMAGE_SIZE = 224
-LOAD_WARNING = 0.5
 FEATURE_STEPS = 100  # the head alone takes well under a millisecond per step: time many
 
 
@@ -99,51 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.skip_ddp and args.batch_size % 2:
         parser.error("--batch-size must be even for the 2-process run (or pass --skip-ddp)")
     return args
-
-
-def load_average() -> float | None:
-    """The 1-minute system load average, or None where the platform has none."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def describe_load(load: float | None, own_threads: int = 0) -> str:
-    """The load, flagged when other processes probably competed for the cores (see ``explain.py``)."""
-    if load is None:
-        return "n/a"
-    limit = LOAD_WARNING + own_threads
-    text = f"{load:.2f}"
-    if own_threads:
-        text += f" (includes this run's own {own_threads} busy threads)"
-    if load > limit:
-        text += f"  (above {limit}: other processes shared these cores; timings are noisy)"
-    return text
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_bf16_flags() -> str:
-    """The CPU's native bfloat16 instruction sets (AMX tiles, AVX-512 BF16), as /proc/cpuinfo lists them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "n/a"
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags |= set(line.split(":", 1)[1].split())
-    present = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return ", ".join(present) or "none (bf16 would be emulated)"
 
 
 def choose_rows(frame: pd.DataFrame, n_images: int) -> pd.DataFrame:
@@ -382,32 +337,6 @@ def throughput(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------
 # Part 4: `covidxr train` in one process and in two under torch.distributed.run
 # ---------------------------------------------------------------------------------------------
-
-
-def small_subset(meta: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
-    """A few real images per class, whole patients only (as ``tests/conftest.py::small_subset``)."""
-    rows = []
-    for _, group in meta.groupby("label"):
-        patients = group["patient_id"].drop_duplicates().sample(frac=1.0, random_state=seed)
-        taken, count = [], 0
-        for patient in patients:
-            chosen = group[group["patient_id"] == patient]
-            taken.append(chosen)
-            count += len(chosen)
-            if count >= per_class:
-                break
-        rows.append(pd.concat(taken))
-    return pd.concat(rows).reset_index(drop=True)
-
-
-def linked_dataset(root: Path, source: Path, rows: pd.DataFrame) -> Path:
-    """A dataset folder whose ``metadata.csv`` lists ``rows`` and whose images link to ``source``'s files."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for name in rows["filename"]:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).symlink_to((source / name).resolve())
-    rows.to_csv(root / "metadata.csv", index=False)
-    return root
 
 
 def free_port() -> int:

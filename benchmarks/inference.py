@@ -76,13 +76,13 @@ from covidxr.features import iterate_batches
 from covidxr.inference import make_engine, predict_files
 from covidxr.loop import bf16_supported
 from covidxr.train import Run, load_run, train
+from machine import cpu_bf16_flags, cpu_model, describe_load, linked_dataset, load_average, small_subset
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
 MODEL = "efficientnet_lite0"
 IMAGE_SIZE = 224
 TARGET = 0.90  # end-to-end throughput as a share of the bare model's
-LOAD_WARNING = 0.5
 WARMUP_CALLS = 2  # untimed calls per batch shape and variant
 
 Engine = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
@@ -124,51 +124,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_average() -> float | None:
-    """The 1-minute system load average, or None where the platform has none."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def describe_load(load: float | None, own_threads: int = 0) -> str:
-    """The load, flagged when other processes probably competed for the cores (see ``explain.py``)."""
-    if load is None:
-        return "n/a"
-    limit = LOAD_WARNING + own_threads
-    text = f"{load:.2f}"
-    if own_threads:
-        text += f" (includes this run's own {own_threads} busy threads)"
-    if load > limit:
-        text += f"  (above {limit}: other processes shared these cores; timings are noisy)"
-    return text
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_bf16_flags() -> str:
-    """The CPU's native bfloat16 instruction sets (AMX tiles, AVX-512 BF16), as /proc/cpuinfo lists them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "n/a"
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags |= set(line.split(":", 1)[1].split())
-    present = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return ", ".join(present) or "none (bf16 would be emulated)"
-
-
 # ---------------------------------------------------------------------------------------------
 # The run and the images
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +131,6 @@ def cpu_bf16_flags() -> str:
 
 def train_run(data: Path, tmp: Path, per_class: int) -> tuple[Path, float, int]:
     """A covidxr run of EfficientNet-Lite0 at 224 px, 2 epochs, on a small linked subset of ``data``."""
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import linked_dataset, small_subset  # the test suite's own small real datasets
-
     meta = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False)
     rows = small_subset(meta, per_class)
     folder = linked_dataset(tmp / "train-data", data.resolve(), rows)

@@ -1,0 +1,68 @@
+"""What every benchmark prints about the machine it ran on, and the small real datasets they build.
+
+Benchmarks run as scripts (``python benchmarks/NAME.py``), so this module is imported as ``machine``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LOAD_WARNING = 0.5  # a 1-minute load above this (plus the benchmark's own threads) means shared cores
+
+sys.path.insert(0, str(REPO))
+from tests.conftest import linked_dataset, small_subset  # noqa: E402  (the test suite's own small real datasets)
+
+__all__ = ["cpu_bf16_flags", "cpu_model", "describe_load", "linked_dataset", "load_average", "small_subset"]
+
+
+def load_average() -> float | None:
+    """The 1-minute system load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def describe_load(load: float | None, own_threads: int = 0) -> str:
+    """The load, flagged when other processes probably competed for the cores.
+
+    At the end of a run the 1-minute average also counts this benchmark's own ``own_threads`` busy
+    threads, so only a load above ``LOAD_WARNING + own_threads`` is flagged then.
+    """
+    if load is None:
+        return "n/a"
+    limit = LOAD_WARNING + own_threads
+    text = f"{load:.2f}"
+    if own_threads:
+        text += f" (includes this run's own {own_threads} busy threads)"
+    if load > limit:
+        text += f"  (above {limit}: other processes shared these cores; timings are noisy)"
+    return text
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_bf16_flags() -> str:
+    """The CPU's native bfloat16 instruction sets (AMX tiles, AVX-512 BF16), as /proc/cpuinfo lists them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "n/a"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    present = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join(present) or "none (bf16 would be emulated)"
