@@ -14,13 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from covidxr import DISCLAIMER
-from covidxr.calibration import POSITIVE, softmax
 from covidxr.card import default_model_path
 from covidxr.data import read_image
 from covidxr.errors import CovidxrError
 from covidxr.explain import METHODS, Explainer, overlay
-from covidxr.inference import make_engine, predict_files
+from covidxr.inference import answer, make_engine, predict_files
 from covidxr.ood import is_blank
 from covidxr.train import Run, load_run
 
@@ -61,26 +59,10 @@ class Model:
             )
         decoded = [_as_image(item) for item in images]
         results = []
-        guard, covid = self.run.ood_guard, self.labels.index(POSITIVE)
         for start in range(0, len(decoded), batch_size):
             batch = decoded[start : start + batch_size]
             features, logits = self._engine(torch.stack([self.run.model.input_tensor(image) for image in batch]))
-            probabilities = softmax(logits.astype(np.float64), self.run.temperature)
-            scores = guard.score(features) if guard is not None else [None] * len(batch)
-            for image, p, score in zip(batch, probabilities, scores, strict=True):
-                results.append(
-                    {
-                        "label": self.labels[int(p.argmax())],
-                        "probabilities": {label: float(v) for label, v in zip(self.labels, p, strict=True)},
-                        "covid_threshold": self.run.covid_threshold,
-                        "covid_positive": bool(p[covid] >= self.run.covid_threshold),
-                        "out_of_distribution": None
-                        if guard is None
-                        else bool(score > guard.threshold or is_blank(image)),
-                        "ood_score": None if score is None else float(score),
-                        "disclaimer": DISCLAIMER,
-                    }
-                )
+            results += answer(self.run, features, logits, [is_blank(image) for image in batch])
         return results
 
     def explain(self, images: Sequence[ImageLike], method: str = "gradcam") -> list[dict]:

@@ -42,6 +42,28 @@ def make_engine(run: Run, engine: str, cache_dir: str | Path | None = None) -> T
     raise CovidxrError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
 
 
+def answer(run: Run, features: np.ndarray, logits: np.ndarray, blank: Sequence[bool]) -> list[dict]:
+    """What covidxr says of each image, from the engine's features and logits: label, calibrated
+    probabilities, the COVID-19 threshold decision and the out-of-distribution flag (``None`` for runs
+    made before the guard existed; ``blank`` marks nearly uniform images)."""
+    labels, covid = run.labels, run.labels.index(POSITIVE)
+    probabilities = softmax(logits.astype(np.float64), run.temperature)
+    guard = run.ood_guard
+    scores = guard.score(features) if guard is not None else [None] * len(features)
+    return [
+        {
+            "label": labels[int(p.argmax())],
+            "probabilities": {label: float(v) for label, v in zip(labels, p, strict=True)},
+            "covid_threshold": run.covid_threshold,
+            "covid_positive": bool(p[covid] >= run.covid_threshold),
+            "out_of_distribution": None if guard is None else bool(score > guard.threshold or flat),
+            "ood_score": None if score is None else float(score),
+            "disclaimer": DISCLAIMER,
+        }
+        for p, score, flat in zip(probabilities, scores, blank, strict=True)
+    ]
+
+
 def predict_files(
     run: Run,
     paths: Sequence[str | Path],
@@ -73,27 +95,11 @@ def predict_files(
         features[indices], logits[indices] = runner(inputs)
         errors |= {i: e for i, e in zip(indices, batch_errors, strict=True) if e}
         blank |= {i for i, b in zip(indices, blanks, strict=True) if b}
-    probabilities = softmax(logits.astype(np.float64), run.temperature)
-    guard = run.ood_guard
-    scores = guard.score(features) if guard is not None else None
-    covid = labels.index(POSITIVE)
+    answers = iter(answer(run, features, logits, [i in blank for i in range(len(paths))]))
     results = []
     for i, path in enumerate(paths):
-        if i in errors:
-            results.append({"file": str(path), "error": errors[i]})
-            continue
-        results.append(
-            {
-                "file": str(path),
-                "label": labels[int(probabilities[i].argmax())],
-                "probabilities": {label: float(p) for label, p in zip(labels, probabilities[i], strict=True)},
-                "covid_threshold": run.covid_threshold,
-                "covid_positive": bool(probabilities[i, covid] >= run.covid_threshold),
-                "out_of_distribution": None if scores is None else bool(scores[i] > guard.threshold or i in blank),
-                "ood_score": None if scores is None else float(scores[i]),
-                "disclaimer": DISCLAIMER,
-            }
-        )
+        result = next(answers)
+        results.append({"file": str(path), "error": errors[i]} if i in errors else {"file": str(path), **result})
     return results
 
 
