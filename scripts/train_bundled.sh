@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-VARIANT=${1:-${COVIDXR_BUNDLED_VARIANT:-combined}}
+VARIANT=${1:-${COVIDXR_BUNDLED_VARIANT:-zscore}}
 OUT=${COVIDXR_OUT:-runs/designs}
 .venv/bin/covidxr reproduce --design deconfounded --data ../shared/data/cxr3 --data ../shared/data/adult-controls \
     --out "$OUT" --variants "$VARIANT"

@@ -39,9 +39,9 @@ def _as_image(item: ImageLike) -> Image.Image:
 class Model:
     """A trained covidxr model, ready to predict and explain."""
 
-    def __init__(self, run: Run, engine: str = "torch", cache_dir: str | Path | None = None):
-        self.run, self.engine_name, self.cache_dir = run, engine, cache_dir
-        self._engine = make_engine(run, engine, cache_dir)
+    def __init__(self, run: Run, engine: str = "auto", cache_dir: str | Path | None = None, threads: int | None = None):
+        self.run, self.cache_dir = run, cache_dir
+        self.engine = make_engine(run, engine, cache_dir, threads)
 
     @property
     def labels(self) -> list[str]:
@@ -54,14 +54,12 @@ class Model:
         decoded images a bad one raises ``CovidxrError``.
         """
         if all(isinstance(item, str | Path) for item in images):
-            return predict_files(
-                self.run, list(images), self.cache_dir, batch_size, progress=False, engine=self.engine_name
-            )
+            return predict_files(self.run, list(images), self.cache_dir, batch_size, progress=False, engine=self.engine)
         decoded = [_as_image(item) for item in images]
         results = []
         for start in range(0, len(decoded), batch_size):
             batch = decoded[start : start + batch_size]
-            features, logits = self._engine(torch.stack([self.run.model.input_tensor(image) for image in batch]))
+            features, logits = self.engine(torch.stack([self.run.model.input_tensor(image) for image in batch]))
             results += answer(self.run, features, logits, [is_blank(image) for image in batch])
         return results
 
@@ -82,7 +80,15 @@ class Model:
         return results
 
 
-def load_model(path: str | Path | None = None, engine: str = "torch", cache_dir: str | Path | None = None) -> Model:
+def load_model(
+    path: str | Path | None = None,
+    engine: str = "auto",
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+) -> Model:
     """A trained model from a run folder (``covidxr train`` / ``reproduce`` output), or with no path
-    the model bundled with the package (see its card: ``covidxr model-card``)."""
-    return Model(load_run(path if path is not None else default_model_path()), engine, cache_dir)
+    the model bundled with the package (see its card: ``covidxr model-card``).
+
+    ``engine``: ``auto`` (onnxruntime on a CPU where it is installed, else torch), ``torch`` or ``onnx``;
+    ``threads``: onnxruntime's intra-op threads (default: the physical cores)."""
+    return Model(load_run(path if path is not None else default_model_path()), engine, cache_dir, threads)

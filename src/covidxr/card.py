@@ -22,7 +22,8 @@ from covidxr import DISCLAIMER
 from covidxr.errors import CovidxrError
 
 BUNDLED = Path(__file__).parent / "bundled"
-BUNDLE_FILES = ("config.yaml", "head.safetensors", "ood.safetensors", "history.csv", "metrics.json", "audit.json")
+BUNDLE_FILES = ("config.yaml", "head.safetensors", "ood.safetensors", "history.csv")
+EVIDENCE_FILES = ("metrics.json", "audit.json", "loso.json")  # copied without the training machine's paths
 INTENDED_USE = (
     "Research on shortcut learning and generalisation in chest X-ray classification (COVID-19 / NORMAL / "
     "PNEUMONIA); teaching; a baseline to beat. Not a medical device: never use it for diagnosis, triage or "
@@ -182,7 +183,7 @@ def render_model_card(card: dict) -> str:
 def bundle_run(run_dir: str | Path, dest: str | Path = BUNDLED) -> Path:
     """Copy a finished run into ``dest`` as the packaged default model, with its card."""
     run_dir, dest = Path(run_dir), Path(dest)
-    missing = [name for name in (*BUNDLE_FILES, "run.json", "loso.json") if not (run_dir / name).is_file()]
+    missing = [name for name in (*BUNDLE_FILES, *EVIDENCE_FILES, "run.json") if not (run_dir / name).is_file()]
     if missing:
         raise CovidxrError(f"{run_dir}: cannot be bundled without {', '.join(missing)} (evaluate, audit, hold out)")
     dest.mkdir(parents=True, exist_ok=True)
@@ -194,9 +195,17 @@ def bundle_run(run_dir: str | Path, dest: str | Path = BUNDLED) -> Path:
     info["datasets"] = [Path(d).name for d in info.get("datasets", [])]
     info["environment"].pop("command", None)
     (dest / "run.json").write_text(json.dumps(info, indent=2))
-    loso = json.loads((run_dir / "loso.json").read_text())
-    loso["run"] = "bundled"
-    (dest / "loso.json").write_text(json.dumps(loso, indent=2))
+    for name in EVIDENCE_FILES:
+        text = (run_dir / name).read_text()
+        evidence = json.loads(text)
+        # Paths also appear inside sentences (an audit's summary names its data), so replace them as text.
+        for path, plain in (
+            (evidence.get("run"), "bundled"),
+            (evidence.get("data"), Path(evidence.get("data") or "").name),
+        ):
+            if path:
+                text = text.replace(json.dumps(path)[1:-1], plain)
+        (dest / name).write_text(text)
     splits = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
     splits[["filename", "label", "source", "split"] + [c for c in ("site", "age_group") if c in splits]].to_csv(
         dest / "splits.csv", index=False

@@ -145,6 +145,12 @@ def design_options(func):
         click.option("--early-stopping-patience", type=int, default=None, help="Epochs without improvement (0: off)."),
         click.option("--schedule", type=click.Choice(["none", "cosine", "plateau"]), default=None),
         click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None),
+        click.option(
+            "--engine",
+            type=click.Choice(["auto", "torch", "onnx"]),
+            default=None,
+            help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -227,23 +233,26 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
 @click.option(
     "--engine",
-    type=click.Choice(["torch", "onnx"]),
-    default="torch",
+    type=click.Choice(["auto", "torch", "onnx", "int8"]),
+    default="auto",
     show_default=True,
-    help="onnx: the model exported once to ONNX and run by onnxruntime (faster on CPU).",
+    help="onnx: the model exported once to ONNX and run by onnxruntime; auto: onnx on a CPU where installed; "
+    "int8: the quantised graph `covidxr quantize` accepted.",
 )
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the physical cores).")
 @model_options
-def predict_command(images, run, as_json, out, resume, chunk_size, engine, weights, weights_dir, cache_dir):
+def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
     from covidxr.card import default_model_path
-    from covidxr.inference import expand_inputs, predict_files, predict_to_file
+    from covidxr.inference import expand_inputs, make_engine, predict_files, predict_to_file
     from covidxr.train import load_run
 
     loaded = load_run(run or default_model_path(), weights, weights_dir)
+    runner = make_engine(loaded, engine, cache_dir, threads)
     if out is not None:
         try:
             rows, new = predict_to_file(
-                loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size
+                loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
             )
         except KeyboardInterrupt:
             raise click.ClickException(f"interrupted; the finished rows are in {out}: rerun with --resume") from None
@@ -260,7 +269,7 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, weigh
         if errors:
             raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
         return
-    results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=engine)
+    results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=runner)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
@@ -300,6 +309,38 @@ def export_command(run, fmt, out, weights, weights_dir):
     info = sidecar(loaded.model, loaded.labels, loaded.temperature, loaded.covid_threshold)
     export_onnx(loaded.model, target, info)
     click.echo(f"wrote {target} and {target.with_suffix('.json')} (labels, preprocessing, temperature, threshold)")
+
+
+@cli.command("quantize")
+@click.argument("run", type=_path, required=False)
+@click.option("--method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True)
+@click.option(
+    "--max-drop",
+    type=float,
+    default=0.02,
+    show_default=True,
+    help="Refuse int8 if validation accuracy or COVID-19 AUC drops by more than this.",
+)
+@click.option("--calibration-images", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--data", "data_root", type=_path, default=None, help="Folder the run's image names are relative to.")
+@model_options
+def quantize_command(run, method, max_drop, calibration_images, data_root, weights, weights_dir, cache_dir):
+    """Make an int8 copy of a run's graph (default: the bundled model) for `predict --engine int8`,
+    kept only if it stays accurate on the validation split."""
+    from covidxr.card import default_model_path
+    from covidxr.quantize import quantize_run
+    from covidxr.train import load_run
+
+    loaded = load_run(run or default_model_path(), weights, weights_dir)
+    report = quantize_run(loaded, method, max_drop, calibration_images, cache_dir, data_root)
+    fp32, int8 = report["fp32"], report["int8"]
+    auc = f"; COVID-19 AUC {fp32['covid_auc']:.3f} → {int8['covid_auc']:.3f}" if fp32["covid_auc"] is not None else ""
+    click.echo(
+        f"int8 ({method}) accepted: validation accuracy {fp32['accuracy']:.1%} → {int8['accuracy']:.1%}{auc}; "
+        f"{report['labels_changed']} of {report['validation_images']} labels changed; "
+        f"{fp32['images_per_second']} → {int8['images_per_second']} img/s ({report['speed_up']}x); "
+        f"use it with: covidxr predict --engine int8"
+    )
 
 
 @cli.command("model-card")

@@ -12,6 +12,7 @@ from covidxr.preprocess import ImagePipeline
 
 SCHEDULES = ("none", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16")
+ENGINES = ("auto", "torch", "onnx")  # what computes frozen features: covidxr.engines
 
 
 @dataclass
@@ -54,10 +55,17 @@ class TrainConfig:
     early_stopping_patience: int = 0
     schedule: str = "none"
     precision: str = "fp32"
+    # What computes frozen backbone features: auto (onnxruntime on a CPU where installed), torch or onnx.
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         self.split_fractions = tuple(float(f) for f in self.split_fractions)
-        choices = {"optimizer": {"adam", "sgd"}, "schedule": set(SCHEDULES), "precision": set(PRECISIONS)}
+        choices = {
+            "optimizer": {"adam", "sgd"},
+            "schedule": set(SCHEDULES),
+            "precision": set(PRECISIONS),
+            "engine": set(ENGINES),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CovidxrError(

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from covidxr.cache import default_cache_dir
 from covidxr.data import file_sha256, read_image
+from covidxr.engines import feature_engine
 from covidxr.errors import CovidxrError
 from covidxr.models import CovidxrNet, InputTransform
 from covidxr.ood import is_blank
@@ -44,10 +45,23 @@ class AugmentedView:
 
 
 class FeatureCache:
-    """Pooled features of one model key (and augmented view), one ``.npy`` file per image content hash."""
+    """Pooled features of one model key (augmented view and engine), one ``.npy`` file per image content hash.
 
-    def __init__(self, model: CovidxrNet, cache_dir: str | Path | None = None, view: AugmentedView | None = None):
+    The engine (``torch`` or ``onnx``; default: the one ``compute_features`` uses for this model) is part
+    of the key: onnxruntime's features match torch's to about 1e-5, not bit for bit, so a run's features
+    all come from the engine its ``run.json`` names."""
+
+    def __init__(
+        self,
+        model: CovidxrNet,
+        cache_dir: str | Path | None = None,
+        view: AugmentedView | None = None,
+        engine: str | None = None,
+    ):
         key = model.model_key() | ({"view": view.key()} if view else {})
+        engine = engine or feature_engine(model, model.engine, cache_dir).name  # default: what extraction uses
+        if engine != "torch":  # absent for torch, so caches made before the engines existed stay valid
+            key["engine"] = engine
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]  # model_key_hash() + view
         self.dir = Path(cache_dir or default_cache_dir()) / "features" / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -142,11 +156,9 @@ def iterate_batches(
             bar.update(len(indices))
 
 
-@torch.inference_mode()
-def backbone_features(model: CovidxrNet, inputs: torch.Tensor) -> np.ndarray:
-    """Pooled features of a preprocessed batch, in channels-last layout (faster on CPU)."""
-    model.eval()
-    return model.features(inputs.contiguous(memory_format=torch.channels_last)).float().numpy()
+def backbone_features(model: CovidxrNet, inputs: torch.Tensor, cache_dir: str | Path | None = None) -> np.ndarray:
+    """Pooled features of a preprocessed batch, by the model's engine (``covidxr.engines.feature_engine``)."""
+    return feature_engine(model.eval(), model.engine, cache_dir).features(inputs)
 
 
 def compute_features(
@@ -164,7 +176,8 @@ def compute_features(
     Returns the feature matrix (zero rows for unreadable files) and ``{index: error message}``.
     """
     paths = [Path(p) for p in paths]
-    cache = FeatureCache(model, cache_dir, view)
+    engine = feature_engine(model.eval(), model.engine, cache_dir)
+    cache = FeatureCache(model, cache_dir, view, engine.name)
     features = np.zeros((len(paths), cache.num_features), dtype=np.float32)
     digests: list[str | None] = []
     todo: list[int] = []
@@ -194,7 +207,7 @@ def compute_features(
             [digests[i] for i in todo],
         )
         for positions, inputs, batch_errors, _ in batches:
-            vectors = backbone_features(model, inputs)
+            vectors = engine.features(inputs)
             for position, vector, error in zip(positions, vectors, batch_errors, strict=True):
                 index = todo[position]
                 if error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
 from covidxr.data import IMAGE_SUFFIXES
-from covidxr.engines import ENGINES, OnnxEngine, TorchEngine, cached_export, sidecar
+from covidxr.engines import OnnxEngine, TorchEngine, cached_export, resolve_engine, sidecar
 from covidxr.errors import CovidxrError
 from covidxr.features import iterate_batches
 from covidxr.models import CovidxrNet
@@ -32,14 +33,29 @@ def head_probabilities(model: CovidxrNet, features: np.ndarray, temperature: flo
     return torch.softmax(model.head(torch.from_numpy(features)) / temperature, dim=1).numpy()
 
 
-def make_engine(run: Run, engine: str, cache_dir: str | Path | None = None) -> TorchEngine | OnnxEngine:
-    """``torch`` (the model itself) or ``onnx`` (exported once into the cache, run by onnxruntime)."""
-    if engine == "torch":
+def make_engine(
+    run: Run, engine: str = "auto", cache_dir: str | Path | None = None, threads: int | None = None
+) -> TorchEngine | OnnxEngine:
+    """The engine that predicts with ``run``: ``torch`` (the model itself), ``onnx`` (the run's graph,
+    exported once into the cache, run by onnxruntime on ``threads`` threads) or ``auto`` (onnx where
+    ``covidxr.engines.resolve_engine`` says so; a model that cannot be exported gets one line on stderr
+    and torch) or ``int8`` (the graph ``covidxr quantize`` accepted)."""
+    if engine == "int8":
+        from covidxr.quantize import int8_engine
+
+        return int8_engine(run, cache_dir, threads)
+    if resolve_engine(engine, run.model) == "torch":
+        if threads is not None:
+            raise CovidxrError("--threads applies to the onnx engine; torch uses torch.set_num_threads")
         return TorchEngine(run.model)
-    if engine == "onnx":
-        info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
-        return OnnxEngine(cached_export(run.model, info, cache_dir))
-    raise CovidxrError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    try:
+        path = cached_export(run.model, sidecar(run.model, run.labels, run.temperature, run.covid_threshold), cache_dir)
+    except CovidxrError as exc:
+        if engine == "onnx":
+            raise
+        print(f"covidxr: {exc}; predicting with torch instead", file=sys.stderr)
+        return TorchEngine(run.model)
+    return OnnxEngine(path, threads, spin=False)
 
 
 def answer(run: Run, features: np.ndarray, logits: np.ndarray, blank: Sequence[bool]) -> list[dict]:
@@ -71,12 +87,12 @@ def predict_files(
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = True,
-    engine: str | TorchEngine | OnnxEngine = "torch",
+    engine: str | TorchEngine | OnnxEngine = "auto",
 ) -> list[dict]:
     """One result per file — label and calibrated probabilities, or the error — continuing past bad files.
 
-    Files are decoded in a worker process while the engine (``torch``, ``onnx``, or one made by
-    ``make_engine``) runs; nothing is written to the feature cache (prediction is not training, and
+    Files are decoded in a worker process while the engine (``auto``, ``torch``, ``onnx``, or one made
+    by ``make_engine``) runs; nothing is written to the feature cache (prediction is not training, and
     a hospital's images should leave no trace). ``covid_positive`` applies the run's COVID-19
     threshold, chosen on validation data; ``out_of_distribution`` says whether the image is unlike
     the training X-rays (``covidxr.ood``; ``None`` for runs made before the guard existed).
@@ -191,7 +207,7 @@ def predict_to_file(
     num_workers: int = 1,
     progress: bool = True,
     chunk_size: int = CHUNK,
-    engine: str = "torch",
+    engine: str | TorchEngine | OnnxEngine = "auto",
 ) -> tuple[list[dict], int]:
     """Predict files and folders into ``out`` (``.csv`` or ``.json``), one row per image, written chunk
     by chunk: a crash or Ctrl-C leaves a valid file of the finished rows, and ``resume`` completes it
@@ -213,7 +229,7 @@ def predict_to_file(
     columns = list(_flat_row({"file": ""}, run.labels))
     if out.suffix == ".csv" and not out.exists():
         pd.DataFrame(columns=columns).to_csv(out, index=False)
-    runner = make_engine(run, engine, cache_dir)  # once, not per chunk
+    runner = make_engine(run, engine, cache_dir) if isinstance(engine, str) else engine  # once, not per chunk
     with _stop_after_chunk() as stop, tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start : start + chunk_size]

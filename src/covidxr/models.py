@@ -62,11 +62,16 @@ def to_input_tensor(image: Image.Image, size: int, preprocessing: Preprocessing)
     The image is resized to a square without keeping its aspect ratio, as Keras'
     ``target_size`` did in the paper.
     """
+    mean, std = np.asarray(preprocessing.mean, np.float32), np.asarray(preprocessing.std, np.float32)
+    if image.mode == "L":  # grey: resize one band and broadcast it (the same numbers as three equal bands)
+        band = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+        band = band / 255.0 * preprocessing.scale
+        return torch.from_numpy((band[None] - mean[:, None, None]) / std[:, None, None])
     resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     array = np.asarray(resized, dtype=np.float32) / 255.0 * preprocessing.scale
     if preprocessing.bgr:
         array = array[..., ::-1]
-    array = (array - np.asarray(preprocessing.mean, np.float32)) / np.asarray(preprocessing.std, np.float32)
+    array = (array - mean) / std
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -80,7 +85,7 @@ class InputTransform:
     pipeline: ImagePipeline = ImagePipeline()
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return to_input_tensor(self.pipeline(image), self.image_size, self.preprocessing)
+        return to_input_tensor(self.pipeline.process(image), self.image_size, self.preprocessing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,6 +529,7 @@ class CovidxrNet(nn.Module):
         self.image_size = image_size
         self.pipeline = pipeline or ImagePipeline()
         self.trainable_backbone = False
+        self.engine = "auto"  # what computes its frozen features (covidxr.engines.feature_engine)
 
     @property
     def preprocessing(self) -> Preprocessing:

@@ -30,6 +30,7 @@ from covidxr.calibration import POSITIVE, choose_threshold, expected_calibration
 from covidxr.config import TrainConfig
 from covidxr.data import LABELS, SPLITS, Dataset, load_datasets, read_image, split_by_patient
 from covidxr.duplicates import crossing_pairs, near_duplicate_pairs, patient_groups
+from covidxr.engines import feature_engine
 from covidxr.errors import CovidxrError
 from covidxr.features import AugmentedView, extract_features
 from covidxr.loop import (
@@ -121,8 +122,8 @@ def model_from_config(
     weights: str | Path | None = None,
     weights_dir: str | Path | None = None,
 ) -> CovidxrNet:
-    """The model a configuration describes: its backbone, input size and head, over all labels."""
-    return create_model(
+    """The model a configuration describes: its backbone, input size, head (over all labels) and engine."""
+    model = create_model(
         config.model,
         pretrained=pretrained,
         num_classes=len(LABELS),
@@ -134,6 +135,8 @@ def model_from_config(
         seed=config.seed,
         pipeline=config.pipeline(),
     )
+    model.engine = config.engine
+    return model
 
 
 def checkpoint_matches(out: Path, fingerprint: str) -> bool:
@@ -331,7 +334,9 @@ def train(
         },
         "domains": {"column": config.domain_column, "values": domain_names},
         "near_duplicates": near_duplicates,
-        "engine": "torch",
+        "feature_engine": (
+            None if config.trains_on_images else feature_engine(model, config.engine, cache_dir).description
+        ),
         "feature_cache": feature_cache,
         "processes": world.world_size,
         "best_epoch": result.best_epoch,

@@ -1,0 +1,205 @@
+"""Opt-in int8: a run's exported graph quantised by onnxruntime's tools, kept only where it stays accurate.
+
+Static quantisation (QDQ, int8 weights per channel, uint8 activations) is calibrated on the run's own
+training images; dynamic quantisation (weights only) needs no calibration. ``quantize_run``
+measures what int8 costs and gains on the run's validation split — accuracy, COVID-19-versus-rest AUC,
+images per second, each beside fp32 — and refuses (keeping nothing) when accuracy or AUC drop by more
+than ``MAX_DROP`` (a graph accepted before stays). An accepted graph is cached beside the fp32
+export, keyed by it, and used by
+``covidxr predict --engine int8``; the report is written beside it and printed. Grad-CAM keeps using
+torch, which has the gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from covidxr import DISCLAIMER
+from covidxr.calibration import POSITIVE, softmax
+from covidxr.engines import OnnxEngine, cached_export, sidecar
+from covidxr.errors import CovidxrError
+from covidxr.features import iterate_batches
+from covidxr.train import Run
+
+METHODS = ("static", "dynamic")
+MAX_DROP = 0.02  # largest accepted loss of validation accuracy or AUC (absolute), unless told otherwise
+CALIBRATION_IMAGES = 128
+
+
+def quantize_graph(source: Path, out: Path, calibration_inputs: np.ndarray | None, method: str = "static") -> Path:
+    """Quantise the ONNX graph at ``source`` into ``out`` (static: calibrated on ``calibration_inputs``,
+    float32 [N, 3, S, S] preprocessed images; dynamic: weights only)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if method not in METHODS:
+        raise CovidxrError(f"quantisation method must be one of {', '.join(METHODS)}, not {method!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prepared = out.with_suffix(f".{os.getpid()}.pre.onnx")
+    tmp = out.with_suffix(f".{os.getpid()}.tmp.onnx")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(source), str(prepared))  # shape inference and graph clean-up first
+            if method == "dynamic":
+                quantize_dynamic(str(prepared), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+            else:
+                if calibration_inputs is None or not len(calibration_inputs):
+                    raise CovidxrError("static quantisation needs calibration images")
+
+                class Batches(CalibrationDataReader):
+                    def __init__(self) -> None:
+                        self.batches = iter(np.array_split(calibration_inputs, max(1, len(calibration_inputs) // 16)))
+
+                    def get_next(self) -> dict | None:
+                        batch = next(self.batches, None)
+                        return None if batch is None else {"image": np.ascontiguousarray(batch, dtype=np.float32)}
+
+                quantize_static(
+                    str(prepared),
+                    str(tmp),
+                    Batches(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8,
+                )
+        os.replace(tmp, out)
+    except CovidxrError:
+        raise
+    except Exception as exc:  # onnxruntime's tools raise many types; any of them means no usable graph
+        raise CovidxrError(f"{source}: could not be quantised ({type(exc).__name__}: {exc})") from None
+    finally:
+        prepared.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def int8_path(run: Run, cache_dir: str | Path | None = None) -> Path:
+    """Where the int8 graph of ``run`` lives: beside its fp32 export, named after it."""
+    fp32 = cached_export(run.model, sidecar(run.model, run.labels, run.temperature, run.covid_threshold), cache_dir)
+    return fp32.with_name(f"{fp32.stem}-int8.onnx")
+
+
+def _inputs(run: Run, paths: list[Path]) -> np.ndarray:
+    """Preprocessed images (unreadable ones are refused: the run's own data must be readable)."""
+    batches = []
+    for _, inputs, errors, _ in iterate_batches(paths, run.model.input_transform, 32, 1, None):
+        if any(errors):
+            raise CovidxrError(next(e for e in errors if e))
+        batches.append(inputs.numpy())
+    return np.concatenate(batches)
+
+
+def _measure(engine: OnnxEngine, inputs: np.ndarray, run: Run, targets: np.ndarray) -> dict:
+    """Accuracy, COVID-19 AUC and throughput (batches of 32, after a warm-up of both batch shapes) on ``inputs``."""
+    engine(inputs[:32]), engine(inputs[len(inputs) - len(inputs) % 32 :] if len(inputs) % 32 else inputs[:32])
+    started = time.perf_counter()
+    logits = np.concatenate([engine(inputs[i : i + 32])[1] for i in range(0, len(inputs), 32)])
+    seconds = time.perf_counter() - started
+    probabilities = softmax(logits.astype(np.float64), run.temperature)
+    covid = run.labels.index(POSITIVE)
+    is_covid = targets == covid
+    auc = float(roc_auc_score(is_covid, probabilities[:, covid])) if 0 < is_covid.sum() < len(targets) else None
+    return {
+        "accuracy": float((probabilities.argmax(1) == targets).mean()),
+        "covid_auc": auc,
+        "images_per_second": round(len(inputs) / seconds, 1),
+        "labels": probabilities.argmax(1),
+    }
+
+
+def quantize_run(
+    run: Run,
+    method: str = "static",
+    max_drop: float = MAX_DROP,
+    calibration_images: int = CALIBRATION_IMAGES,
+    cache_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+) -> dict:
+    """Quantise ``run``'s graph, compare it with fp32 on the validation split, and keep it only if
+    neither accuracy nor AUC drops by more than ``max_drop``. Returns the report (also written as
+    ``<int8 graph>.json``); raises CovidxrError, keeping nothing, when refused.
+
+    ``data_root``: the folder the run's ``splits.csv`` file names are relative to (default: the one
+    recorded in the run; the bundled model records none, so pass the folder holding cxr3 and
+    adult-controls)."""
+    if not 0 <= max_drop < 1:
+        raise CovidxrError(f"--max-drop must be in [0, 1), not {max_drop}")
+    root = Path(data_root or run.info["data"])
+    split = run.splits()
+    missing = [f for f in split["filename"][:1] if not (root / f).is_file()]
+    if missing:
+        raise CovidxrError(f"{root / missing[0]}: not found; pass the folder the run's images are in (--data)")
+    train_paths = [root / f for f in split.loc[split["split"] == "train", "filename"]]
+    val = split[split["split"] == "val"]
+    if not len(val):
+        raise CovidxrError(f"{run.path}: has no validation split to check the quantised model on")
+    rng = np.random.default_rng(run.config.seed)
+    chosen = sorted(rng.choice(len(train_paths), min(calibration_images, len(train_paths)), replace=False))
+    calibration = _inputs(run, [train_paths[i] for i in chosen]) if method == "static" else None
+    out = int8_path(run, cache_dir)
+    fp32_path = out.with_name(out.name.replace("-int8", ""))
+    candidate = out.with_name(f"{out.stem}.{os.getpid()}.candidate.onnx")  # an accepted graph stays until replaced
+    started = time.perf_counter()
+    quantize_graph(fp32_path, candidate, calibration, method)
+    quantize_seconds = time.perf_counter() - started
+    val_inputs = _inputs(run, [root / f for f in val["filename"]])
+    targets = np.array([run.labels.index(label) for label in val["label"]])
+    fp32 = _measure(OnnxEngine(fp32_path, spin=False), val_inputs, run, targets)  # as predict runs them
+    try:
+        int8 = _measure(OnnxEngine(candidate, spin=False), val_inputs, run, targets)
+    except BaseException:
+        candidate.unlink(missing_ok=True)
+        raise
+    drops = {"accuracy": fp32["accuracy"] - int8["accuracy"]}
+    if fp32["covid_auc"] is not None:
+        drops["covid_auc"] = fp32["covid_auc"] - int8["covid_auc"]
+    accepted = all(drop <= max_drop for drop in drops.values())
+    report = {
+        "run": str(run.path),
+        "method": method,
+        "calibration_images": 0 if calibration is None else len(calibration),
+        "validation_images": len(val),
+        "fp32": {k: v for k, v in fp32.items() if k != "labels"},
+        "int8": {k: v for k, v in int8.items() if k != "labels"},
+        "speed_up": round(int8["images_per_second"] / fp32["images_per_second"], 2),
+        "labels_changed": int((fp32["labels"] != int8["labels"]).sum()),
+        "drop": drops,
+        "max_drop": max_drop,
+        "accepted": accepted,
+        "quantize_seconds": round(quantize_seconds, 1),
+        "graph": str(out) if accepted else None,
+        "disclaimer": DISCLAIMER,
+    }
+    if not accepted:
+        candidate.unlink(missing_ok=True)
+        worst = max(drops, key=drops.get)
+        raise CovidxrError(
+            f"int8 refused: validation {worst.replace('covid_auc', 'COVID-19 AUC')} drops by "
+            f"{drops[worst]:.3f} (> {max_drop}); the fp32 engine stays in use"
+        )
+    os.replace(candidate, out)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def int8_engine(run: Run, cache_dir: str | Path | None = None, threads: int | None = None) -> OnnxEngine:
+    """The accepted int8 graph of ``run`` (``covidxr quantize`` first)."""
+    path = int8_path(run, cache_dir)
+    if not path.is_file() or not path.with_suffix(".json").is_file():
+        raise CovidxrError(f"{run.path}: no accepted int8 model yet; run `covidxr quantize {run.path}` first")
+    return OnnxEngine(path, threads, spin=False)
