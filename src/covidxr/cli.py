@@ -343,6 +343,36 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
     )
 
 
+@cli.command("serve")
+@click.option(
+    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (the default: this machine only)."
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnx", "int8"]), default="auto", show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the physical cores).")
+@click.option(
+    "--max-queue",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Requests that may wait for the model; one more gets HTTP 503 with Retry-After.",
+)
+@model_options
+def serve_command(run, host, port, engine, threads, max_queue, weights, weights_dir, cache_dir):
+    """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs)."""
+    from covidxr.api import Model
+    from covidxr.card import default_model_path
+    from covidxr.serve import serve
+    from covidxr.train import load_run
+
+    model = Model(load_run(run or default_model_path(), weights, weights_dir), engine, cache_dir, threads)
+    click.echo(f"covidxr: serving {model.run.path.name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
+    serve(model, host, port, max_queue)
+
+
 @cli.command("model-card")
 @click.argument("run", type=_path, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
@@ -452,16 +482,22 @@ def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
 @click.option(
     "--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3,4: split and training repeated per seed."
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "torch", "onnx"]),
+    default=None,
+    help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch).",
+)
 @weights_dir_option
 @cache_option
 def reproduce_command(
-    data_dirs, out, design, models, variants, config_file, epochs, seed, seeds, weights_dir, cache_dir
+    data_dirs, out, design, models, variants, config_file, epochs, seed, seeds, engine, weights_dir, cache_dir
 ):
     """Run the paper's protocol for every backbone with weights; write the report beside the paper's numbers."""
     from covidxr.reproduce import DEFAULT_MODELS, DESIGN_VARIANTS, reproduce, reproduce_designs
 
     if design == "deconfounded":
-        config = _load_config(config_file, epochs=epochs, seed=seed)
+        config = _load_config(config_file, epochs=epochs, seed=seed, engine=engine)
         model = models or "efficientnet_lite0"
         if "," in model:
             raise CovidxrError("--design deconfounded compares designs on one backbone; pass a single --models name")
@@ -472,7 +508,7 @@ def reproduce_command(
     if len(data_dirs) > 1:
         raise CovidxrError("--design paper uses one dataset; pass several --data folders with --design deconfounded")
     data_dir = data_dirs[0]
-    config = _load_config(config_file, epochs=epochs, seed=seed)
+    config = _load_config(config_file, epochs=epochs, seed=seed, engine=engine)
     names = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
     try:
         seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None

@@ -8,6 +8,7 @@ A dataset is a folder with ``metadata.csv`` (``filename, label, patient_id`` and
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from covidxr import dicom
-from covidxr.errors import CovidxrError
+from covidxr.errors import CovidxrError, ImageTooLarge
 
 LABELS: tuple[str, ...] = ("COVID-19", "NORMAL", "PNEUMONIA")
 _LABEL_ALIASES = {
@@ -55,7 +56,25 @@ def canonical_label(value: object) -> str | None:
 
 def read_image(path: str | Path) -> Image.Image:
     """Decode an image file into 8-bit RGB (see ``_decode``); refuse images too small to be a radiograph."""
-    image = _decode(Path(path))
+    path = Path(path)
+    if not path.is_file():
+        raise CovidxrError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise CovidxrError(f"{path}: empty file")
+    return _checked_size(_decode(path, path.suffix.lower()), path)
+
+
+def decode_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """Decode an image held in memory (an upload) exactly as ``read_image`` decodes a file, without
+    writing it anywhere; ``name`` labels the error messages."""
+    if not data:
+        raise CovidxrError(f"{name}: empty file")
+    buffer = io.BytesIO(data)
+    buffer.name = name
+    return _checked_size(_decode(buffer, Path(name).suffix.lower()), name)
+
+
+def _checked_size(image: Image.Image, path: str | Path) -> Image.Image:
     if min(image.size) < MIN_IMAGE_SIDE:
         raise CovidxrError(
             f"{path}: {image.width}x{image.height} pixels is too small to be a chest radiograph "
@@ -64,26 +83,23 @@ def read_image(path: str | Path) -> Image.Image:
     return image
 
 
-def _decode(path: Path) -> Image.Image:
-    """Decode an image file into 8-bit RGB, whatever its mode (16-bit, RGBA, palette, grey) or DICOM.
+def _decode(source: dicom.Source, suffix: str) -> Image.Image:
+    """Decode a file (or an in-memory buffer) into 8-bit RGB, whatever its mode (16-bit, RGBA, palette,
+    grey) or DICOM.
 
     High-bit-depth images are scaled by their own range, so 12-bit data in a 16-bit container
     keeps its contrast. DICOM is recognised by its content (``DICM`` after the preamble), or by a
-    ``.dcm``/``.dicom`` name when no other image format matches, and decoded by ``covidxr.dicom``
-    (modality and VOI transforms, MONOCHROME1 inverted). Raises CovidxrError naming the file for
-    anything that is not a readable, complete image.
+    ``.dcm``/``.dicom`` name (``suffix``) when no other image format matches, and decoded by
+    ``covidxr.dicom`` (modality and VOI transforms, MONOCHROME1 inverted). Raises CovidxrError naming
+    the file for anything that is not a readable, complete image (ImageTooLarge over the pixel limit).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CovidxrError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise CovidxrError(f"{path}: empty file")
-    if dicom.has_dicom_magic(path):
-        return dicom.read_dicom(path, max_pixels=MAX_IMAGE_PIXELS)
+    path = dicom.source_label(source)
+    if dicom.has_dicom_magic(source):
+        return dicom.read_dicom(source, max_pixels=MAX_IMAGE_PIXELS)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise CovidxrError(
+                raise ImageTooLarge(
                     f"{path}: image is {img.width}x{img.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}"
                 )
             if getattr(img, "n_frames", 1) > 1 and img.format not in {"TIFF"}:
@@ -93,17 +109,19 @@ def _decode(path: Path) -> Image.Image:
     except CovidxrError:
         raise
     except UnidentifiedImageError as exc:
-        if path.suffix.lower() not in dicom.DICOM_SUFFIXES:
+        if suffix not in dicom.DICOM_SUFFIXES:
             raise CovidxrError(f"{path}: not a readable image ({type(exc).__name__})") from None
     except Image.DecompressionBombError:
-        raise CovidxrError(
+        raise ImageTooLarge(
             f"{path}: image is over the limit of {MAX_IMAGE_PIXELS:,} pixels (refused before decoding: "
             "a decompression bomb or not a radiograph)"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise CovidxrError(f"{path}: corrupt or truncated image ({exc})") from None
     # A .dcm/.dicom file that no image format recognised: a DICOM without preamble, or not an image at all.
-    return dicom.read_dicom(path, max_pixels=MAX_IMAGE_PIXELS)
+    if not isinstance(source, str | Path):
+        source.seek(0)
+    return dicom.read_dicom(source, max_pixels=MAX_IMAGE_PIXELS)
 
 
 def _to_rgb8(img: Image.Image) -> Image.Image:

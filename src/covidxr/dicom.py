@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -33,7 +34,9 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut, get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from covidxr.errors import CovidxrError
+from covidxr.errors import CovidxrError, ImageTooLarge
+
+Source = str | Path | BinaryIO  # a file, or bytes held in memory (an upload; its ``name`` labels messages)
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 PIXEL_DATA_TAG = 0x7FE00010
@@ -78,10 +81,20 @@ class DicomInfo:
         return asdict(self)
 
 
-def has_dicom_magic(path: str | Path) -> bool:
+def source_label(source: Source) -> str:
+    """How messages name a source: its path, or an in-memory buffer's ``name``."""
+    return str(source) if isinstance(source, str | Path) else str(getattr(source, "name", "upload"))
+
+
+def has_dicom_magic(source: Source) -> bool:
     """Whether a file starts with the DICOM Part 10 preamble and ``DICM`` prefix, whatever its name."""
+    if not isinstance(source, str | Path):
+        position = source.tell()
+        head = source.read(_PREAMBLE + len(_MAGIC))
+        source.seek(position)
+        return head[_PREAMBLE:] == _MAGIC
     try:
-        with open(path, "rb") as handle:
+        with open(source, "rb") as handle:
             head = handle.read(_PREAMBLE + len(_MAGIC))
     except OSError:
         return False
@@ -94,24 +107,24 @@ def dicom_info(path: str | Path) -> DicomInfo:
     return _info(_read_header(path), path)
 
 
-def read_dicom(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+def read_dicom(source: Source, max_pixels: int | None = None) -> Image.Image:
     """Decode a single-frame DICOM image into 8-bit RGB, as a reading room would display it."""
-    return decode_dicom(path, max_pixels)[0]
+    return decode_dicom(source, max_pixels)[0]
 
 
-def decode_dicom(path: str | Path, max_pixels: int | None = None) -> tuple[Image.Image, DicomInfo]:
+def decode_dicom(source: Source, max_pixels: int | None = None) -> tuple[Image.Image, DicomInfo]:
     """An 8-bit RGB image and the ``DicomInfo`` of a DICOM file; CovidxrError naming the file otherwise.
 
     Refuses multi-frame files, files without pixel data and images over ``max_pixels`` (checked on the
     header, before any pixel is read or decoded).
     """
-    path = Path(path)
-    ds = _read_header(path)
+    ds = _read_header(source)
+    path = source_label(source)
     info = _info(ds, path)
     if info.frames > 1:
         raise CovidxrError(f"{path}: DICOM has {info.frames} frames; give one image per file")
     if max_pixels is not None and info.rows * info.columns > max_pixels:
-        raise CovidxrError(f"{path}: image is {info.columns}x{info.rows} pixels, over the limit of {max_pixels:,}")
+        raise ImageTooLarge(f"{path}: image is {info.columns}x{info.rows} pixels, over the limit of {max_pixels:,}")
     if info.photometric_interpretation not in _GREY | _COLOUR:
         raise CovidxrError(
             f"{path}: DICOM photometric interpretation {info.photometric_interpretation or '(none)'} is not "
@@ -139,14 +152,15 @@ def decode_dicom(path: str | Path, max_pixels: int | None = None) -> tuple[Image
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_header(path: Path) -> Dataset:
-    if not path.is_file():
+def _read_header(source: Source) -> Dataset:
+    path = source_label(source)
+    if isinstance(source, str | Path) and not Path(source).is_file():
         raise CovidxrError(f"{path}: file not found")
-    magic = has_dicom_magic(path)
+    magic = has_dicom_magic(source)
     try:
         # Without the preamble (old ACR-NEMA style files) pydicom must be forced; the checks below
         # then tell a dataset from any other bytes.
-        ds = pydicom.dcmread(path, force=not magic, defer_size=_DEFER_BYTES)
+        ds = pydicom.dcmread(source, force=not magic, defer_size=_DEFER_BYTES)
         looks_dicom = magic or ("Rows" in ds and "Columns" in ds)
         if looks_dicom:
             _ = ds.get("Rows"), ds.get("Columns"), ds.get("NumberOfFrames"), ds.get("PhotometricInterpretation")
@@ -171,7 +185,7 @@ def _read_header(path: Path) -> Dataset:
     return ds
 
 
-def _info(ds: Dataset, path: Path) -> DicomInfo:
+def _info(ds: Dataset, path: str | Path) -> DicomInfo:
     try:
         photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
         grey = photometric in _GREY
@@ -231,7 +245,7 @@ def _first(value: object) -> float | None:
         return None
 
 
-def _check_decoder(ds: Dataset, path: Path) -> None:
+def _check_decoder(ds: Dataset, path: str | Path) -> None:
     tsyntax = ds.file_meta.get("TransferSyntaxUID")
     if not tsyntax or not tsyntax.is_compressed:
         return

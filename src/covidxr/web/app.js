@@ -1,0 +1,116 @@
+// covidxr's page: send the chosen X-ray to /api/explain, show the answer, its certainty and the heat map.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const fileInput = $("file");
+const dropzone = $("dropzone");
+const statusLine = $("status");
+const preview = $("preview");
+const heatmap = $("heatmap");
+const opacity = $("opacity");
+
+function setStatus(text, isError = false) {
+  statusLine.textContent = text;
+  statusLine.classList.toggle("error", isError);
+}
+
+function showBars(probabilities, label) {
+  const bars = $("bars");
+  bars.replaceChildren();
+  for (const [name, p] of Object.entries(probabilities)) {
+    const row = document.createElement("div");
+    row.className = "bar" + (name === label ? " top" : "");
+    row.setAttribute("role", "meter");
+    row.setAttribute("aria-label", name);
+    row.setAttribute("aria-valuemin", "0");
+    row.setAttribute("aria-valuemax", "100");
+    row.setAttribute("aria-valuenow", (100 * p).toFixed(1));
+    const title = document.createElement("span");
+    title.textContent = name;
+    const track = document.createElement("span");
+    track.className = "track";
+    const fill = document.createElement("span");
+    fill.className = "fill";
+    fill.style.display = "block";
+    fill.style.width = `${(100 * p).toFixed(1)}%`;
+    track.append(fill);
+    const value = document.createElement("span");
+    value.className = "value";
+    value.textContent = `${(100 * p).toFixed(1)}%`;
+    row.append(title, track, value);
+    bars.append(row);
+  }
+}
+
+function showResult(result) {
+  preview.src = "data:image/png;base64," + result.image.preview_png;
+  preview.hidden = false;
+  if (result.explanation) {
+    heatmap.src = "data:image/png;base64," + result.explanation.heatmap_png;
+    heatmap.hidden = false;
+    opacity.disabled = false;
+  }
+  $("label").textContent = result.label;
+  const covid = result.probabilities["COVID-19"];
+  $("covid-note").textContent =
+    `COVID-19 probability ${(100 * covid).toFixed(1)}% is ${result.covid_positive ? "at or above" : "below"} ` +
+    `the threshold chosen on validation data (${(100 * result.covid_threshold).toFixed(1)}%).`;
+  showBars(result.probabilities, result.label);
+  $("model-id").textContent = result.model;
+  $("ood").hidden = !result.out_of_distribution;
+  $("answer").hidden = false;
+  document.body.dataset.state = "done";
+}
+
+async function analyse(file) {
+  if (!file) return;
+  document.body.dataset.state = "busy";
+  $("answer").hidden = true;
+  $("ood").hidden = true;
+  heatmap.hidden = true;
+  opacity.disabled = true;
+  // Show the file at once where the browser can (not DICOM or TIFF); the server's preview replaces it.
+  if (/^image\/(png|jpeg|bmp|gif|webp)$/.test(file.type)) {
+    preview.src = URL.createObjectURL(file);
+    preview.hidden = false;
+  } else {
+    preview.hidden = true;
+  }
+  setStatus(`Analysing ${file.name} …`);
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const response = await fetch("/api/explain", { method: "POST", body: form });
+    const body = await response.json();
+    if (!response.ok) {
+      const retry = response.headers.get("Retry-After");
+      setStatus(`${body.error || response.statusText}${retry ? ` (retry in ${retry} s)` : ""}`, true);
+      document.body.dataset.state = "error";
+      return;
+    }
+    setStatus(`${file.name}: done.`);
+    showResult(body);
+  } catch (error) {
+    setStatus(`The server could not be reached (${error.message}).`, true);
+    document.body.dataset.state = "error";
+  }
+}
+
+fileInput.addEventListener("change", () => analyse(fileInput.files[0]));
+for (const name of ["dragenter", "dragover"]) {
+  dropzone.addEventListener(name, (event) => {
+    event.preventDefault();
+    dropzone.classList.add("dragging");
+  });
+}
+for (const name of ["dragleave", "drop"]) {
+  dropzone.addEventListener(name, () => dropzone.classList.remove("dragging"));
+}
+dropzone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  analyse(event.dataTransfer.files[0]);
+});
+opacity.addEventListener("input", () => {
+  heatmap.style.opacity = String(opacity.value / 100);
+  $("opacity-value").textContent = `${opacity.value}%`;
+});

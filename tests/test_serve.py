@@ -1,0 +1,291 @@
+"""``covidxr serve`` as a real process on 127.0.0.1: the API over HTTP with real X-rays and DICOM, bad
+uploads, overload, privacy, and the page driven in headless Chromium (screenshots kept as artifacts)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
+from skimage import data as skimage_data
+
+from covidxr import DISCLAIMER, load_model
+
+from .conftest import REPO
+from .test_dicom import PATIENT, dx_dataset, save
+
+ARTIFACTS = Path(os.environ.get("COVIDXR_TEST_ARTIFACTS", REPO / "test-artifacts")) / "serve"
+STATUSES = {200, 503}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``python -m covidxr serve`` in its own process, with its own empty temporary folder and a log."""
+
+    def __init__(self, root: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmp = root / "tmp"
+        self.tmp.mkdir(parents=True)
+        self.log = root / "server.log"
+        env = {**os.environ, "TMPDIR": str(self.tmp)}
+        command = [sys.executable, "-m", "covidxr", "serve", "--port", str(self.port), *args]
+        self.process = subprocess.Popen(command, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited: {self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise AssertionError(f"server did not start: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = Server(tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def xrays(cxr3: Path, cxr3_meta: pd.DataFrame) -> list[Path]:
+    return [cxr3 / name for name in cxr3_meta.groupby("label").head(1)["filename"]]
+
+
+@pytest.fixture(scope="module")
+def cat(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("photos") / "chelsea.png"
+    Image.fromarray(skimage_data.chelsea()).save(path)
+    return path
+
+
+def post(server: Server, path: str, content: bytes, name: str = "x.png", field: str = "file", **kw) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", files={field: (name, content)}, timeout=120, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The API
+# ---------------------------------------------------------------------------------------------
+
+
+def test_predict_answers_like_the_python_api(server: Server, xrays: list[Path]) -> None:
+    model = load_model()
+    for path in xrays:
+        response = post(server, "/api/predict", path.read_bytes(), path.name)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        [expected] = model.predict([path])
+        assert answer["label"] == expected["label"]
+        for label, p in expected["probabilities"].items():
+            assert answer["probabilities"][label] == pytest.approx(p, abs=1e-6)
+        assert answer["out_of_distribution"] is False and answer["disclaimer"] == DISCLAIMER
+        assert answer["model"].startswith("efficientnet_lite0/bundled/")
+        preview = Image.open(io.BytesIO(base64.b64decode(answer["image"]["preview_png"])))
+        assert max(preview.size) <= 512 and preview.format == "PNG"
+
+
+def test_explain_returns_a_heat_map_over_the_preview(server: Server, xrays: list[Path]) -> None:
+    response = post(server, "/api/explain", xrays[0].read_bytes(), xrays[0].name)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    preview = Image.open(io.BytesIO(base64.b64decode(answer["image"]["preview_png"])))
+    heat = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["explanation"]["heatmap_png"]))))
+    assert heat.shape[:2] == (preview.height, preview.width) and heat.std() > 10  # a map, not a flat fill
+    assert answer["explanation"]["method"] == "gradcam" and answer["explanation"]["target"] == answer["label"]
+    assert answer["disclaimer"] == DISCLAIMER
+
+
+def test_dicom_upload_answers_without_echoing_patient_tags(server: Server, xrays: list[Path], tmp_path: Path) -> None:
+    grey = np.asarray(Image.open(xrays[0]).convert("L"))
+    dicom = save(dx_dataset(grey, 8), tmp_path / "scan.dcm")
+    png = post(server, "/api/predict", xrays[0].read_bytes()).json()
+    response = post(server, "/api/predict", dicom.read_bytes(), "scan.dcm")
+    assert response.status_code == 200, response.text
+    assert response.json()["label"] == png["label"]
+    for value in PATIENT.values():
+        assert value not in response.text
+        assert value not in server.log.read_text()
+
+
+def test_model_card_health_and_openapi(server: Server) -> None:
+    card = httpx.get(f"{server.url}/api/model").json()
+    assert card["disclaimer"] == DISCLAIMER and "leave_one_source_out" in card and card["model"].startswith("eff")
+    assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/api/predict", "/api/explain", "/api/model", "/healthz"} <= set(schema["paths"])
+    assert "multipart/form-data" in schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
+def test_bad_uploads_get_a_clear_status_and_the_server_goes_on(
+    server: Server, xrays: list[Path], tmp_path: Path
+) -> None:
+    jpeg = xrays[0].read_bytes()
+    no_pixels = dx_dataset(np.zeros((64, 64), np.uint8), 8)
+    del no_pixels.PixelData
+    big = tmp_path / "huge.png"
+    Image.new("L", (20_000, 20_000)).save(big, optimize=False)  # compresses to ~1 MB; 400 Mpx decoded
+    cases = [
+        ("empty body", httpx.post(f"{server.url}/api/predict", timeout=60), 400, "empty request"),
+        ("JSON body", httpx.post(f"{server.url}/api/predict", json={"file": "x.png"}), 415, "multipart field 'file'"),
+        ("empty form", post(server, "/api/predict", b""), 400, "is empty"),
+        ("wrong field", post(server, "/api/predict", jpeg, field="image"), 422, "no field 'file'"),
+        ("text as .png", post(server, "/api/predict", b"hello, not an image", "x.png"), 415, "judged by its content"),
+        ("truncated JPEG", post(server, "/api/predict", jpeg[: len(jpeg) // 3]), 400, "corrupt or truncated"),
+        ("40 MB", post(server, "/api/predict", b"\xff\xd8\xff" + bytes(40 * 2**20)), 413, "over the limit of 30 MB"),
+        ("DICOM, no pixels", post(server, "/api/predict", _dicom_bytes(no_pixels, tmp_path)), 400, "no pixel data"),
+        ("20,000 px", post(server, "/api/predict", big.read_bytes()), 413, "over the limit"),
+        ("unknown path", httpx.get(f"{server.url}/static/../../etc/passwd"), 404, ""),
+    ]
+    for name, response, status, fragment in cases:
+        assert response.status_code == status, (name, response.text)
+        body = response.json()
+        assert fragment in body["error"] and body["status"] == status, (name, body)
+        assert "Traceback" not in response.text
+    assert post(server, "/api/predict", jpeg).status_code == 200  # still serving
+    assert "Traceback" not in server.log.read_text()
+
+
+def _dicom_bytes(ds, tmp_path: Path) -> bytes:
+    return save(ds, tmp_path / "nopixels.dcm").read_bytes()
+
+
+def test_uploads_leave_no_file_and_no_trace_in_the_log(server: Server, xrays: list[Path]) -> None:
+    def files() -> dict[str, int]:  # a library leaves a small session file at start-up: uploads add nothing
+        return {str(p): p.stat().st_size for p in server.tmp.rglob("*")}
+
+    before = files()
+    secret = "Doe_Jane_MRN7731904.png"
+    assert post(server, "/api/predict", xrays[1].read_bytes(), secret).status_code == 200
+    big = xrays[1].read_bytes() + bytes(3 * 2**20)  # over starlette's 1 MB spool: still kept in memory
+    assert post(server, "/api/predict", big, secret).status_code == 200
+    assert files() == before and sum(before.values()) < 1000
+    assert secret not in server.log.read_text()
+    # CORS is off: no header lets another origin's page read the answers.
+    response = httpx.get(f"{server.url}/healthz", headers={"Origin": "https://elsewhere.example"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_overload_gets_503_with_retry_after_never_a_hang(xrays: list[Path], tmp_path: Path) -> None:
+    busy = Server(tmp_path, "--max-queue", "2")
+    try:
+        content = xrays[0].read_bytes()
+        responses: list[httpx.Response] = []
+        lock = threading.Lock()
+
+        def send() -> None:
+            response = post(busy, "/api/explain", content)
+            with lock:
+                responses.append(response)
+
+        threads = [threading.Thread(target=send) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert len(responses) == 12 and {r.status_code for r in responses} <= STATUSES
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused and all(r.headers["retry-after"] == "1" and "busy" in r.json()["error"] for r in refused)
+        assert any(r.status_code == 200 for r in responses)
+        assert httpx.get(f"{busy.url}/healthz").json()["waiting"] == 0
+    finally:
+        busy.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The page, in a real browser
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
+        options.add_argument(argument)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.set_window_size(1280, 1000)
+    yield driver
+    driver.quit()
+
+
+def _upload(browser: webdriver.Chrome, path: Path) -> None:
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    WebDriverWait(browser, 120).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") in {
+        "done", "error"})  # fmt: skip
+
+
+def test_page_upload_shows_label_heat_map_and_ood_warning(
+    server: Server, browser: webdriver.Chrome, xrays: list[Path], cat: Path
+) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.get(server.url)
+    disclaimer = browser.find_element(By.ID, "disclaimer")
+    assert disclaimer.is_displayed() and "Research use only" in disclaimer.text
+
+    # Keyboard: Tab reaches the file chooser (the label's input) first.
+    browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.get_attribute("id") == "file"
+
+    _upload(browser, xrays[0])
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
+    label = browser.find_element(By.ID, "label").text
+    assert label in {"COVID-19", "NORMAL", "PNEUMONIA"}
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 3
+    heat = browser.find_element(By.ID, "heatmap")
+    assert heat.is_displayed() and browser.execute_script("return arguments[0].naturalWidth", heat) > 0
+    assert not browser.find_element(By.ID, "ood").is_displayed()
+    slider = browser.find_element(By.ID, "opacity")
+    slider.send_keys(Keys.END)  # keyboard on the slider
+    assert browser.execute_script("return getComputedStyle(arguments[0]).opacity", heat) == "1"
+    slider.send_keys(*[Keys.ARROW_LEFT] * 40)
+    assert browser.execute_script("return getComputedStyle(arguments[0]).opacity", heat) == "0.6"
+    assert disclaimer.is_displayed()
+    browser.save_screenshot(str(ARTIFACTS / "xray-desktop.png"))
+
+    browser.set_window_size(768, 1024)  # a tablet held upright
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    browser.save_screenshot(str(ARTIFACTS / "xray-tablet.png"))
+    browser.set_window_size(1280, 1000)
+
+    _upload(browser, cat)
+    warning = browser.find_element(By.ID, "ood")
+    assert warning.is_displayed() and "Not like the chest X-rays" in warning.text
+    assert disclaimer.is_displayed()
+    browser.save_screenshot(str(ARTIFACTS / "cat-ood.png"))
+
+    _upload(browser, REPO / "README.md")  # not an image: the server's message, shown as an error
+    status = browser.find_element(By.ID, "status")
+    assert "judged by its content" in status.text and "error" in status.get_attribute("class")
+    browser.save_screenshot(str(ARTIFACTS / "not-an-image.png"))
+    assert all((ARTIFACTS / name).stat().st_size > 10_000 for name in ("xray-desktop.png", "cat-ood.png"))
