@@ -183,7 +183,7 @@ def decode_upload(body: bytes) -> Image.Image:
 
 def _png(image: Image.Image) -> str:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=1)  # the default level costs more time than the model
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -201,11 +201,10 @@ def heatmap(cam: np.ndarray, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.uint8(colormaps["jet"](np.clip(resized, 0, 1))[..., :3] * 255))
 
 
-def _result(model: Model, body: bytes, explain: bool) -> dict:
+def _result(model: Model, body: bytes, explain: bool, preview_wanted: bool) -> dict:
     """Decode and answer (in the inference thread: both take CPU)."""
     image = decode_upload(body)
     [result] = model.explain([image]) if explain else model.predict([image])
-    preview = _preview(image)
     answer = {
         "label": result["label"],
         "probabilities": result["probabilities"],
@@ -213,8 +212,12 @@ def _result(model: Model, body: bytes, explain: bool) -> dict:
         "covid_threshold": result["covid_threshold"],
         "out_of_distribution": result["out_of_distribution"],
         "ood_score": result["ood_score"],
-        "image": {"width": image.width, "height": image.height, "preview_png": _png(preview)},
+        "image": {"width": image.width, "height": image.height},
     }
+    if not (explain or preview_wanted):
+        return answer
+    preview = _preview(image)
+    answer["image"]["preview_png"] = _png(preview)
     if explain:
         answer["explanation"] = {
             "method": result["method"],
@@ -271,12 +274,14 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
 
     async def answer(request: Request, explain: bool) -> dict:
         body = await read_upload(request, max_upload)
-        result = await queue.run(_result, model, body, explain)
+        preview = request.query_params.get("preview", "").lower() in {"1", "true", "yes"}
+        result = await queue.run(_result, model, body, explain, preview)
         return {**result, "model": identity, "disclaimer": DISCLAIMER}
 
     @app.post("/api/predict", openapi_extra={"requestBody": EXAMPLE})
     async def predict(request: Request) -> dict:
-        """Label, calibrated probabilities and the out-of-distribution flag of one chest X-ray."""
+        """Label, calibrated probabilities and the out-of-distribution flag of one chest X-ray;
+        ``?preview=true`` adds a PNG of the image, at most 512 px (for DICOM, which browsers cannot show)."""
         return await answer(request, explain=False)
 
     @app.post("/api/explain", openapi_extra={"requestBody": EXAMPLE})
