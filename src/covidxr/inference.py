@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,6 +80,26 @@ def answer(run: Run, features: np.ndarray, logits: np.ndarray, blank: Sequence[b
     ]
 
 
+def iterate_predictions(
+    run: Run,
+    paths: Sequence[Path],
+    runner: TorchEngine | OnnxEngine,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    desc: str | None = None,
+) -> Iterator[list[dict]]:
+    """The results of ``paths`` batch by batch, in order, from one DataLoader (so decoding never stops
+    between batches); an unreadable file's result is its ``error``."""
+    batches = iterate_batches(paths, run.model.input_transform, batch_size, num_workers, desc)
+    for indices, inputs, errors, blanks in batches:
+        features, logits = runner(inputs)
+        answers = answer(run, features, logits, blanks)
+        yield [
+            {"file": str(paths[i]), "error": error} if error else {"file": str(paths[i]), **result}
+            for i, error, result in zip(indices, errors, answers, strict=True)
+        ]
+
+
 def predict_files(
     run: Run,
     paths: Sequence[str | Path],
@@ -97,26 +117,11 @@ def predict_files(
     threshold, chosen on validation data; ``out_of_distribution`` says whether the image is unlike
     the training X-rays (``covidxr.ood``; ``None`` for runs made before the guard existed).
     """
-    model, labels = run.model, run.labels
     runner = make_engine(run, engine, cache_dir) if isinstance(engine, str) else engine
     paths = [Path(p) for p in paths]
-    features = np.zeros((len(paths), model.spec.num_features), dtype=np.float32)
-    logits = np.zeros((len(paths), len(labels)), dtype=np.float32)
-    errors: dict[int, str] = {}
-    blank: set[int] = set()
     desc = "predict" if progress else None
-    for indices, inputs, batch_errors, blanks in iterate_batches(
-        paths, model.input_transform, batch_size, num_workers, desc
-    ):
-        features[indices], logits[indices] = runner(inputs)
-        errors |= {i: e for i, e in zip(indices, batch_errors, strict=True) if e}
-        blank |= {i for i, b in zip(indices, blanks, strict=True) if b}
-    answers = iter(answer(run, features, logits, [i in blank for i in range(len(paths))]))
-    results = []
-    for i, path in enumerate(paths):
-        result = next(answers)
-        results.append({"file": str(path), "error": errors[i]} if i in errors else {"file": str(path), **result})
-    return results
+    batches = iterate_predictions(run, paths, runner, batch_size, num_workers, desc)
+    return [result for batch in batches for result in batch]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,25 +234,30 @@ def predict_to_file(
     columns = list(_flat_row({"file": ""}, run.labels))
     if out.suffix == ".csv" and not out.exists():
         pd.DataFrame(columns=columns).to_csv(out, index=False)
-    runner = make_engine(run, engine, cache_dir) if isinstance(engine, str) else engine  # once, not per chunk
+    runner = make_engine(run, engine, cache_dir) if isinstance(engine, str) else engine
+
+    def write(new: list[dict]) -> None:
+        rows.extend(new)
+        if out.suffix == ".csv":
+            with open(out, "a", newline="") as handle:
+                pd.DataFrame(new, columns=columns).to_csv(handle, header=False, index=False)
+                handle.flush()
+                os.fsync(handle.fileno())
+        else:
+            _write_json(out, run, rows)
+
+    pending: list[dict] = []
+    written = 0
     with _stop_after_chunk() as stop, tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
-            new = [
-                _flat_row(r, run.labels)
-                for r in predict_files(run, chunk, cache_dir, batch_size, num_workers, False, runner)
-            ]
-            rows += new
-            if out.suffix == ".csv":
-                with open(out, "a", newline="") as handle:
-                    pd.DataFrame(new, columns=columns).to_csv(handle, header=False, index=False)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            else:
-                _write_json(out, run, rows)
-            bar.update(len(chunk))
-            if stop.is_set() and start + chunk_size < len(todo):
-                raise KeyboardInterrupt
+        # Batches no larger than a chunk, so every chunk is written as soon as it is done.
+        for batch in iterate_predictions(run, todo, runner, min(batch_size, chunk_size), num_workers):
+            pending += [_flat_row(result, run.labels) for result in batch]
+            bar.update(len(batch))
+            if len(pending) >= chunk_size or written + len(pending) == len(todo):
+                write(pending)
+                written, pending = written + len(pending), []
+                if stop.is_set() and written < len(todo):
+                    raise KeyboardInterrupt
     if out.suffix == ".json" and not todo:
         _write_json(out, run, rows)
     return rows, len(todo)
