@@ -57,17 +57,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pandas as pd
 import torch
 
@@ -76,13 +73,12 @@ from covidxr.engines import OnnxEngine, TorchEngine, backbone_sidecar, cached_ex
 from covidxr.errors import CovidxrError
 from covidxr.loop import bf16_supported
 from covidxr.models import CovidxrNet, create_model
-from machine import cpu_bf16_flags, cpu_model, describe_load, load_average
+from machine import describe_load, isolated_cache, load_average, machine_lines, timed_pass, warm_up
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
 PRETRAINED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 RANDOM = "resnet50"  # the larger network, randomly initialised (no weights here)
-WARMUP_CALLS = 2  # untimed calls per batch shape and variant
 
 Forward = Callable[[torch.Tensor], np.ndarray]
 
@@ -230,28 +226,6 @@ def onnx_int8(
 # ---------------------------------------------------------------------------------------------
 
 
-def timed_pass(forward: Forward, inputs: torch.Tensor, batch: int) -> tuple[float, list[float], np.ndarray]:
-    """Seconds for every image in batches of ``batch``, seconds of each full batch, and the features."""
-    calls, outputs = [], []
-    started = time.perf_counter()
-    for start in range(0, len(inputs), batch):
-        before = time.perf_counter()
-        outputs.append(forward(inputs[start : start + batch]))
-        if len(outputs[-1]) == batch:
-            calls.append(time.perf_counter() - before)
-    return time.perf_counter() - started, calls, np.concatenate(outputs)
-
-
-def warm_up(forward: Forward, inputs: torch.Tensor, batch: int) -> None:
-    """Every batch shape the timed passes use, ``WARMUP_CALLS`` times (kernel selection, memory set-up)."""
-    sizes = {1, min(batch, len(inputs))}
-    if len(inputs) % batch:
-        sizes.add(len(inputs) % batch)
-    for size in sorted(sizes):
-        for _ in range(WARMUP_CALLS):
-            forward(inputs[:size])
-
-
 def measure(variants: list[Variant], inputs: torch.Tensor, args: argparse.Namespace, label: str) -> None:
     active = [v for v in variants if v.forward is not None]
     for variant in active:
@@ -263,7 +237,8 @@ def measure(variants: list[Variant], inputs: torch.Tensor, args: argparse.Namesp
             seconds, calls, _ = timed_pass(variant.forward, latency_inputs, 1)
             variant.single_rates.append(len(latency_inputs) / seconds)
             variant.single_calls += calls
-            seconds, calls, variant.features = timed_pass(variant.forward, inputs, args.batch_size)
+            seconds, calls, outputs = timed_pass(variant.forward, inputs, args.batch_size)
+            variant.features = np.concatenate(outputs)
             variant.batch_rates.append(len(inputs) / seconds)
             variant.batch_calls += calls
 
@@ -394,10 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_at_start = load_average()
     started_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="covidxr-bench-engines-") as tmp:
-        tmp = Path(tmp)
-        os.environ["COVIDXR_CACHE_DIR"] = str(tmp / "cache")
-        os.environ["COVIDXR_OFFLINE"] = "1"
+    with isolated_cache("engines") as tmp:
         paths, calibration = choose_images(args.data, args.images, args.calibration_images)
         print("covidxr engines benchmark: backbone features with torch (fp32, channels-last, bf16) and onnxruntime")
         print("(fp32, int8), forward pass only, on real X-rays")
@@ -406,14 +378,10 @@ def main(argv: list[str] | None = None) -> None:
             f"  images:      {len(paths)} timed (batch 1: the first {args.latency_images}), evenly spaced over "
             f"metadata.csv; {len(calibration)} others for int8 calibration"
         )
-        print(f"  CPU:         {cpu_model()}, {os.cpu_count()} cores; bf16 instructions: {cpu_bf16_flags()}")
+        print(machine_lines())
         print(
             f"  threads:     torch {torch.get_num_threads()}, onnxruntime intra-op "
             + (f"{args.threads} (--threads)" if args.threads else f"{physical_cores()} (OnnxEngine's default)")
-        )
-        print(
-            f"  platform:    torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, "
-            f"Python {platform.python_version()}, {platform.machine()}"
         )
         print(f"  load avg:    {describe_load(load_at_start)} at start")
         print()

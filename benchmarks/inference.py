@@ -54,36 +54,41 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pandas as pd
 import torch
 
 from covidxr.calibration import softmax
 from covidxr.config import TrainConfig
 from covidxr.data import read_image
-from covidxr.engines import TorchEngine
+from covidxr.engines import TorchEngine, physical_cores
 from covidxr.features import iterate_batches
 from covidxr.inference import make_engine, predict_files
 from covidxr.loop import bf16_supported
 from covidxr.train import Run, load_run, train
-from machine import cpu_bf16_flags, cpu_model, describe_load, linked_dataset, load_average, small_subset
+from machine import (
+    describe_load,
+    isolated_cache,
+    linked_dataset,
+    load_average,
+    machine_lines,
+    small_subset,
+    timed_pass,
+    warm_up,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
 MODEL = "efficientnet_lite0"
 IMAGE_SIZE = 224
 TARGET = 0.90  # end-to-end throughput as a share of the bare model's
-WARMUP_CALLS = 2  # untimed calls per batch shape and variant
 
 Engine = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
@@ -194,29 +199,9 @@ class Measured:
         return statistics.median(values) if values else float("nan")
 
 
-def timed_pass(
-    engine: Engine, inputs: torch.Tensor, batch: int, temperature: float
-) -> tuple[float, list[float], np.ndarray]:
-    """Seconds for every image in batches of ``batch``, seconds of each full batch, and the probabilities."""
-    calls, logits = [], []
-    started = time.perf_counter()
-    for start in range(0, len(inputs), batch):
-        before = time.perf_counter()
-        logits.append(engine(inputs[start : start + batch])[1])
-        if len(logits[-1]) == batch:
-            calls.append(time.perf_counter() - before)
-    seconds = time.perf_counter() - started
-    return seconds, calls, softmax(np.concatenate(logits).astype(np.float64), temperature)
-
-
-def warm_up(engine: Engine, inputs: torch.Tensor, batch: int) -> None:
-    """Every batch shape the timed passes use, ``WARMUP_CALLS`` times (kernel and memory set-up)."""
-    sizes = {1, min(batch, len(inputs))}
-    if len(inputs) % batch:
-        sizes.add(len(inputs) % batch)
-    for size in sorted(sizes):
-        for _ in range(WARMUP_CALLS):
-            engine(inputs[:size])
+def probabilities_of(outputs: list[tuple[np.ndarray, np.ndarray]], temperature: float) -> np.ndarray:
+    """Calibrated probabilities from the engine outputs of a timed pass."""
+    return softmax(np.concatenate([logits for _, logits in outputs]).astype(np.float64), temperature)
 
 
 def bare_model(
@@ -242,11 +227,13 @@ def bare_model(
     for repeat in range(args.repeats):
         print(f"  part 1: repetition {repeat + 1} of {args.repeats} ...", file=sys.stderr, flush=True)
         for variant in active:
-            seconds, calls, probabilities = timed_pass(variant.engine, latency_inputs, 1, run.temperature)
+            seconds, calls, outputs = timed_pass(variant.engine, latency_inputs, 1)
+            probabilities = probabilities_of(outputs, run.temperature)
             variant.single_rates.append(len(latency_inputs) / seconds)
             variant.single_calls += calls
             variant.single_probabilities = probabilities
-            seconds, calls, probabilities = timed_pass(variant.engine, inputs, args.batch_size, run.temperature)
+            seconds, calls, outputs = timed_pass(variant.engine, inputs, args.batch_size)
+            probabilities = probabilities_of(outputs, run.temperature)
             variant.batch_rates.append(len(inputs) / seconds)
             variant.batch_calls += calls
             variant.batch_probabilities = probabilities
@@ -419,20 +406,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_at_start = load_average()
     started_all = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="covidxr-bench-inference-") as tmp:
-        tmp = Path(tmp)
-        os.environ["COVIDXR_CACHE_DIR"] = str(tmp / "cache")
-        os.environ["COVIDXR_OFFLINE"] = "1"
+    with isolated_cache("inference") as tmp:
         print("covidxr inference benchmark: the bare model (torch, onnxruntime) and end-to-end predict_files")
         print(f"  data:        {Path(args.data).resolve()}")
-        print(f"  CPU:         {cpu_model()}, {os.cpu_count()} cores; bf16 instructions: {cpu_bf16_flags()}")
+        print(machine_lines())
         print(
-            f"  threads:     torch {torch.get_num_threads()}, onnxruntime intra-op {os.cpu_count()} "
-            "(OnnxEngine's default: all cores)"
-        )
-        print(
-            f"  platform:    torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, "
-            f"Python {platform.python_version()}, {platform.machine()}"
+            f"  threads:     torch {torch.get_num_threads()}, onnxruntime intra-op {physical_cores()} "
+            "(OnnxEngine's default: the physical cores)"
         )
         print(f"  load avg:    {describe_load(load_at_start)} at start")
         if args.run is None:

@@ -8,6 +8,10 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +20,19 @@ LOAD_WARNING = 0.5  # a 1-minute load above this (plus the benchmark's own threa
 sys.path.insert(0, str(REPO))
 from tests.conftest import linked_dataset, small_subset  # noqa: E402  (the test suite's own small real datasets)
 
-__all__ = ["cpu_bf16_flags", "cpu_model", "describe_load", "linked_dataset", "load_average", "small_subset"]
+__all__ = [
+    "cpu_bf16_flags",
+    "cpu_model",
+    "describe_load",
+    "isolated_cache",
+    "linked_dataset",
+    "load_average",
+    "machine_lines",
+    "small_subset",
+    "timed_pass",
+    "warm_up",
+]
+WARMUP_CALLS = 2  # untimed calls per batch shape and variant
 
 
 def load_average() -> float | None:
@@ -66,3 +82,48 @@ def cpu_bf16_flags() -> str:
             flags |= set(line.split(":", 1)[1].split())
     present = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
     return ", ".join(present) or "none (bf16 would be emulated)"
+
+
+def timed_pass(call: Callable, inputs: Sequence, batch: int) -> tuple[float, list[float], list]:
+    """Seconds for every input in batches of ``batch``, seconds of each full batch, and each call's output."""
+    calls, outputs = [], []
+    started = time.perf_counter()
+    for start in range(0, len(inputs), batch):
+        before = time.perf_counter()
+        outputs.append(call(inputs[start : start + batch]))
+        if start + batch <= len(inputs):
+            calls.append(time.perf_counter() - before)
+    return time.perf_counter() - started, calls, outputs
+
+
+def warm_up(call: Callable, inputs: Sequence, batch: int) -> None:
+    """Every batch shape the timed passes use, ``WARMUP_CALLS`` times (kernel selection, memory set-up)."""
+    sizes = {1, min(batch, len(inputs))}
+    if len(inputs) % batch:
+        sizes.add(len(inputs) % batch)
+    for size in sorted(sizes):
+        for _ in range(WARMUP_CALLS):
+            call(inputs[:size])
+
+
+def machine_lines() -> str:
+    """The header lines every engine benchmark prints: the CPU and the versions that decide its speed."""
+    import numpy
+    import onnxruntime
+    import torch
+
+    return (
+        f"  CPU:         {cpu_model()}, {os.cpu_count()} cores; bf16 instructions: {cpu_bf16_flags()}\n"
+        f"  platform:    torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__}, "
+        f"Python {platform.python_version()}, {platform.machine()}"
+    )
+
+
+@contextmanager
+def isolated_cache(name: str) -> Iterator[Path]:
+    """A temporary folder whose ``cache`` is covidxr's cache for this process and its children (so every
+    run starts cold and leaves nothing behind), with downloads switched off."""
+    with tempfile.TemporaryDirectory(prefix=f"covidxr-bench-{name}-") as tmp:
+        os.environ["COVIDXR_CACHE_DIR"] = str(Path(tmp) / "cache")
+        os.environ["COVIDXR_OFFLINE"] = "1"
+        yield Path(tmp)

@@ -62,7 +62,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -76,7 +75,7 @@ import pandas as pd
 from covidxr import DISCLAIMER, load_model
 from covidxr.api import Model
 from covidxr.data import decode_bytes
-from machine import cpu_model, describe_load, load_average
+from machine import cpu_model, describe_load, isolated_cache, load_average
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
@@ -473,10 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     started_all = time.perf_counter()
     images = load_images(args.data, args.images)
     problems: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="covidxr-bench-serve-") as tmp:
-        tmp = Path(tmp)
-        os.environ["COVIDXR_CACHE_DIR"] = str(tmp / "cache")
-        os.environ["COVIDXR_OFFLINE"] = "1"
+    with isolated_cache("serve") as tmp:
         server = Server(args, tmp / "server.log")
         print("covidxr serve benchmark: POST /api/predict under concurrent load vs. the bare in-process model")
         print(f"  CPU:         {cpu_model()}, {os.cpu_count()} cores (the client threads share them with the server)")
