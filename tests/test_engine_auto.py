@@ -118,7 +118,7 @@ def test_unexportable_model_falls_back_to_torch_with_one_line(
         image.save(path)
     features = extract_features(model, paths, tmp_path / "cache", progress=False)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "could not be exported to ONNX" in err[0] and "with torch instead" in err[0]
+    assert len(err) == 1 and "could not be exported to ONNX" in err[0] and "running it with torch instead" in err[0]
     inputs = torch.stack([model.input_tensor(read_image(p)) for p in paths])
     assert np.abs(features - TorchEngine(model).features(inputs)).max() == 0
     # Asked for explicitly, the failure is an error, not a silent change of engine.

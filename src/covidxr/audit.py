@@ -115,7 +115,11 @@ def common_format(image: Image.Image) -> Image.Image:
 
 
 def variant_predictions(
-    model: CovidxrNet, paths: Sequence[Path], batch_size: int = 32, progress: bool = False
+    model: CovidxrNet,
+    paths: Sequence[Path],
+    batch_size: int = 32,
+    progress: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Predicted class indices for the lungs-hidden, border-only and common-format variant of every image.
 
@@ -132,7 +136,8 @@ def variant_predictions(
         for start in range(0, len(paths), batch_size):
             images = [read_image(path) for path in paths[start : start + batch_size]]
             for name, make_input in variants.items():
-                features[name].append(backbone_features(model, torch.stack([make_input(img) for img in images])))
+                inputs = torch.stack([make_input(img) for img in images])
+                features[name].append(backbone_features(model, inputs, cache_dir))
             bar.update(len(images))
     return {name: head_probabilities(model, np.concatenate(parts)).argmax(1) for name, parts in features.items()}
 
@@ -445,7 +450,7 @@ def run_audit(
         model, paths, cache_dir, batch_size=batch_size, num_workers=num_workers, progress=progress
     )
     predictions = {"unchanged": head_probabilities(model, unchanged).argmax(1)}
-    predictions |= variant_predictions(model, paths, batch_size, progress)
+    predictions |= variant_predictions(model, paths, batch_size, progress, cache_dir)
     checks = {
         "lungs_hidden": lungs_hidden_check(truth, predictions, labels),
         "source_probe": source_probe_check(model, dataset, cache_dir, seed, batch_size, num_workers, progress),

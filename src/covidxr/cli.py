@@ -47,6 +47,31 @@ cache_option = click.option(
 )
 
 
+# What computes frozen features (train, reproduce: saved in the run's config; default: the config's).
+feature_engine_option = click.option(
+    "--engine",
+    type=click.Choice(["auto", "torch", "onnx"]),
+    default=None,
+    help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch).",
+)
+
+
+def prediction_engine_options(func):
+    """``--engine`` and ``--threads`` of the commands that predict (predict, serve)."""
+    engine = click.option(
+        "--engine",
+        type=click.Choice(["auto", "torch", "onnx", "int8"]),
+        default="auto",
+        show_default=True,
+        help="onnx: the model exported once to ONNX and run by onnxruntime; auto: onnx on a CPU where installed; "
+        "int8: the quantised graph `covidxr quantize` accepted.",
+    )
+    threads = click.option(
+        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the physical cores)."
+    )
+    return engine(threads(func))
+
+
 def weights_options(func):
     return weights_dir_option(weights_file_option(func))
 
@@ -145,12 +170,7 @@ def design_options(func):
         click.option("--early-stopping-patience", type=int, default=None, help="Epochs without improvement (0: off)."),
         click.option("--schedule", type=click.Choice(["none", "cosine", "plateau"]), default=None),
         click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None),
-        click.option(
-            "--engine",
-            type=click.Choice(["auto", "torch", "onnx"]),
-            default=None,
-            help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch).",
-        ),
+        feature_engine_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -231,15 +251,7 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
 )
 @click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
-@click.option(
-    "--engine",
-    type=click.Choice(["auto", "torch", "onnx", "int8"]),
-    default="auto",
-    show_default=True,
-    help="onnx: the model exported once to ONNX and run by onnxruntime; auto: onnx on a CPU where installed; "
-    "int8: the quantised graph `covidxr quantize` accepted.",
-)
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the physical cores).")
+@prediction_engine_options
 @model_options
 def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
@@ -351,8 +363,7 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (the default: this machine only)."
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--engine", type=click.Choice(["auto", "torch", "onnx", "int8"]), default="auto", show_default=True)
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the physical cores).")
+@prediction_engine_options
 @click.option(
     "--max-queue",
     type=click.IntRange(1),
@@ -482,12 +493,7 @@ def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
 @click.option(
     "--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3,4: split and training repeated per seed."
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["auto", "torch", "onnx"]),
-    default=None,
-    help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch).",
-)
+@feature_engine_option
 @weights_dir_option
 @cache_option
 def reproduce_command(

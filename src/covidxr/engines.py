@@ -264,6 +264,18 @@ def cached_export(model: CovidxrNet, info: dict, cache_dir: str | Path | None = 
     return path if valid else export_onnx(model, path, info)
 
 
+def export_or_fallback(model: CovidxrNet, info: dict, requested: str, cache_dir: str | Path | None) -> Path | None:
+    """The cached export ``info`` describes; where it cannot be made, an error for an explicit ``onnx``,
+    and for ``auto`` one line on stderr and ``None`` (the caller runs torch)."""
+    try:
+        return cached_export(model, info, cache_dir)
+    except CovidxrError as exc:
+        if requested == "onnx":
+            raise
+        print(f"covidxr: {exc}; running it with torch instead", file=sys.stderr)
+        return None
+
+
 _feature_engines: dict[str, OnnxEngine | None] = {}  # None: the export failed, torch it is
 
 
@@ -281,13 +293,6 @@ def feature_engine(
         return TorchEngine(model)
     memo = json.dumps([model.model_key(), str(Path(cache_dir or default_cache_dir()).resolve())], sort_keys=True)
     if memo not in _feature_engines:
-        try:
-            path = cached_export(model, backbone_sidecar(model), cache_dir)
-        except CovidxrError as exc:
-            if requested == "onnx":
-                raise
-            print(f"covidxr: {exc}; computing features with torch instead", file=sys.stderr)
-            _feature_engines[memo] = None
-        else:
-            _feature_engines[memo] = OnnxEngine(path, spin=False)
+        path = export_or_fallback(model, backbone_sidecar(model), requested, cache_dir)
+        _feature_engines[memo] = None if path is None else OnnxEngine(path, spin=False)
     return _feature_engines[memo] or TorchEngine(model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
 from covidxr.data import IMAGE_SUFFIXES
-from covidxr.engines import OnnxEngine, TorchEngine, cached_export, resolve_engine, sidecar
+from covidxr.engines import OnnxEngine, TorchEngine, export_or_fallback, resolve_engine, sidecar
 from covidxr.errors import CovidxrError
 from covidxr.features import iterate_batches
 from covidxr.models import CovidxrNet
@@ -48,14 +47,9 @@ def make_engine(
         if threads is not None:
             raise CovidxrError("--threads applies to the onnx engine; torch uses torch.set_num_threads")
         return TorchEngine(run.model)
-    try:
-        path = cached_export(run.model, sidecar(run.model, run.labels, run.temperature, run.covid_threshold), cache_dir)
-    except CovidxrError as exc:
-        if engine == "onnx":
-            raise
-        print(f"covidxr: {exc}; predicting with torch instead", file=sys.stderr)
-        return TorchEngine(run.model)
-    return OnnxEngine(path, threads, spin=False)
+    info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
+    path = export_or_fallback(run.model, info, engine, cache_dir)
+    return TorchEngine(run.model) if path is None else OnnxEngine(path, threads, spin=False)
 
 
 def answer(run: Run, features: np.ndarray, logits: np.ndarray, blank: Sequence[bool]) -> list[dict]:
