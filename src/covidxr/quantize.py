@@ -88,10 +88,15 @@ def quantize_graph(source: Path, out: Path, calibration_inputs: np.ndarray | Non
     return out
 
 
-def int8_path(run: Run, cache_dir: str | Path | None = None) -> Path:
-    """Where the int8 graph of ``run`` lives: beside its fp32 export, named after it."""
+def graph_paths(run: Run, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """The fp32 export of ``run`` (made if missing) and where its int8 copy lives: beside it, named after it."""
     fp32 = cached_export(run.model, sidecar(run.model, run.labels, run.temperature, run.covid_threshold), cache_dir)
-    return fp32.with_name(f"{fp32.stem}-int8.onnx")
+    return fp32, fp32.with_name(f"{fp32.stem}-int8.onnx")
+
+
+def int8_path(run: Run, cache_dir: str | Path | None = None) -> Path:
+    """Where the int8 graph of ``run`` lives."""
+    return graph_paths(run, cache_dir)[1]
 
 
 def _inputs(run: Run, paths: list[Path]) -> np.ndarray:
@@ -151,8 +156,7 @@ def quantize_run(
     rng = np.random.default_rng(run.config.seed)
     chosen = sorted(rng.choice(len(train_paths), min(calibration_images, len(train_paths)), replace=False))
     calibration = _inputs(run, [train_paths[i] for i in chosen]) if method == "static" else None
-    out = int8_path(run, cache_dir)
-    fp32_path = out.with_name(out.name.replace("-int8", ""))
+    fp32_path, out = graph_paths(run, cache_dir)
     candidate = out.with_name(f"{out.stem}.{os.getpid()}.candidate.onnx")  # an accepted graph stays until replaced
     started = time.perf_counter()
     quantize_graph(fp32_path, candidate, calibration, method)
