@@ -220,12 +220,16 @@ def train_command(data_dirs, out, config_file, allow_near_duplicate_leakage, wei
 @click.argument("run", type=_path)
 @click.option("--data", "data_dir", type=_path, default=None, help="Evaluate on every image of another dataset.")
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
-@click.option("--out", type=_path, default=None, help="Output folder (default: the run folder).")
+@click.option(
+    "--out", type=_path, default=None, help="Output folder (default: the run folder; with --data RUN/external/NAME)."
+)
 @click.option("--no-explain", is_flag=True, help="Skip the Grad-CAM figure and the explanation checks.")
 @model_options
 def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir, cache_dir):
     """Write metrics.json, predictions.csv, the four figures and the reports."""
-    from covidxr.evaluate import evaluate_run
+    from covidxr.evaluate import evaluate_run, external_folder
+
+    out = out or (external_folder(run, data_dir) if data_dir else None)
 
     metrics = evaluate_run(
         run, data_dir, split, out, weights, weights_dir, cache_dir, progress=_progress(), explain=not no_explain
@@ -238,7 +242,8 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
 
 
 @cli.command("predict")
-@click.argument("images", type=_path, nargs=-1, required=True)
+# No readability check here: an unreadable file becomes its own error row and the others still run.
+@click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
 @click.option(
     "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
 )

@@ -7,18 +7,20 @@ A dataset is a folder with ``metadata.csv`` (``filename, label, patient_id`` and
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from covidxr import dicom
 from covidxr.errors import CovidxrError, ImageTooLarge
@@ -57,11 +59,36 @@ def canonical_label(value: object) -> str | None:
 def read_image(path: str | Path) -> Image.Image:
     """Decode an image file into 8-bit RGB (see ``_decode``); refuse images too small to be a radiograph."""
     path = Path(path)
-    if not path.is_file():
-        raise CovidxrError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise CovidxrError(f"{path}: empty file")
+    problem = unreadable_reason(path)
+    if problem:
+        raise CovidxrError(f"{path}: {problem}")
     return _checked_size(_decode(path, path.suffix.lower()), path)
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file, in words a user can act on (permission denied, a
+    broken symlink, a symlink loop, a folder, an empty file), or None when it can be opened.
+
+    Checked before decoding, so a file the system refuses is never reported as a corrupt image."""
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            os.listdir(path)
+            return "is a folder, not an image file"
+        if not stat.S_ISREG(mode):
+            return "not a regular file (a device, pipe or socket)"
+        with open(path, "rb") as handle:
+            if not handle.read(1):
+                return "empty file"
+    except FileNotFoundError:
+        return "broken symlink (its target does not exist)" if path.is_symlink() else "file not found"
+    except PermissionError:
+        return "permission denied" + (" (a folder that cannot be listed)" if path.is_dir() else "")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop (the link points back at itself)"
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    return None
 
 
 def decode_bytes(data: bytes, name: str = "upload") -> Image.Image:
@@ -74,12 +101,20 @@ def decode_bytes(data: bytes, name: str = "upload") -> Image.Image:
     return _checked_size(_decode(buffer, Path(name).suffix.lower()), name)
 
 
-def _checked_size(image: Image.Image, path: str | Path) -> Image.Image:
-    if min(image.size) < MIN_IMAGE_SIDE:
+def check_dimensions(width: int, height: int, name: str | Path) -> None:
+    """Refuse an image too small to hold anatomy, or over the pixel limit (``ImageTooLarge``): the
+    same limits for files, uploads and in-memory images."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"{name}: image is {width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
+    if min(width, height) < MIN_IMAGE_SIDE:
         raise CovidxrError(
-            f"{path}: {image.width}x{image.height} pixels is too small to be a chest radiograph "
+            f"{name}: {width}x{height} pixels is too small to be a chest radiograph "
             f"(at least {MIN_IMAGE_SIDE} pixels a side)"
         )
+
+
+def _checked_size(image: Image.Image, path: str | Path) -> Image.Image:
+    check_dimensions(image.width, image.height, path)
     return image
 
 
@@ -102,10 +137,11 @@ def _decode(source: dicom.Source, suffix: str) -> Image.Image:
                 raise ImageTooLarge(
                     f"{path}: image is {img.width}x{img.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}"
                 )
-            if getattr(img, "n_frames", 1) > 1 and img.format not in {"TIFF"}:
-                raise CovidxrError(f"{path}: has {img.n_frames} frames; give one image per file")
+            if getattr(img, "n_frames", 1) > 1:
+                what = "pages" if img.format == "TIFF" else "frames"
+                raise CovidxrError(f"{path}: has {img.n_frames} {what}; give one image per file")
             img.load()
-            return _to_rgb8(img)
+            return _to_rgb8(_upright(img))
     except CovidxrError:
         raise
     except UnidentifiedImageError as exc:
@@ -122,6 +158,14 @@ def _decode(source: dicom.Source, suffix: str) -> Image.Image:
     if not isinstance(source, str | Path):
         source.seek(0)
     return dicom.read_dicom(source, max_pixels=MAX_IMAGE_PIXELS)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: rotated or flipped as its EXIF orientation says (a phone
+    photo of a film, a scanner's rotated JPEG), so the model never sees it sideways."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def _to_rgb8(img: Image.Image) -> Image.Image:

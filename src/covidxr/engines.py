@@ -233,6 +233,7 @@ class OnnxEngine:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
             raise CovidxrError(f"{path}: not a usable ONNX graph ({type(exc).__name__})") from None
+        self.path = Path(path)
         self.outputs = [output.name for output in self.session.get_outputs()]
         self.description = f"onnxruntime {onnxruntime.__version__} (CPU, {options.intra_op_num_threads} threads)"
 
