@@ -1,8 +1,14 @@
-"""The Python API: ``covidxr.load_model(run)`` → ``model.predict(images)`` / ``model.explain(images)``.
+"""The Python API: ``covidxr.load_model(run)`` → ``model.predict(image_or_images)`` / ``model.explain(...)``.
 
-Images may be file paths (PNG, JPEG, TIFF, DICOM) or decoded images (PIL images or HxW / HxWx3
-uint8 arrays). Every result carries the research-use disclaimer. The command line is built on
-the same functions (``covidxr.inference``), so both answer alike.
+An image may be a file path (PNG, JPEG, TIFF, DICOM; ``str`` or ``Path``) or a decoded image (a PIL
+image or an HxW / HxWx3 uint8 array). One image gives one result (a dict), a list gives a list.
+Every result carries the research-use disclaimer. The command line is built on the same functions
+(``covidxr.inference``), so both answer alike.
+
+>>> import covidxr
+>>> model = covidxr.load_model()                       # the bundled model
+>>> result = model.predict("chest.png")                # one result
+>>> result["label"], result["probabilities"]["COVID-19"], result["no_answer_reason"]
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from PIL import Image
 
 from covidxr.card import default_model_path
-from covidxr.data import read_image
+from covidxr.data import check_dimensions, read_image
 from covidxr.errors import CovidxrError
 from covidxr.explain import METHODS, Explainer, overlay
 from covidxr.inference import answer, make_engine, predict_files
@@ -23,36 +29,70 @@ from covidxr.ood import is_blank
 from covidxr.train import Run, load_run
 
 ImageLike = str | Path | Image.Image | np.ndarray
+SINGLE = (str, Path, Image.Image, np.ndarray)  # one image; anything else is a sequence of them
 
 
 def _as_image(item: ImageLike) -> Image.Image:
+    """An RGB image, held to the limits files are held to (too small, over the pixel limit: ``CovidxrError``)."""
     if isinstance(item, str | Path):
         return read_image(item)
     if isinstance(item, Image.Image):
+        check_dimensions(item.width, item.height, f"PIL image ({item.width}x{item.height})")
         return item.convert("RGB")
     array = np.asarray(item)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
         raise CovidxrError(f"an image array must be uint8 HxW or HxWx3, not {array.dtype} {array.shape}")
+    if array.size == 0:
+        raise CovidxrError(f"image array {array.shape} is empty")
+    check_dimensions(array.shape[1], array.shape[0], f"image array {array.shape}")
     return Image.fromarray(array).convert("RGB")
 
 
 class Model:
-    """A trained covidxr model, ready to predict and explain."""
+    """A trained covidxr model, ready to predict and explain; make one with ``covidxr.load_model``.
+
+    >>> model = covidxr.load_model("runs/lite0")
+    >>> model.labels
+    ['COVID-19', 'NORMAL', 'PNEUMONIA']
+    """
 
     def __init__(self, run: Run, engine: str = "auto", cache_dir: str | Path | None = None, threads: int | None = None):
         self.run, self.cache_dir = run, cache_dir
         self.engine = make_engine(run, engine, cache_dir, threads)
 
+    def __repr__(self) -> str:
+        engine = type(self.engine).__name__.removesuffix("Engine").lower()
+        return (
+            f"covidxr.Model(backbone={self.run.config.model!r}, run={self.run.path.name!r}, labels={self.labels}, "
+            f"covid_threshold={self.run.covid_threshold:.3f}, engine={engine!r})"
+        )
+
     @property
     def labels(self) -> list[str]:
+        """The classes, in the order of the probabilities."""
         return self.run.labels
 
-    def predict(self, images: Sequence[ImageLike], batch_size: int = 32) -> list[dict]:
-        """Label, calibrated probabilities, COVID-19 threshold decision and out-of-distribution flag per image.
+    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> dict | list[dict]:
+        """Label, calibrated probabilities, COVID-19 call and out-of-distribution flag of one image, or of each
+        image of a list.
 
-        File paths are read in batches and an unreadable file gets ``error`` instead of a label; for
-        decoded images a bad one raises ``CovidxrError``.
+        ``label`` is the decision: COVID-19 when its probability reaches the run's operating threshold
+        (``covid_threshold``), else the more probable other class; ``covid_positive`` always agrees.
+        An image unlike the training X-rays gets ``label`` ``None`` and ``no_answer_reason``.
+        In a list of paths an unreadable file gets ``error`` instead of a label; a single path that
+        cannot be read, and any bad decoded image, raise ``CovidxrError``.
+
+        >>> model.predict("a.png")["label"]
+        'NORMAL'
+        >>> [r["label"] for r in model.predict(["a.png", Image.open("b.png")])]
+        ['NORMAL', None]
         """
+        if isinstance(images, SINGLE):
+            [result] = self.predict([images], batch_size)
+            if "error" in result:
+                raise CovidxrError(result["error"])
+            return result
+        images = list(images)
         if all(isinstance(item, str | Path) for item in images):
             return predict_files(self.run, list(images), self.cache_dir, batch_size, progress=False, engine=self.engine)
         decoded = [_as_image(item) for item in images]
@@ -63,20 +103,32 @@ class Model:
             results += answer(self.run, features, logits, [is_blank(image) for image in batch])
         return results
 
-    def explain(self, images: Sequence[ImageLike], method: str = "gradcam") -> list[dict]:
+    def explain(
+        self, images: ImageLike | Sequence[ImageLike], method: str = "gradcam"
+    ) -> dict | list[dict]:
         """``predict``'s answer plus the class activation map (``map``, input-sized floats in [0, 1])
-        for the predicted class and its ``overlay`` on the image (a PIL image). Explanations need
-        gradients, so they always run in torch."""
+        of ``target`` — the label, or the most probable class for an image given no answer — and its
+        ``overlay`` on the image (a PIL image). Explanations need gradients, so they always run in torch.
+
+        >>> model.explain("a.png")["overlay"].save("a.gradcam.png")
+        """
         if method not in METHODS:
             raise CovidxrError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        if isinstance(images, SINGLE):
+            return self.explain([images], method)[0]
         decoded = [_as_image(item) for item in images]
         results = self.predict(decoded)
         explainer = Explainer(self.run.model, method)
         inputs = torch.stack([self.run.model.input_tensor(image) for image in decoded])
-        classes = [self.labels.index(result["label"]) for result in results]
-        maps = explainer(inputs, classes)
-        for result, image, cam in zip(results, decoded, maps, strict=True):
-            result |= {"method": method, "map": cam, "overlay": overlay(self.run.model.pipeline(image), cam)}
+        targets = [r["label"] or max(r["probabilities"], key=r["probabilities"].get) for r in results]
+        maps = explainer(inputs, [self.labels.index(target) for target in targets])
+        for result, image, cam, target in zip(results, decoded, maps, targets, strict=True):
+            result |= {
+                "method": method,
+                "target": target,
+                "map": cam,
+                "overlay": overlay(self.run.model.pipeline(image), cam),
+            }
         return results
 
 
@@ -90,5 +142,10 @@ def load_model(
     the model bundled with the package (see its card: ``covidxr model-card``).
 
     ``engine``: ``auto`` (onnxruntime on a CPU where it is installed, else torch), ``torch`` or ``onnx``;
-    ``threads``: onnxruntime's intra-op threads (default: the physical cores)."""
+    ``threads``: onnxruntime's intra-op threads (default: the physical cores).
+
+    >>> model = covidxr.load_model()                 # or load_model("runs/lite0")
+    >>> model.predict("chest.png")["label"]
+    'NORMAL'
+    """
     return Model(load_run(path if path is not None else default_model_path()), engine, cache_dir, threads)

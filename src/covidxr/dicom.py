@@ -131,10 +131,13 @@ def decode_dicom(source: Source, max_pixels: int | None = None) -> tuple[Image.I
             "supported (expected MONOCHROME1, MONOCHROME2 or RGB/YBR)"
         )
     _check_decoder(ds, path)
+    grey_image = info.photometric_interpretation in _GREY
     try:
+        if grey_image:
+            ds.pixel_array_options(correct_unused_bits=False)  # the bits above BitsStored are judged here
         pixels = ds.pixel_array  # YBR is converted to RGB by pydicom
-        if info.photometric_interpretation in _GREY:
-            grey = _grey_to_8bit(np.asarray(pixels), ds, info)
+        if grey_image:
+            grey = _grey_to_8bit(_stored_values(np.asarray(pixels), ds, info), ds, info)
             rgb = np.repeat(grey[..., None], 3, axis=2)
         else:
             rgb = _colour_to_8bit(np.asarray(pixels), info)
@@ -278,9 +281,9 @@ def _grey_to_8bit(stored: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarra
         raise ValueError(f"grey image with shape {stored.shape}")
     values = apply_modality_lut(stored, ds)
     if info.voi == "lut":
-        values = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True)
-        lo, hi = _voi_lut_range(ds)
+        table, first = _voi_lut_table(ds)
+        out = table[np.clip(np.rint(values).astype(np.int64) - first, 0, len(table) - 1)]
+        lo, hi = float(table.min()), float(table.max())
     elif info.voi == "window":
         out = apply_voi_lut(values, ds, index=0, prefer_lut=False)
         lo, hi = _window_output_range(ds)
@@ -333,12 +336,48 @@ def _window_output_range(ds: Dataset) -> tuple[float, float]:
     return min(lo, hi), max(lo, hi)
 
 
-def _voi_lut_range(ds: Dataset) -> tuple[float, float]:
-    """The values a VOI LUT holds (its nominal bit depth is often wrong in practice, so its data decides)."""
-    descriptor = ds.VOILUTSequence[0].LUTDescriptor
-    entries, first = int(descriptor[0]) or 2**16, int(descriptor[1])
-    table = np.asarray(apply_voi(np.arange(first, first + entries), ds, 0), dtype=np.float64)
-    return float(table.min()), float(table.max())
+def _voi_lut_table(ds: Dataset) -> tuple[np.ndarray, int]:
+    """The first VOI LUT as a table, and the first value it maps; the display range is the values the
+    table holds (its nominal bit depth is often wrong in practice, so its data decides).
+
+    pydicom 3.0.2's ``apply_voi`` indexes a LUT of 8-bit entries with a uint8 array, so every input
+    past 255 wraps around and scrambles the image. The table is read through it with its entries
+    declared 16-bit (the same numbers, indexed with uint16) and indexed here with 64-bit integers."""
+    element = ds.VOILUTSequence[0]["LUTDescriptor"]
+    declared = element.value
+    entries, first, depth = (int(v) for v in declared)
+    entries = entries or 2**16
+    try:
+        if depth == 8:
+            element.value = [entries % 2**16, first, 16]
+        table = np.asarray(apply_voi(np.arange(first, first + entries), ds, 0), dtype=np.float64)
+    finally:
+        element.value = declared
+    return table, first
+
+
+def _stored_values(raw: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarray:
+    """The stored values of a grey image, read without pydicom's masking of the bits above BitsStored.
+
+    Those bits are masked (sign-extended for signed data) only where they are clear anyway or the
+    header declares overlays embedded in them (60xx,0102 without Overlay Data); a header whose
+    BitsStored merely understates the data keeps every bit, and the display range is widened to the
+    data, instead of cutting off the high bits and scrambling the picture."""
+    bits = info.bits_stored
+    if bits >= info.bits_allocated:
+        return raw
+    values = raw.astype(np.int64)
+    low = values & ((1 << bits) - 1)
+    if info.pixel_representation == 1:
+        low = np.where(low >= 1 << (bits - 1), low - (1 << bits), low)
+    if np.array_equal(low, values) or _embedded_overlays(ds):
+        return low
+    return values
+
+
+def _embedded_overlays(ds: Dataset) -> bool:
+    """Whether an overlay lives in the unused high bits of the pixels (retired, but old files have it)."""
+    return any((group << 16 | 0x0102) in ds and (group << 16 | 0x3000) not in ds for group in range(0x6000, 0x6020, 2))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -22,14 +22,15 @@ normalisation: ``InputTransform``) outside the graph, in the decoding workers:
 
 Exports are cached under ``<cache>/onnx/<key>.onnx``, keyed by the model key (model, weights hash,
 preprocessing, input size), the head's weights for the run graph, the opset and the onnxruntime and
-torch versions, and checked against their sidecar and loaded before use: a stale or damaged export
-is rebuilt, never silently used.
+torch versions, and checked against their sidecar (key and the graph's SHA-256) and loaded before use:
+a stale, damaged or altered export is rebuilt, never silently used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import warnings
@@ -46,6 +47,7 @@ from covidxr.errors import CovidxrError
 from covidxr.models import CovidxrNet, hash_state_dict
 
 OPSET = 17
+logger = logging.getLogger(__name__)
 
 
 def physical_cores() -> int:
@@ -203,8 +205,18 @@ def export_onnx(model: CovidxrNet, path: str | Path, info: dict) -> Path:
         tmp.unlink(missing_ok=True)
         raise CovidxrError(f"{model.spec.name}: could not be exported to ONNX ({type(exc).__name__}: {exc})") from None
     os.replace(tmp, path)
-    path.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    path.with_suffix(".json").write_text(json.dumps({**info, "sha256": graph_sha256(path)}, indent=2))
     return path
+
+
+def graph_sha256(path: str | Path) -> str:
+    """The SHA-256 of an exported graph, kept in its sidecar: bytes changed in place (same size, and
+    still a loadable graph) would otherwise change predictions silently."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class OnnxEngine:
@@ -252,16 +264,20 @@ class OnnxEngine:
 
 
 def cached_export(model: CovidxrNet, info: dict, cache_dir: str | Path | None = None) -> Path:
-    """The export ``info`` describes, from the cache; rebuilt when missing, stale or damaged."""
+    """The export ``info`` describes, from the cache; rebuilt when missing, stale, damaged or altered
+    (its bytes no longer match the SHA-256 its sidecar recorded; checked on every load, ~20 ms)."""
     key = json.loads(json.dumps(info["key"]))  # as the sidecar stores it (tuples become lists)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(cache_dir or default_cache_dir()) / "onnx" / f"{digest}.onnx"
     try:
-        valid = path.is_file() and json.loads(path.with_suffix(".json").read_text())["key"] == key
+        stored = json.loads(path.with_suffix(".json").read_text()) if path.is_file() else {}
+        valid = stored.get("key") == key and stored.get("sha256") == graph_sha256(path)
         if valid:
             OnnxEngine(path, threads=1)  # loads, so a damaged file is caught here
-    except (OSError, ValueError, KeyError, CovidxrError):
+    except (OSError, ValueError, KeyError, AttributeError, CovidxrError):
         valid = False
+    if not valid and path.is_file():
+        logger.warning("the cached export %s is stale or altered; rebuilding it", path)
     return path if valid else export_onnx(model, path, info)
 
 

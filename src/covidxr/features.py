@@ -2,13 +2,15 @@
 
 Entries are keyed by the model key (model, weights hash, preprocessing, input size, feature layer)
 and by the SHA-256 of the image file, so a change to any of them can never reuse stale features.
-Each entry is written atomically as its batch finishes: an interrupted extraction loses nothing.
+Each entry is written atomically as its batch finishes: an interrupted extraction loses nothing. Each
+entry carries the SHA-256 of its content, checked on load: an altered entry is recomputed, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from covidxr.errors import CovidxrError
 from covidxr.models import CovidxrNet, InputTransform
 from covidxr.ood import is_blank
 from covidxr.preprocess import AcquisitionAugment
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,26 +77,43 @@ class FeatureCache:
     def _path(self, digest: str) -> Path:
         return self.dir / digest[:2] / f"{digest}.npy"
 
+    def _entry_type(self) -> np.dtype:
+        return np.dtype([("features", np.float32, (self.num_features,)), ("sha256", np.uint8, (32,))])
+
     def get(self, digest: str) -> np.ndarray | None:
-        """The cached vector, or None when absent or damaged (a damaged entry is recomputed)."""
+        """The cached vector, or None when absent, damaged or altered (such an entry is recomputed):
+        each entry holds the SHA-256 of its image digest and numbers, checked on every load, so an
+        entry overwritten in place, or another image's entry copied over it, is never used."""
         path = self._path(digest)
         if not path.exists():
             return None
         try:
-            vector = np.load(path, allow_pickle=False)
+            entry = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
-        if vector.shape != (self.num_features,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
+        if entry.dtype != self._entry_type() or entry.shape != ():
+            return None  # damaged, or written before entries carried their hash
+        vector = entry["features"]
+        if entry["sha256"].tobytes() != _content_hash(digest, vector) or not np.isfinite(vector).all():
+            logger.warning("feature cache entry %s does not match its content hash; recomputing it", path)
             return None
         return vector
 
     def put(self, digest: str, vector: np.ndarray) -> None:
         path = self._path(digest)
         path.parent.mkdir(exist_ok=True)
+        entry = np.zeros((), dtype=self._entry_type())
+        entry["features"] = vector
+        entry["sha256"] = np.frombuffer(_content_hash(digest, entry["features"]), dtype=np.uint8)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:
-            np.save(handle, vector.astype(np.float32, copy=False))
+            np.save(handle, entry)
         os.replace(tmp, path)
+
+
+def _content_hash(digest: str, vector: np.ndarray) -> bytes:
+    """What a cache entry must hash to: its image's digest and its numbers (float32, little-endian)."""
+    return hashlib.sha256(digest.encode() + np.ascontiguousarray(vector, dtype="<f4").tobytes()).digest()
 
 
 class ImageTensors(torch.utils.data.Dataset):

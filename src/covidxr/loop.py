@@ -201,6 +201,38 @@ def class_balanced_weights(targets: torch.Tensor) -> torch.Tensor:
     return (1.0 / counts[targets]).double()
 
 
+def group_balanced_weights(targets: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    """Sampling weight per item so that every (domain, class) group present is drawn equally often."""
+    groups = domains * (int(targets.max()) + 1) + targets
+    return class_balanced_weights(groups)
+
+
+# Class indices in covidxr.data.LABELS order (COVID-19, NORMAL, PNEUMONIA), as StagedHead outputs them.
+_COVID, _NORMAL, _PNEUMONIA = 0, 1, 2
+
+
+def decision_teachers(targets: torch.Tensor, domains: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """Which of the staged decisions each domain may teach, shape ``(num_domains, 2)``: abnormal-vs-normal
+    where the domain holds normal and abnormal images, COVID-19-vs-other where it holds both of those."""
+    teaches = torch.zeros(num_domains, 2, dtype=torch.bool)
+    for domain in range(num_domains):
+        present = set(targets[domains == domain].tolist())
+        teaches[domain, 0] = _NORMAL in present and bool(present - {_NORMAL})
+        teaches[domain, 1] = {_COVID, _PNEUMONIA} <= present
+    return teaches
+
+
+def staged_loss(log_probs: torch.Tensor, targets: torch.Tensor, teaches: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the two staged decisions, each counted only for items whose domain
+    teaches it (``teaches``: ``(items, 2)``); the COVID-19 decision only for abnormal items."""
+    log_abnormal = torch.logsumexp(log_probs[:, [_COVID, _PNEUMONIA]], dim=1)
+    abnormal = targets != _NORMAL
+    loss_abnormal = -torch.where(abnormal, log_abnormal, log_probs[:, _NORMAL])
+    given = torch.where(targets == _COVID, log_probs[:, _COVID], log_probs[:, _PNEUMONIA]) - log_abnormal
+    first, second = teaches[:, 0], teaches[:, 1] & abnormal
+    return ((loss_abnormal * first).sum() - (given * second).sum()) / len(targets)
+
+
 # ---------------------------------------------------------------------------------------------
 # The trained module
 # ---------------------------------------------------------------------------------------------
@@ -235,9 +267,11 @@ class Trainee(nn.Module):
         adversarial_weight: float = 0.0,
         num_classes: int = 3,
         seed: int = 0,
+        teaches: torch.Tensor | None = None,
     ):
         super().__init__()
         self.head = head
+        self.teaches = teaches  # per domain, the staged decisions it teaches (a StagedHead), else None
         self.encoder = encoder
         self.adversarial_weight = adversarial_weight
         self.num_classes = num_classes
@@ -261,6 +295,12 @@ class Trainee(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.encoder is None else self.encoder(x)
+
+    def class_loss(self, logits: torch.Tensor, targets: torch.Tensor, domains: torch.Tensor, smoothing: float = 0.0):
+        """Cross-entropy, or for a staged head the staged loss over the decisions each domain teaches."""
+        if self.teaches is None:
+            return nn.functional.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        return staged_loss(logits.float(), targets, self.teaches.to(domains.device)[domains])
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
         features = self.encode(x)
@@ -364,7 +404,8 @@ def fit(
     workers: int = 0,
     progress: bool = True,
 ) -> FitResult:
-    """Train ``trainee``; keep the epoch with the lowest validation loss (plain cross-entropy).
+    """Train ``trainee``; keep the epoch with the lowest validation loss (cross-entropy, or a
+    staged head's staged loss).
 
     With ``checkpoint_dir`` the state after every complete epoch is written there (by rank 0), and a
     checkpoint with the same ``fingerprint`` found there at the start is resumed from.
@@ -384,19 +425,20 @@ def fit(
             trainee, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
         )
     weights = class_balanced_weights(train_set.targets) if config.balanced_sampling else None
+    if config.group_balanced_sampling:
+        weights = group_balanced_weights(train_set.targets, train_set.domains)
     sampler = EpochSampler(train_set, world, config.seed, weights)
     loader = make_loader(train_set, config.batch_size // world.world_size, sampler, workers)
     optimizer = _optimizer(trainee, backbone_parameters, config)
     scheduler = _scheduler(optimizer, config)
-    class_loss = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    val_targets = val_set.targets
+    val_targets, val_domains = val_set.targets, val_set.domains
 
     rows: list[dict] = []
     best_loss, best_epoch, best_state, bad_epochs, start = math.inf, 0, None, 0, 1
     checkpoint = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
     if checkpoint and checkpoint.is_file():
         try:
-            saved = torch.load(checkpoint, map_location=device, weights_only=False)
+            saved = torch.load(checkpoint, map_location=device, weights_only=True)  # a checkpoint from elsewhere cannot run code
         except Exception as exc:  # torch raises several types for damaged files
             raise CovidxrError(f"{checkpoint}: damaged ({type(exc).__name__}); delete it to start afresh") from None
         if saved.get("fingerprint") != fingerprint:
@@ -424,7 +466,7 @@ def fit(
             x, y, domain = x.to(device), y.to(device), domain.to(device)
             with _autocast(config, device):
                 logits, domain_logits = model(x, y)
-            loss = class_loss(logits.float(), y)
+            loss = trainee.class_loss(logits, y, domain, config.label_smoothing)
             total = loss
             if domain_logits is not None:
                 domain_loss = nn.functional.cross_entropy(domain_logits.float(), domain)
@@ -438,7 +480,7 @@ def fit(
             sums[3] += len(y)
         sums = world.sum(sums)
         val_logits = predict_logits(trainee, val_set, config.extract_batch_size, config, workers)
-        val_loss = nn.functional.cross_entropy(val_logits, val_targets).item()
+        val_loss = trainee.class_loss(val_logits, val_targets, val_domains).item()
         val_accuracy = float((val_logits.argmax(1) == val_targets).float().mean())
         row = {
             "epoch": epoch,

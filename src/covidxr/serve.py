@@ -2,7 +2,8 @@
 
 - **One model per process**, loaded before the server starts; inference runs in one worker thread (the
   engine already uses every core), so the event loop keeps answering. At most ``max_queue`` requests
-  wait for it: one more gets HTTP 503 with ``Retry-After``, never a pile-up.
+  are admitted (being received or waiting for it): one more gets HTTP 503 with ``Retry-After`` before
+  its body is read, never a pile-up of uploads in memory.
 - **Privacy.** Uploads are read into memory by the app itself (never spooled to a temporary file),
   limited to ``max_upload`` bytes before anything is decoded, type-checked by their first bytes, and
   never logged; the answer holds no DICOM tag, and no part of a request ever names a file to open.
@@ -16,6 +17,7 @@ import asyncio
 import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
@@ -35,7 +37,7 @@ from covidxr.errors import CovidxrError, ImageTooLarge
 from covidxr.models import hash_state_dict
 
 MAX_UPLOAD = 30 * 1024 * 1024  # bytes of image per request
-MAX_QUEUE = 32  # requests waiting for the model before the next gets 503
+MAX_QUEUE = 32  # requests admitted (being received or waiting for the model) before the next gets 503
 PREVIEW_SIDE = 512  # the longest side of the images returned for display
 FIELD = "file"  # the multipart field that carries the image
 # What an upload may be, recognised by its first bytes (its name and Content-Type are only claims).
@@ -94,6 +96,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     if size > limit + 64 * 1024:
         raise too_large
     return bytes(body)
+
+
+async def discard_body(request: Request, limit: int) -> None:
+    """Receive a refused request's body without keeping it (so the client can read the answer rather
+    than lose its connection); nothing is received when the client waits for ``100 Continue`` or the
+    body is over four times ``limit``, whose connection is then closed after the answer."""
+    declared = request.headers.get("content-length", "")
+    waits = request.headers.get("expect", "").lower() == "100-continue"
+    if waits or (declared.isdigit() and int(declared) > 4 * limit):
+        return
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > 4 * limit:
+            return
 
 
 def multipart_fields(body: bytes, boundary: bytes) -> dict[str, bytes]:
@@ -207,6 +224,7 @@ def _result(model: Model, body: bytes, explain: bool, preview_wanted: bool) -> d
     [result] = model.explain([image]) if explain else model.predict([image])
     answer = {
         "label": result["label"],
+        "no_answer_reason": result["no_answer_reason"],
         "probabilities": result["probabilities"],
         "covid_positive": result["covid_positive"],
         "covid_threshold": result["covid_threshold"],
@@ -221,7 +239,7 @@ def _result(model: Model, body: bytes, explain: bool, preview_wanted: bool) -> d
     if explain:
         answer["explanation"] = {
             "method": result["method"],
-            "target": result["label"],
+            "target": result["target"],
             "heatmap_png": _png(heatmap(result["map"], preview.size)),
             "overlay_png": _png(_preview(result["overlay"])),
         }
@@ -229,21 +247,28 @@ def _result(model: Model, body: bytes, explain: bool, preview_wanted: bool) -> d
 
 
 class InferenceQueue:
-    """One worker thread for the model, and at most ``limit`` requests waiting for it."""
+    """One worker thread for the model, and at most ``limit`` requests admitted: being received, waiting
+    or answered. Admission comes before the body is read, so a burst of large uploads costs at most
+    ``limit`` bodies of memory; the others get 503 without their body ever being kept."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.waiting = 0  # changed on the event loop only
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="covidxr-inference")
 
-    async def run(self, function, *args):
+    @asynccontextmanager
+    async def admitted(self, request: Request, limit: int):
         if self.waiting >= self.limit:
+            await discard_body(request, limit)
             raise ApiError(503, f"busy: {self.waiting} requests are waiting; retry in a moment", {"Retry-After": "1"})
         self.waiting += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+            yield
         finally:
             self.waiting -= 1
+
+    async def run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
 
 def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_UPLOAD) -> FastAPI:
@@ -273,9 +298,10 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
         return _error(422, "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request")
 
     async def answer(request: Request, explain: bool) -> dict:
-        body = await read_upload(request, max_upload)
-        preview = request.query_params.get("preview", "").lower() in {"1", "true", "yes"}
-        result = await queue.run(_result, model, body, explain, preview)
+        async with queue.admitted(request, max_upload):  # before the body is read: a 503 costs no memory
+            body = await read_upload(request, max_upload)
+            preview = request.query_params.get("preview", "").lower() in {"1", "true", "yes"}
+            result = await queue.run(_result, model, body, explain, preview)
         return {**result, "model": identity, "disclaimer": DISCLAIMER}
 
     @app.post("/api/predict", openapi_extra={"requestBody": EXAMPLE})

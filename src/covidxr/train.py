@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from covidxr import __version__
+from covidxr.cache import default_cache_dir
 from covidxr.calibration import POSITIVE, choose_threshold, expected_calibration_error, fit_temperature, softmax
 from covidxr.config import TrainConfig
 from covidxr.data import LABELS, SPLITS, Dataset, load_datasets, read_image, split_by_patient
@@ -40,6 +41,7 @@ from covidxr.loop import (
     TensorSet,
     Trainee,
     config_fingerprint,
+    decision_teachers,
     fit,
     init_distributed,
 )
@@ -134,6 +136,7 @@ def model_from_config(
         weights_dir=weights_dir,
         seed=config.seed,
         pipeline=config.pipeline(),
+        decision=config.decision,
     )
     model.engine = config.engine
     return model
@@ -145,7 +148,7 @@ def checkpoint_matches(out: Path, fingerprint: str) -> bool:
     if not path.is_file() or (out / "run.json").exists():
         return False
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no code runs
     except Exception as exc:  # torch raises several types for damaged files
         raise CovidxrError(f"{path}: damaged ({type(exc).__name__}); delete it to start afresh") from None
     if saved.get("fingerprint") != fingerprint:
@@ -227,6 +230,8 @@ def train(
     dataset = load_datasets(roots, require_classes=2)
     frame, near_duplicates = make_splits(dataset, config, cache_dir)
     model = model_from_config(config, weights=weights, weights_dir=weights_dir)
+    if config.lungs != "none":  # repeated designs on the same images never segment them twice
+        model.pipeline = replace(model.pipeline, lung_cache=str(cache_dir or default_cache_dir()))
     out = Path(out)
     fingerprint = config_fingerprint(
         config,
@@ -284,7 +289,14 @@ def train(
     preparation = "image_check" if config.trains_on_images else "feature_extraction"
     prepare_seconds = time.perf_counter() - started
 
-    trainee = Trainee(model.head, encoder, len(domain_names), config.adversarial_weight, len(LABELS), config.seed)
+    teaches = (
+        decision_teachers(targets["train"], domains["train"], len(domain_names))
+        if config.decision == "staged"
+        else None
+    )
+    trainee = Trainee(
+        model.head, encoder, len(domain_names), config.adversarial_weight, len(LABELS), config.seed, teaches
+    )
     started = time.perf_counter()
     result = fit(
         trainee,
@@ -392,6 +404,10 @@ def describe_design(config: TrainConfig) -> dict:
         parts.append(f"last {config.unfreeze_blocks} backbone blocks fine-tuned")
     if config.balanced_sampling:
         parts.append("class-balanced sampling")
+    if config.group_balanced_sampling:
+        parts.append(f"{config.domain_column}-and-class-balanced sampling")
+    if config.decision == "staged":
+        parts.append("staged decision (abnormal, then COVID-19 vs other; each learnt where a source holds both)")
     return {
         "summary": ", ".join(parts) or "the paper's protocol (frozen backbone, no preprocessing beyond resizing)",
         "pipeline": pipeline.to_dict(),
