@@ -60,3 +60,49 @@ def test_bad_inputs_are_refused(run_dir: Path) -> None:
         covidxr.load_model(run_dir, engine="tpu")
     with pytest.raises(CovidxrError, match="not a covidxr run folder"):
         covidxr.load_model(run_dir.parent / "missing")
+
+
+def test_one_image_gives_one_result_and_a_list_gives_a_list(cxr3: Path, cxr3_meta) -> None:
+    """A single str, Path, PIL image or array is one image (``predict("a.png")`` once iterated the characters)."""
+    model = covidxr.load_model()  # the bundled model
+    path = cxr3 / cxr3_meta["filename"].iloc[0]
+    single = [model.predict(str(path)), model.predict(path), model.predict(read_image(path))]
+    single.append(model.predict(np.asarray(read_image(path))))
+    assert all(isinstance(result, dict) for result in single)
+    assert len({result["label"] for result in single}) == 1
+    [listed] = model.predict([path])
+    assert listed["label"] == single[0]["label"]
+    assert isinstance(model.predict((path, path)), list)
+    with pytest.raises(CovidxrError, match="missing.png"):
+        model.predict(str(path.parent / "missing.png"))
+    explained = model.explain(path)
+    assert isinstance(explained, dict) and explained["target"] == explained["label"]
+
+
+def test_label_and_covid_call_agree_on_a_folder_of_real_images() -> None:
+    """The 810 adult controls: every answered image's label is COVID-19 exactly when covid_positive is."""
+    from tests.conftest import ADULT_CONTROLS
+
+    model = covidxr.load_model()
+    results = model.predict(sorted((ADULT_CONTROLS / "images").iterdir()))
+    assert len(results) == 810 and not [r for r in results if "error" in r]
+    answered = [r for r in results if r["label"] is not None]
+    assert answered and all((r["label"] == "COVID-19") == r["covid_positive"] for r in answered)
+    for r in answered:
+        covid = r["probabilities"]["COVID-19"]
+        others = {k: v for k, v in r["probabilities"].items() if k != "COVID-19"}
+        assert r["label"] == ("COVID-19" if covid >= r["covid_threshold"] else max(others, key=others.get))
+    for r in results:
+        assert (r["label"] is None) == (r["no_answer_reason"] is not None) == (r["covid_positive"] is None)
+
+
+def test_the_package_shows_what_is_there() -> None:
+    assert {"load_model", "Model", "CovidxrError", "DISCLAIMER"} <= set(dir(covidxr))
+    model = covidxr.load_model()
+    text = repr(model)
+    assert "efficientnet_lite0" in text and "bundled" in text and "covid_threshold=" in text
+    for documented in (covidxr, covidxr.load_model, covidxr.Model, covidxr.Model.predict, covidxr.Model.explain):
+        assert ">>>" in documented.__doc__, documented
+    import pydoc
+
+    assert "load_model" in pydoc.render_doc(covidxr)

@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.calibration import choose_threshold, expected_calibration_error, fit_temperature, softmax
+from covidxr.calibration import (
+    choose_threshold,
+    decide,
+    describe_operating_point,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+)
 from covidxr.config import TrainConfig
 from covidxr.data import LABELS
 from covidxr.evaluate import compute_metrics, evaluate_run
@@ -47,15 +54,30 @@ def test_expected_calibration_error_by_hand() -> None:
     assert expected_calibration_error(probabilities, truth) == pytest.approx(0.4)
 
 
-def test_threshold_is_the_highest_cut_off_reaching_the_target_sensitivity() -> None:
-    covid_scores = np.linspace(0.05, 1.0, 20)  # 20 COVID-19 images
-    other_scores = np.linspace(0.0, 0.5, 30)
-    threshold = choose_threshold(np.r_[covid_scores, other_scores], np.r_[np.ones(20, bool), np.zeros(30, bool)])
-    assert threshold.value == pytest.approx(covid_scores[1])  # 19 of 20 = 95% at or above it
-    assert threshold.val_sensitivity == pytest.approx(0.95)
-    assert threshold.val_specificity == pytest.approx((other_scores < covid_scores[1]).mean())
+def test_threshold_maximises_youden_j_on_validation() -> None:
+    covid_scores = np.linspace(0.3, 1.0, 20)  # 20 COVID-19 images
+    other_scores = np.linspace(0.0, 0.6, 30)
+    scores, is_covid = np.r_[covid_scores, other_scores], np.r_[np.ones(20, bool), np.zeros(30, bool)]
+    threshold = choose_threshold(scores, is_covid)
+    # Youden's J by brute force over every observed cut-off; ties go to the highest cut-off.
+    j = [(scores[is_covid] >= c).mean() - (scores[~is_covid] >= c).mean() for c in scores]
+    best = max(c for c, value in zip(scores, j, strict=True) if value == max(j))
+    assert threshold.value == pytest.approx(best) and threshold.rule == "youden"
+    assert threshold.val_sensitivity == pytest.approx((covid_scores >= best).mean())
+    assert threshold.val_specificity == pytest.approx((other_scores < best).mean())
     none = choose_threshold(other_scores, np.zeros(30, bool))
     assert none.value == 0.5 and none.val_sensitivity is None and none.val_positives == 0
+
+
+def test_label_is_the_decision_and_old_rules_stay_described() -> None:
+    labels = ["COVID-19", "NORMAL", "PNEUMONIA"]
+    probabilities = np.array([[0.30, 0.10, 0.60], [0.20, 0.50, 0.30], [0.20, 0.30, 0.50], [0.90, 0.05, 0.05]])
+    # 0.30 reaches the threshold 0.25 though PNEUMONIA is more probable; below it, the better other class.
+    assert list(decide(probabilities, labels, 0.25)) == [0, 1, 2, 0]
+    assert list(decide(probabilities, labels, 0.95)) == [2, 1, 2, 1]
+    old = {"value": 0.039, "target_sensitivity": 0.95, "val_sensitivity": 0.96, "val_positives": 28}
+    assert "sensitivity 95%" in describe_operating_point(old) and "kept" in describe_operating_point(old)
+    assert "Youden" in describe_operating_point({"value": 0.4, "rule": "youden", "val_positives": 3})
 
 
 def test_a_run_stores_calibration_and_predict_uses_it(run_dir: Path, cxr3: Path, cxr3_meta: pd.DataFrame) -> None:
@@ -63,9 +85,7 @@ def test_a_run_stores_calibration_and_predict_uses_it(run_dir: Path, cxr3: Path,
     calibration = info["calibration"]
     assert 0.05 <= calibration["temperature"] <= 20
     threshold = calibration["covid_threshold"]
-    assert 0 <= threshold["value"] <= 1 and threshold["target_sensitivity"] == 0.95
-    if threshold["val_positives"]:
-        assert threshold["val_sensitivity"] >= 0.95
+    assert 0 <= threshold["value"] <= 1 and threshold["rule"] == "youden"
     run = load_run(run_dir)
     images = [cxr3 / name for name in cxr3_meta.groupby("label").head(2)["filename"]]
     results = predict_files(run, images, progress=False)
@@ -76,7 +96,12 @@ def test_a_run_stores_calibration_and_predict_uses_it(run_dir: Path, cxr3: Path,
     got = np.array([[r["probabilities"][label] for label in LABELS] for r in results])
     assert np.allclose(got, expected, atol=1e-5)
     covid = LABELS.index("COVID-19")
-    assert [r["covid_positive"] for r in results] == list(expected[:, covid] >= threshold["value"])
+    called = expected[:, covid] >= threshold["value"]
+    answered = [r["label"] is not None for r in results]
+    assert [r["covid_positive"] for r in results] == [
+        bool(c) if a else None for c, a in zip(called, answered, strict=True)
+    ]
+    assert all((r["label"] == "COVID-19") == r["covid_positive"] for r in results if r["label"] is not None)
 
 
 def test_patient_bootstrap_gives_intervals_around_every_rate() -> None:

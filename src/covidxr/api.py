@@ -103,9 +103,7 @@ class Model:
             results += answer(self.run, features, logits, [is_blank(image) for image in batch])
         return results
 
-    def explain(
-        self, images: ImageLike | Sequence[ImageLike], method: str = "gradcam"
-    ) -> dict | list[dict]:
+    def explain(self, images: ImageLike | Sequence[ImageLike], method: str = "gradcam") -> dict | list[dict]:
         """``predict``'s answer plus the class activation map (``map``, input-sized floats in [0, 1])
         of ``target`` — the label, or the most probable class for an image given no answer — and its
         ``overlay`` on the image (a PIL image). Explanations need gradients, so they always run in torch.

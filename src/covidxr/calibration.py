@@ -2,19 +2,27 @@
 
 A network's softmax is usually over-confident; one temperature ``T`` (logits / T) fitted by
 minimising the validation negative log-likelihood fixes most of that without changing any
-prediction (Guo et al., 2017). The COVID-19 threshold is the highest probability cut-off that
-still reaches the target sensitivity on validation data, so the test set never tunes it.
+prediction (Guo et al., 2017).
+
+The COVID-19 operating threshold is the cut-off on the calibrated COVID-19 probability that
+maximises Youden's J (sensitivity + specificity - 1) on the validation split, so the test set never
+tunes it. It *is* the decision: an image is labelled COVID-19 when its probability reaches the
+threshold, otherwise the more probable of the other classes (``decide``), so the label and the
+COVID-19 call can never disagree. Runs made before this rule stored the highest cut-off reaching a
+target sensitivity; that stored value stays their operating point (``describe_operating_point``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
+from sklearn.metrics import roc_curve
 
-TARGET_SENSITIVITY = 0.95
+YOUDEN = "youden"
 ECE_BINS = 15
 POSITIVE = "COVID-19"
 
@@ -75,10 +83,11 @@ def reliability_curve(probabilities: np.ndarray, targets: np.ndarray, bins: int 
 
 @dataclass
 class OperatingThreshold:
-    """A cut-off on the calibrated COVID-19 probability, with what it achieved on validation data."""
+    """A cut-off on the calibrated COVID-19 probability, the rule that chose it and what it achieved on
+    validation data."""
 
     value: float
-    target_sensitivity: float
+    rule: str
     val_sensitivity: float | None
     val_specificity: float | None
     val_positives: int
@@ -87,23 +96,48 @@ class OperatingThreshold:
         return asdict(self)
 
 
-def choose_threshold(
-    covid_probability: np.ndarray, is_covid: np.ndarray, target: float = TARGET_SENSITIVITY
-) -> OperatingThreshold:
-    """The highest cut-off whose validation sensitivity reaches ``target`` (0.5 when there are no positives)."""
+def choose_threshold(covid_probability: np.ndarray, is_covid: np.ndarray) -> OperatingThreshold:
+    """The cut-off that maximises Youden's J on validation data (the highest such cut-off on ties;
+    0.5 when the validation split lacks COVID-19 or other images, so J is undefined)."""
     positives = int(is_covid.sum())
-    if positives == 0:
-        return OperatingThreshold(0.5, target, None, _rate(covid_probability[~is_covid] < 0.5), 0)
-    scores = np.sort(covid_probability[is_covid])[::-1]
-    needed = int(np.ceil(target * positives))
-    value = float(scores[needed - 1])
+    if positives == 0 or positives == len(is_covid):
+        value = 0.5
+    else:
+        false_positive_rate, true_positive_rate, cut_offs = roc_curve(is_covid, covid_probability)
+        # roc_curve lists cut-offs from high to low, and argmax takes the first maximum: the highest.
+        value = float(min(cut_offs[int(np.argmax(true_positive_rate - false_positive_rate))], 1.0))
+    called = covid_probability >= value
     return OperatingThreshold(
         value=value,
-        target_sensitivity=target,
-        val_sensitivity=_rate(covid_probability[is_covid] >= value),
-        val_specificity=_rate(covid_probability[~is_covid] < value),
+        rule=YOUDEN,
+        val_sensitivity=_rate(called[is_covid]),
+        val_specificity=_rate(~called[~is_covid]),
         val_positives=positives,
     )
+
+
+def describe_operating_point(stored: dict | None) -> str:
+    """The rule behind a run's stored COVID-19 threshold, in words (also for runs made before the rule)."""
+    if not stored:
+        return "not recorded; 0.5 is used"
+    if not stored.get("val_positives"):
+        return "0.5 (the validation split had no COVID-19 image, so no cut-off could be chosen)"
+    if stored.get("rule") == YOUDEN:
+        return "the cut-off maximising Youden's J (sensitivity + specificity - 1) on the validation split"
+    return (
+        f"the highest cut-off reaching validation sensitivity {stored.get('target_sensitivity', 0.95):.0%} "
+        "(the rule of runs made before covidxr chose by Youden's J; the stored value is kept)"
+    )
+
+
+def decide(probabilities: np.ndarray, labels: Sequence[str], threshold: float) -> np.ndarray:
+    """The class index of each row: COVID-19 where its probability reaches ``threshold``, otherwise the
+    more probable of the other classes. Label and COVID-19 call therefore agree by construction."""
+    covid = list(labels).index(POSITIVE)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    others = probabilities.copy()
+    others[:, covid] = -np.inf
+    return np.where(probabilities[:, covid] >= threshold, covid, others.argmax(1))
 
 
 def _rate(hits: np.ndarray) -> float | None:

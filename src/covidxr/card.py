@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidxr import DISCLAIMER
+from covidxr.calibration import describe_operating_point
 from covidxr.errors import CovidxrError
 
 BUNDLED = Path(__file__).parent / "bundled"
@@ -56,6 +57,7 @@ def model_card(run_dir: str | Path) -> dict:
     if info is None:
         raise CovidxrError(f"{folder}: not a covidxr run folder (no run.json)")
     metrics, audit, loso = (_read(folder / name) for name in ("metrics.json", "audit.json", "loso.json"))
+    threshold = info.get("calibration", {}).get("covid_threshold") or {}
     card: dict = {
         "model": info["model"]["name"],
         "weights": {"kind": info["weights"]["kind"], "sha256": info["weights"]["sha256"]},
@@ -67,7 +69,15 @@ def model_card(run_dir: str | Path) -> dict:
         },
         "calibration": {
             "temperature": info["calibration"]["temperature"],
-            "covid_threshold": info["calibration"]["covid_threshold"]["value"],
+            "covid_threshold": threshold.get("value", 0.5),
+        },
+        "operating_point": {
+            "covid_threshold": threshold.get("value", 0.5),
+            "rule": describe_operating_point(threshold),
+            "val_sensitivity": threshold.get("val_sensitivity"),
+            "val_specificity": threshold.get("val_specificity"),
+            "decision": "COVID-19 when the calibrated COVID-19 probability reaches the threshold, otherwise the "
+            "more probable of the other classes; no answer for an image unlike the training X-rays",
         },
         "out_of_distribution": info.get("out_of_distribution"),
         "intended_use": INTENDED_USE,
@@ -146,9 +156,12 @@ def render_model_card(card: dict) -> str:
         f"- Backbone: {card['model']} ({card['weights']['kind']} weights, sha256 {card['weights']['sha256'][:12]})"
     ]
     lines += [f"- Design: {card['design']}", f"- Classes: {', '.join(card['labels'])}"]
+    point = card["operating_point"]
     lines += [
-        f"- Calibration: temperature {card['calibration']['temperature']:.3f}; COVID-19 threshold "
-        f"{card['calibration']['covid_threshold']:.3f} (chosen on validation data)",
+        f"- Calibration: temperature {card['calibration']['temperature']:.3f} (fitted on validation data)",
+        f"- Operating point: COVID-19 threshold {point['covid_threshold']:.3f}, {point['rule']}; on validation "
+        f"data sensitivity {_pct(point['val_sensitivity'])}, specificity {_pct(point['val_specificity'])}",
+        f"- Decision: {point['decision']}",
         "",
         "## Training data",
         "",

@@ -16,7 +16,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from covidxr import DISCLAIMER
-from covidxr.calibration import POSITIVE, expected_calibration_error, reliability_curve
+from covidxr.calibration import POSITIVE, decide, expected_calibration_error, reliability_curve
 from covidxr.data import load_dataset, read_image
 from covidxr.errors import CovidxrError
 from covidxr.explain import Explainer, check_maps, overlay, probabilities_of
@@ -42,9 +42,8 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 BOOTSTRAP_REPLICATES = 1000
 
 
-def _rates(truth_idx: np.ndarray, probabilities: np.ndarray, n_labels: int) -> dict[str, float | None]:
+def _rates(truth_idx: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray, n_labels: int) -> dict:
     """Accuracy and, per class k, sensitivity, specificity and one-vs-rest AUC, flat (for the bootstrap)."""
-    predicted = probabilities.argmax(1)
     rates: dict[str, float | None] = {"accuracy": float((predicted == truth_idx).mean())}
     aucs = []
     for k in range(n_labels):
@@ -60,7 +59,12 @@ def _rates(truth_idx: np.ndarray, probabilities: np.ndarray, n_labels: int) -> d
 
 
 def patient_bootstrap(
-    truth_idx: np.ndarray, probabilities: np.ndarray, patients: np.ndarray, n_labels: int, seed: int = 0
+    truth_idx: np.ndarray,
+    probabilities: np.ndarray,
+    predicted: np.ndarray,
+    patients: np.ndarray,
+    n_labels: int,
+    seed: int = 0,
 ) -> dict[str, list[float] | None]:
     """95% percentile intervals of every rate, resampling *patients* (all their images) with replacement.
 
@@ -73,7 +77,7 @@ def patient_bootstrap(
     draws: dict[str, list[float]] = {}
     for _ in range(BOOTSTRAP_REPLICATES):
         rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(codes), len(codes))])
-        for key, value in _rates(truth_idx[rows], probabilities[rows], n_labels).items():
+        for key, value in _rates(truth_idx[rows], probabilities[rows], predicted[rows], n_labels).items():
             if value is not None:
                 draws.setdefault(key, []).append(value)
     return {
@@ -82,9 +86,17 @@ def patient_bootstrap(
 
 
 def compute_metrics(
-    truth: list[str], probabilities: np.ndarray, labels: list[str], patients: list[str] | None = None, seed: int = 0
+    truth: list[str],
+    probabilities: np.ndarray,
+    labels: list[str],
+    patients: list[str] | None = None,
+    seed: int = 0,
+    threshold: float | None = None,
 ) -> dict:
     """Metrics over the classes present in ``truth``; predictions range over all ``labels``.
+
+    With the run's COVID-19 ``threshold`` the predicted class is the run's decision (``decide``: the
+    label ``predict`` gives); without it, the most probable class.
 
     Rates that are undefined on this data (an AUC with one class, a PPV with no positive
     prediction) are ``null`` rather than a made-up number. With ``patients``, every accuracy,
@@ -92,7 +104,7 @@ def compute_metrics(
     ``accuracy_ci95`` stays the Wilson interval; its bootstrap interval is ``accuracy_bootstrap_ci95``).
     """
     truth_idx = np.array([labels.index(t) for t in truth])
-    predicted = probabilities.argmax(1)
+    predicted = probabilities.argmax(1) if threshold is None else decide(probabilities, labels, threshold)
     n = len(truth_idx)
     correct = int((predicted == truth_idx).sum())
     matrix = confusion_matrix(truth_idx, predicted, labels=list(range(len(labels))))
@@ -128,7 +140,7 @@ def compute_metrics(
         "predicted_class_counts": {label: int((predicted == k).sum()) for k, label in enumerate(labels)},
     }
     if patients is not None:
-        intervals = patient_bootstrap(truth_idx, probabilities, np.asarray(patients), len(labels), seed)
+        intervals = patient_bootstrap(truth_idx, probabilities, predicted, np.asarray(patients), len(labels), seed)
         metrics["accuracy_bootstrap_ci95"] = intervals.get("accuracy")
         metrics["macro_auc_ci95"] = intervals.get("macro_auc") if metrics["macro_auc"] is not None else None
         for k, label in enumerate(labels):
@@ -280,13 +292,19 @@ def choose_examples(frame: pd.DataFrame, per_class: int, seed: int) -> list[int]
 
 
 def plot_predictions(
-    frame: pd.DataFrame, probabilities: np.ndarray, labels: list[str], root: Path, path: Path, seed: int
+    frame: pd.DataFrame,
+    probabilities: np.ndarray,
+    labels: list[str],
+    predicted: Sequence[str],
+    root: Path,
+    path: Path,
+    seed: int,
 ) -> None:
     """A grid of evaluated images captioned "Predict = X / Correct = Y", wrong ones in red (the paper's Figure 3).
 
     Wrong predictions are shown first, so the grid shows the model's errors when there are any.
     """
-    predicted = np.array([labels[k] for k in probabilities.argmax(1)])
+    predicted = np.asarray(predicted)
     wrong = list(np.flatnonzero(predicted != frame["label"].to_numpy()))
     right = list(np.random.default_rng(seed).permutation(np.flatnonzero(predicted == frame["label"].to_numpy())))
     shown = (wrong[:8] + right)[:16]
@@ -299,7 +317,8 @@ def plot_predictions(
         ax.imshow(read_image(root / frame["filename"].iloc[i]).convert("L"), cmap="gray")
         is_wrong = predicted[i] != frame["label"].iloc[i]
         ax.set_title(
-            f"Predict = {predicted[i]} ({probabilities[i].max():.2f})\nCorrect = {frame['label'].iloc[i]}",
+            f"Predict = {predicted[i]} ({probabilities[i][labels.index(predicted[i])]:.2f})\n"
+            f"Correct = {frame['label'].iloc[i]}",
             color="red" if is_wrong else "black",
             fontsize=10,
             fontweight="bold" if is_wrong else "normal",
@@ -344,6 +363,12 @@ def plot_gradcam(
     save_with_disclaimer(fig, path)
 
 
+def external_folder(run_dir: str | Path, data: str | Path) -> Path:
+    """Where ``evaluate RUN --data OTHER`` writes by default: ``RUN/external/<OTHER's folder name>/``, so
+    an evaluation on another dataset never overwrites the run's own test results."""
+    return Path(run_dir) / "external" / Path(data).resolve().name
+
+
 def evaluate_run(
     run: str | Path | Run,
     data: str | Path | None = None,
@@ -359,7 +384,8 @@ def evaluate_run(
 
     Writes ``metrics.json``, ``predictions.csv``, the figures ``curves.png``, ``confusion_matrix.png``,
     ``predictions.png`` and (with ``explain``) ``gradcam.png`` plus the explanation checks, and the
-    reports, into ``out`` (default: the run folder); returns the metrics.
+    reports, into ``out`` (default: the run folder; for another dataset ``external_folder``, and the
+    run's own report is rewritten to link it); returns the metrics.
     """
     run = run if isinstance(run, Run) else load_run(run, weights, weights_dir)
     if data is None:
@@ -379,6 +405,8 @@ def evaluate_run(
     features = extract_features(run.model, [root / f for f in frame["filename"]], *extraction)
     uncalibrated = head_probabilities(run.model, features)
     probabilities = head_probabilities(run.model, features, run.temperature)
+    threshold = run.covid_threshold
+    predicted = [run.labels[k] for k in decide(probabilities, run.labels, threshold)]  # what `predict` says
     truth = list(frame["label"])
     truth_idx = np.array([run.labels.index(t) for t in truth])
     metrics = {
@@ -387,25 +415,29 @@ def evaluate_run(
         "data": str(Path(root).resolve()),
         "split": split,
         "disclaimer": DISCLAIMER,
-        **compute_metrics(truth, probabilities, run.labels, list(frame["patient_id"]), seed=run.config.seed),
+        **compute_metrics(
+            truth, probabilities, run.labels, list(frame["patient_id"]), seed=run.config.seed, threshold=threshold
+        ),
         "calibration": {
             "temperature": run.temperature,
             "ece_uncalibrated": expected_calibration_error(uncalibrated, truth_idx),
             "ece_calibrated": expected_calibration_error(probabilities, truth_idx),
         },
-        "covid_vs_rest": covid_versus_rest(truth, probabilities, run.labels, run.covid_threshold),
-        "by_source": rates_by_group(frame, [run.labels[k] for k in probabilities.argmax(1)]),
+        "covid_vs_rest": covid_versus_rest(truth, probabilities, run.labels, threshold),
+        "by_source": rates_by_group(frame, predicted),
     }
     if data is not None:
         internal = run.splits().query("split == 'test'")
         internal_paths = [Path(run.info["data"]) / f for f in internal["filename"]]
-        internal_predicted = head_probabilities(run.model, extract_features(run.model, internal_paths, *extraction))
-        internal_counts = {label: int((internal_predicted.argmax(1) == k).sum()) for k, label in enumerate(run.labels)}
+        internal_features = extract_features(run.model, internal_paths, *extraction)
+        internal_probabilities = head_probabilities(run.model, internal_features, run.temperature)
+        internal_predicted = decide(internal_probabilities, run.labels, threshold)
+        internal_counts = {label: int((internal_predicted == k).sum()) for k, label in enumerate(run.labels)}
         metrics["predicted_class_shift"] = class_mix_shift(metrics["predicted_class_counts"], internal_counts)
-    out = Path(out) if out else run.path
+    out = Path(out) if out else (run.path if data is None else external_folder(run.path, data))
     out.mkdir(parents=True, exist_ok=True)
     predictions = frame[["filename", "label", "patient_id", "source"]].copy()
-    predictions["predicted"] = [run.labels[k] for k in probabilities.argmax(1)]
+    predictions["predicted"] = predicted
     for k, label in enumerate(run.labels):
         predictions[f"p_{label}"] = probabilities[:, k]
     predictions.to_csv(out / "predictions.csv", index=False)
@@ -417,7 +449,7 @@ def evaluate_run(
         metrics["explanations"] = check_maps(run.model, inputs, seed=seed)
         plot_gradcam(run.model, run.labels, images, list(frame["label"].iloc[chosen]), out / "gradcam.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_predictions(frame, probabilities, run.labels, Path(root), out / "predictions.png", seed)
+    plot_predictions(frame, probabilities, run.labels, predicted, Path(root), out / "predictions.png", seed)
     acc = metrics["accuracy"]
     low, high = metrics["accuracy_ci95"]
     plot_confusion(
@@ -429,4 +461,6 @@ def evaluate_run(
     plot_history(run.history(), out / "curves.png", f"{run.config.model}: training curves")
     plot_calibration(probabilities, uncalibrated, truth_idx, out / "calibration.png", f"{run.config.model}\n{scope}")
     write_run_report(out)
+    if out.resolve() != run.path.resolve() and (run.path / "metrics.json").is_file():
+        write_run_report(run.path)  # its report links every evaluation under external/
     return metrics
