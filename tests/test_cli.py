@@ -198,3 +198,23 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path, cxr3: Path, cxr3_meta, 
     assert_one_line_error(
         run("train", "--data", str(cxr3), "--out", str(out), "--config", str(tmp_path / "bad.yaml")), "bad.yaml"
     )
+
+
+def test_models_lists_weights_without_loading_or_downloading(tmp_path: Path) -> None:
+    """Even where downloads are allowed, ``models`` only looks: no "Downloading", no weights read."""
+    (tmp_path / "vgg16.pth").write_bytes(b"not read by `covidxr models`")
+    env = {k: v for k, v in os.environ.items() if k != "COVIDXR_OFFLINE"} | {"COVIDXR_WEIGHTS_DIR": str(tmp_path)}
+    result = subprocess.run([*COVIDXR, "models"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "Downloading" not in result.stdout + result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert f"weights-dir {tmp_path / 'vgg16.pth'}" in lines["vgg16"]
+    assert "package" in lines["efficientnet_lite0"] and "not here" in lines["resnet50"]
+
+
+def test_explain_defaults_to_the_bundled_model(cxr3: Path, cxr3_meta, tmp_path: Path) -> None:
+    image = cxr3 / cxr3_meta["filename"].iloc[0]
+    result = run("explain", str(image), "--out", str(tmp_path / "maps"))
+    assert result.returncode == 0, result.stderr
+    assert "map of the most probable class" in result.stdout and "Research use only" in result.stdout
+    assert (tmp_path / "maps" / f"{image.stem}.gradcam.png").stat().st_size > 0

@@ -69,7 +69,8 @@ def test_real_test_xrays_pass_and_non_xrays_are_flagged(guarded_run: Path, non_x
     assert min(r["ood_score"] for r in photos) > max(r["ood_score"] for r in xrays)
 
 
-def test_cli_warns_on_a_photograph(guarded_run: Path, non_xrays: list[Path], cxr3: Path) -> None:
+def test_cli_gives_no_answer_for_a_photograph(guarded_run: Path, non_xrays: list[Path], cxr3: Path) -> None:
+    """A compact table: file name, label, p(COVID-19), flag; a photograph gets no class, only the reason."""
     xray = cxr3 / load_run(guarded_run).splits().query("split == 'test'")["filename"].iloc[0]
     result = subprocess.run(
         [sys.executable, "-m", "covidxr", "predict", str(non_xrays[1]), str(xray), "--model", str(guarded_run)],
@@ -78,9 +79,13 @@ def test_cli_warns_on_a_photograph(guarded_run: Path, non_xrays: list[Path], cxr
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    cat = lines.index(next(line for line in lines if line.startswith(str(non_xrays[1]))))
-    assert lines[cat + 1].strip().startswith("WARNING: unlike the chest X-rays")
-    assert sum("WARNING" in line for line in lines) == 1
+    assert lines[0].split() == ["file", "label", "p(COVID-19)", "flag"]
+    photo = next(line for line in lines if line.startswith(non_xrays[1].name))
+    assert photo.endswith("not a chest X-ray like the training images: no answer")
+    assert not any(label in photo for label in ("COVID-19", "NORMAL", "PNEUMONIA"))
+    row = next(line for line in lines if line.startswith(xray.name)).split()
+    assert row[1] in {"COVID-19", "NORMAL", "PNEUMONIA"} and 0 <= float(row[2]) <= 1 and len(row) == 3
+    assert str(non_xrays[1].parent) not in result.stdout  # names only; full paths with --json or --out
     assert "Research use only" in result.stdout
 
 

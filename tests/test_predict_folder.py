@@ -56,7 +56,8 @@ def test_folder_to_csv_one_row_per_image_past_bad_files(run_dir: Path, folder: P
     good = table[table["error"] == ""]
     probabilities = good[[c for c in table.columns if c.startswith("p_")]].astype(float)
     assert (probabilities.sum(axis=1) - 1).abs().max() < 1e-5
-    assert set(good["label"]) <= {"COVID-19", "NORMAL", "PNEUMONIA"}
+    assert set(good["label"]) <= {"COVID-19", "NORMAL", "PNEUMONIA", ""}  # "": no answer, with the reason
+    assert ((good["label"] == "") == (good["no_answer_reason"] != "")).all()
     assert good["out_of_distribution"].isin(["True", "False"]).all()
 
     with pytest.raises(CovidxrError, match="exists; pass --resume"):

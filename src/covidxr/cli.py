@@ -134,16 +134,32 @@ def data_check(directory: Path) -> None:
 @cli.command("models")
 @weights_dir_option
 def models_command(weights_dir: Path | None) -> None:
-    """List the registered backbones and whether their pretrained weights can be found."""
-    from covidxr.models import REGISTRY, resolve_weights
+    """List the registered backbones and where their pretrained weights would come from (nothing is
+    loaded or downloaded)."""
+    from covidxr.models import REGISTRY
 
     for spec in REGISTRY.values():
-        try:
-            _, source = resolve_weights(spec, weights_dir=weights_dir)
-            status = f"weights: {source.kind} {source.location}"
-        except CovidxrError:
-            status = "weights: not available here"
-        click.echo(f"{spec.name:20s} {spec.native_size}px  {spec.reference}  [{status}]")
+        click.echo(
+            f"{spec.name:20s} {spec.native_size}px  {spec.reference}  [weights: {_weights_status(spec, weights_dir)}]"
+        )
+
+
+def _weights_status(spec, weights_dir: Path | None) -> str:
+    """The first place of the lookup order (``covidxr.models.resolve_weights``) that holds a file for ``spec``."""
+    import importlib
+    import importlib.util
+    import os
+
+    folder = weights_dir or (Path(os.environ["COVIDXR_WEIGHTS_DIR"]) if os.environ.get("COVIDXR_WEIGHTS_DIR") else None)
+    for suffix in (".safetensors", ".pth", ".pt"):
+        if folder is not None and (folder / f"{spec.name}{suffix}").is_file():
+            return f"weights-dir {folder / f'{spec.name}{suffix}'}"
+    if spec.pip_package is not None and importlib.util.find_spec(spec.pip_package[0]) is not None:
+        module = importlib.import_module(spec.pip_package[0])
+        return f"package {getattr(module, spec.pip_package[1]).get_model_file_path()}"
+    if spec.download is not None and os.environ.get("COVIDXR_OFFLINE", "") not in {"1", "true", "yes"}:
+        return "not here; downloaded from upstream on first use where the network is reachable"
+    return "not available here (see README: Models and weights)"
 
 
 def _load_config(config_file: Path | None, **overrides) -> TrainConfig:
@@ -241,6 +257,25 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
     )
 
 
+def _prediction_table(results: list[dict]) -> str:
+    """One aligned line per image: file name, label, p(COVID-19), and a flag (no answer, or the error)."""
+    rows = [("file", "label", "p(COVID-19)", "flag")]
+    for result in results:
+        name = Path(result["file"]).name
+        if "error" in result:
+            rows.append((name, "ERROR", "", result["error"]))
+        elif result["label"] is None:
+            rows.append(
+                (name, "-", f"{result['probabilities']['COVID-19']:.3f}", f"{result['no_answer_reason']}: no answer")
+            )
+        else:
+            rows.append((name, result["label"], f"{result['probabilities']['COVID-19']:.3f}", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}".rstrip() for row in rows
+    )
+
+
 @cli.command("predict")
 # No readability check here: an unreadable file becomes its own error row and the others still run.
 @click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
@@ -260,6 +295,7 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
 @model_options
 def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
+    from covidxr.calibration import describe_operating_point
     from covidxr.card import default_model_path
     from covidxr.inference import expand_inputs, make_engine, predict_files, predict_to_file
     from covidxr.train import load_run
@@ -277,7 +313,8 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
         for row in errors:
             click.echo(f"ERROR {row['error']}", err=True)
         flagged = sum(bool(row["out_of_distribution"]) for row in rows)
-        counts = pd.Series([row["label"] for row in rows if not row["error"]]).value_counts().to_dict()
+        labels = [row["label"] or "no answer" for row in rows if not row["error"]]
+        counts = pd.Series(labels, dtype=object).value_counts().to_dict()
         click.echo(
             f"{len(rows)} image(s) → {out}: {', '.join(f'{k} {v}' for k, v in counts.items()) or 'none readable'}; "
             f"{flagged} out-of-distribution; {len(errors)} unreadable "
@@ -290,22 +327,12 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
-        for result in results:
-            if "error" in result:
-                click.echo(f"{result['file']}: ERROR {result['error']}")
-                continue
-            probs = "  ".join(f"{label} {p:.3f}" for label, p in result["probabilities"].items())
-            flag = "at or above" if result["covid_positive"] else "below"
-            click.echo(
-                f"{result['file']}: {result['label']}  ({probs}; COVID-19 {flag} the validation-chosen threshold "
-                f"{result['covid_threshold']:.3f})"
-            )
-            if result["out_of_distribution"]:
-                click.echo(
-                    f"  WARNING: unlike the chest X-rays this model was trained on (out-of-distribution score "
-                    f"{result['ood_score']:.2f}); the label above means nothing for this image"
-                )
-        click.echo(DISCLAIMER)
+        click.echo(_prediction_table(results))
+        click.echo(
+            f"label: COVID-19 when p(COVID-19) reaches {loaded.covid_threshold:.3f} "
+            f"({describe_operating_point(loaded.info.get('calibration', {}).get('covid_threshold'))}), otherwise "
+            "the more probable other class; full paths with --json or --out.\n" + DISCLAIMER
+        )
     failures = sum("error" in r for r in results)
     if failures:
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
@@ -412,7 +439,9 @@ def bundle_command(run, dest):
 
 @cli.command("explain")
 @click.argument("images", type=_path, nargs=-1, required=True)
-@click.option("--model", "run", type=_path, required=True, help="Run folder of a trained model.")
+@click.option(
+    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
+)
 @click.option(
     "--method",
     type=click.Choice(["gradcam", "gradcam++", "scorecam", "eigencam"]),
@@ -429,16 +458,20 @@ def bundle_command(run, dest):
 @weights_options
 def explain_command(images, run, method, out, weights, weights_dir):
     """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
+    from covidxr.card import default_model_path
     from covidxr.explain import explain_files
     from covidxr.train import load_run
 
-    loaded = load_run(run, weights, weights_dir)
+    loaded = load_run(run or default_model_path(), weights, weights_dir)
     results = explain_files(loaded.model, loaded.labels, images, out, method)
     for result in results:
         if "error" in result:
             click.echo(f"{result['file']}: ERROR {result['error']}")
         else:
-            click.echo(f"{result['file']}: {result['label']} (p={result['probability']:.3f}) → {result['overlay']}")
+            click.echo(
+                f"{result['file']}: map of the most probable class, {result['label']} (p={result['probability']:.3f}), "
+                f"→ {result['overlay']}"
+            )
     click.echo(DISCLAIMER)
     failures = sum("error" in r for r in results)
     if failures:
@@ -543,6 +576,91 @@ def reproduce_command(
     click.echo(f"report: {out / 'report.html'} and {out / 'report.md'}\n{DISCLAIMER}")
     if not any(row["status"] == "trained" for row in rows):
         raise click.ClickException("no model could be trained: none has weights here")
+
+
+@cli.command("segment")
+@click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
+@click.option(
+    "--out", type=_path, required=True, help="Folder for <stem>_mask.png, <stem>_overlay.png and segment.csv."
+)
+def segment_command(images, out):
+    """Lung masks with the bundled segmenter (files or folders): a mask and an overlay per image, and
+    segment.csv; images without two plausible lungs get their reason; unreadable files an error (exit 1)."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from covidxr.data import read_image
+    from covidxr.inference import expand_inputs
+    from covidxr.lungs import lung_segmenter, overlay
+
+    table = out / "segment.csv"
+    if table.exists():
+        raise click.ClickException(f"{table} already exists; choose another --out or remove it")
+    files = expand_inputs(images)
+    segmenter = lung_segmenter()
+    out.mkdir(parents=True, exist_ok=True)
+    rows, stems = [], set()
+    for path in files:
+        row = {"file": str(path), "mask": "", "overlay": "", "area_fraction": "", "box": "", "reason": "", "error": ""}
+        try:
+            grey = np.asarray(read_image(path).convert("L"))
+            fields = segmenter.segment(grey)
+        except CovidxrError as exc:
+            row["error"] = str(exc)
+            click.echo(f"ERROR {exc}", err=True)
+        else:
+            stem = path.stem
+            while stem in stems:  # two files with one name in different folders
+                stem += "_"
+            stems.add(stem)
+            row["mask"], row["overlay"] = f"{stem}_mask.png", f"{stem}_overlay.png"
+            Image.fromarray(fields.mask.astype(np.uint8) * 255).save(out / row["mask"])
+            overlay(grey, fields).save(out / row["overlay"])
+            row["area_fraction"] = f"{fields.area_fraction:.4f}"
+            row["box"] = " ".join(map(str, fields.box)) if fields.box else ""
+            row["reason"] = fields.reason or ""
+            if fields.reason:
+                click.echo(f"{path}: out of distribution: {fields.reason}", err=True)
+        rows.append(row)
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    errors = sum(bool(row["error"]) for row in rows)
+    flagged = sum(bool(row["reason"]) for row in rows)
+    click.echo(f"{len(rows)} image(s) → {out}: {flagged} without two plausible lungs, {errors} unreadable")
+    click.echo(DISCLAIMER)
+    if errors:
+        raise click.ClickException(f"{errors} of {len(rows)} file(s) could not be read")
+
+
+@cli.command("train-segmenter")
+@click.option(
+    "--masks", type=_existing_dir, required=True, help="Mask folder (metadata.csv: mask, image, patient_id, origin)."
+)
+@click.option("--out", type=_path, required=True, help="Run folder (rerun the same command to resume).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs [default: SegmenterConfig's].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the patient split and of training.")
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="torch threads.")
+@click.option("--bundle", "bundle_it", is_flag=True, help="Copy the finished graph into the package (bundled/).")
+def train_segmenter_command(masks, out, epochs, seed, threads, bundle_it):
+    """Train the lung segmenter on hand-drawn masks, report held-out Dice per group, export ONNX."""
+    import logging
+
+    from covidxr.lungs_train import SegmenterConfig, bundle, train_segmenter
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = SegmenterConfig(seed=seed, threads=threads)
+    if epochs is not None:
+        config = replace(config, epochs=epochs)
+    metrics = train_segmenter(masks, out, config)
+    for group in ("children", "adults", "all"):
+        m = metrics[group]
+        click.echo(f"held-out {group}: {m['images']} images, Dice mean {m['dice_mean']:.4f} (min {m['dice_min']:.4f})")
+    if bundle_it:
+        click.echo(f"bundled {out} → {bundle(out)}")
 
 
 def main() -> None:
