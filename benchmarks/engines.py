@@ -51,12 +51,25 @@ into the repository)::
     .venv/bin/python benchmarks/engines.py
     .venv/bin/python benchmarks/engines.py --models efficientnet_lite0,resnet50 --threads 1
     .venv/bin/python benchmarks/engines.py --models efficientnet_lite0 --images 8 --latency-images 2 --repeats 1
+    .venv/bin/python benchmarks/engines.py --integrity --images 32 --repeats 2
+
+**Integrity checks** (``--integrity``, instead of everything above): what the content hashes on cached
+exports and feature-cache entries cost, on the bundled model (EfficientNet-Lite0 + its head, engine
+auto = onnxruntime) and the same ``--images``, with the checks as shipped and with them switched off in
+this process only (``covidxr.engines.graph_sha256`` answering the sidecar's own hash without reading the
+graph; ``FeatureCache.get`` loading an entry without hashing it; ``put`` still hashes). Interleaved over
+``--repeats``, median reported: feature extraction with ``compute_features`` into an emptied feature
+cache (forward passes + writes) and from the full cache (reads only), and ``predict_files`` (which builds
+its engine each call: sidecar key, graph hash, validation load, session), plus the hash of the graph
+alone and of one entry.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -113,6 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of everything (default: %(default)s)")
     parser.add_argument(
         "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: OnnxEngine's, physical cores)"
+    )
+    parser.add_argument(
+        "--integrity", action="store_true", help="only measure the cache integrity checks (with vs without)"
     )
     args = parser.parse_args(argv)
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
@@ -365,10 +381,87 @@ def benchmark_model(
     return variants
 
 
+def integrity_costs(paths: list[Path], repeats: int, cache: Path) -> None:
+    """Throughput with the content-hash checks on cached exports and feature entries, and without them."""
+    import covidxr.engines as engines
+    from covidxr.card import default_model_path
+    from covidxr.features import FeatureCache, compute_features
+    from covidxr.inference import predict_files
+    from covidxr.train import load_run
+
+    run = load_run(default_model_path())
+    checked_graph, checked_get = engines.graph_sha256, FeatureCache.get
+
+    def unchecked_graph(path: str | Path) -> str:
+        return json.loads(Path(path).with_suffix(".json").read_text())["sha256"]
+
+    def unchecked_get(self: FeatureCache, digest: str) -> np.ndarray | None:
+        path = self._path(digest)
+        return np.load(path, allow_pickle=False)["features"] if path.exists() else None
+
+    def switch(on: bool) -> None:
+        engines.graph_sha256 = checked_graph if on else unchecked_graph
+        FeatureCache.get = checked_get if on else unchecked_get
+
+    compute_features(run.model, paths[:1], cache, progress=False)  # exports the backbone graph once
+    predict_files(run, paths[:1], cache, progress=False)  # and the run's graph
+    timings: dict[tuple[str, bool], list[float]] = {}
+    for repeat in range(repeats):
+        print(f"  integrity: repetition {repeat + 1} of {repeats} ...", file=sys.stderr, flush=True)
+        for on in (True, False):
+            switch(on)
+            shutil.rmtree(cache / "features", ignore_errors=True)
+            for what, call in (
+                ("extract, empty cache", lambda: compute_features(run.model, paths, cache, progress=False)),
+                ("extract, full cache", lambda: compute_features(run.model, paths, cache, progress=False)),
+                ("predict_files", lambda: predict_files(run, paths, cache, progress=False)),
+            ):
+                started = time.perf_counter()
+                call()
+                timings.setdefault((what, on), []).append(time.perf_counter() - started)
+    switch(True)
+    print(f"integrity checks: {len(paths)} images, bundled model, engine auto (onnxruntime), median of {repeats}")
+    print(f"   {'':<24s}{'with check img/s':>18s}{'without img/s':>16s}{'cost':>9s}")
+    for what in ("extract, empty cache", "extract, full cache", "predict_files"):
+        with_check, without = (len(paths) / median(timings[(what, on)]) for on in (True, False))
+        print(f"   {what:<24s}{with_check:>18.1f}{without:>16.1f}{(without / with_check - 1):>9.1%}")
+    graph = cached_export(
+        run.model, engines.sidecar(run.model, run.labels, run.temperature, run.covid_threshold), cache
+    )
+    started = time.perf_counter()
+    engines.graph_sha256(graph)
+    graph_ms = (time.perf_counter() - started) * 1000
+    cached = FeatureCache(run.model, cache, engine="onnx")
+    digest = next((cache / "features").rglob("*.npy")).stem
+    started = time.perf_counter()
+    for _ in range(1000):
+        cached.get(digest)
+    get_checked = (time.perf_counter() - started) * 1000
+    switch(False)
+    started = time.perf_counter()
+    for _ in range(1000):
+        cached.get(digest)
+    get_unchecked = (time.perf_counter() - started) * 1000
+    switch(True)
+    print(
+        f"   graph SHA-256 ({graph.stat().st_size / 2**20:.1f} MiB): {graph_ms:.1f} ms per engine built; "
+        f"feature entry read: {get_checked:.0f} us checked, {get_unchecked:.0f} us unchecked"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     load_at_start = load_average()
     started_all = time.perf_counter()
+    if args.integrity:
+        with isolated_cache("integrity") as tmp:
+            paths, _ = choose_images(args.data, args.images, 1)
+            print("covidxr engines benchmark: the cost of the cache integrity checks")
+            print(machine_lines())
+            print(f"  load avg:    {describe_load(load_at_start)} at start")
+            integrity_costs(paths, args.repeats, tmp / "cache")
+        print(f"total {time.perf_counter() - started_all:.0f} s")
+        return
     with isolated_cache("engines") as tmp:
         paths, calibration = choose_images(args.data, args.images, args.calibration_images)
         print("covidxr engines benchmark: backbone features with torch (fp32, channels-last, bf16) and onnxruntime")
