@@ -438,7 +438,7 @@ def fit(
     checkpoint = checkpoint_dir / CHECKPOINT if checkpoint_dir else None
     if checkpoint and checkpoint.is_file():
         try:
-            saved = torch.load(checkpoint, map_location=device, weights_only=True)  # a checkpoint from elsewhere cannot run code
+            saved = torch.load(checkpoint, map_location=device, weights_only=True)  # no code runs
         except Exception as exc:  # torch raises several types for damaged files
             raise CovidxrError(f"{checkpoint}: damaged ({type(exc).__name__}); delete it to start afresh") from None
         if saved.get("fingerprint") != fingerprint:
