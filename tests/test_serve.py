@@ -140,6 +140,15 @@ def test_dicom_upload_answers_without_echoing_patient_tags(server: Server, xrays
         assert value not in server.log.read_text()
 
 
+def test_an_out_of_distribution_upload_gets_no_class(server: Server, cat: Path) -> None:
+    """A photograph: no label and no COVID-19 call, the reason instead; probabilities stay for research."""
+    answer = post(server, "/api/predict", cat.read_bytes(), cat.name).json()
+    assert answer["label"] is None and answer["covid_positive"] is None
+    assert answer["no_answer_reason"] == "not a chest X-ray like the training images"
+    assert answer["out_of_distribution"] is True
+    assert sum(answer["probabilities"].values()) == pytest.approx(1) and answer["disclaimer"] == DISCLAIMER
+
+
 def test_model_card_health_and_openapi(server: Server) -> None:
     card = httpx.get(f"{server.url}/api/model").json()
     assert card["disclaimer"] == DISCLAIMER and "leave_one_source_out" in card and card["model"].startswith("eff")
@@ -148,6 +157,9 @@ def test_model_card_health_and_openapi(server: Server) -> None:
     assert {"/api/predict", "/api/explain", "/api/model", "/healthz"} <= set(schema["paths"])
     assert "multipart/form-data" in schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
+    page = httpx.get(f"{server.url}/model-card")
+    assert page.headers["content-type"].startswith("text/html") and "<h1>Model card" in page.text
+    assert "Operating point" in page.text and DISCLAIMER in page.text
 
 
 def test_bad_uploads_get_a_clear_status_and_the_server_goes_on(
@@ -249,13 +261,28 @@ def _upload(browser: webdriver.Chrome, path: Path) -> None:
         "done", "error"})  # fmt: skip
 
 
+def _visible_images(browser: webdriver.Chrome) -> list[str]:
+    return [image.get_attribute("id") for image in browser.find_elements(By.TAG_NAME, "img") if image.is_displayed()]
+
+
+def _fully_in_view(browser: webdriver.Chrome, element_id: str) -> bool:
+    return browser.execute_script(
+        "const r = document.getElementById(arguments[0]).getBoundingClientRect();"
+        "return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight;",
+        element_id,
+    )
+
+
 def test_page_upload_shows_label_heat_map_and_ood_warning(
     server: Server, browser: webdriver.Chrome, xrays: list[Path], cat: Path
 ) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.set_window_size(1300, 800)
     browser.get(server.url)
     disclaimer = browser.find_element(By.ID, "disclaimer")
     assert disclaimer.is_displayed() and "Research use only" in disclaimer.text
+    assert _visible_images(browser) == []  # no broken-image icon before an upload
+    browser.save_screenshot(str(ARTIFACTS / "page-empty.png"))
 
     # Keyboard: Tab reaches the file chooser (the label's input) first.
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
@@ -266,8 +293,17 @@ def test_page_upload_shows_label_heat_map_and_ood_warning(
     label = browser.find_element(By.ID, "label").text
     assert label in {"COVID-19", "NORMAL", "PNEUMONIA"}
     assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 3
+    # The answer is on the first screen at 1300 x 800, without scrolling.
+    assert browser.execute_script("return window.scrollY") == 0
+    assert _fully_in_view(browser, "answer"), "the answer needs scrolling at 1300x800"
+    browser.save_screenshot(str(ARTIFACTS / "xray-desktop.png"))  # the first screen, as a user sees it
+    note = browser.find_element(By.ID, "covid-note").text
+    assert ("reaches" in note) == (label == "COVID-19")  # the note and the label tell one story
     heat = browser.find_element(By.ID, "heatmap")
     assert heat.is_displayed() and browser.execute_script("return arguments[0].naturalWidth", heat) > 0
+    legend = browser.find_element(By.CSS_SELECTOR, ".legend")
+    assert legend.is_displayed() and "strong influence" in legend.text
+    assert "does not" in browser.find_element(By.CSS_SELECTOR, ".caveat").text
     assert not browser.find_element(By.ID, "ood").is_displayed()
     slider = browser.find_element(By.ID, "opacity")
     slider.send_keys(Keys.END)  # keyboard on the slider
@@ -275,21 +311,49 @@ def test_page_upload_shows_label_heat_map_and_ood_warning(
     slider.send_keys(*[Keys.ARROW_LEFT] * 40)
     assert browser.execute_script("return getComputedStyle(arguments[0]).opacity", heat) == "0.6"
     assert disclaimer.is_displayed()
-    browser.save_screenshot(str(ARTIFACTS / "xray-desktop.png"))
 
     browser.set_window_size(768, 1024)  # a tablet held upright
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
     browser.save_screenshot(str(ARTIFACTS / "xray-tablet.png"))
-    browser.set_window_size(1280, 1000)
 
-    _upload(browser, cat)
+    browser.set_window_size(390, 844)  # a phone: the footer must not cover the end of the page
+    browser.execute_script("window.scrollTo(0, document.body.scrollHeight)")
+    covered = browser.execute_script(
+        "const footer = document.querySelector('.disclaimer-footer').getBoundingClientRect();"
+        "const last = document.querySelector('.model').getBoundingClientRect();"
+        "return last.bottom > footer.top && last.top < footer.bottom;"
+    )
+    assert not covered and browser.find_element(By.CSS_SELECTOR, ".disclaimer-footer").is_displayed()
+    browser.save_screenshot(str(ARTIFACTS / "xray-phone.png"))
+    browser.set_window_size(1300, 800)
+
+    _upload(browser, cat)  # out of distribution: the warning instead of a class, bars and heat map
     warning = browser.find_element(By.ID, "ood")
-    assert warning.is_displayed() and "Not like the chest X-rays" in warning.text
+    assert warning.is_displayed() and "no answer" in warning.text.lower()
+    assert "Not a chest X-ray like the training images" in warning.text
+    assert not browser.find_element(By.ID, "answer").is_displayed()
+    assert not browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+    assert not browser.find_element(By.ID, "heatmap").is_displayed()
+    result_text = browser.find_element(By.CSS_SELECTOR, "section.result").text
+    assert not any(name in result_text for name in ("COVID-19", "NORMAL", "PNEUMONIA"))
     assert disclaimer.is_displayed()
     browser.save_screenshot(str(ARTIFACTS / "cat-ood.png"))
 
-    _upload(browser, REPO / "README.md")  # not an image: the server's message, shown as an error
+    _upload(browser, xrays[1])
+    _upload(browser, REPO / "README.md")  # not an image: the server's message, and the last answer cleared
     status = browser.find_element(By.ID, "status")
     assert "judged by its content" in status.text and "error" in status.get_attribute("class")
+    assert not browser.find_element(By.ID, "answer").is_displayed() and _visible_images(browser) == []
+    assert browser.find_element(By.ID, "label").text == ""
     browser.save_screenshot(str(ARTIFACTS / "not-an-image.png"))
-    assert all((ARTIFACTS / name).stat().st_size > 10_000 for name in ("xray-desktop.png", "cat-ood.png"))
+
+    browser.find_element(By.LINK_TEXT, "model card").click()  # opens in a new tab: a readable page
+    browser.switch_to.window(browser.window_handles[-1])
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.TAG_NAME, "h1"))
+    assert browser.find_element(By.TAG_NAME, "h1").text.startswith("Model card")
+    assert "Operating point" in browser.find_element(By.TAG_NAME, "body").text
+    browser.save_screenshot(str(ARTIFACTS / "model-card.png"))
+    browser.close()
+    browser.switch_to.window(browser.window_handles[0])
+    shots = ("page-empty.png", "xray-desktop.png", "xray-phone.png", "cat-ood.png", "model-card.png")
+    assert all((ARTIFACTS / name).stat().st_size > 10_000 for name in shots)

@@ -193,6 +193,27 @@ def render_model_card(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_model_card_html(card: dict) -> str:
+    """The card as one readable HTML page (the Markdown's headings, lists and paragraphs, through the
+    reports' renderer), for the web page's "model card" link."""
+    from covidxr.report import Heading, Items, Text, render_html
+
+    lines = render_model_card(card).splitlines()
+    title, blocks = lines[0].removeprefix("# "), []
+    for line in lines[1:]:
+        if line.startswith("## "):
+            blocks.append(Heading(2, line.removeprefix("## ")))
+        elif line.startswith("- "):
+            if not (blocks and isinstance(blocks[-1], Items)):
+                blocks.append(Items([]))
+            blocks[-1].items.append(line.removeprefix("- "))
+        elif line.startswith("**") and line.endswith("**"):
+            blocks.append(Text(line.strip("*"), warning=True))
+        elif line:
+            blocks.append(Text(line))
+    return render_html(title, blocks)
+
+
 def bundle_run(run_dir: str | Path, dest: str | Path = BUNDLED) -> Path:
     """Copy a finished run into ``dest`` as the packaged default model, with its card."""
     run_dir, dest = Path(run_dir), Path(dest)

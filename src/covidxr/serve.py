@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covidxr import DISCLAIMER, __version__
 from covidxr.api import Model
-from covidxr.card import model_card
+from covidxr.card import model_card, render_model_card_html
 from covidxr.data import decode_bytes
 from covidxr.errors import CovidxrError, ImageTooLarge
 from covidxr.models import hash_state_dict
@@ -283,6 +283,7 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
     queue = InferenceQueue(max_queue)
     identity = model_id(model)
     card = model_card(model.run.path)
+    card_page = render_model_card_html(card)
     web = resources.files("covidxr") / "web"
 
     @app.exception_handler(ApiError)
@@ -320,6 +321,11 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
     async def model_info() -> dict:
         """The model card: training data, confounders, metrics with intervals, audit, failure modes."""
         return {"model": identity, **card}
+
+    @app.get("/model-card", response_class=HTMLResponse, include_in_schema=False)
+    async def model_card_page() -> HTMLResponse:
+        """The model card as a readable page (``/api/model`` is the same as JSON)."""
+        return HTMLResponse(card_page)
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -42,22 +42,52 @@ function showBars(probabilities, label) {
   }
 }
 
+// Nothing of an earlier answer may stay on screen: before each upload and after a failed one.
+function clearResult() {
+  $("answer").hidden = true;
+  $("ood").hidden = true;
+  $("viewer").hidden = true;
+  $("heat-controls").hidden = true;
+  $("empty").hidden = false;
+  $("label").textContent = "";
+  $("covid-note").textContent = "";
+  $("bars").replaceChildren();
+  for (const image of [preview, heatmap]) {
+    image.hidden = true;
+    image.removeAttribute("src");
+  }
+  opacity.disabled = true;
+}
+
 function showResult(result) {
+  $("empty").hidden = true;
   preview.src = "data:image/png;base64," + result.image.preview_png;
   preview.hidden = false;
+  $("viewer").hidden = false;
+  $("model-id").textContent = result.model;
+  if (result.label === null) {
+    // No diagnosis: the reason instead of a class, bars and heat map.
+    const reason = result.no_answer_reason || "not a chest X-ray like the training images";
+    $("ood-reason").textContent = reason.charAt(0).toUpperCase() + reason.slice(1);
+    $("ood").hidden = false;
+    document.body.dataset.state = "done";
+    return;
+  }
   if (result.explanation) {
     heatmap.src = "data:image/png;base64," + result.explanation.heatmap_png;
     heatmap.hidden = false;
+    $("heat-controls").hidden = false;
     opacity.disabled = false;
   }
   $("label").textContent = result.label;
   const covid = result.probabilities["COVID-19"];
-  $("covid-note").textContent =
-    `COVID-19 probability ${(100 * covid).toFixed(1)}% is ${result.covid_positive ? "at or above" : "below"} ` +
-    `the threshold chosen on validation data (${(100 * result.covid_threshold).toFixed(1)}%).`;
+  const threshold = (100 * result.covid_threshold).toFixed(1);
+  $("covid-note").textContent = result.covid_positive
+    ? `COVID-19 probability ${(100 * covid).toFixed(1)}% reaches the model's operating threshold (${threshold}%, ` +
+      "chosen on validation data), so the answer is COVID-19."
+    : `COVID-19 probability ${(100 * covid).toFixed(1)}% is below the model's operating threshold (${threshold}%, ` +
+      "chosen on validation data), so the answer is the more probable of the other classes.";
   showBars(result.probabilities, result.label);
-  $("model-id").textContent = result.model;
-  $("ood").hidden = !result.out_of_distribution;
   $("answer").hidden = false;
   document.body.dataset.state = "done";
 }
@@ -65,16 +95,13 @@ function showResult(result) {
 async function analyse(file) {
   if (!file) return;
   document.body.dataset.state = "busy";
-  $("answer").hidden = true;
-  $("ood").hidden = true;
-  heatmap.hidden = true;
-  opacity.disabled = true;
+  clearResult();
   // Show the file at once where the browser can (not DICOM or TIFF); the server's preview replaces it.
   if (/^image\/(png|jpeg|bmp|gif|webp)$/.test(file.type)) {
     preview.src = URL.createObjectURL(file);
     preview.hidden = false;
-  } else {
-    preview.hidden = true;
+    $("viewer").hidden = false;
+    $("empty").hidden = true;
   }
   setStatus(`Analysing ${file.name} …`);
   const form = new FormData();
@@ -84,7 +111,8 @@ async function analyse(file) {
     const body = await response.json();
     if (!response.ok) {
       const retry = response.headers.get("Retry-After");
-      setStatus(`${body.error || response.statusText}${retry ? ` (retry in ${retry} s)` : ""}`, true);
+      setStatus(`${file.name}: ${body.error || response.statusText}${retry ? ` (retry in ${retry} s)` : ""}`, true);
+      clearResult();
       document.body.dataset.state = "error";
       return;
     }
@@ -92,9 +120,16 @@ async function analyse(file) {
     showResult(body);
   } catch (error) {
     setStatus(`The server could not be reached (${error.message}).`, true);
+    clearResult();
     document.body.dataset.state = "error";
   }
 }
+
+// Name the model before any upload (the card link beside it is always there).
+fetch("/healthz")
+  .then((response) => response.json())
+  .then((health) => { $("model-id").textContent = health.model; })
+  .catch(() => {});
 
 fileInput.addEventListener("change", () => analyse(fileInput.files[0]));
 for (const name of ["dragenter", "dragover"]) {
