@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from .conftest import raw_sources
+from .conftest import ADULT_CONTROLS, linked_dataset, raw_sources, small_subset
 
 COVIDXR = [str(Path(sys.executable).with_name("covidxr"))]
 
@@ -130,6 +130,8 @@ def test_explain_writes_maps_and_reports_bad_files(cli_run: Path, cxr3: Path, cx
 
 def test_reproduce_skips_models_without_weights_and_writes_the_table(small_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "reproduce"
+    meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    unseen = linked_dataset(tmp_path / "unseen", ADULT_CONTROLS, small_subset(meta, per_class=3))
     args = (
         "reproduce",
         "--data",
@@ -140,6 +142,8 @@ def test_reproduce_skips_models_without_weights_and_writes_the_table(small_datas
         "vgg16,efficientnet_lite0",
         "--epochs",
         "4",
+        "--external",
+        str(unseen),
     )
     result = run(*args)
     assert result.returncode == 0, result.stderr
@@ -152,6 +156,8 @@ def test_reproduce_skips_models_without_weights_and_writes_the_table(small_datas
     assert (out / "report.html").stat().st_size > 0
     for name in ("metrics.json", "confusion_matrix.png", "curves.png", "run.json"):
         assert (out / "efficientnet_lite0" / name).exists()
+    assert (out / "efficientnet_lite0" / "external" / "unseen" / "metrics.json").exists()
+    assert "efficientnet_lite0: On unseen (" in markdown.split("## Results against the paper", 1)[0]
     first = json.loads((out / "efficientnet_lite0" / "run.json").read_text())["created"]
     again = run(*args)  # finished models are reused, not retrained
     assert again.returncode == 0

@@ -124,8 +124,8 @@ def test_run_report_states_what_it_has_and_lacks(run: Path) -> None:
     splits = pd.read_csv(run / "splits.csv", dtype=str)
     test = splits[splits["split"] == "test"]
     covid = test[test["label"] == "COVID-19"]
-    assert f"| test | {len(covid)} / {covid['patient_id'].nunique()} |" in _section(markdown, "Split")
-    assert "| image_size | 224 |" in _section(markdown, "Configuration")
+    assert f"| test | {len(covid)} / {covid['patient_id'].nunique()} |" in _section(markdown, "Appendix: split")
+    assert "| image_size | 224 |" in _section(markdown, "Appendix: configuration")
     assert "| VGG-16 (paper) | 97.3% | not reported | not reported | 75 | by image |" in _section(
         markdown, "Against the paper"
     )
@@ -136,7 +136,7 @@ def test_run_report_states_what_it_has_and_lacks(run: Path) -> None:
             assert f"Missing figure: {name}," in markdown, key
     checks = _section(markdown, "Explanation checks")
     if "explanations" in metrics:
-        assert all(f"| {method} |" in checks for method in metrics["explanations"]["methods"])
+        assert all(f"{method}: " in checks for method in metrics["explanations"]["methods"])
     else:
         assert "not computed" in checks
     limitations = _section(markdown, "Limitations")
@@ -196,15 +196,61 @@ def test_run_report_shows_calibration_threshold_and_no_audit(run: Path) -> None:
     lowered = here["ece_calibrated"] < here["ece_uncalibrated"]
     assert ("On the evaluated images temperature scaling did not lower the ECE" in calibration) is not lowered
     threshold = fitted["covid_threshold"]
-    assert f"reaching the target sensitivity {threshold['target_sensitivity']:.1%}: there it gave sensitivity" in (
-        calibration
+    assert (
+        f"Operating point: COVID-19 threshold {threshold['value']:.3f} on the temperature-scaled COVID-19 probability, "
+        "the cut-off maximising Youden's J" in calibration
     )
+    assert "It is the decision: an image is labelled COVID-19 when its probability reaches it" in calibration
     assert f"on {threshold['val_positives']} COVID-19 image" in calibration
     assert f"]({CALIBRATION_FIGURE[1]})" in calibration
     covid = metrics["covid_vs_rest"]
     row = f"| {covid['n_covid']} | {covid['n_other']} | {covid['auc']:.3f} | {covid['sensitivity']:.1%} ("
     assert row in _section(markdown, "COVID-19 versus the rest")
     assert f"No shortcut audit yet: run `covidxr audit {run}`." in _section(markdown, "Shortcut audit")
+
+
+def test_run_report_opens_with_the_verdict_on_the_first_screen(run: Path, browser: webdriver.Chrome) -> None:
+    """At 1300 px in Chromium the first screen shows the bottom line, before any configuration table."""
+    browser.set_window_size(1300, 800)
+    browser.get((run / "report.html").resolve().as_uri())
+    verdict = browser.find_element(By.ID, "verdict")
+    assert verdict.is_displayed()
+    bottom = browser.execute_script("return arguments[0].getBoundingClientRect().bottom", verdict)
+    assert bottom <= browser.execute_script("return window.innerHeight"), "the verdict needs scrolling"
+    text = verdict.text
+    assert "Accuracy: covidxr's efficientnet_lite0" in text and "97.3%" in text  # ours against the paper's
+    assert "Shortcut audit: not run yet" in text
+    assert "On data it never saw: not measured yet" in text and "--data OTHER" in text
+    # Nothing of the configuration comes before it: the first table follows the verdict in the page.
+    assert browser.execute_script(
+        "const t = document.querySelector('table');"
+        "return !!(arguments[0].compareDocumentPosition(t) & Node.DOCUMENT_POSITION_FOLLOWING);",
+        verdict,
+    )
+    headings = [h.text for h in browser.find_elements(By.TAG_NAME, "h2")]
+    assert headings[0] == "Bottom line" and headings.index("Appendix: configuration") > headings.index("Limitations")
+    (REPO / "test-artifacts").mkdir(exist_ok=True)
+    browser.save_screenshot(str(REPO / "test-artifacts" / "report-first-screen.png"))
+    browser.set_window_size(1280, 1000)
+
+
+def test_evaluating_other_data_never_touches_the_run_s_own_results(run: Path, tmp_path: Path) -> None:
+    """`evaluate RUN --data OTHER` writes into RUN/external/OTHER/, and the run's report links it."""
+    meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    other = linked_dataset(tmp_path / "nih-adults", ADULT_CONTROLS, small_subset(meta, per_class=3))
+    own = {name: (run / name).read_bytes() for name in ("metrics.json", "predictions.csv", "confusion_matrix.png")}
+    evaluate_run(run, data=other, progress=False, explain=False)
+    assert {name: (run / name).read_bytes() for name in own} == own
+    folder = run / "external" / "nih-adults"
+    for name in ("metrics.json", "predictions.csv", "confusion_matrix.png", "calibration.png", "report.html"):
+        assert (folder / name).stat().st_size > 0, name
+    markdown = (run / "report.md").read_text()
+    assert "](external/nih-adults/report.html)" in _section(markdown, "On other datasets")
+    n_other = len(pd.read_csv(other / "metadata.csv"))
+    assert f"On nih-adults ({n_other} images, never seen in training): accuracy" in markdown.split("## Metrics", 1)[0]
+    assert "How the model travels" in _headings((folder / "report.md").read_text())
+    shutil.rmtree(run / "external")  # the module's run as the other tests expect it
+    write_run_report(run)
 
 
 def test_run_report_is_self_contained_in_chromium(run: Path, browser: webdriver.Chrome) -> None:
@@ -226,10 +272,23 @@ def test_reproduce_report_shows_paper_rows_skips_seeds_and_figures(
 ) -> None:
     folder = tmp_path / "reproduce"
     config = TrainConfig(epochs=3, image_size=224)
-    reproduce(small_dataset, folder, ("vgg16", "efficientnet_lite0"), config, progress=False, seeds=(0, 1))
+    meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    unseen = linked_dataset(tmp_path / "adults", ADULT_CONTROLS, small_subset(meta, per_class=4))
+    models = ("vgg16", "efficientnet_lite0")
+    reproduce(small_dataset, folder, models, config, progress=False, seeds=(0, 1), external=(unseen,))
     write_reproduce_report(folder)
     markdown = (folder / "report.md").read_text()
-    assert "| vgg16 | VGG-16 | 97.3% (n=75) |" in markdown
+    # Every trained model is evaluated on the data it never saw, and the bottom line gives that number first.
+    assert (folder / "efficientnet_lite0" / "external" / "adults" / "metrics.json").is_file()
+    bottom_line = markdown.split("> **Bottom line**", 1)[1].split("\n\n", 1)[0]
+    assert markdown.index("> **Bottom line**") < markdown.index("## Results against the paper")
+    n_unseen = len(pd.read_csv(unseen / "metadata.csv"))
+    assert f"efficientnet_lite0: On adults ({n_unseen} images, never seen in training): accuracy" in bottom_line
+    assert "](efficientnet_lite0/external/adults/report.html)" in markdown
+    assert markdown.index("## Appendix: configuration") > markdown.index("## Skipped models")
+    # A skipped model is one line under the table, not an empty row.
+    results = _section(markdown, "Results against the paper")
+    assert "| vgg16 |" not in results and "Skipped (no weights here): vgg16 (VGG-16)" in results
     assert "| efficientnet_lite0 | (not in the paper) | not in the paper |" in markdown
     assert "- vgg16 (VGG-16): no pretrained weights for 'vgg16'" in _section(markdown, "Skipped models")
     assert "](efficientnet_lite0/curves.png)" in markdown
@@ -264,14 +323,11 @@ def test_reproduce_report_shows_paper_rows_skips_seeds_and_figures(
     explanations = metrics.get("explanations", {})
     model_part = markdown.split("## efficientnet_lite0\n", 1)[1]
     checks = model_part.split("### Explanation checks\n", 1)[1]
-    assert all(f"| {method} |" in checks for method in explanations.get("methods", {}))
+    assert all(f"\n{method}: " in checks for method in explanations.get("methods", {}))
     assert "### Calibration\n" in model_part and "### COVID-19 versus the rest\n" in model_part
     audit = json.loads((folder / "efficientnet_lite0" / "audit.json").read_text())  # reproduce audits the first seed
     assert "No shortcut audit yet" not in model_part
-    assert all(
-        f"| {name.replace('_', ' ')} | {check['verdict']} |" in model_part or name in model_part
-        for name, check in audit["checks"].items()
-    )
+    assert all(f"\n{name.replace('_', ' ')}: " in model_part for name in audit["checks"])
     widths = _open(browser, folder / "report.html", "reproduce-report.png")
     present = {
         key for key, name, _ in (*FIGURES, CALIBRATION_FIGURE) if (folder / "efficientnet_lite0" / name).is_file()
@@ -279,7 +335,7 @@ def test_reproduce_report_shows_paper_rows_skips_seeds_and_figures(
     assert "calibration" in present
     assert set(widths) == {f"efficientnet_lite0-fig-{key}" for key in present}
     assert all(width > 0 for width in widths.values())
-    assert "97.3%" in browser.find_element(By.TAG_NAME, "table").text
+    assert "97.3%" in browser.find_element(By.ID, "verdict").text  # the paper's figure, in the bottom line
     assert "Seeds" in [h.text for h in browser.find_elements(By.TAG_NAME, "h2")]
 
     # The same folder as a single-seed reproduce would leave it: the report says so and how to run more.
@@ -296,7 +352,8 @@ def test_reproduce_report_shows_paper_rows_skips_seeds_and_figures(
     (single / "results.json").write_text(json.dumps(rows))
     seeds = _section(write_reproduce_report(single)[0].read_text(), "Seeds")
     assert seeds.startswith("\nOne seed was run (seed 0)")
-    assert "--seeds 0,1,2,3,4" in seeds
+    # The command as printed works: it names the data the runs were trained on.
+    assert f"`covidxr reproduce --data {small_dataset} --out {single} --seeds 0,1,2,3,4`" in seeds
 
 
 def test_no_confounding_claimed_when_every_class_has_both_sources(small_dataset: Path, tmp_path: Path) -> None:
@@ -334,13 +391,13 @@ def test_explanation_checks_render_whatever_keys_they_have(run: Path, tmp_path: 
     shutil.copy(run / "curves.png", folder)
     markdown_path, html_path = write_run_report(folder)
     checks = _section(markdown_path.read_text(), "Explanation checks")
-    assert (
-        "| method | confidence change | better than random | mass: lung field | mass: border | flags | verdict |"
-        in checks
-    )
-    assert "| gradcam | 0.12 | yes | 0.61 | 0.2 | map mass on the border <b> | warning |" in checks
-    assert "| eigencam | n/a | n/a | n/a | n/a | n/a | fail |" in checks
+    # Per method: the verdict and what it means in a sentence, the key figures, the raw numbers folded away.
+    assert "\ngradcam: warning. map mass on the border <b>.\n" in checks
+    assert "- confidence change 0.12\n- mass: lung field 61.0%\n" in checks
+    assert "<details><summary>raw numbers of gradcam</summary>" in checks and "- better than random = yes" in checks
+    assert "\neigencam: fail. no flag recorded.\n" in checks
     assert "- geometry area: lung field 0.49, border 0.36" in checks
+    assert "| gradcam |" not in checks  # no wide table of raw numbers
     assert "Missing figure: confusion_matrix.png, the paper's Fig. 2" in markdown_path.read_text()
     page = html_path.read_text()
     assert "map mass on the border &lt;b&gt;" in page
@@ -394,6 +451,7 @@ def test_shortcut_audit_renders_whatever_keys_it_has(external: Path, tmp_path: P
                 "summary": "With the lung field blacked out the model is right on 85% <of> 12 images.",
             },
             "resolution_format": {"changed_share": 0.0, "verdict": "pass"},
+            "weak_check": {"accuracy": 0.4, "verdict": "pass", "summary": "Masked inputs collapse: a weak test."},
             "new_check": {"score": 0.5},
         },
     }
@@ -403,14 +461,18 @@ def test_shortcut_audit_renders_whatever_keys_it_has(external: Path, tmp_path: P
     assert section.startswith(f"\n**Overall verdict: fail. {audit['summary']}**")
     assert "- images: all images of small-adult-controls" in section
     assert "- geometry area: lung field: 0.49" in section
+    # Per check: a sentence, the key figures, the raw numbers folded away; in the audit's order.
     assert (
-        "| lungs hidden | fail | With the lung field blacked out the model is right on 85% <of> 12 images. | "
-        "accuracy = 0.9; accuracy lungs hidden = 0.85; predicted counts: lungs hidden: COVID-19 = 3; "
-        "predicted counts: lungs hidden: NORMAL = 9 |" in section
+        "\nlungs hidden: fail. With the lung field blacked out the model is right on 85% <of> 12 images.\n\n"
+        "- accuracy 90.0%\n- accuracy lungs hidden 85.0%\n" in section
     )
-    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")][1:]
-    assert rows == ["| lungs hidden", "| source probe", "| resolution format", "| new check"]
-    assert "| resolution format | pass |  | changed share = 0 |" in section
-    assert "| new check | n/a |  | score = 0.5 |" in section
+    assert "- predicted counts: lungs hidden: COVID-19 = 3" in section  # raw, under <details>
+    starts = [section.index(f"\n{name}: ") for name in ("lungs hidden", "source probe", "weak check", "new check")]
+    assert starts == sorted(starts)
+    assert "\nresolution format: pass.\n\n- changed share 0.0%\n" in section
+    assert "\nnew check: n/a.\n\n- score 0.5\n" in section
+    # A "pass" whose own sentence calls the test weak is not shown as a pass.
+    assert "\nweak check: inconclusive (a weak test; see the sentence). Masked inputs collapse" in section
     assert "No shortcut audit yet" not in section
-    assert "right on 85% &lt;of&gt; 12 images" in html_path.read_text()
+    page = html_path.read_text()
+    assert "right on 85% &lt;of&gt; 12 images" in page and "<details><summary>raw numbers of lungs hidden" in page

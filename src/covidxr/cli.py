@@ -11,10 +11,12 @@ import click
 import pandas as pd
 
 from covidxr import DISCLAIMER, __version__
-from covidxr.config import TrainConfig
+from covidxr.config import DECISIONS, LUNG_MODES, PRECISIONS, TrainConfig
 from covidxr.errors import CovidxrError
 
 _path = click.Path(path_type=Path)
+# What `reproduce` evaluates every trained model on, besides its own test split, when it exists.
+DEFAULT_EXTERNAL = Path("../shared/data/adult-controls")
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
@@ -176,16 +178,26 @@ def design_options(func):
         click.option("--effective-resolution", type=int, default=None, help="Downsample every image to this first."),
         click.option("--crop-thorax/--no-crop-thorax", default=None),
         click.option("--mask-text/--no-mask-text", default=None, help="Mask burnt-in text, markers and borders."),
+        click.option(
+            "--lungs", type=click.Choice(LUNG_MODES), default=None, help="Lung-only input (the bundled segmenter)."
+        ),
+        click.option("--decision", type=click.Choice(DECISIONS), default=None, help="staged: abnormal, then COVID-19."),
+        click.option(
+            "--group-balanced-sampling/--no-group-balanced-sampling", default=None, help="Every source x class equally."
+        ),
         click.option("--augment/--no-augment", default=None, help="Randomise the acquisition look (training only)."),
         click.option("--augment-views", type=int, default=None, help="Cached augmented views per image (0: fresh)."),
         click.option("--adversarial-weight", type=float, default=None, help="Source-adversarial head weight (0: off)."),
         click.option("--unfreeze-blocks", type=int, default=None, help="Fine-tune the last N backbone blocks."),
+        click.option(
+            "--cache-front/--no-cache-front", default=None, help="Fine-tune on the frozen front's cached maps."
+        ),
         click.option("--backbone-lr-scale", type=float, default=None),
         click.option("--balanced-sampling/--no-balanced-sampling", default=None),
         click.option("--label-smoothing", type=float, default=None),
         click.option("--early-stopping-patience", type=int, default=None, help="Epochs without improvement (0: off)."),
         click.option("--schedule", type=click.Choice(["none", "cosine", "plateau"]), default=None),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None),
+        click.option("--precision", type=click.Choice(PRECISIONS), default=None),
         feature_engine_option,
     ]
     for option in reversed(options):
@@ -468,9 +480,11 @@ def explain_command(images, run, method, out, weights, weights_dir):
         if "error" in result:
             click.echo(f"{result['file']}: ERROR {result['error']}")
         else:
+            share = result["lung_share"]
+            inside = "lungs not found" if share is None else f"{share:.0%} of the map inside the lungs"
             click.echo(
                 f"{result['file']}: map of the most probable class, {result['label']} (p={result['probability']:.3f}), "
-                f"→ {result['overlay']}"
+                f"{inside} → {result['overlay']}"
             )
     click.echo(DISCLAIMER)
     failures = sum("error" in r for r in results)
@@ -531,11 +545,33 @@ def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
 @click.option(
     "--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3,4: split and training repeated per seed."
 )
+@click.option(
+    "--external",
+    "external_dirs",
+    type=_path,
+    multiple=True,
+    help=f"Dataset the models never saw, evaluated into <run>/external/ (repeatable; default: {DEFAULT_EXTERNAL} "
+    "when it exists).",
+)
+@click.option("--no-external", is_flag=True, help="Evaluate on no other dataset.")
 @feature_engine_option
 @weights_dir_option
 @cache_option
 def reproduce_command(
-    data_dirs, out, design, models, variants, config_file, epochs, seed, seeds, engine, weights_dir, cache_dir
+    data_dirs,
+    out,
+    design,
+    models,
+    variants,
+    config_file,
+    epochs,
+    seed,
+    seeds,
+    external_dirs,
+    no_external,
+    engine,
+    weights_dir,
+    cache_dir,
 ):
     """Run the paper's protocol for every backbone with weights; write the report beside the paper's numbers."""
     from covidxr.reproduce import DEFAULT_MODELS, DESIGN_VARIANTS, reproduce, reproduce_designs
@@ -558,7 +594,21 @@ def reproduce_command(
         seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
     except ValueError:
         raise CovidxrError(f"--seeds must be comma-separated integers, not {seeds!r}") from None
-    rows = reproduce(data_dir, out, names, config, weights_dir, cache_dir, progress=_progress(), seeds=seed_list)
+    if no_external:
+        external_dirs = ()
+    elif not external_dirs and DEFAULT_EXTERNAL.is_dir() and DEFAULT_EXTERNAL.resolve() != data_dir.resolve():
+        external_dirs = (DEFAULT_EXTERNAL,)
+    rows = reproduce(
+        data_dir,
+        out,
+        names,
+        config,
+        weights_dir,
+        cache_dir,
+        progress=_progress(),
+        seeds=seed_list,
+        external=external_dirs,
+    )
     for row in rows:
         if row["status"] != "trained":
             click.echo(f"{row['model']}: skipped ({row['reason']})")

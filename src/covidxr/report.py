@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pandas as pd
 import yaml
 
 from covidxr import DISCLAIMER
-from covidxr.calibration import ECE_BINS
+from covidxr.calibration import ECE_BINS, describe_operating_point
 from covidxr.data import LABELS, SPLITS, load_dataset, load_datasets
 from covidxr.errors import CovidxrError
 
@@ -64,6 +65,10 @@ th { background: #eee; }
 figure { margin: 1rem 0; }
 img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: .9rem; color: #444; }
+.verdict { border: 2px solid #1f5fbf; background: #eef4fd; padding: .2rem 1rem; margin: 1rem 0; }
+.verdict h2 { margin: .5rem 0 .2rem; }
+details { margin: .3rem 0 .8rem; font-size: .9rem; }
+summary { cursor: pointer; color: #1f5fbf; }
 """
 
 
@@ -111,7 +116,22 @@ class Figure:
     caption: str
 
 
-Block = Heading | Text | Items | Links | Table | Figure
+@dataclass
+class Verdict:
+    """The bottom line a report opens with: a few sentences in a box, before any table."""
+
+    items: list[str]
+
+
+@dataclass
+class Details:
+    """Raw numbers behind a summary, folded away (``<details>`` in HTML) so the summary stays readable."""
+
+    summary: str
+    items: list[str]
+
+
+Block = Heading | Text | Items | Links | Table | Figure | Verdict | Details
 
 
 def _md_cell(text: str) -> str:
@@ -130,6 +150,11 @@ def render_markdown(title: str, blocks: list[Block]) -> str:
             lines += [*(f"- {item}" for item in block.items), ""]
         elif isinstance(block, Links):
             lines += [*(f"- [{_md_cell(text)}]({target})" for text, target in block.links), ""]
+        elif isinstance(block, Verdict):
+            lines += ["> **Bottom line**", ">", *(f"> - {item}" for item in block.items), ""]
+        elif isinstance(block, Details):
+            lines += [f"<details><summary>{block.summary}</summary>", "", *(f"- {i}" for i in block.items), ""]
+            lines += ["</details>", ""]
         elif isinstance(block, Table):
             lines.append("| " + " | ".join(_md_cell(h) for h in block.header) + " |")
             lines.append("|" + "---|" * len(block.header))
@@ -162,6 +187,12 @@ def render_html(title: str, blocks: list[Block]) -> str:
         elif isinstance(block, Links):
             items = "".join(f'<li><a href="{esc(target)}">{esc(text)}</a></li>' for text, target in block.links)
             parts.append(f"<ul>{items}</ul>")
+        elif isinstance(block, Verdict):
+            items = "".join(f"<li>{esc(item)}</li>" for item in block.items)
+            parts.append(f'<section class="verdict" id="verdict"><h2>Bottom line</h2><ul>{items}</ul></section>')
+        elif isinstance(block, Details):
+            items = "".join(f"<li>{esc(item)}</li>" for item in block.items)
+            parts.append(f"<details><summary>{esc(block.summary)}</summary><ul>{items}</ul></details>")
         elif isinstance(block, Table):
             head = "".join(f"<th>{esc(h)}</th>" for h in block.header)
             body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in block.rows)
@@ -516,22 +547,49 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+EXPLANATION_KEY_FIGURES = (
+    "confidence_change",
+    "random_confidence_change",
+    "better_than_random_p",
+    "mass: lung_field",
+    "randomised_head_rank_correlation",
+)
+
+
+def _explanation_sentence(values: dict) -> str:
+    flags = values.get("flags") or []
+    if flags:
+        return "; ".join(str(flag) for flag in flags) + "."
+    if values.get("verdict") == "pass":
+        return "better than random maps, dependent on the trained head, and no geometry flag."
+    return "no flag recorded."
+
+
 def _explanation_blocks(metrics: dict) -> list[Block]:
-    """Generic: one row per method with whatever numbers it has, flags and verdict last."""
+    """Per method: its verdict and what it means in one sentence, the key figures, the raw numbers folded."""
     explanations = metrics.get("explanations")
     if not explanations:
         return [Text("Explanation checks: not computed.")]
     blocks: list[Block] = []
+    methods = explanations.get("methods") or {}
+    for name, values in methods.items():
+        flat = _flatten(values)
+        sentence = f"{name}: {values.get('verdict', 'n/a')}. {_explanation_sentence(values)}"
+        wanted = [_name(key) for key in EXPLANATION_KEY_FIGURES]
+        figures = [_figure(key, flat[key]) for key in wanted if key in flat]
+        raw = [f"{k} = {_num(v)}" for k, v in flat.items() if k not in {"flags", "verdict"}]
+        blocks.append(Text(sentence))
+        if figures:
+            blocks.append(Items(figures))
+        if raw:
+            blocks.append(Details(f"raw numbers of {name}", raw))
+    if not methods:
+        blocks.append(Text("No explanation method was checked."))
     geometry = explanations.get("geometry") or {}
     facts = [f"{_name(k)}: {_num(v)}" for k, v in explanations.items() if k not in {"methods", "geometry"}]
     facts += [f"geometry {_name(k)}: {_num(v)}" for k, v in geometry.items()]
     if facts:
-        blocks.append(Items(facts))
-    methods = {name: _flatten(values) for name, values in (explanations.get("methods") or {}).items()}
-    columns = list(dict.fromkeys(key for values in methods.values() for key in values))
-    columns = [c for c in columns if c not in {"flags", "verdict"}] + ["flags", "verdict"]
-    rows = [[name, *(_num(values.get(c)) for c in columns)] for name, values in methods.items()]
-    blocks.append(Table(["method", *columns], rows) if rows else Text("No explanation method was checked."))
+        blocks.append(Details("how the maps were checked", facts))
     return blocks
 
 
@@ -638,7 +696,7 @@ def _travel_blocks(metrics: dict, info: dict, splits: pd.DataFrame | None, exter
     ]
     if "COVID-19" in here and "COVID-19" in true_here:
         sentences.append(
-            f"Here the model calls {_pct(here['COVID-19'])} of the images COVID-19 (by its most probable class), "
+            f"Here the model calls {_pct(here['COVID-19'])} of the images COVID-19 (by its label), "
             f"while {_pct(true_here['COVID-19'])} are COVID-19."
         )
     return [Text(lead, warning=external), Table(header, rows), Items(sentences)]
@@ -719,11 +777,11 @@ def _calibration_blocks(
         value, positives = threshold.get("value"), int(threshold["val_positives"])
         rough = "; with so few positives the cut-off is a rough choice" if positives < FEW_VAL_POSITIVES else ""
         notes.append(
-            f"COVID-19 threshold {_threshold(value)} on the temperature-scaled COVID-19 probability, chosen on the "
-            "validation split as the highest cut-off reaching the target sensitivity "
-            f"{_pct(threshold.get('target_sensitivity'))}: there it gave sensitivity "
+            f"Operating point: COVID-19 threshold {_threshold(value)} on the temperature-scaled COVID-19 "
+            f"probability, {describe_operating_point(threshold)}: there it gave sensitivity "
             f"{_pct(threshold.get('val_sensitivity'))} and specificity {_pct(threshold.get('val_specificity'))}, on "
-            f"{_plural(positives, 'COVID-19 image')}{rough}."
+            f"{_plural(positives, 'COVID-19 image')}{rough}. It is the decision: an image is labelled COVID-19 when "
+            "its probability reaches it, otherwise the more probable other class (every label in this report)."
         )
         if not _missing(value) and (value > 0.999 or value < 0.001):
             notes.append(
@@ -741,13 +799,53 @@ def _calibration_blocks(
     return blocks
 
 
-def _audit_figures(check: dict) -> str:
-    flat = _flatten({k: v for k, v in check.items() if k not in {"verdict", "summary"}})
-    return "; ".join(f"{key} = {_num(value)}" for key, value in flat.items()) or "none"
+# The 3-5 figures that carry each audit check; the rest go into its folded raw numbers.
+AUDIT_KEY_FIGURES = {
+    "lungs_hidden": ("accuracy", "accuracy_lungs_hidden", "accuracy_border_only", "chance", "p_value"),
+    "source_probe": ("balanced_accuracy", "chance", "confounded", "every_class_from_one_source"),
+    "resolution_format": ("accuracy", "accuracy_common_format", "accuracy_drop", "changed_share"),
+}
+
+
+def _figure(key: str, value: object) -> str:
+    """ "accuracy lungs hidden 47.1%": rates and shares in percent, the rest as numbers."""
+    rate = isinstance(value, float) and any(word in key for word in ("accuracy", "share", "chance", "drop", "mass"))
+    return f"{_name(key)} {_pct(value) if rate else _num(value)}"
+
+
+def _key_figures(check: dict, keys: tuple[str, ...] = ()) -> list[str]:
+    """The named figures of a check, or for a check covidxr does not know its first four plain numbers."""
+    plain = [k for k, v in check.items() if isinstance(v, int | float | bool) and k not in {"verdict", "summary"}]
+    chosen = [k for k in keys if k in check] or plain[:4]
+    return [_figure(k, check[k]) for k in chosen]
+
+
+def _shown_verdict(check: dict) -> str:
+    """The verdict, except that a "pass" whose own sentence calls the test weak is shown as inconclusive."""
+    verdict = str(check.get("verdict", "n/a"))
+    if verdict == "pass" and "weak" in str(check.get("summary", "")).lower():
+        return "inconclusive (a weak test; see the sentence)"
+    return verdict
+
+
+def _check_blocks(name: str, check: dict, keys: tuple[str, ...] = ()) -> list[Block]:
+    """One check: its verdict and sentence, 3-5 key figures, and every raw number folded away."""
+    sentence = str(check.get("summary") or "")
+    figures = _key_figures(check, keys)
+    raw = _flatten({k: v for k, v in check.items() if k not in {"verdict", "summary"}})
+    blocks: list[Block] = [
+        Text(f"{_name(name)}: {_shown_verdict(check)}." + (f" {sentence}" if sentence else ""), warning=False)
+    ]
+    if figures:
+        blocks.append(Items(figures))
+    if raw:
+        blocks.append(Details(f"raw numbers of {_name(name)}", [f"{k} = {_num(v)}" for k, v in raw.items()]))
+    return blocks
 
 
 def _audit_blocks(candidates: list[Path], command: str) -> list[Block]:
-    """The first audit.json among ``candidates``, rendered generically; or how to make one."""
+    """The first audit.json among ``candidates``: the overall verdict, then per check a sentence, its key
+    figures and its raw numbers folded away; or how to make one."""
     path = next((c / "audit.json" for c in candidates if (c / "audit.json").is_file()), None)
     audit = _read_json(path) if path else None
     if audit is None:
@@ -757,23 +855,19 @@ def _audit_blocks(candidates: list[Path], command: str) -> list[Block]:
     blocks: list[Block] = [
         Text(f"Overall verdict: {verdict}. {audit.get('summary', '')}".strip(), warning=verdict in {"fail", "warning"})
     ]
+    checks = audit.get("checks") if isinstance(audit.get("checks"), dict) else {}
+    names = [name for name in AUDIT_CHECKS if name in checks] + [name for name in checks if name not in AUDIT_CHECKS]
+    for name in names:
+        check = checks[name] if isinstance(checks[name], dict) else {"value": checks[name]}
+        blocks += _check_blocks(name, check, AUDIT_KEY_FIGURES.get(name, ()))
+    if not names:
+        blocks.append(Text("The audit lists no check."))
     facts = [f"from: {path}"]
     facts += [f"{_name(k)}: {_num(audit[k])}" for k in ("model", "images", "n_images") if k in audit]
     geometry = audit.get("geometry")
     if isinstance(geometry, dict):
         facts += [f"geometry {key}: {_num(value)}" for key, value in _flatten(geometry).items()]
-    blocks.append(Items(facts))
-    checks = audit.get("checks") if isinstance(audit.get("checks"), dict) else {}
-    names = [name for name in AUDIT_CHECKS if name in checks] + [name for name in checks if name not in AUDIT_CHECKS]
-    rows = []
-    for name in names:
-        check = checks[name] if isinstance(checks[name], dict) else {"value": checks[name]}
-        rows.append(
-            [_name(name), str(check.get("verdict", "n/a")), str(check.get("summary", "")), _audit_figures(check)]
-        )
-    blocks.append(
-        Table(["check", "verdict", "summary", "figures"], rows) if rows else Text("The audit lists no check.")
-    )
+    blocks.append(Details("where these numbers come from", facts))
     return blocks
 
 
@@ -945,6 +1039,10 @@ CALLED_BY_ARGMAX = (
     "threshold of the COVID-19-versus-the-rest table); intervals are 95% Wilson intervals, which treat images "
     "as independent."
 )
+CALLED_BY_LABEL = (
+    "Here an image is called COVID-19 when it is labelled COVID-19 (its probability reaches the operating "
+    "threshold); intervals are 95% Wilson intervals, which treat images as independent."
+)
 
 
 def _rate_n(value: object, interval: object, n: object) -> str:
@@ -1062,6 +1160,77 @@ def _loso_blocks(loso: dict, path: Path, splits: pd.DataFrame | None) -> list[Bl
 
 
 # ---------------------------------------------------------------------------------------------
+# The bottom line a report opens with
+# ---------------------------------------------------------------------------------------------
+
+
+def _paper_line(metrics: dict) -> str:
+    """The paper's figure for this backbone against ours (or the paper's best, for a backbone it did not use)."""
+    model = str(metrics.get("model"))
+    ours = (
+        f"{_with_ci(metrics.get('accuracy'), metrics.get('accuracy_ci95'), label='95% CI ')} on "
+        f"{_plural(int(metrics.get('n') or 0), 'image')} ({metrics.get('split')} split, by patient)"
+    )
+    paper = PAPER_RESULTS.get(model)
+    if paper:
+        return (
+            f"Accuracy against the paper: the paper's {paper['paper_model']} {_pct(paper['paper_accuracy'])} on "
+            f"{paper['paper_n']} images split at random; covidxr's {model} {ours}. Different data and split: "
+            "not directly comparable."
+        )
+    return (
+        f"Accuracy: covidxr's {model} {ours}. The paper did not use this backbone (its best, VGG-16, reported "
+        "97.3% on 75 images split at random)."
+    )
+
+
+def _audit_line(candidates: list[Path], command: str) -> str:
+    path = next((c / "audit.json" for c in candidates if (c / "audit.json").is_file()), None)
+    audit = _read_json(path) if path else None
+    if audit is None:
+        return f"Shortcut audit: not run yet (`{command}`)."
+    checks = audit.get("checks") if isinstance(audit.get("checks"), dict) else {}
+    shown = ", ".join(f"{_name(k)} {_shown_verdict(v)}" for k, v in checks.items() if isinstance(v, dict))
+    return f"Shortcut audit: {audit.get('verdict', 'not recorded')}" + (f" ({shown})." if shown else ".")
+
+
+def _external_line(name: str, metrics: dict) -> str:
+    """One sentence on an evaluation of data the model never saw."""
+    covid = metrics.get("covid_vs_rest") or {}
+    parts = [f"accuracy {_with_ci(metrics.get('accuracy'), metrics.get('accuracy_ci95'))}"]
+    if covid.get("auc") is not None:
+        parts.append(f"COVID-19-versus-rest AUC {_dec(covid['auc'])}")
+    if covid.get("n_covid"):
+        parts.append(f"COVID-19 sensitivity {_with_ci(covid.get('sensitivity'), covid.get('sensitivity_ci95'))}")
+    if covid.get("n_other"):
+        called = 1 - covid["specificity"] if covid.get("specificity") is not None else None
+        parts.append(f"non-COVID images called COVID-19 {_pct(called)} of {covid['n_other']}")
+    return f"On {name} ({_plural(int(metrics.get('n') or 0), 'image')}, never seen in training): " + "; ".join(parts)
+
+
+def _externals(run: Path | None) -> dict[str, dict]:
+    """The evaluations ``evaluate RUN --data OTHER`` wrote under ``RUN/external/``, by dataset name."""
+    if run is None or not (run / "external").is_dir():
+        return {}
+    found = {folder.name: _read_json(folder / "metrics.json") for folder in sorted((run / "external").iterdir())}
+    return {name: metrics for name, metrics in found.items() if metrics}
+
+
+def _generalisation_lines(run: Path | None, loso: dict | None, command: str) -> list[str]:
+    """How the model fares on data it never saw: other datasets, and every source held out in turn."""
+    lines = [_external_line(name, metrics) for name, metrics in _externals(run).items()]
+    pooled = (loso or {}).get("pooled") or {}
+    if pooled:
+        lines.append(
+            "Leave-one-source-out (each source held out of training in turn): COVID-19 sensitivity "
+            f"{_with_ci(pooled.get('covid_sensitivity'), pooled.get('covid_sensitivity_ci95'))}, non-COVID images "
+            f"called COVID-19 {_with_ci(pooled.get('other_called_covid'), pooled.get('other_called_covid_ci95'))}, "
+            f"pooled COVID-19-versus-rest AUC {_dec(pooled.get('covid_vs_rest_auc'))}."
+        )
+    return lines or [f"On data it never saw: not measured yet (`{command}`); internal test figures do not travel."]
+
+
+# ---------------------------------------------------------------------------------------------
 # The two reports
 # ---------------------------------------------------------------------------------------------
 
@@ -1083,20 +1252,36 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
         sources = [
             Heading(2, "By source"),
             _by_source_table(metrics["by_source"]),
-            Items([CALLED_BY_ARGMAX]),
+            Items([CALLED_BY_LABEL]),
         ]
     loso_path = next((c / "loso.json" for c in [folder, *([run] if run else [])] if (c / "loso.json").is_file()), None)
     loso = _read_json(loso_path) if loso_path else None
     if loso is not None:
         sources += [Heading(2, "Leave-one-source-out"), *_loso_blocks(loso, loso_path, splits)]
+    audit_folders = list(dict.fromkeys([folder, *([run] if run else [])]))
+    audit_command = f"covidxr audit {run or 'RUN'}"
+    never_seen = (
+        [_external_line(Path(str(metrics.get("data"))).name, metrics)]
+        if external
+        else _generalisation_lines(run, loso, f"covidxr evaluate {run or 'RUN'} --data OTHER")
+    )
+    bottom_line = [_paper_line(metrics), _audit_line(audit_folders, audit_command), *never_seen]
+    others = _externals(run) if not external else {}
+    elsewhere: list[Block] = []
+    if others:
+        elsewhere = [
+            Heading(2, "On other datasets"),
+            Text("Each evaluation of a dataset the model never saw, written by `covidxr evaluate RUN --data OTHER`:"),
+            Links(
+                [
+                    (_external_line(name, m), os.path.relpath(run / "external" / name / "report.html", folder))
+                    for name, m in others.items()
+                ]
+            ),
+        ]
     blocks: list[Block] = [
         Text(DISCLAIMER, warning=True),
-        Heading(2, "Run"),
-        *_run_blocks(metrics, run),
-        Heading(2, "Configuration"),
-        *(_config_blocks(run / "config.yaml") if run else [Text("Missing: the run's config.yaml.")]),
-        Heading(2, "Split"),
-        _split_table(splits) if splits is not None else Text("Missing: the run's splits.csv."),
+        Verdict(bottom_line),
         Heading(2, "Metrics"),
         *_metrics_blocks(metrics),
         *(travels if external else []),
@@ -1113,9 +1298,16 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
         Heading(2, "Explanation checks"),
         *_explanation_blocks(metrics),
         Heading(2, "Shortcut audit"),
-        *_audit_blocks(list(dict.fromkeys([folder, *([run] if run else [])])), f"covidxr audit {run or 'RUN'}"),
+        *_audit_blocks(audit_folders, audit_command),
+        *elsewhere,
         Heading(2, "Limitations"),
         *_limitation_blocks(metrics, run),
+        Heading(2, "Appendix: run"),
+        *_run_blocks(metrics, run),
+        Heading(2, "Appendix: configuration"),
+        *(_config_blocks(run / "config.yaml") if run else [Text("Missing: the run's config.yaml.")]),
+        Heading(2, "Appendix: split"),
+        _split_table(splits) if splits is not None else Text("Missing: the run's splits.csv."),
     ]
     return _write(folder, f"covidxr report: {metrics.get('model')}", blocks)
 
@@ -1127,16 +1319,7 @@ def _results_table(rows: list[dict], metrics: dict[str, dict]) -> Table:
         paper = row.get("paper_accuracy")
         paper_cell = f"{_pct(paper)} (n={row.get('paper_n')})" if paper is not None else "not in the paper"
         if row.get("status") != "trained":
-            cells.append(
-                [
-                    str(row.get("model")),
-                    str(row.get("paper_model")),
-                    paper_cell,
-                    *[""] * 5,
-                    "skipped (see Skipped models)",
-                ]
-            )
-            continue
+            continue  # folded into one line under the table
         m = metrics.get(str(row.get("model")), {})
         covid = (m.get("per_class") or {}).get("COVID-19", {})
         wilson = [row.get("accuracy_ci95_low"), row.get("accuracy_ci95_high")]
@@ -1195,11 +1378,12 @@ def _seed_blocks(folder: Path, rows: list[dict]) -> list[Block]:
     if not any(_several_seeds(row) for row in trained):
         config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
         seed = (config or {}).get("seed", "from the configuration")
+        data = next((_run_info(folder / str(r.get("model"))).get("data") for r in trained), None) or "DATA"
         return [
             Text(
                 f"One seed was run (seed {seed}): every number above comes from one patient split and one training "
                 "run, and says nothing about how much another split would move it. To see that spread, run "
-                f"`covidxr reproduce DATA --out {folder} --seeds 0,1,2,3,4` (finished runs are reused)."
+                f"`covidxr reproduce --data {data} --out {folder} --seeds 0,1,2,3,4` (finished runs are reused)."
             )
         ]
     spreads = (
@@ -1289,10 +1473,26 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
     trained = [row["model"] for row in rows if row.get("status") == "trained"]
     skipped = [row for row in rows if row.get("status") != "trained"]
     metrics = {model: _read_metrics(folder / model) for model in trained}
+    bottom_line = [_paper_line(metrics[model]) for model in trained] or [
+        "No model was trained here (none has weights): there is no figure to set against the paper's."
+    ]
+    bottom_line += [f"{model}: {_audit_line([folder / model], f'covidxr audit {folder / model}')}" for model in trained]
+    for model in trained:
+        command = f"covidxr evaluate {folder / model} --data OTHER, or reproduce with --external DIR"
+        bottom_line += [f"{model}: {line}" for line in _generalisation_lines(folder / model, None, command)]
+    folded = [
+        Text(
+            "Skipped (no weights here): "
+            + ", ".join(f"{row.get('model')} ({row.get('paper_model')})" for row in skipped)
+            + " — see Skipped models; the README says how to supply their weights."
+        )
+    ]
     blocks: list[Block] = [
         Text(DISCLAIMER, warning=True),
+        Verdict(bottom_line),
         Heading(2, "Results against the paper"),
         _results_table(rows, metrics),
+        *(folded if skipped else []),
         Text(
             "The paper (Soares & Soares, 2020) tested on 75 images drawn at random from 375, so one patient could be "
             "in training and test; covidxr splits by patient, on different data. Rows marked (not in the paper) "
@@ -1301,8 +1501,6 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
         ),
         Heading(2, "Seeds"),
         *_seed_blocks(folder, rows),
-        Heading(2, "Configuration"),
-        *_config_blocks(folder / "config.yaml"),
         Heading(2, "Split"),
         *_shared_split_blocks(folder, trained),
         Heading(2, "Limitations"),
@@ -1329,12 +1527,17 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
             Heading(3, "Shortcut audit"),
             *_audit_blocks([run], f"covidxr audit {run}"),
         ]
+        others = _externals(run)
+        if others:
+            links = [(_external_line(name, m), f"{model}/external/{name}/report.html") for name, m in others.items()]
+            blocks += [Heading(3, "On other datasets"), Links(links)]
     blocks.append(Heading(2, "Skipped models"))
     blocks.append(
         Items([f"{row.get('model')} ({row.get('paper_model')}): {row.get('reason')}" for row in skipped])
         if skipped
         else Text("None.")
     )
+    blocks += [Heading(2, "Appendix: configuration"), *_config_blocks(folder / "config.yaml")]
     return _write(folder, "covidxr reproduce report: Soares & Soares (2020) protocol", blocks)
 
 
@@ -1452,6 +1655,68 @@ def _unit_called(unit: dict) -> str:
 def _pooled_sensitivity(design: _Design) -> str:
     pooled = design.pooled
     return _rate_n(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"), pooled.get("n_covid"))
+
+
+# Issue 17's targets for a model that learns the disease, not the collection (held-out figures).
+VALIDITY_TARGETS = {
+    "within_site_auc": 0.80,
+    "loso_auc": 0.75,
+    "nih_called_covid": 0.20,
+    "kermany_called_covid": 0.20,
+    "covid_sensitivity": 0.80,
+    "lung_share": 0.6,
+}
+
+
+def _unit_of_source(d: _Design, source: str) -> dict | None:
+    """The evaluated held-out unit that is ``source`` as a whole (retrained without it, or external)."""
+    for unit in d.units:
+        if unit.get("status") == "evaluated" and unit.get("source") == source and unit.get("n_other"):
+            return unit
+    return None
+
+
+def _validity_table(designs: list[_Design]) -> Table:
+    """One row per design with every figure of the validity targets, each with its interval."""
+    rows = []
+    for d in designs:
+        within = _with_ci(d.row.get("within_site_auc"), d.row.get("within_site_auc_ci95"), False)
+        within += f", n={d.row['within_site_n']}" if d.row.get("within_site_n") else ""
+        auc = _with_ci(d.pooled.get("covid_vs_rest_auc"), d.pooled.get("covid_vs_rest_auc_ci95"), False)
+        called = []
+        for source in ("nih", "kermany"):
+            unit = _unit_of_source(d, source)
+            called.append(
+                "n/a"
+                if unit is None
+                else _rate_n(unit.get("other_called_covid"), unit.get("other_called_covid_ci95"), unit.get("n_other"))
+            )
+        share = d.row.get("gradcam_lung_share_covid_calls")
+        lungs = "n/a" if share is None else f"{share:.2f} (n={d.row.get('gradcam_lung_share_covid_calls_n')})"
+        rows.append([d.name, d.description, within, auc, *called, _pooled_sensitivity(d), lungs])
+    t = VALIDITY_TARGETS
+    header = [
+        "run",
+        "design",
+        f"within-site COVID-19 vs other pneumonia AUC (95% CI) — target ≥ {t['within_site_auc']:.2f}",
+        f"leave-one-source-out COVID-vs-rest AUC (95% CI) — target ≥ {t['loso_auc']:.2f}",
+        f"held-out NIH non-COVID called COVID-19 — target ≤ {t['nih_called_covid']:.0%}",
+        f"held-out Kermany non-COVID called COVID-19 — target ≤ {t['kermany_called_covid']:.0%}",
+        f"held-out COVID-19 sensitivity — target ≥ {t['covid_sensitivity']:.0%}",
+        f"Grad-CAM mass inside the lungs, COVID-19 calls — target ≥ {t['lung_share']}",
+    ]
+    return Table(header, rows)
+
+
+WITHIN_SITE_TEXT = (
+    "The test the source cannot pass. Inside a web site that published both COVID-19 and other pneumonia "
+    "(ieee8023's radiopaedia.org, eurorad.org, pubs.rsna.org), which collection an image comes from says nothing "
+    "about its label. Each such site is held out (the design retrained without it) and p(COVID-19) ranks the "
+    "site's COVID-19 against its other pneumonia; the AUC is pooled over sites with a patient-bootstrap interval. "
+    "0.5 is chance. The other columns are leave-one-source-out figures: NIH and Kermany held out by retraining "
+    "without them (or, for a design that never trained on them, predicted by its own model), called COVID-19 by "
+    "the most probable class."
+)
 
 
 def _loso_overview_table(designs: list[_Design], units: list[str]) -> Table:
@@ -1780,6 +2045,9 @@ def write_designs_report(out: str | Path) -> tuple[Path, Path]:
         loso_notes.append(_every_covid_note(whole))
     blocks: list[Block] = [
         Text(DISCLAIMER, warning=True),
+        Heading(2, "Within-site AUC first: does the design learn the disease, not the collection?"),
+        Text(WITHIN_SITE_TEXT),
+        _validity_table(designs),
         Heading(2, "Why internal accuracy is not the goal"),
         Text(
             "A test split drawn from the same sources as training shares their hospitals, scanners, markers and "
@@ -1805,8 +2073,8 @@ def write_designs_report(out: str | Path) -> tuple[Path, Path]:
         Heading(2, "Internal test split"),
         Text(
             "The test split of each run's own data: the same sources, and so the same shortcuts, as training. "
-            "Sensitivity and specificity here use the run's validation-chosen COVID-19 threshold (Wilson intervals); "
-            "the by-source tables use the most probable class."
+            "Sensitivity and specificity here use the run's validation-chosen COVID-19 threshold (Wilson intervals), "
+            "as every label does."
         ),
         _internal_table(designs),
     ]

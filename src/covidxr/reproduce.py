@@ -19,7 +19,7 @@ from covidxr.audit import run_audit
 from covidxr.config import TrainConfig
 from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
-from covidxr.evaluate import evaluate_run
+from covidxr.evaluate import evaluate_run, external_folder
 from covidxr.generalisation import MIN_UNIT_IMAGES, leave_one_source_out
 from covidxr.models import PAPER_MODELS, get_spec, resolve_weights
 from covidxr.report import PAPER_RESULTS, write_designs_report, write_reproduce_report, write_run_report
@@ -67,8 +67,12 @@ def reproduce(
     progress: bool = True,
     seeds: tuple[int, ...] | None = None,
     audit: bool = True,
+    external: Sequence[str | Path] = (),
 ) -> list[dict]:
     """Train and evaluate each model per seed (split and training both follow the seed); write results and report.
+
+    Each first-seed run is also evaluated on every ``external`` dataset it never saw (into
+    ``<run>/external/<name>/``, reused when there), so the report's bottom line has a number for it.
 
     The first seed's run is ``out/<model>`` (evaluated with explanations and every figure); further
     seeds are ``out/<model>-seed<N>``. With several seeds each model's row carries the spread. With
@@ -77,6 +81,8 @@ def reproduce(
     config = config or TrainConfig()
     seeds = seeds or (config.seed,)
     load_dataset(data, require_classes=2)  # fail on bad data before any model is trained
+    for folder in external:
+        load_dataset(folder, require_classes=1)
     for name in models:
         get_spec(name)
     out = Path(out)
@@ -107,6 +113,8 @@ def reproduce(
             metrics = evaluate_run(
                 run_dir, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress, explain=first_seed
             )
+            if first_seed:
+                _evaluate_external(run_dir, external, weights_dir, cache_dir, progress)
             if first_seed and audit:
                 run_audit(run_dir, cache_dir=cache_dir, progress=progress, seed=seed)
                 write_run_report(run_dir)
@@ -126,9 +134,31 @@ def reproduce(
     return rows
 
 
+def _evaluate_external(run_dir: Path, external: Sequence[str | Path], weights_dir, cache_dir, progress: bool) -> None:
+    """Evaluate a run on each dataset it never saw, once (a finished evaluation is reused)."""
+    for folder in external:
+        if not (external_folder(run_dir, folder) / "metrics.json").is_file():
+            metrics = evaluate_run(
+                run_dir, data=folder, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress, explain=False
+            )
+            print(f"{run_dir.name} on {Path(folder).name} (never seen): accuracy {metrics['accuracy']:.1%}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Designs: the paper's, and the deconfounded one with each shortcut-resistant choice
 # ---------------------------------------------------------------------------------------------
+
+# Fine-tuning as the designs run it: the last two backbone blocks on the cached front, three cached
+# augmented views per training image, bf16 autocast where the CPU/GPU has it, at most 15 epochs.
+FINE_TUNING = {
+    "unfreeze_blocks": 2,
+    "cache_front": True,
+    "augment": True,
+    "augment_views": 3,
+    "precision": "auto",
+    "epochs": 15,
+    "early_stopping_patience": 4,
+}
 
 # Each deconfounded variant trains on every --data folder with these changes to the configuration.
 DESIGN_VARIANTS: dict[str, dict] = {
@@ -140,6 +170,23 @@ DESIGN_VARIANTS: dict[str, dict] = {
     "mask": {"mask_text": True},
     "augment": {"augment": True, "augment_views": 3},
     "adversarial": {"adversarial_weight": 0.5},
+    # Issue 17: the validity designs. z-score is the bundled model's preprocessing, kept in all of them.
+    "zscore-without-other": {"intensity": "zscore"},
+    "balanced": {"intensity": "zscore", "group_balanced_sampling": True},
+    "staged": {"intensity": "zscore", "decision": "staged"},
+    "staged-balanced": {"intensity": "zscore", "decision": "staged", "group_balanced_sampling": True},
+    "lungs-crop": {"intensity": "zscore", "lungs": "crop"},
+    "lungs-mask": {"intensity": "zscore", "lungs": "mask"},
+    "staged-lungs": {"intensity": "zscore", "lungs": "crop", "decision": "staged", "group_balanced_sampling": True},
+    # Fine-tuning the last two blocks on lung crops, with cached acquisition-augmented views (bf16 autocast).
+    "finetune-lungs": {"intensity": "zscore", "lungs": "crop", **FINE_TUNING},
+    "finetune-staged-lungs": {
+        "intensity": "zscore",
+        "lungs": "crop",
+        "decision": "staged",
+        "group_balanced_sampling": True,
+        **FINE_TUNING,
+    },
     "combined": {
         "intensity": "clahe",
         "effective_resolution": 192,
@@ -152,6 +199,12 @@ DESIGN_VARIANTS: dict[str, dict] = {
 }
 
 
+# Dataset folders (by name) a variant does not train on; they are held out whole instead, and still
+# give the within-site test its other-pneumonia images. "zscore-without-other" is the bundled model's
+# design before the same-site controls existed.
+HELD_BACK: dict[str, tuple[str, ...]] = {"zscore-without-other": ("ieee8023-other",)}
+
+
 def _design_row(run_dir: Path, design: str, variant: str) -> dict:
     """One line of the designs table: internal numbers, audit verdicts and leave-one-source-out figures."""
     info = json.loads((run_dir / "run.json").read_text())
@@ -159,12 +212,21 @@ def _design_row(run_dir: Path, design: str, variant: str) -> dict:
     audit = json.loads((run_dir / "audit.json").read_text())
     loso = json.loads((run_dir / "loso.json").read_text())
     covid = metrics["covid_vs_rest"]
+    gradcam = metrics.get("explanations", {}).get("methods", {}).get("gradcam", {})
+    lungs = gradcam.get("lungs") or {}
     row = {
         "design": design,
         "variant": variant,
         "run": run_dir.name,
         "description": info.get("design", {}).get("summary", "the paper's protocol"),
         "datasets": " + ".join(Path(d).name for d in info.get("datasets", [info["data"]])),
+        "within_site_auc": loso.get("within_site_auc"),
+        "within_site_auc_ci95": loso.get("within_site_auc_ci95"),
+        "within_site_n": loso.get("within_site", {}).get("pooled", {}).get("n"),
+        "gradcam_lung_share_covid_calls": lungs.get("covid_calls_share"),
+        "gradcam_lung_share_covid_calls_n": lungs.get("covid_calls_n"),
+        "gradcam_lung_share": lungs.get("share"),
+        "lungs_uniform_share": lungs.get("uniform_share"),
         "internal_accuracy": metrics["accuracy"],
         "internal_accuracy_ci95": metrics["accuracy_ci95"],
         "internal_n": metrics["n"],
@@ -239,7 +301,13 @@ def reproduce_designs(
     config.save(out / "config.yaml")
     plan = [("paper", "paper", [data[0]], config, data[1:])]
     plan += [
-        ("deconfounded", name, data, TrainConfig.from_dict(config.to_dict() | DESIGN_VARIANTS[name]), [])
+        (
+            "deconfounded",
+            name,
+            [d for d in data if d.name not in HELD_BACK.get(name, ())],
+            TrainConfig.from_dict(config.to_dict() | DESIGN_VARIANTS[name]),
+            [d for d in data if d.name in HELD_BACK.get(name, ())],
+        )
         for name in variants
     ]
     for _, variant, _, run_config, _ in plan:
@@ -253,9 +321,8 @@ def reproduce_designs(
             raise CovidxrError(f"{run_dir}: holds a run of another configuration; choose a new --out folder")
         if not (run_dir / "run.json").exists():
             train(folders, run_dir, run_config, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress)
-        # Grad-CAM and its checks for the two reference runs; the variants differ in preprocessing only.
-        explain = variant in {"paper", "none"}
-        _finish_run(run_dir, external, weights_dir, cache_dir, progress, run_config.seed, explain, min_unit_images)
+        # Grad-CAM and its checks for every design: where the maps fall (the lungs or not) is one of its figures.
+        _finish_run(run_dir, external, weights_dir, cache_dir, progress, run_config.seed, True, min_unit_images)
         rows.append({**_design_row(run_dir, design, variant), "wall_seconds": round(time.perf_counter() - started, 1)})
         row = rows[-1]
         print(
