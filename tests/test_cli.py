@@ -224,3 +224,9 @@ def test_explain_defaults_to_the_bundled_model(cxr3: Path, cxr3_meta, tmp_path: 
     assert result.returncode == 0, result.stderr
     assert "map of the most probable class" in result.stdout and "Research use only" in result.stdout
     assert (tmp_path / "maps" / f"{image.stem}.gradcam.png").stat().st_size > 0
+
+
+def test_predict_of_one_missing_file_is_one_line(tmp_path: Path) -> None:
+    result = run("predict", str(tmp_path / "nowhere.png"))
+    assert_one_line_error(result, "nowhere.png", "file not found")
+    assert result.stdout == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+import covidxr
 from covidxr.calibration import (
     choose_threshold,
     decide,
@@ -18,6 +20,7 @@ from covidxr.calibration import (
     fit_temperature,
     softmax,
 )
+from covidxr.card import model_card, render_model_card
 from covidxr.config import TrainConfig
 from covidxr.data import LABELS
 from covidxr.evaluate import compute_metrics, evaluate_run
@@ -160,3 +163,31 @@ def test_reproduce_over_seeds_reports_the_spread(small_dataset: Path, tmp_path: 
     assert row["accuracy_min"] <= row["accuracy_mean"] <= row["accuracy_max"]
     splits = [pd.read_csv(tmp_path / "rep" / name / "splits.csv")["split"] for name in per_seed["run"]]
     assert not splits[0].equals(splits[1])  # the split follows the seed too
+
+
+def test_a_run_made_before_the_youden_rule_keeps_its_stored_operating_point(
+    run_dir: Path, cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path: Path
+) -> None:
+    """An older run.json (highest cut-off reaching 95% validation sensitivity, no rule) predicts, labels
+    and describes itself by what it stored."""
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    info = json.loads((old / "run.json").read_text())
+    info["calibration"]["covid_threshold"] = {
+        "value": 0.2,
+        "target_sensitivity": 0.95,
+        "val_sensitivity": 0.96,
+        "val_specificity": 0.5,
+        "val_positives": 3,
+    }
+    (old / "run.json").write_text(json.dumps(info))
+    model = covidxr.load_model(old)
+    assert model.run.covid_threshold == 0.2
+    images = [cxr3 / name for name in cxr3_meta.groupby("label").head(3)["filename"]]
+    for result in model.predict(images):
+        if result["label"] is not None:
+            assert (result["label"] == "COVID-19") == (result["probabilities"]["COVID-19"] >= 0.2)
+    card = model_card(old)
+    assert card["operating_point"]["covid_threshold"] == 0.2
+    assert "highest cut-off reaching validation sensitivity 95%" in card["operating_point"]["rule"]
+    assert "Operating point: COVID-19 threshold 0.200" in render_model_card(card)

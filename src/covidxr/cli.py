@@ -336,6 +336,8 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
             raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
         return
     results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=runner)
+    if len(results) == 1 and "error" in results[0] and not as_json:
+        raise click.ClickException(results[0]["error"])  # one image that cannot be read: one line
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
