@@ -32,11 +32,12 @@ from safetensors.torch import load_file, save_file
 import covidxr
 from covidxr.card import default_model_path
 from covidxr.data import MAX_IMAGE_PIXELS, read_image
-from covidxr.engines import OnnxEngine, TorchEngine, cached_export, sidecar
+from covidxr.engines import OnnxEngine, TorchEngine, cached_export, graph_sha256, sidecar
 from covidxr.errors import CovidxrError, ImageTooLarge
 from covidxr.features import FeatureCache, compute_features
 from covidxr.inference import make_engine, output_name, path_from_output_name, predict_to_file
 from covidxr.loop import CHECKPOINT
+from covidxr.quantize import int8_engine
 from covidxr.train import checkpoint_matches, load_run
 
 from .test_dicom import decoded_grey, diff, dx_dataset, grey, save, to_bits
@@ -278,6 +279,28 @@ def test_a_tampered_onnx_export_is_rebuilt_not_used(run, runner, xrays, tmp_path
     rebuilt = cached_export(run.model, info)
     _, logits = OnnxEngine(rebuilt, threads=1)(inputs)
     np.testing.assert_allclose(logits, clean, rtol=0, atol=1e-5)
+
+
+def test_a_tampered_int8_graph_is_refused_not_used(run, runner, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "onnx").mkdir(parents=True)
+    for source in (runner.path, runner.path.with_suffix(".json")):  # the checked fp32 export, reused
+        shutil.copy(source, cache / "onnx" / source.name)
+    # An accepted int8 graph where `covidxr quantize` keeps it (here a copy of the fp32 graph: a real
+    # graph; quantising for real needs the calibration data), with the hash its report records.
+    int8 = cache / "onnx" / f"{runner.path.stem}-int8.onnx"
+    shutil.copy(runner.path, int8)
+    int8.with_suffix(".json").write_text(json.dumps({"accepted": True, "sha256": graph_sha256(int8)}))
+    assert int8_engine(run, cache).path == int8
+    data = bytearray(int8.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)
+    int8.write_bytes(bytes(data))
+    with pytest.raises(CovidxrError) as error:
+        int8_engine(run, cache)
+    assert str(error.value) == (
+        f"{int8}: the int8 graph does not match the SHA-256 recorded when it was accepted (altered, or "
+        f"accepted before covidxr recorded it); run `covidxr quantize {run.path}` again"
+    )
 
 
 def test_a_tampered_feature_entry_is_recomputed_not_used(xrays, tmp_path: Path) -> None:

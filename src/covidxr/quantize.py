@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
-from covidxr.engines import OnnxEngine, cached_export, sidecar
+from covidxr.engines import OnnxEngine, cached_export, graph_sha256, sidecar
 from covidxr.errors import CovidxrError
 from covidxr.features import iterate_batches
 from covidxr.train import Run
@@ -197,6 +197,7 @@ def quantize_run(
             f"{drops[worst]:.3f} (> {max_drop}); the fp32 engine stays in use"
         )
     os.replace(candidate, out)
+    report["sha256"] = graph_sha256(out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -206,4 +207,14 @@ def int8_engine(run: Run, cache_dir: str | Path | None = None, threads: int | No
     path = int8_path(run, cache_dir)
     if not path.is_file() or not path.with_suffix(".json").is_file():
         raise CovidxrError(f"{run.path}: no accepted int8 model yet; run `covidxr quantize {run.path}` first")
+    try:
+        accepted = json.loads(path.with_suffix(".json").read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        accepted = None
+    if accepted != graph_sha256(path):
+        # It cannot be rebuilt here (that needs the calibration images and the acceptance test).
+        raise CovidxrError(
+            f"{path}: the int8 graph does not match the SHA-256 recorded when it was accepted (altered, or "
+            f"accepted before covidxr recorded it); run `covidxr quantize {run.path}` again"
+        )
     return OnnxEngine(path, threads, spin=False)
