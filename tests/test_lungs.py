@@ -1,0 +1,206 @@
+"""The bundled lung segmenter: held-out Dice per group, ONNX = torch, the CLI, reasons, bad mask folders, cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.ndimage as ndi
+import skimage.data
+import torch
+from PIL import Image
+
+from covidxr.data import read_image
+from covidxr.errors import CovidxrError
+from covidxr.lungs import BUNDLED, GRAPH, SIDECAR, LungSegmenter, fill_holes, label_components, lung_segmenter
+from covidxr.lungs_train import evaluate, held_out_rows, load_torch_model, read_mask_table, split_patients
+
+from .conftest import SHARED
+
+MASKS = SHARED / "data" / "lung-masks"
+COVIDXR = [str(Path(sys.executable).with_name("covidxr"))]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*COVIDXR, *args], capture_output=True, text=True, env=os.environ.copy())
+
+
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    return read_mask_table(MASKS)
+
+
+@pytest.fixture(scope="module")
+def sidecar() -> dict:
+    return json.loads(SIDECAR.read_text())
+
+
+def grey(path: str | Path) -> np.ndarray:
+    return np.asarray(read_image(path).convert("L"))
+
+
+def test_held_out_dice_per_group(table: pd.DataFrame, sidecar: dict) -> None:
+    """The shipped graph, post-processing included, on the held-out patients' hand-drawn masks."""
+    split = sidecar["split"]
+    held_out = split_patients(table, split["held_out_fraction"], split["seed"])
+    assert held_out == split["held_out_patients"]  # the recorded split is the one the rule gives
+    rows = held_out_rows(table, held_out)
+    training = table[~table["patient_id"].isin(set(held_out))]
+    for group in ("child", "adult"):  # both groups on both sides, no patient on both
+        assert (rows["group"] == group).sum() >= 30 and (training["group"] == group).sum() >= 100
+    assert not set(rows["patient_id"]) & set(training["patient_id"])
+    metrics = evaluate(GRAPH, rows)
+    assert metrics["children"]["dice_mean"] >= 0.95, metrics
+    assert metrics["adults"]["dice_mean"] >= 0.95, metrics
+    assert metrics == sidecar["held_out"]  # the figures the sidecar and README quote
+
+
+def test_bundled_files_and_onnx_matches_torch(table: pd.DataFrame) -> None:
+    weights = BUNDLED / "lungs.safetensors"
+    assert weights.stat().st_size <= 10 * 2**20
+    model = load_torch_model(weights)
+    segmenter = LungSegmenter()
+    from covidxr.lungs import model_input, normalise
+
+    batch = np.stack([normalise(model_input(grey(p), segmenter.size)) for p in table["image_path"].iloc[::200]])
+    batch = batch[:, None]
+    onnx_logits = segmenter.session.run(None, {segmenter.input_name: batch})[0]
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-3, rtol=1e-4)
+
+
+def test_segment_command_writes_masks_overlays_and_csv(tmp_path: Path, table: pd.DataFrame) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    child = table[table["group"] == "child"]["image_path"].iloc[0]
+    adult = table[table["group"] == "adult"]["image_path"].iloc[0]
+    nih = sorted((SHARED / "data" / "adult-controls" / "images").iterdir())[0]
+    for source in (child, adult, nih):
+        shutil.copy(source, folder)
+    (folder / "broken.png").write_bytes(b"not an image")
+    Image.fromarray(np.full((300, 300), 128, np.uint8)).save(folder / "blank.png")
+    out = tmp_path / "out"
+    result = run("segment", str(folder), "--out", str(out))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "broken.png" in result.stderr and "blank.png: out of distribution: " in result.stderr
+    rows = pd.read_csv(out / "segment.csv", dtype=str, keep_default_na=False).set_index("file")
+    assert len(rows) == 5
+    assert rows.loc[str(folder / "broken.png"), "error"]
+    assert rows.loc[str(folder / "blank.png"), "reason"]
+    for source in (child, adult, nih):
+        row = rows.loc[str(folder / Path(source).name)]
+        assert not row["error"] and not row["reason"], row
+        mask = np.asarray(Image.open(out / row["mask"]))
+        assert mask.shape == grey(source).shape and set(np.unique(mask)) == {0, 255}
+        assert 0.15 < float(row["area_fraction"]) < 0.6
+        assert len(row["box"].split()) == 4
+        assert Image.open(out / row["overlay"]).size == Image.open(source).size
+    again = run("segment", str(folder), "--out", str(out))  # never overwrites an earlier table
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["chelsea", "coffee", "blank", "noise"],
+)
+def test_not_lungs_gets_a_reason(name: str) -> None:
+    images = {
+        "chelsea": lambda: np.asarray(Image.fromarray(skimage.data.chelsea()).convert("L")),
+        "coffee": lambda: np.asarray(Image.fromarray(skimage.data.coffee()).convert("L")),
+        "blank": lambda: np.full((400, 400), 128, np.uint8),
+        "noise": lambda: np.random.default_rng(0).integers(0, 256, (400, 400), dtype=np.uint8),
+    }
+    fields = lung_segmenter().segment(images[name]())
+    assert fields.reason and fields.box is None
+
+
+def test_rotated_xray_gets_a_reason(table: pd.DataFrame) -> None:
+    """A real X-ray turned by 90 degrees: lungs no longer side by side."""
+    image = grey(table[table["group"] == "adult"]["image_path"].iloc[3])
+    assert lung_segmenter().segment(image).reason is None
+    fields = lung_segmenter().segment(np.rot90(image).copy())
+    assert fields.reason and fields.box is None
+
+
+def _mask_folder(tmp_path: Path, table: pd.DataFrame) -> Path:
+    root = tmp_path / "data"
+    (root / "masks" / "masks").mkdir(parents=True)
+    (root / "images").mkdir()
+    rows = table.iloc[[0, 700]].copy()
+    for row in rows.itertuples():
+        shutil.copy(row.mask_path, root / "masks" / row.mask)
+        shutil.copy(row.image_path, root / "images" / Path(row.image).name)
+    rows["image"] = ["images/" + Path(i).name for i in rows["image"]]
+    rows[["mask", "image", "label", "patient_id", "origin", "licence"]].to_csv(
+        root / "masks" / "metadata.csv", index=False
+    )
+    return root / "masks"
+
+
+def test_mask_folder_bad_input_names_the_row(tmp_path: Path, table: pd.DataFrame) -> None:
+    masks = _mask_folder(tmp_path, table)
+    meta = pd.read_csv(masks / "metadata.csv", dtype=str)
+    missing = meta["image"].iloc[1]
+    (masks.parent / missing).unlink()
+    result = run("train-segmenter", "--masks", str(masks), "--out", str(tmp_path / "run"), "--epochs", "1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr and len(errors) == 1, result.stderr
+    assert "row 3" in errors[0] and missing in errors[0]
+
+    shutil.copy(table["image_path"].iloc[700], masks.parent / missing)
+    mask_path = masks / meta["mask"].iloc[0]
+    Image.open(mask_path).resize((50, 60)).save(mask_path)
+    result = run("train-segmenter", "--masks", str(masks), "--out", str(tmp_path / "run"), "--epochs", "1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr and len(errors) == 1, result.stderr
+    assert "row 2: mask " in errors[0] and "is 50x60 but its image" in errors[0]
+    assert not (tmp_path / "run" / "lungs.onnx").exists()
+
+
+def test_mask_cache_is_read_back(tmp_path: Path, table: pd.DataFrame) -> None:
+    segmenter = LungSegmenter()
+    image = grey(table["image_path"].iloc[5])
+    first = segmenter.segment(image, cache_dir=tmp_path)
+    [cached] = (tmp_path / "lungs" / segmenter.sha256[:16]).glob("*.png")
+    assert np.asarray(Image.open(cached)).shape == (segmenter.size, segmenter.size)
+    calls = []
+    session = segmenter.session
+
+    class Counting:
+        def run(self, *args, **kwargs):
+            calls.append(1)
+            return session.run(*args, **kwargs)
+
+    segmenter.session = Counting()
+    second = segmenter.segment(image, cache_dir=tmp_path)
+    assert not calls and np.array_equal(first.mask, second.mask) and first.box == second.box
+    Image.fromarray(np.zeros((segmenter.size, segmenter.size), np.uint8)).save(cached)  # what is read is the file
+    assert segmenter.segment(image, cache_dir=tmp_path).reason == "no lungs found" and not calls
+    segmenter.segment(image)  # without a cache folder: segmented, nothing written
+    assert calls == [1] and len(list(tmp_path.rglob("*.png"))) == 1
+
+
+def test_graph_that_does_not_match_its_sidecar_is_refused(tmp_path: Path, sidecar: dict) -> None:
+    shutil.copy(GRAPH, tmp_path / "lungs.onnx")
+    (tmp_path / "lungs.json").write_text(json.dumps({**sidecar, "sha256": "0" * 64}))
+    with pytest.raises(CovidxrError, match="does not match lungs.json") as caught:
+        LungSegmenter(tmp_path / "lungs.onnx")
+    assert "\n" not in str(caught.value)
+
+
+def test_components_and_holes_match_scipy() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        mask = ndi.gaussian_filter(rng.random((64, 80)), 2) > 0.5 if trial % 2 else rng.random((30, 40)) > 0.5
+        labels, count = label_components(mask)
+        reference, reference_count = ndi.label(mask)
+        assert count == reference_count and len(set(zip(labels[mask], reference[mask], strict=True))) == count
+        assert np.array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
