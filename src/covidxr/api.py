@@ -24,6 +24,7 @@ from covidxr.card import default_model_path
 from covidxr.data import check_dimensions, read_image
 from covidxr.errors import CovidxrError
 from covidxr.explain import METHODS, Explainer, overlay
+from covidxr.features import prepare
 from covidxr.inference import answer, make_engine, predict_files
 from covidxr.ood import is_blank
 from covidxr.train import Run, load_run
@@ -99,8 +100,10 @@ class Model:
         results = []
         for start in range(0, len(decoded), batch_size):
             batch = decoded[start : start + batch_size]
-            features, logits = self.engine(torch.stack([self.run.model.input_tensor(image) for image in batch]))
-            results += answer(self.run, features, logits, [is_blank(image) for image in batch])
+            prepared = [prepare(self.run.model.input_transform, image) for image in batch]
+            features, logits = self.engine(torch.stack([tensor for tensor, _ in prepared]))
+            reasons = [reason or None for _, reason in prepared]
+            results += answer(self.run, features, logits, [is_blank(image) for image in batch], reasons)
         return results
 
     def explain(self, images: ImageLike | Sequence[ImageLike], method: str = "gradcam") -> dict | list[dict]:

@@ -99,6 +99,7 @@ def model_card(run_dir: str | Path) -> dict:
     if audit:
         card["audit"] = {"verdict": audit["verdict"], **{k: v["verdict"] for k, v in audit["checks"].items()}}
         card["audit_summaries"] = {k: v["summary"] for k, v in audit["checks"].items()}
+    card["within_site"] = _within_site(loso)
     if loso:
         card["leave_one_source_out"] = {
             "pooled": loso["pooled"],
@@ -110,6 +111,42 @@ def model_card(run_dir: str | Path) -> dict:
     card["confounders"] = _confounders(folder)
     card["failure_modes"] = _failure_modes(card)
     return card
+
+
+def _within_site(loso: dict | None) -> dict:
+    """The test the source cannot pass (``covidxr.generalisation.within_site``), or why it was not run."""
+    within = (loso or {}).get("within_site")
+    if not within:
+        return {"auc": None, "note": "not measured: this run's leave-one-source-out predates the within-site test"}
+    pooled = within.get("pooled", {})
+    return {
+        "auc": loso.get("within_site_auc"),
+        "auc_ci95": loso.get("within_site_auc_ci95"),
+        "n_covid": pooled.get("n_covid"),
+        "n_other": pooled.get("n_other"),
+        "sites": [
+            {k: site.get(k) for k in ("site", "status", "n_covid", "n_other", "auc", "auc_ci95", "reason")}
+            for site in within.get("sites", [])
+        ],
+        "what": within.get("what"),
+    }
+
+
+def _within_site_lines(within: dict) -> list[str]:
+    """The card's first figure, in Markdown."""
+    if within.get("auc") is None:
+        return [f"- Within-site COVID-19 vs other pneumonia AUC: {within.get('note', 'not measured')}"]
+    low, high = within["auc_ci95"] or (float("nan"), float("nan"))
+    lines = [
+        f"- **Within-site COVID-19 vs other pneumonia AUC: {within['auc']:.2f} (95% CI {low:.2f}-{high:.2f})**, "
+        f"{within['n_covid']} COVID-19 and {within['n_other']} other-pneumonia images; 0.5 is chance.",
+        "- Inside a site that published both, the source cannot give the answer: each site was held out "
+        "(the model retrained without it) and p(COVID-19) ranked its images.",
+    ]
+    for site in within["sites"]:
+        if site.get("auc") is not None:
+            lines.append(f"- {site['site']}: AUC {site['auc']:.2f} ({site['n_covid']} vs {site['n_other']} images)")
+    return lines
 
 
 def _confounders(folder: Path) -> list[str]:
@@ -150,7 +187,9 @@ def _failure_modes(card: dict) -> list[str]:
 
 def render_model_card(card: dict) -> str:
     """The card as Markdown."""
-    lines = [f"# Model card: covidxr {card['model']}", "", f"**{card['disclaimer']}**", "", "## Intended use", ""]
+    lines = [f"# Model card: covidxr {card['model']}", "", f"**{card['disclaimer']}**", ""]
+    lines += ["## Does it learn the disease, not the collection?", "", *_within_site_lines(card["within_site"]), ""]
+    lines += ["## Intended use", ""]
     lines += [card["intended_use"], "", "## Model", ""]
     lines += [
         f"- Backbone: {card['model']} ({card['weights']['kind']} weights, sha256 {card['weights']['sha256'][:12]})"

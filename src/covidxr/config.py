@@ -8,11 +8,13 @@ from pathlib import Path
 import yaml
 
 from covidxr.errors import CovidxrError
-from covidxr.preprocess import ImagePipeline
+from covidxr.preprocess import LUNG_MODES, ImagePipeline
 
 SCHEDULES = ("none", "cosine", "plateau")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 autocast where the CPU/GPU supports it
 ENGINES = ("auto", "torch", "onnx")  # what computes frozen features: covidxr.engines
+DECISIONS = ("flat", "staged")  # covidxr.models.make_head
+__all__ = ["DECISIONS", "ENGINES", "LUNG_MODES", "PRECISIONS", "SCHEDULES", "TrainConfig"]
 
 
 @dataclass
@@ -39,6 +41,9 @@ class TrainConfig:
     effective_resolution: int = 0
     crop_thorax: bool = False
     mask_text: bool = False
+    # Lung-only input from the bundled lung segmenter (covidxr.lungs): none, crop (the lungs' box plus a
+    # margin) or mask (outside the lungs set to a constant, soft edge). No lungs found: out of distribution.
+    lungs: str = "none"
     # Acquisition-look augmentation (training only). With a frozen backbone and ``augment_views`` > 0, that
     # many augmented views per training image are encoded once and cached; otherwise augmentation is
     # drawn afresh every epoch and the feature cache is bypassed.
@@ -49,8 +54,16 @@ class TrainConfig:
     domain_column: str = "source"
     # Beyond the paper: unfreezing, sampling, regularisation and schedules.
     unfreeze_blocks: int = 0
+    # Fine-tune on cached outputs of the frozen front (the backbone before the unfrozen blocks), encoded once
+    # per image and cached view, instead of running the whole backbone on every image every epoch.
+    cache_front: bool = False
     backbone_lr_scale: float = 0.1
     balanced_sampling: bool = False
+    # Draw every (domain, class) group equally often, so no source dominates what the head learns.
+    group_balanced_sampling: bool = False
+    # flat: one softmax over the classes (the paper). staged: p(COVID-19) = p(abnormal) * p(COVID-19 | abnormal),
+    # each decision learnt only from the domains that hold both of its sides (covidxr.models.StagedHead).
+    decision: str = "flat"
     label_smoothing: float = 0.0
     early_stopping_patience: int = 0
     schedule: str = "none"
@@ -65,6 +78,7 @@ class TrainConfig:
             "schedule": set(SCHEDULES),
             "precision": set(PRECISIONS),
             "engine": set(ENGINES),
+            "decision": set(DECISIONS),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -83,18 +97,24 @@ class TrainConfig:
             raise CovidxrError("config: label_smoothing must be in [0, 1)")
         if self.adversarial_weight < 0 or self.backbone_lr_scale <= 0:
             raise CovidxrError("config: adversarial_weight must be >= 0 and backbone_lr_scale > 0")
+        if self.cache_front and not self.unfreeze_blocks:
+            raise CovidxrError("config: cache_front needs unfreeze_blocks of 1 or more")
+        if self.cache_front and self.augment and not self.augment_views:
+            raise CovidxrError("config: cache_front with augment needs augment_views of 1 or more (cached views)")
+        if self.decision == "staged" and self.adversarial_weight:
+            raise CovidxrError("config: the staged decision cannot be combined with adversarial_weight")
         self.pipeline()  # validates the preprocessing options
 
     def pipeline(self) -> ImagePipeline:
         """The deterministic image preprocessing this configuration asks for."""
         return ImagePipeline(
-            self.intensity, int(self.effective_resolution), bool(self.crop_thorax), bool(self.mask_text)
+            self.intensity, int(self.effective_resolution), bool(self.crop_thorax), bool(self.mask_text), self.lungs
         )
 
     @property
     def trains_on_images(self) -> bool:
         """True when the backbone's output changes during training, so cached features cannot be used."""
-        return self.unfreeze_blocks > 0 or (self.augment and self.augment_views == 0)
+        return (self.unfreeze_blocks > 0 and not self.cache_front) or (self.augment and self.augment_views == 0)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -19,7 +19,7 @@ from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, decide, expected_calibration_error, reliability_curve
 from covidxr.data import load_dataset, read_image
 from covidxr.errors import CovidxrError
-from covidxr.explain import Explainer, check_maps, overlay, probabilities_of
+from covidxr.explain import Explainer, check_maps, input_lungs, overlay, probabilities_of
 from covidxr.features import extract_features
 from covidxr.inference import head_probabilities
 from covidxr.models import CovidxrNet
@@ -40,6 +40,24 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 BOOTSTRAP_REPLICATES = 1000
+LUNG_MASKS = "lung-masks"  # a folder of hand-drawn lung masks beside the datasets, as in ../shared/data
+
+
+def hand_masks(paths: Sequence[Path]) -> list[np.ndarray | None]:
+    """The hand-drawn lung mask of each image where a ``lung-masks`` folder beside its dataset has one
+    (``metadata.csv``: ``mask``, ``image`` relative to the folder holding both); None elsewhere."""
+    index: dict[Path, Path] = {}
+    for folder in {Path(p).resolve().parents[2] / LUNG_MASKS for p in paths if len(Path(p).resolve().parents) > 2}:
+        if (folder / "metadata.csv").is_file():
+            table = pd.read_csv(folder / "metadata.csv", dtype=str, keep_default_na=False)
+            hand = ~table["origin"].str.contains("generated|lungVAE", case=False) if "origin" in table else True
+            for mask, image in zip(table.loc[hand, "mask"], table.loc[hand, "image"], strict=True):
+                index[(folder.parent / image).resolve()] = folder / mask
+    masks = []
+    for path in paths:
+        found = index.get(Path(path).resolve())
+        masks.append(None if found is None else np.asarray(Image.open(found).convert("L")))
+    return masks
 
 
 def _rates(truth_idx: np.ndarray, probabilities: np.ndarray, predicted: np.ndarray, n_labels: int) -> dict:
@@ -446,7 +464,11 @@ def evaluate_run(
         chosen = choose_examples(frame, per_class=8, seed=seed)
         images = [read_image(root / frame["filename"].iloc[i]) for i in chosen]
         inputs = torch.stack([run.model.input_tensor(img) for img in images])
-        metrics["explanations"] = check_maps(run.model, inputs, seed=seed)
+        hands = hand_masks([root / frame["filename"].iloc[i] for i in chosen])
+        lungs = [input_lungs(run.model, img, hand) for img, hand in zip(images, hands, strict=True)]
+        covid = run.labels.index(POSITIVE)
+        metrics["explanations"] = check_maps(run.model, inputs, seed=seed, lungs=lungs, covid_class=covid)
+        metrics["explanations"]["lung_masks"] = {"hand_drawn": sum(h is not None for h in hands), "n": len(hands)}
         plot_gradcam(run.model, run.labels, images, list(frame["label"].iloc[chosen]), out / "gradcam.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_predictions(frame, probabilities, run.labels, predicted, Path(root), out / "predictions.png", seed)

@@ -111,6 +111,34 @@ def overlay(image: Image.Image, cam: np.ndarray, size: int | None = None) -> Ima
     return Image.fromarray(show_cam_on_image(base, np.clip(cam_resized, 0, 1), use_rgb=True, image_weight=0.55))
 
 
+def input_lungs(model: CovidxrNet, image: Image.Image, hand_mask: np.ndarray | None = None) -> np.ndarray | None:
+    """The lungs of ``image`` on the model's input grid (``image_size`` square, bool), or None where none
+    are found: the hand-drawn ``hand_mask`` (the image's pixel size; 255 = lung) where one exists and the
+    pipeline keeps the image's geometry, else the bundled segmenter on the image the model sees."""
+    size = model.image_size
+    pipeline = model.pipeline
+    if hand_mask is not None and not pipeline.crop_thorax and pipeline.lungs != "crop":
+        scaled = Image.fromarray((hand_mask == 255).astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+        return np.asarray(scaled) >= 128
+    from covidxr.lungs import lung_segmenter
+
+    seen = np.asarray(pipeline.process(image).convert("L"))
+    found = lung_segmenter().segment(seen)
+    if found.reason:
+        return None
+    scaled = Image.fromarray(found.mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+    return np.asarray(scaled) >= 128
+
+
+def lung_shares(maps: np.ndarray, lungs: Sequence[np.ndarray | None]) -> np.ndarray:
+    """Share of each map's mass inside its image's lungs (NaN where the lungs are unknown)."""
+    shares = np.full(len(maps), np.nan)
+    for i, (cam, mask) in enumerate(zip(maps, lungs, strict=True)):
+        if mask is not None:
+            shares[i] = float(cam[mask].sum() / (cam.sum() + 1e-12))
+    return shares
+
+
 def colour_spread(image: Image.Image) -> float:
     """Mean per-pixel spread between the RGB channels (0 for a grey X-ray, tens for a colour photo)."""
     array = np.asarray(image.convert("RGB").resize((128, 128)), dtype=np.float32)
@@ -155,7 +183,8 @@ def explain_files(
         inputs = torch.stack([model.input_tensor(img) for _, img in batch])
         probs = probabilities_of(model, inputs)
         maps = explainer(inputs, probs.argmax(1))
-        for (i, image), prob, cam in zip(batch, probs, maps, strict=True):
+        shares = lung_shares(maps, [input_lungs(model, img) for _, img in batch])
+        for (i, image), prob, cam, share in zip(batch, probs, maps, shares, strict=True):
             name = Path(paths[i]).stem
             if name in used_names:
                 name = f"{name}-{i}"
@@ -171,6 +200,7 @@ def explain_files(
                     "probability": float(prob[k]),
                     "probabilities": {label: float(p) for label, p in zip(labels, prob, strict=True)},
                     "method": method,
+                    "lung_share": None if np.isnan(share) else float(share),
                     "overlay": str(overlay_path),
                     "map": str(map_path),
                     "disclaimer": DISCLAIMER,
@@ -250,6 +280,26 @@ def _mass_shares(maps: np.ndarray, masks: dict[str, np.ndarray]) -> dict[str, fl
     return {name: float(np.mean(maps[:, mask].sum(1) / totals)) for name, mask in masks.items()}
 
 
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _lung_mass(maps: np.ndarray, lungs: Sequence[np.ndarray | None], classes, covid_class: int | None) -> dict:
+    """Mean share of map mass inside the lungs, against the lungs' share of the input (a uniform map's)."""
+    shares = lung_shares(maps, lungs)
+    known = ~np.isnan(shares)
+    area = np.array([np.nan if m is None else m.mean() for m in lungs], dtype=np.float64)
+    covid = known & (np.asarray(classes) == covid_class)
+    return {
+        "share": _mean_or_none(shares[known]),
+        "uniform_share": _mean_or_none(area[known]),
+        "n": int(known.sum()),
+        "covid_calls_share": _mean_or_none(shares[covid]),
+        "covid_calls_n": int(covid.sum()),
+        "lungs_not_found": int((~known).sum()),
+    }
+
+
 def _rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
     values = []
     for a, b in zip(first, second, strict=True):
@@ -261,9 +311,16 @@ def _rank_correlation(first: np.ndarray, second: np.ndarray) -> float:
 
 
 def check_maps(
-    model: CovidxrNet, inputs: torch.Tensor, methods: Sequence[str] = CHECKED_METHODS, seed: int = 0
+    model: CovidxrNet,
+    inputs: torch.Tensor,
+    methods: Sequence[str] = CHECKED_METHODS,
+    seed: int = 0,
+    lungs: Sequence[np.ndarray | None] | None = None,
+    covid_class: int | None = None,
 ) -> dict:
-    """The three checks for each method on a batch of preprocessed images (explained for their predicted class)."""
+    """The three checks for each method on a batch of preprocessed images (explained for their predicted
+    class); with ``lungs`` (``input_lungs`` per image) also the share of each map's mass inside the lungs,
+    over all images and over those predicted ``covid_class``."""
     classes = probabilities_of(model, inputs).argmax(1)
     masks = region_masks(model.image_size)
     area = {name: float(mask.mean()) for name, mask in masks.items()}
@@ -288,6 +345,8 @@ def check_maps(
             randomised_head_rank_correlation=_rank_correlation(maps, Explainer(randomised, method)(inputs, classes)),
         )
         report[method] = checks.to_dict(area)
+        if lungs is not None:
+            report[method]["lungs"] = _lung_mass(maps, lungs, classes, covid_class)
     return {
         "n_images": len(inputs),
         "geometry": {"description": GEOMETRY_DESCRIPTION, "area": area},

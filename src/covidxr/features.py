@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -128,26 +129,47 @@ class ImageTensors(torch.utils.data.Dataset):
         transform: InputTransform,
         view: AugmentedView | None = None,
         digests: Sequence[str] | None = None,
+        check_lungs: bool = False,
     ):
         self.paths = list(paths)
         self.transform = transform
         self.view = view
         self.digests = digests
+        self.check_lungs = check_lungs
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        """``(index, input, error, blank)``: ``blank`` (a nearly uniform image) is cheap here, where the
-        decoded image already is, and the out-of-distribution guard needs it."""
+        """``(index, input, error, blank, lungs)``: ``blank`` (a nearly uniform image) is cheap here, where
+        the decoded image already is, and the out-of-distribution guard needs it; ``lungs`` is why no
+        plausible pair of lungs was found ("" when they were, or when nobody asked): from a lung-only
+        pipeline, or with ``check_lungs`` from the bundled segmenter."""
         size = self.transform.image_size
         try:
             image = read_image(self.paths[index])
         except CovidxrError as exc:
-            return index, torch.zeros(3, size, size), str(exc), False
+            return index, torch.zeros(3, size, size), str(exc), False, ""
         if self.view is not None:
             image = self.view.augment(image, self.view.generator(self.digests[index]))
-        return index, self.transform(image), "", is_blank(image)
+        tensor, lungs = prepare(self.transform, image, self.check_lungs)
+        return index, tensor, "", is_blank(image), lungs
+
+
+def prepare(transform: InputTransform, image: Image.Image, check_lungs: bool = True) -> tuple[torch.Tensor, str]:
+    """A decoded image's model input, and why the lungs rule out an answer ("" when they do not): a lung-only
+    pipeline that found none, or with ``check_lungs`` the bundled segmenter on the image."""
+    tensor, reason = transform.with_reason(image)
+    if reason is None and check_lungs and transform.pipeline.lungs == "none":
+        reason = lungs_missing(image)
+    return tensor, f"lung check: {reason}" if reason else ""
+
+
+def lungs_missing(image: Image.Image) -> str | None:
+    """Why the bundled lung segmenter finds no plausible pair of lungs in ``image`` (None when it does)."""
+    from covidxr.lungs import lung_segmenter
+
+    return lung_segmenter().segment(np.asarray(image.convert("L"))).reason
 
 
 def _worker_init(_: int) -> None:
@@ -162,18 +184,20 @@ def iterate_batches(
     desc: str | None,
     view: AugmentedView | None = None,
     digests: Sequence[str] | None = None,
+    check_lungs: bool = False,
 ):
-    """Yield ``(indices, inputs, errors, blanks)`` batches, decoding in worker processes while the model runs."""
+    """Yield ``(indices, inputs, errors, blanks, lungs)`` batches (see ``ImageTensors``), decoding in worker
+    processes while the model runs."""
     loader = DataLoader(
-        ImageTensors(paths, transform, view, digests),
+        ImageTensors(paths, transform, view, digests, check_lungs),
         batch_size=batch_size,
         num_workers=num_workers,
         worker_init_fn=_worker_init if num_workers else None,
         persistent_workers=False,
     )
     with tqdm(total=len(paths), desc=desc, unit="img", disable=desc is None, leave=False) as bar:
-        for indices, inputs, errors, blanks in loader:
-            yield indices.tolist(), inputs, list(errors), blanks.tolist()
+        for indices, inputs, errors, blanks, lungs in loader:
+            yield indices.tolist(), inputs, list(errors), blanks.tolist(), list(lungs)
             bar.update(len(indices))
 
 
@@ -227,7 +251,7 @@ def compute_features(
             view,
             [digests[i] for i in todo],
         )
-        for positions, inputs, batch_errors, _ in batches:
+        for positions, inputs, batch_errors, _, _ in batches:
             vectors = engine.features(inputs)
             for position, vector, error in zip(positions, vectors, batch_errors, strict=True):
                 index = todo[position]

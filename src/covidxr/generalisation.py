@@ -9,8 +9,12 @@ the run never trained on at all count as held-out units of the run's own model.
 
 Reported per unit, with 95% Wilson intervals: COVID-19 sensitivity where the unit has COVID-19
 images, the share of its non-COVID images called COVID-19 where it has those; pooled over units:
-the same two rates and the COVID-19-versus-rest AUC (patient bootstrap), since no single unit here
-has both kinds of image.
+the same two rates and the COVID-19-versus-rest AUC (patient bootstrap).
+
+Pooled over units, "which collection is this" still helps: a unit with only COVID-19 images and one
+with only controls differ in source as well as disease. ``within_site`` is the test the source cannot
+pass: inside a site that published both COVID-19 and other pneumonia, held out, how well does
+p(COVID-19) rank them (``within_site_auc`` in ``loso.json``)?
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
@@ -31,13 +36,16 @@ from covidxr.data import LABELS, load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.evaluate import called_covid_rates
 from covidxr.features import AugmentedView, extract_features
+from covidxr.front import FrontSplit, front_maps, split_model
 from covidxr.inference import head_probabilities
-from covidxr.loop import TensorSet, Trainee, fit
-from covidxr.models import make_head
-from covidxr.preprocess import AcquisitionAugment
-from covidxr.train import Run, calibrate, load_run
+from covidxr.loop import TensorSet, Trainee, decision_teachers, fit
+from covidxr.models import CovidxrNet, make_head
+from covidxr.train import Run, cached_views, calibrate, load_run, model_from_config
 
 MIN_UNIT_IMAGES = 25  # sites with fewer images are held out together, as "other sites"
+MIN_WITHIN_SITE_IMAGES = 10  # COVID-19 and other-pneumonia images a site needs for the within-site test
+OTHER_PNEUMONIA = "PNEUMONIA"
+WITHIN_SITE_PREDICTIONS = "within_site_predictions.csv"
 BOOTSTRAP_REPLICATES = 1000
 
 
@@ -89,45 +97,75 @@ def _pooled_auc(truth: np.ndarray, score: np.ndarray, patients: np.ndarray, seed
     return {"auc": float(roc_auc_score(covid, score)), "auc_ci95": interval}
 
 
-def _train_without(run: Run, frame: pd.DataFrame, features: np.ndarray, keep: np.ndarray, cache_dir, progress):
-    """The run's protocol retrained on its own train/validation rows outside the held-out unit."""
-    config = run.config
-    torch.manual_seed(config.seed)
-    head = make_head(run.model.spec.num_features, len(LABELS), config.hidden_units, config.dropout)
-    rows = {part: keep & (frame["split"] == part).to_numpy() for part in ("train", "val")}
-    targets = {part: torch.tensor([LABELS.index(v) for v in frame.loc[r, "label"]]) for part, r in rows.items()}
-    domain_names = sorted(frame.loc[rows["train"], config.domain_column].astype(str).unique())
-    domains = {
-        part: torch.tensor([domain_names.index(v) for v in frame.loc[r, config.domain_column].astype(str)])
-        if config.adversarial_weight
-        else None
-        for part, r in rows.items()
-    }
-    views = None
-    if config.augment and config.augment_views:
-        paths = [Path(run.info["data"]) / f for f in frame.loc[rows["train"], "filename"]]
-        augment = AcquisitionAugment()
-        views = torch.from_numpy(
-            np.stack(
+@dataclass
+class _Retraining:
+    """What the run's protocol is retrained from: its cached pooled features, or, for a run that
+    fine-tuned its last blocks on a cached front (``cache_front``), the front's maps; each retraining
+    then starts again from the pretrained blocks of ``base``."""
+
+    run: Run
+    cache_dir: str | Path | None
+    progress: bool
+    base: CovidxrNet | None = None
+    split: FrontSplit | None = None
+
+    @classmethod
+    def of(cls, run: Run, cache_dir, progress: bool) -> _Retraining:
+        if not run.config.cache_front:
+            return cls(run, cache_dir, progress)
+        base = model_from_config(run.config)
+        return cls(run, cache_dir, progress, base, split_model(base, run.config.unfreeze_blocks))
+
+    def inputs(self, paths: Sequence[Path], view: AugmentedView | None = None) -> torch.Tensor:
+        config = self.run.config
+        if self.split is not None:
+            return front_maps(self.base, self.split, paths, config.extract_batch_size, config.num_workers, view)
+        extraction = (self.cache_dir, config.extract_batch_size, config.num_workers, self.progress)
+        return torch.from_numpy(extract_features(self.run.model, paths, *extraction, view=view))
+
+    def train_without(self, frame: pd.DataFrame, inputs: torch.Tensor, keep: np.ndarray):
+        """The run's protocol retrained on its own train/validation rows outside the held-out unit:
+        returns the model (inputs -> logits) and its validation-fitted temperature."""
+        config = self.run.config
+        torch.manual_seed(config.seed)
+        head = make_head(
+            self.run.model.spec.num_features, len(LABELS), config.hidden_units, config.dropout, config.decision
+        )
+        rows = {part: keep & (frame["split"] == part).to_numpy() for part in ("train", "val")}
+        targets = {part: torch.tensor([LABELS.index(v) for v in frame.loc[r, "label"]]) for part, r in rows.items()}
+        domain_names = sorted(frame.loc[rows["train"], config.domain_column].astype(str).unique())
+        # A validation domain absent from training (possible once a unit is removed) teaches nothing.
+        domains = {
+            part: torch.tensor(
                 [
-                    extract_features(run.model, paths, cache_dir, config.extract_batch_size, progress=progress, view=v)
-                    for v in (AugmentedView(augment, config.seed, k) for k in range(1, config.augment_views + 1))
+                    domain_names.index(v) if v in domain_names else len(domain_names)
+                    for v in frame.loc[r, config.domain_column].astype(str)
                 ]
             )
+            for part, r in rows.items()
+        }
+        train_paths = [Path(self.run.info["data"]) / f for f in frame.loc[rows["train"], "filename"]]
+        views = [self.inputs(train_paths, view) for view in cached_views(config)]
+        train_set = TensorSet(
+            inputs[rows["train"]],
+            targets["train"],
+            domains["train"],
+            torch.stack(views) if views else None,
+            config.seed,
         )
-    train_set = TensorSet(
-        torch.from_numpy(features[rows["train"]]), targets["train"], domains["train"], views, config.seed
-    )
-    val_set = TensorSet(torch.from_numpy(features[rows["val"]]), targets["val"], domains["val"])
-    weight = config.adversarial_weight if len(domain_names) > 1 else 0.0
-    fit(
-        Trainee(head, None, len(domain_names), weight, len(LABELS), config.seed),
-        train_set,
-        val_set,
-        config,
-        progress=False,
-    )
-    return head, calibrate(head, val_set.choices[0], targets["val"])["temperature"]
+        val_set = TensorSet(inputs[rows["val"]], targets["val"], domains["val"])
+        weight = config.adversarial_weight if len(domain_names) > 1 else 0.0
+        teaches = None
+        if config.decision == "staged":
+            teaches = decision_teachers(targets["train"], domains["train"], len(domain_names) + 1)
+        encoder = None if self.split is None else nn.Sequential(self.split.fresh_tail(), self.base.pool)
+        trainee = Trainee(head, encoder, len(domain_names), weight, len(LABELS), config.seed, teaches)
+        tail_parameters = [] if encoder is None else list(encoder.parameters())
+        fit(trainee, train_set, val_set, config, backbone_parameters=tail_parameters, progress=False)
+        model = head if encoder is None else nn.Sequential(encoder, head).eval()
+        with torch.no_grad():
+            pooled = val_set.choices[0] if encoder is None else encoder.eval()(val_set.choices[0])
+        return model, calibrate(head, pooled, targets["val"])["temperature"]
 
 
 def leave_one_source_out(
@@ -136,45 +174,50 @@ def leave_one_source_out(
     cache_dir: str | Path | None = None,
     progress: bool = False,
     min_images: int = MIN_UNIT_IMAGES,
+    only: Sequence[str] | None = None,
 ) -> dict:
     """Hold out every unit of the run's data in turn (retraining without it), plus every ``external``
-    dataset as a whole (the run's own model); write ``loso.json`` and ``loso_predictions.csv``."""
+    dataset as a whole (the run's own model); write ``loso.json`` and ``loso_predictions.csv``.
+
+    ``only`` names the units to retrain for (the others are recorded as not run): for designs whose
+    every retraining is expensive (fine-tuning on a CPU), at the cost of a pooled figure over fewer units.
+    """
     run = run if isinstance(run, Run) else load_run(run)
     if run.config.trains_on_images:
         raise CovidxrError(
             f"{run.path}: leave-one-source-out retrains the run once per held-out source, which needs cached "
-            "features; this run fine-tunes or augments afresh every epoch (too slow to repeat here)"
+            "features or a cached front (cache_front); this run fine-tunes or augments afresh every epoch "
+            "(too slow to repeat here)"
         )
     frame = run.splits().reset_index(drop=True)
     root = Path(run.info["data"])
     extraction = (cache_dir, run.config.extract_batch_size, run.config.num_workers)
-    features = extract_features(run.model, [root / f for f in frame["filename"]], *extraction, progress)
-    records, predictions = [], []
-    for unit in holdout_units(frame, min_images):
-        keep = ~unit.rows
-        present = set(frame.loc[keep & (frame["split"] == "train").to_numpy(), "label"])
-        unseen = sorted(set(frame.loc[unit.rows, "label"]) - present)
+    retraining = _Retraining.of(run, cache_dir, progress)
+    features = retraining.inputs([root / f for f in frame["filename"]])
+    records, predictions, retrained = [], [], {}
+    units = holdout_units(frame, min_images)
+    for unit in units:
         record = {"unit": unit.name, "source": unit.source, "kind": "retrained without it", "n": int(unit.rows.sum())}
-        if len(present) < 2 or unseen:
-            reason = (
-                f"without it the training split has only {sorted(present)}: nothing to learn a distinction from"
-                if len(present) < 2
-                else f"without it the training split has no {', '.join(unseen)} image: a wrong answer by construction"
-            )
+        reason = _untrainable_without(frame, unit.rows)
+        if only is not None and unit.name not in only:
+            reason = "not run: this design retrains for the named units only (compute), see min_unit_images/only"
+        if reason:
             records.append({**record, "status": "skipped", "reason": reason})
             continue
-        head, temperature = _train_without(run, frame, features, keep, cache_dir, progress)
-        with torch.no_grad():
-            probabilities = softmax(head(torch.from_numpy(features[unit.rows])).double().numpy(), temperature)
+        head, temperature = retrained[unit.name] = retraining.train_without(frame, features, ~unit.rows)
+        probabilities = _probabilities(head, temperature, features[unit.rows])
         held = frame[unit.rows]
         predicted = [LABELS[k] for k in probabilities.argmax(1)]
         records.append({**record, "status": "evaluated", **called_covid_rates(held["label"], predicted)})
         predictions.append(_prediction_rows(held, probabilities, unit.name))
         if progress:
             print(f"  held out {unit.name}: {records[-1]['n']} images")
+    external_sets = []
     for folder in external:
         dataset = load_dataset(folder)
         external_features = extract_features(run.model, dataset.paths(), *extraction, progress)
+        same_inputs = external_features if retraining.split is None else retraining.inputs(dataset.paths())
+        external_sets.append((dataset.frame, torch.as_tensor(same_inputs)))
         probabilities = head_probabilities(run.model, external_features, run.temperature)
         predicted = [LABELS[k] for k in probabilities.argmax(1)]
         name = f"{dataset.name} (external)"
@@ -190,18 +233,140 @@ def leave_one_source_out(
         )
         predictions.append(_prediction_rows(dataset.frame, probabilities, name))
     pooled_rows = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
+    within = within_site(run, frame, features, external_sets, units, retrained, retraining)
+    within_rows = within.pop("predictions")
     result = {
         "run": str(run.path.resolve()),
         "model": run.config.model,
         "design": run.info.get("design", {}).get("summary", "the paper's protocol"),
         "min_unit_images": min_images,
+        "only_units": None if only is None else list(only),
         "units": records,
         "pooled": _pooled(pooled_rows, run.config.seed),
+        "within_site_auc": within["pooled"].get("auc"),
+        "within_site_auc_ci95": within["pooled"].get("auc_ci95"),
+        "within_site": within,
         "disclaimer": DISCLAIMER,
     }
     pooled_rows.to_csv(run.path / "loso_predictions.csv", index=False)
+    within_rows.to_csv(run.path / WITHIN_SITE_PREDICTIONS, index=False)
     (run.path / "loso.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _untrainable_without(frame: pd.DataFrame, held: np.ndarray) -> str | None:
+    """Why the protocol cannot be retrained without ``held`` rows (None when it can)."""
+    present = set(frame.loc[~held & (frame["split"] == "train").to_numpy(), "label"])
+    unseen = sorted(set(frame.loc[held, "label"]) - present)
+    if len(present) < 2:
+        return f"without it the training split has only {sorted(present)}: nothing to learn a distinction from"
+    if unseen:
+        return f"without it the training split has no {', '.join(unseen)} image: a wrong answer by construction"
+    return None
+
+
+@torch.no_grad()
+def _probabilities(model: nn.Module, temperature: float, inputs: torch.Tensor) -> np.ndarray:
+    model.eval()
+    return softmax(model(inputs).double().numpy(), temperature)
+
+
+def _sites(frame: pd.DataFrame) -> pd.Series:
+    """Each row's site, or its source where no site is recorded."""
+    source = frame["source"].astype(str)
+    if "site" not in frame.columns:
+        return source
+    site = frame["site"].fillna("").astype(str)
+    return site.where(site != "", source)
+
+
+def within_site(
+    run: Run,
+    frame: pd.DataFrame,
+    features: torch.Tensor,
+    external_sets: Sequence[tuple[pd.DataFrame, torch.Tensor]],
+    units: Sequence[Unit],
+    retrained: dict,
+    retraining: _Retraining,
+    min_images: int = MIN_WITHIN_SITE_IMAGES,
+) -> dict:
+    """COVID-19 against other pneumonia inside each site that holds at least ``min_images`` of each.
+
+    The source cannot answer this: both classes come from the same web site or hospital. The run's
+    protocol is retrained without the site (the unit's model when the site is a hold-out unit already)
+    and scores the site's COVID-19 and other-pneumonia images, from the run's data and from datasets
+    it never trained on (e.g. ieee8023-other for a run without it). Pooled AUC with a patient bootstrap.
+    """
+    pools = [(frame, features, True)] + [(f, x, False) for f, x in external_sets]
+    keys = pd.concat(
+        [pd.DataFrame({"source": f["source"].astype(str), "site": _sites(f), "label": f["label"]}) for f, _, _ in pools]
+    )
+    keys = keys[keys["label"].isin([POSITIVE, OTHER_PNEUMONIA])]
+    counts = keys.groupby(["source", "site", "label"]).size().unstack(fill_value=0)
+    for label in (POSITIVE, OTHER_PNEUMONIA):
+        if label not in counts.columns:
+            counts[label] = 0
+    eligible = counts[(counts[POSITIVE] >= min_images) & (counts[OTHER_PNEUMONIA] >= min_images)]
+    records, rows = [], []
+    for source, site in eligible.index:
+        in_frame = ((frame["source"].astype(str) == source) & (_sites(frame) == site)).to_numpy()
+        record = {"source": source, "site": site}
+        unit = next((u for u in units if np.array_equal(u.rows, in_frame)), None)
+        if unit is not None and unit.name in retrained:
+            head, temperature = retrained[unit.name]
+        else:
+            reason = _untrainable_without(frame, in_frame)
+            if reason:
+                records.append({**record, "status": "skipped", "reason": reason})
+                continue
+            head, temperature = retraining.train_without(frame, features, ~in_frame)
+        held = []
+        for pool, pool_features, trained_on in pools:
+            at_site = (pool["source"].astype(str) == source) & (_sites(pool) == site)
+            picked = (at_site & pool["label"].isin([POSITIVE, OTHER_PNEUMONIA])).to_numpy()
+            if picked.any():
+                part = _prediction_rows(pool[picked], _probabilities(head, temperature, pool_features[picked]), site)
+                part["in_run_data"] = trained_on
+                held.append(part)
+        site_rows = pd.concat(held, ignore_index=True)
+        auc = _pooled_auc(
+            site_rows["label"].to_numpy(),
+            site_rows[f"p_{POSITIVE}"].to_numpy(),
+            site_rows["patient_id"].astype(str).to_numpy(),
+            run.config.seed,
+        )
+        records.append(
+            {
+                **record,
+                "status": "evaluated",
+                "n_covid": int((site_rows["label"] == POSITIVE).sum()),
+                "n_other": int((site_rows["label"] == OTHER_PNEUMONIA).sum()),
+                "auc": auc["auc"],
+                "auc_ci95": auc["auc_ci95"],
+            }
+        )
+        rows.append(site_rows)
+    predictions = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    pooled: dict = {"n": len(predictions)}
+    if rows:
+        auc = _pooled_auc(
+            predictions["label"].to_numpy(),
+            predictions[f"p_{POSITIVE}"].to_numpy(),
+            predictions["patient_id"].astype(str).to_numpy(),
+            run.config.seed,
+        )
+        pooled.update(
+            n_covid=int((predictions["label"] == POSITIVE).sum()),
+            n_other=int((predictions["label"] == OTHER_PNEUMONIA).sum()),
+            **auc,
+        )
+    return {
+        "what": f"COVID-19 vs {OTHER_PNEUMONIA} inside each site with at least {min_images} of each, the site held out",
+        "min_images": min_images,
+        "sites": records,
+        "pooled": pooled,
+        "predictions": predictions,
+    }
 
 
 def _prediction_rows(frame: pd.DataFrame, probabilities: np.ndarray, unit: str) -> pd.DataFrame:

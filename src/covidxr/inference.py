@@ -96,7 +96,7 @@ def answer(
                 "probabilities": {label: float(v) for label, v in zip(labels, p, strict=True)},
                 "covid_threshold": threshold,
                 "covid_positive": bool(decision == covid) if answered else None,
-                "out_of_distribution": None if guard is None else bool(unlike or flat),
+                "out_of_distribution": True if given else None if guard is None else bool(unlike or flat),
                 "ood_score": None if score is None else float(score),
                 "disclaimer": DISCLAIMER,
             }
@@ -114,10 +114,10 @@ def iterate_predictions(
 ) -> Iterator[list[dict]]:
     """The results of ``paths`` batch by batch, in order, from one DataLoader (so decoding never stops
     between batches); an unreadable file's result is its ``error``."""
-    batches = iterate_batches(paths, run.model.input_transform, batch_size, num_workers, desc)
-    for indices, inputs, errors, blanks in batches:
+    batches = iterate_batches(paths, run.model.input_transform, batch_size, num_workers, desc, check_lungs=True)
+    for indices, inputs, errors, blanks, lungs in batches:
         features, logits = runner(inputs)
-        answers = answer(run, features, logits, blanks)
+        answers = answer(run, features, logits, blanks, [reason or None for reason in lungs])
         yield [
             {"file": output_name(paths[i]), "error": printable(error)}
             if error

