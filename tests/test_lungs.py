@@ -59,7 +59,9 @@ def test_held_out_dice_per_group(table: pd.DataFrame, sidecar: dict) -> None:
     metrics = evaluate(GRAPH, rows)
     assert metrics["children"]["dice_mean"] >= 0.95, metrics
     assert metrics["adults"]["dice_mean"] >= 0.95, metrics
-    assert metrics == sidecar["held_out"]  # the figures the sidecar and README quote
+    for group, recorded in sidecar["held_out"].items():  # the figures the sidecar and README quote
+        assert metrics[group]["images"] == recorded["images"]
+        assert metrics[group]["dice_mean"] == pytest.approx(recorded["dice_mean"], abs=2e-3)
 
 
 def test_bundled_files_and_onnx_matches_torch(table: pd.DataFrame) -> None:
