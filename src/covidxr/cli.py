@@ -693,7 +693,7 @@ def segment_command(images, out):
     "--masks", type=_existing_dir, required=True, help="Mask folder (metadata.csv: mask, image, patient_id, origin)."
 )
 @click.option("--out", type=_path, required=True, help="Run folder (rerun the same command to resume).")
-@click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs [default: SegmenterConfig's].")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs [default: 18, the bundled graph's].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the patient split and of training.")
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="torch threads.")
 @click.option("--bundle", "bundle_it", is_flag=True, help="Copy the finished graph into the package (bundled/).")
