@@ -216,8 +216,12 @@ def leave_one_source_out(
     for folder in external:
         dataset = load_dataset(folder)
         external_features = extract_features(run.model, dataset.paths(), *extraction, progress)
-        same_inputs = external_features if retraining.split is None else retraining.inputs(dataset.paths())
-        external_sets.append((dataset.frame, torch.as_tensor(same_inputs)))
+        same_inputs = (
+            torch.from_numpy(external_features.copy())
+            if retraining.split is None
+            else retraining.inputs(dataset.paths())
+        )
+        external_sets.append((dataset.frame, same_inputs))
         probabilities = head_probabilities(run.model, external_features, run.temperature)
         predicted = [LABELS[k] for k in probabilities.argmax(1)]
         name = f"{dataset.name} (external)"
@@ -329,43 +333,32 @@ def within_site(
                 part["in_run_data"] = trained_on
                 held.append(part)
         site_rows = pd.concat(held, ignore_index=True)
-        auc = _pooled_auc(
-            site_rows["label"].to_numpy(),
-            site_rows[f"p_{POSITIVE}"].to_numpy(),
-            site_rows["patient_id"].astype(str).to_numpy(),
-            run.config.seed,
-        )
-        records.append(
-            {
-                **record,
-                "status": "evaluated",
-                "n_covid": int((site_rows["label"] == POSITIVE).sum()),
-                "n_other": int((site_rows["label"] == OTHER_PNEUMONIA).sum()),
-                "auc": auc["auc"],
-                "auc_ci95": auc["auc_ci95"],
-            }
-        )
+        records.append({**record, "status": "evaluated", **_covid_vs_other(site_rows, run.config.seed)})
         rows.append(site_rows)
     predictions = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
     pooled: dict = {"n": len(predictions)}
     if rows:
-        auc = _pooled_auc(
-            predictions["label"].to_numpy(),
-            predictions[f"p_{POSITIVE}"].to_numpy(),
-            predictions["patient_id"].astype(str).to_numpy(),
-            run.config.seed,
-        )
-        pooled.update(
-            n_covid=int((predictions["label"] == POSITIVE).sum()),
-            n_other=int((predictions["label"] == OTHER_PNEUMONIA).sum()),
-            **auc,
-        )
+        pooled.update(_covid_vs_other(predictions, run.config.seed))
     return {
         "what": f"COVID-19 vs {OTHER_PNEUMONIA} inside each site with at least {min_images} of each, the site held out",
         "min_images": min_images,
         "sites": records,
         "pooled": pooled,
         "predictions": predictions,
+    }
+
+
+def _covid_vs_other(rows: pd.DataFrame, seed: int) -> dict:
+    """Counts and the AUC (patient-bootstrap interval) of p(COVID-19) over COVID-19 vs other-pneumonia rows."""
+    return {
+        "n_covid": int((rows["label"] == POSITIVE).sum()),
+        "n_other": int((rows["label"] == OTHER_PNEUMONIA).sum()),
+        **_pooled_auc(
+            rows["label"].to_numpy(),
+            rows[f"p_{POSITIVE}"].to_numpy(),
+            rows["patient_id"].astype(str).to_numpy(),
+            seed,
+        ),
     }
 
 
