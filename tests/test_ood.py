@@ -81,7 +81,7 @@ def test_cli_gives_no_answer_for_a_photograph(guarded_run: Path, non_xrays: list
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["file", "label", "p(COVID-19)", "flag"]
     photo = next(line for line in lines if line.startswith(non_xrays[1].name))
-    assert photo.endswith("not a chest X-ray like the training images: no answer")
+    assert "not a chest X-ray like the training images" in photo and photo.endswith(": no answer")
     assert not any(label in photo for label in ("COVID-19", "NORMAL", "PNEUMONIA"))
     row = next(line for line in lines if line.startswith(xray.name)).split()
     assert row[1] in {"COVID-19", "NORMAL", "PNEUMONIA"} and 0 <= float(row[2]) <= 1 and len(row) == 3
