@@ -552,6 +552,9 @@ EXPLANATION_KEY_FIGURES = (
     "random_confidence_change",
     "better_than_random_p",
     "mass: lung_field",
+    "lungs: share",
+    "lungs: covid_calls_share",
+    "lungs: uniform_share",
     "randomised_head_rank_correlation",
 )
 
