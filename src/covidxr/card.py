@@ -245,7 +245,7 @@ def render_model_card_html(card: dict) -> str:
         elif line.startswith("- "):
             if not (blocks and isinstance(blocks[-1], Items)):
                 blocks.append(Items([]))
-            blocks[-1].items.append(line.removeprefix("- "))
+            blocks[-1].items.append(line.removeprefix("- ").replace("**", ""))  # HTML has no Markdown bold
         elif line.startswith("**") and line.endswith("**"):
             blocks.append(Text(line.strip("*"), warning=True))
         elif line:
