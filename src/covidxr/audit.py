@@ -45,7 +45,7 @@ from covidxr.errors import CovidxrError
 from covidxr.explain import BORDER_WIDTH, GEOMETRY_DESCRIPTION, LUNG_FIELD, region_masks
 from covidxr.features import backbone_features, extract_features
 from covidxr.inference import head_probabilities
-from covidxr.models import CovidxrNet, to_input_tensor
+from covidxr.models import CovidxrNet, StagedHead, to_input_tensor
 from covidxr.train import Run, load_run
 
 # lungs_hidden: accuracy above chance that survives hiding the lungs (or keeping only the border).
@@ -290,8 +290,9 @@ def attribute_probe(features: np.ndarray, frame: pd.DataFrame, column: str, seed
 
 @torch.no_grad()
 def head_hidden_layer(model: CovidxrNet, features: np.ndarray) -> np.ndarray | None:
-    """The trained head's hidden activations (where a source adversary acts), or None for a linear head."""
-    head = model.head
+    """The trained head's hidden activations (where a source adversary acts; for a staged head, its decisions'
+    shared hidden layer), or None for a linear head."""
+    head = model.head.decisions if isinstance(model.head, StagedHead) else model.head
     if not isinstance(head[0], torch.nn.Linear) or len(head) < 4:
         return None
     head.eval()
