@@ -260,9 +260,10 @@ def bundle_run(run_dir: str | Path, dest: str | Path = BUNDLED) -> Path:
     if missing:
         raise CovidxrError(f"{run_dir}: cannot be bundled without {', '.join(missing)} (evaluate, audit, hold out)")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in BUNDLE_FILES:
-        shutil.copy2(run_dir / name, dest / name)
     info = json.loads((run_dir / "run.json").read_text())
+    fine_tuned = [info["fine_tuned_backbone"]["file"]] if info.get("fine_tuned_backbone") else []
+    for name in (*BUNDLE_FILES, *fine_tuned):  # a fine-tuned backbone ships with its head
+        shutil.copy2(run_dir / name, dest / name)
     info["weights"]["location"] = "pip package"  # no paths of the training machine in the package
     info["data"] = Path(info["data"]).name
     info["datasets"] = [Path(d).name for d in info.get("datasets", [])]
