@@ -121,7 +121,7 @@ class _Retraining:
         if self.split is not None:
             return front_maps(self.base, self.split, paths, config.extract_batch_size, config.num_workers, view)
         extraction = (self.cache_dir, config.extract_batch_size, config.num_workers, self.progress)
-        return torch.from_numpy(extract_features(self.run.model, paths, *extraction, view=view))
+        return torch.tensor(extract_features(self.run.model, paths, *extraction, view=view))
 
     def train_without(self, frame: pd.DataFrame, inputs: torch.Tensor, keep: np.ndarray):
         """The run's protocol retrained on its own train/validation rows outside the held-out unit:
