@@ -31,6 +31,7 @@ from covidxr.preprocess import (
     LUNGS_REASON,
     ImagePipeline,
 )
+from covidxr.report import shortfall, targets_met
 from covidxr.reproduce import reproduce_designs
 from covidxr.train import train
 
@@ -283,3 +284,19 @@ def test_a_lungs_run_trains_predicts_and_serves_end_to_end(designs: Path, datase
         assert refused["label"] is None and "lung check: " in refused["no_answer_reason"]
     finally:
         served.stop()
+
+
+def test_shortfall_adds_how_far_each_validity_target_is_missed() -> None:
+    met = {
+        "within_site_auc": 0.9,
+        "loso_auc": 0.8,
+        "nih_called_covid": 0.1,
+        "kermany_called_covid": 0.0,
+        "covid_sensitivity": 0.9,
+        "lung_share": 0.7,
+    }
+    assert shortfall(met) == 0 and targets_met(met) == 6
+    assert shortfall(met | {"within_site_auc": 0.7, "nih_called_covid": 0.5}) == pytest.approx(0.1 + 0.3)
+    assert targets_met(met | {"within_site_auc": 0.7, "nih_called_covid": 0.5}) == 4
+    unmeasured = {name: None for name in met}
+    assert shortfall(unmeasured) == pytest.approx(0.8 + 0.75 + 0.8 + 0.8 + 0.8 + 0.6) and targets_met(unmeasured) == 0
