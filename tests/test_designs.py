@@ -128,7 +128,8 @@ def test_report_puts_leave_one_source_out_first_with_the_files_numbers(designs: 
     markdown = (designs / "report.md").read_text()
     headings = _headings(markdown)
     assert headings.index("Leave-one-source-out") < headings.index("Internal test split")
-    assert headings.index("Why internal accuracy is not the goal") == 0
+    assert headings[0].startswith("Within-site AUC first")  # the test the source cannot pass leads (issue 17)
+    assert headings.index("Why internal accuracy is not the goal") == 1
     assert not re.search(r"\bnan\b", markdown, re.IGNORECASE) and not re.search(r"\bNone\b", markdown)
     loso_section = _section(markdown, "Leave-one-source-out")
     internal = _section(markdown, "Internal test split")
