@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from covidxr.quantize import int8_engine
 from covidxr.train import checkpoint_matches, load_run
 
 from .test_dicom import decoded_grey, diff, dx_dataset, grey, save, to_bits
-from .test_serve import Server
+from .test_serve import Server, send_concurrently
 
 MB = 1024 * 1024
 
@@ -442,21 +441,12 @@ def test_burst_of_large_uploads_gets_503_before_the_bodies_are_read(tmp_path: Pa
         pid = server.process.pid
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # restart the peak-memory count here
         before = _status_kib(pid, "VmRSS")
-        responses: list[httpx.Response] = []
-        lock = threading.Lock()
-
-        def send() -> None:
-            response = httpx.post(
+        responses = send_concurrently(
+            16,
+            lambda: httpx.post(
                 f"{server.url}/api/predict", content=body, headers={"Content-Type": "image/png"}, timeout=120
-            )
-            with lock:
-                responses.append(response)
-
-        threads = [threading.Thread(target=send) for _ in range(16)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
+            ),
+        )
         assert [r.status_code for r in responses] == [503] * 16
         assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["error"] for r in responses)
         peak_growth_mib = (_status_kib(pid, "VmHWM") - before) / 1024

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -86,6 +86,24 @@ def cat(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("photos") / "chelsea.png"
     Image.fromarray(skimage_data.chelsea()).save(path)
     return path
+
+
+def send_concurrently(count: int, request: Callable[[], httpx.Response]) -> list[httpx.Response]:
+    """``count`` requests at once, each in its own thread; their responses in the order they came back."""
+    responses: list[httpx.Response] = []
+    lock = threading.Lock()
+
+    def send() -> None:
+        response = request()
+        with lock:
+            responses.append(response)
+
+    threads = [threading.Thread(target=send) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return responses
 
 
 def post(server: Server, path: str, content: bytes, name: str = "x.png", field: str = "file", **kw) -> httpx.Response:
@@ -215,19 +233,7 @@ def test_overload_gets_503_with_retry_after_never_a_hang(xrays: list[Path], tmp_
     busy = Server(tmp_path, "--max-queue", "2")
     try:
         content = xrays[0].read_bytes()
-        responses: list[httpx.Response] = []
-        lock = threading.Lock()
-
-        def send() -> None:
-            response = post(busy, "/api/explain", content)
-            with lock:
-                responses.append(response)
-
-        threads = [threading.Thread(target=send) for _ in range(12)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
+        responses = send_concurrently(12, lambda: post(busy, "/api/explain", content))
         assert len(responses) == 12 and {r.status_code for r in responses} <= STATUSES
         refused = [r for r in responses if r.status_code == 503]
         assert refused and all(r.headers["retry-after"] == "1" and "busy" in r.json()["error"] for r in refused)
