@@ -197,8 +197,6 @@ class LungSegmenter:
     """
 
     def __init__(self, graph: str | Path = GRAPH, sidecar: str | Path | None = None, threads: int = 1):
-        import onnxruntime
-
         self.graph = Path(graph)
         sidecar = Path(sidecar) if sidecar is not None else self.graph.with_suffix(".json")
         try:
@@ -217,6 +215,11 @@ class LungSegmenter:
                 f"{self.graph}: SHA-256 {self.sha256[:16]}… does not match {sidecar.name} ({expected[:16]}…); "
                 "reinstall covidxr or rebuild the segmenter with scripts/train_segmenter.sh"
             )
+        try:
+            import onnxruntime
+        except ImportError:  # as the classifier's ``auto`` engine does: torch where onnxruntime is missing
+            self.session, self.torch_model = None, _torch_segmenter(self.graph.with_suffix(".safetensors"))
+            return
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -228,7 +231,13 @@ class LungSegmenter:
         """Lung probability per pixel of model-resolution uint8 inputs, N x size x size, in 1/255 steps
         (uint8: 255 = 1), the form the cache stores."""
         batch = np.stack([normalise(small) for small in smalls])[:, None]
-        logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
+        if self.session is None:
+            import torch
+
+            with torch.no_grad():
+                logits = self.torch_model(torch.from_numpy(batch)).numpy()[:, 0]
+        else:
+            logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
         return np.rint(255.0 / (1.0 + np.exp(-logits))).astype(np.uint8)
 
     def _cache_path(self, small: np.ndarray, cache_dir: Path) -> Path:
@@ -272,6 +281,15 @@ class LungSegmenter:
         scaled = Image.fromarray(kept.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BILINEAR)
         mask = np.asarray(scaled) >= 128
         return LungFields(mask=mask, box=None if reason else _box(mask), area_fraction=area_fraction, reason=reason)
+
+
+def _torch_segmenter(weights: Path):
+    """The segmenter's torch model from its safetensors, for a machine without onnxruntime."""
+    try:
+        from covidxr.lungs_train import load_torch_model
+    except ImportError:
+        raise CovidxrError("the lung segmenter needs onnxruntime: pip install onnxruntime") from None
+    return load_torch_model(weights).eval()
 
 
 _segmenter: LungSegmenter | None = None
