@@ -10,7 +10,7 @@ those of the real network (random weights cost the same arithmetic), but its int
 about a trained ResNet-50 (random activations have other ranges).
 
 **Images.** ``--images`` real X-rays evenly spaced over ``metadata.csv`` of ``--data`` (every class, every
-source) are decoded and preprocessed once per model (``covidxr.data.read_image`` + ``model.input_tensor``:
+source) are decoded and preprocessed once per model (``covidxr.images.read_image`` + ``model.input_tensor``:
 the model's own size and normalisation) into one tensor in memory; decoding is timed for reference and
 never counted. ``--calibration-images`` *other* images, evenly spaced over the remaining rows, are prepared
 the same way for the int8 calibration only.
@@ -81,9 +81,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covidxr.data import read_image
 from covidxr.engines import OnnxEngine, TorchEngine, backbone_sidecar, cached_export, feature_engine, physical_cores
 from covidxr.errors import CovidxrError
+from covidxr.images import read_image
 from covidxr.loop import bf16_supported
 from covidxr.models import CovidxrNet, create_model
 from machine import describe_load, isolated_cache, load_average, machine_lines, timed_pass, warm_up

@@ -47,9 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidxr.data import load_dataset, read_image
+from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.explain import METHODS, Explainer
+from covidxr.images import read_image
 from covidxr.models import CovidxrNet, create_model, to_input_tensor
 from machine import describe_load, load_average
 

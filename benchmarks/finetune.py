@@ -68,8 +68,10 @@ import torch
 from torch import nn
 
 from covidxr.config import TrainConfig
-from covidxr.data import LABELS, load_dataset, read_image
+from covidxr.data import load_dataset
 from covidxr.front import front_maps, split_model
+from covidxr.images import read_image
+from covidxr.labels import LABELS
 from covidxr.loop import TensorSet, Trainee, bf16_supported, fit
 from covidxr.models import CovidxrNet, create_model
 from machine import cpu_bf16_flags, cpu_model, describe_load, linked_dataset, load_average, small_subset

@@ -67,9 +67,9 @@ import torch
 
 from covidxr.calibration import softmax
 from covidxr.config import TrainConfig
-from covidxr.data import read_image
 from covidxr.engines import TorchEngine, physical_cores
 from covidxr.features import iterate_batches
+from covidxr.images import read_image
 from covidxr.inference import make_engine, predict_files
 from covidxr.loop import bf16_supported
 from covidxr.train import Run, load_run, train

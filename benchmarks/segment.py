@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 import covidxr
-from covidxr.data import read_image
 from covidxr.engines import OnnxEngine
+from covidxr.images import read_image
 from covidxr.lungs import LungSegmenter, model_input, normalise
 from machine import describe_load, isolated_cache, load_average, machine_lines
 

@@ -6,7 +6,7 @@ that costs and whether it holds under load:
 
 1. **The bare in-process rate** (first, before the server is started, so the two never share the cores):
    ``covidxr.load_model(path=--model, engine=--engine)``, then one call of
-   ``model.predict([covidxr.data.decode_bytes(data, name)])`` per image (the server decodes the upload
+   ``model.predict([covidxr.images.decode_bytes(data, name)])`` per image (the server decodes the upload
    too, so decoding is counted), cycling over the images held in memory: one untimed warm-up call per
    image (its answers are also the reference the server's are compared with), then ``--bare-requests``
    timed calls. It reports images/s and the median call. The server does a little more per request that
@@ -74,7 +74,7 @@ import pandas as pd
 
 from covidxr import DISCLAIMER, load_model
 from covidxr.api import Model
-from covidxr.data import decode_bytes
+from covidxr.images import decode_bytes
 from machine import cpu_model, describe_load, isolated_cache, load_average
 
 REPO = Path(__file__).resolve().parents[1]

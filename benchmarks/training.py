@@ -50,8 +50,10 @@ import torch
 from torch import nn
 
 from covidxr.config import TrainConfig
-from covidxr.data import LABELS, Dataset, load_dataset, read_image, split_by_patient
+from covidxr.data import Dataset, load_dataset, split_by_patient
 from covidxr.features import extract_features
+from covidxr.images import read_image
+from covidxr.labels import LABELS
 from covidxr.loop import FitResult, TensorSet, Trainee, fit
 from covidxr.models import CovidxrNet, create_model, to_input_tensor
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 import covidxr
 from covidxr.config import TrainConfig
-from covidxr.data import read_image
 from covidxr.errors import CovidxrError
+from covidxr.images import read_image
 from covidxr.train import train
 
 

@@ -25,8 +25,9 @@ from covidxr.audit import (
     source_probe_check,
 )
 from covidxr.config import TrainConfig
-from covidxr.data import load_dataset, read_image
+from covidxr.data import load_dataset
 from covidxr.explain import region_masks
+from covidxr.images import read_image
 from covidxr.models import to_input_tensor
 from covidxr.train import load_run, train
 

@@ -29,9 +29,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from covidxr.data import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, read_image
 from covidxr.dicom import DicomInfo, decode_dicom, dicom_info, install_hint
 from covidxr.errors import CovidxrError
+from covidxr.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, read_image
 from covidxr.models import create_model
 from tests.conftest import CXR3
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxr.data import check_dataset, file_sha256, load_dataset, read_image, split_by_patient
+from covidxr.data import check_dataset, load_dataset, split_by_patient
 from covidxr.duplicates import (
     HASH_BITS,
     HASH_SIZE,
@@ -21,6 +21,7 @@ from covidxr.duplicates import (
     near_duplicate_pairs,
     patient_groups,
 )
+from covidxr.images import file_sha256, read_image
 
 from .conftest import small_subset
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from covidxr.config import TrainConfig
-from covidxr.data import file_sha256, read_image
 from covidxr.engines import OnnxEngine, TorchEngine, backbone_sidecar, cached_export, feature_engine, physical_cores
 from covidxr.errors import CovidxrError
 from covidxr.features import FeatureCache, extract_features
+from covidxr.images import file_sha256, read_image
 from covidxr.models import create_model
 from covidxr.train import load_run, train
 

@@ -14,9 +14,9 @@ import onnxruntime
 import pytest
 
 from covidxr.config import TrainConfig
-from covidxr.data import read_image
 from covidxr.engines import OnnxEngine, TorchEngine, cached_export, sidecar
 from covidxr.errors import CovidxrError
+from covidxr.images import read_image
 from covidxr.inference import predict_files
 from covidxr.train import load_run, train
 

@@ -13,9 +13,9 @@ from PIL import Image
 from skimage import data as skdata
 
 from covidxr.config import TrainConfig
-from covidxr.data import read_image
 from covidxr.errors import CovidxrError
 from covidxr.explain import Explainer, check_maps, explain_files, region_masks
+from covidxr.images import read_image
 from covidxr.models import REGISTRY, create_model, to_input_tensor
 from covidxr.train import load_run, train
 

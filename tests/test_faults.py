@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file
 
 import covidxr
 from covidxr.card import default_model_path
-from covidxr.data import MAX_IMAGE_PIXELS, read_image
 from covidxr.engines import OnnxEngine, TorchEngine, cached_export, graph_sha256, sidecar
 from covidxr.errors import CovidxrError, ImageTooLarge
 from covidxr.features import FeatureCache, compute_features
+from covidxr.images import MAX_IMAGE_PIXELS, read_image
 from covidxr.inference import make_engine, output_name, path_from_output_name, predict_to_file
 from covidxr.loop import CHECKPOINT
 from covidxr.quantize import int8_engine
@@ -309,7 +309,7 @@ def test_a_tampered_feature_entry_is_recomputed_not_used(xrays, tmp_path: Path) 
     clean, errors = compute_features(model, xrays[:2], cache_dir, progress=False)
     assert not errors
     cache = FeatureCache(model, cache_dir, engine="torch")
-    entries = [cache._path(covidxr.data.file_sha256(path)) for path in xrays[:2]]
+    entries = [cache._path(covidxr.images.file_sha256(path)) for path in xrays[:2]]
     # The second image's entry copied over the first's: same size, valid numbers, wrong image.
     shutil.copy(entries[1], entries[0])
     # And numbers in the second changed in place.
@@ -318,7 +318,7 @@ def test_a_tampered_feature_entry_is_recomputed_not_used(xrays, tmp_path: Path) 
     entries[1].write_bytes(bytes(data))
     again, _ = compute_features(model, xrays[:2], cache_dir, progress=False)
     np.testing.assert_allclose(again, clean, rtol=0, atol=1e-5)
-    assert all(cache.get(covidxr.data.file_sha256(path)) is not None for path in xrays[:2])  # rebuilt
+    assert all(cache.get(covidxr.images.file_sha256(path)) is not None for path in xrays[:2])  # rebuilt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import skimage.data
 import torch
 from PIL import Image
 
-from covidxr.data import read_image
 from covidxr.errors import CovidxrError
+from covidxr.images import read_image
 from covidxr.lungs import BUNDLED, GRAPH, SIDECAR, LungSegmenter, fill_holes, label_components, lung_segmenter
 from covidxr.lungs_train import evaluate, held_out_rows, load_torch_model, read_mask_table, split_patients
 

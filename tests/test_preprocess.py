@@ -12,8 +12,8 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from covidxr.data import read_image
 from covidxr.errors import CovidxrError
+from covidxr.images import read_image
 from covidxr.preprocess import INTENSITY_METHODS, AcquisitionAugment, ImagePipeline
 from tests.conftest import ADULT_CONTROLS, CXR3
 

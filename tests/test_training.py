@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from covidxr.config import TrainConfig
-from covidxr.data import LABELS, load_dataset, read_image
+from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.evaluate import compute_metrics, evaluate_run, wilson_interval
 from covidxr.features import FeatureCache, extract_features
+from covidxr.images import read_image
+from covidxr.labels import LABELS
 from covidxr.loop import TensorSet, Trainee, fit
 from covidxr.models import create_model, to_input_tensor
 from covidxr.train import load_run, make_splits, train
@@ -88,7 +90,7 @@ def test_an_unreadable_image_is_named_after_the_others_are_cached(tmp_path: Path
     with pytest.raises(CovidxrError, match="broken.png: not a readable image"):
         extract_features(lite0, [good[0], bad, *good[1:]], cache_dir=tmp_path / "cache", progress=False)
     cache = FeatureCache(lite0, tmp_path / "cache")
-    from covidxr.data import file_sha256
+    from covidxr.images import file_sha256
 
     assert all(cache.get(file_sha256(p)) is not None for p in good)
 

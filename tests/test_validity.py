@@ -16,10 +16,11 @@ from sklearn.metrics import roc_auc_score
 
 from covidxr.api import load_model
 from covidxr.config import TrainConfig
-from covidxr.data import LABELS, read_image
 from covidxr.errors import CovidxrError
 from covidxr.features import prepare
 from covidxr.generalisation import WITHIN_SITE_PREDICTIONS
+from covidxr.images import read_image
+from covidxr.labels import LABELS
 from covidxr.loop import decision_teachers, group_balanced_weights, staged_loss
 from covidxr.lungs import lung_segmenter
 from covidxr.models import StagedHead, make_head

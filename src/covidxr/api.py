@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from covidxr.card import default_model_path
-from covidxr.data import check_dimensions, read_image
 from covidxr.errors import CovidxrError
 from covidxr.explain import METHODS, Explainer, overlay
 from covidxr.features import prepare
+from covidxr.images import check_dimensions, read_image
 from covidxr.inference import answer, make_engine, predict_files
 from covidxr.ood import is_blank
 from covidxr.train import Run, load_run

@@ -40,10 +40,11 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from covidxr import DISCLAIMER
-from covidxr.data import Dataset, load_dataset, read_image
+from covidxr.data import Dataset, load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.explain import BORDER_WIDTH, GEOMETRY_DESCRIPTION, LUNG_FIELD, region_masks
 from covidxr.features import backbone_features, extract_features
+from covidxr.images import read_image
 from covidxr.inference import head_probabilities
 from covidxr.models import CovidxrNet, StagedHead, to_input_tensor
 from covidxr.train import Run, load_run

@@ -106,7 +106,7 @@ def data() -> None:
 @click.option("--out", type=_path, required=True, help="New dataset folder to write (metadata.csv + images/).")
 def data_build(ieee8023: Path | None, kermany: Path | None, out: Path) -> None:
     """Turn raw sources into covidxr's dataset format, dropping identical images."""
-    from covidxr.data import build_dataset, read_ieee8023, read_kermany
+    from covidxr.sources import build_dataset, read_ieee8023, read_kermany
 
     if not ieee8023 and not kermany:
         raise CovidxrError("give at least one source: --ieee8023 DIR and/or --kermany DIR")
@@ -643,7 +643,7 @@ def segment_command(images, out):
     import numpy as np
     from PIL import Image
 
-    from covidxr.data import read_image
+    from covidxr.images import read_image
     from covidxr.inference import expand_inputs
     from covidxr.lungs import lung_segmenter, overlay
 

@@ -28,8 +28,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from covidxr.cache import default_cache_dir
-from covidxr.data import SPLITS, file_sha256, read_image
 from covidxr.errors import CovidxrError
+from covidxr.images import file_sha256, read_image
+from covidxr.labels import SPLITS
 
 HASH_SIZE = 16
 HASH_BITS = HASH_SIZE * HASH_SIZE

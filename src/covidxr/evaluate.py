@@ -17,10 +17,11 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, decide, expected_calibration_error, reliability_curve
-from covidxr.data import load_dataset, read_image
+from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.explain import Explainer, check_maps, input_lungs, overlay, probabilities_of
 from covidxr.features import extract_features
+from covidxr.images import read_image
 from covidxr.inference import head_probabilities
 from covidxr.models import CovidxrNet
 from covidxr.report import write_run_report

@@ -30,8 +30,8 @@ from scipy.stats import spearmanr, wilcoxon
 from torch import nn
 
 from covidxr import DISCLAIMER
-from covidxr.data import read_image
 from covidxr.errors import CovidxrError
+from covidxr.images import read_image
 from covidxr.models import CovidxrNet
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM}

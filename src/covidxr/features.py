@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from covidxr.cache import default_cache_dir
-from covidxr.data import file_sha256, read_image
 from covidxr.engines import feature_engine
 from covidxr.errors import CovidxrError
+from covidxr.images import file_sha256, read_image
 from covidxr.models import CovidxrNet, InputTransform
 from covidxr.ood import is_blank
 from covidxr.preprocess import AcquisitionAugment

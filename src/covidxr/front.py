@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from covidxr.data import file_sha256
 from covidxr.errors import CovidxrError
 from covidxr.features import AugmentedView, ImageTensors
+from covidxr.images import file_sha256
 from covidxr.models import CovidxrNet
 
 # Maps computed in this process, by what determines them: shared by training and every retraining of

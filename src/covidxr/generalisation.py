@@ -32,12 +32,13 @@ from torch import nn
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
-from covidxr.data import LABELS, load_dataset
+from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.evaluate import called_covid_rates
 from covidxr.features import AugmentedView, extract_features
 from covidxr.front import FrontSplit, front_maps, split_model
 from covidxr.inference import head_probabilities
+from covidxr.labels import LABELS
 from covidxr.loop import TensorSet, Trainee, decision_teachers, fit
 from covidxr.models import CovidxrNet, make_head
 from covidxr.train import Run, cached_views, calibrate, load_run, model_from_config

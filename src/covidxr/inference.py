@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, decide, softmax
-from covidxr.data import IMAGE_SUFFIXES
 from covidxr.engines import OnnxEngine, TorchEngine, export_or_fallback, resolve_engine, sidecar
 from covidxr.errors import CovidxrError
 from covidxr.features import iterate_batches
+from covidxr.images import IMAGE_SUFFIXES
 from covidxr.models import CovidxrNet, hash_state_dict
 from covidxr.train import Run
 

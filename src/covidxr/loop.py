@@ -31,8 +31,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from covidxr.config import TrainConfig
-from covidxr.data import read_image
 from covidxr.errors import CovidxrError
+from covidxr.images import read_image
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -207,7 +207,7 @@ def group_balanced_weights(targets: torch.Tensor, domains: torch.Tensor) -> torc
     return class_balanced_weights(groups)
 
 
-# Class indices in covidxr.data.LABELS order (COVID-19, NORMAL, PNEUMONIA), as StagedHead outputs them.
+# Class indices in covidxr.labels.LABELS order (COVID-19, NORMAL, PNEUMONIA), as StagedHead outputs them.
 _COVID, _NORMAL, _PNEUMONIA = 0, 1, 2
 
 

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from covidxr import lungs
-from covidxr.data import read_image
 from covidxr.errors import CovidxrError
+from covidxr.images import read_image
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ import yaml
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import ECE_BINS, describe_operating_point
-from covidxr.data import LABELS, SPLITS, load_dataset, load_datasets
+from covidxr.data import load_dataset, load_datasets
 from covidxr.errors import CovidxrError
+from covidxr.labels import LABELS, SPLITS
 
 # Soares & Soares (2020), test set of 75 images split at random from 375.
 PAPER_RESULTS = {

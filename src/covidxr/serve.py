@@ -32,8 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from covidxr import DISCLAIMER, __version__
 from covidxr.api import Model
 from covidxr.card import model_card, render_model_card_html
-from covidxr.data import decode_bytes
 from covidxr.errors import CovidxrError, ImageTooLarge
+from covidxr.images import decode_bytes
 from covidxr.models import hash_state_dict
 
 MAX_UPLOAD = 30 * 1024 * 1024  # bytes of image per request

@@ -29,12 +29,14 @@ from covidxr import __version__
 from covidxr.cache import default_cache_dir
 from covidxr.calibration import POSITIVE, choose_threshold, expected_calibration_error, fit_temperature, softmax
 from covidxr.config import TrainConfig
-from covidxr.data import LABELS, SPLITS, Dataset, load_datasets, read_image, split_by_patient
+from covidxr.data import Dataset, load_datasets, split_by_patient
 from covidxr.duplicates import crossing_pairs, near_duplicate_pairs, patient_groups
 from covidxr.engines import feature_engine
 from covidxr.errors import CovidxrError
 from covidxr.features import AugmentedView, extract_features
 from covidxr.front import FrontSplit, front_maps, split_model
+from covidxr.images import read_image
+from covidxr.labels import LABELS, SPLITS
 from covidxr.loop import (
     CHECKPOINT,
     Distributed,
