@@ -22,10 +22,11 @@ from covidxr.calibration import (
 )
 from covidxr.card import model_card, render_model_card
 from covidxr.config import TrainConfig
-from covidxr.evaluate import compute_metrics, evaluate_run
+from covidxr.evaluate import evaluate_run
 from covidxr.features import extract_features
 from covidxr.inference import predict_files
 from covidxr.labels import LABELS
+from covidxr.metrics import compute_metrics
 from covidxr.reproduce import reproduce
 from covidxr.train import load_run, train
 

@@ -14,11 +14,12 @@ import torch
 from covidxr.config import TrainConfig
 from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
-from covidxr.evaluate import compute_metrics, evaluate_run, wilson_interval
+from covidxr.evaluate import evaluate_run
 from covidxr.features import FeatureCache, extract_features
 from covidxr.images import read_image
 from covidxr.labels import LABELS
 from covidxr.loop import TensorSet, Trainee, fit
+from covidxr.metrics import compute_metrics, wilson_interval
 from covidxr.models import create_model, to_input_tensor
 from covidxr.train import load_run, make_splits, train
 

@@ -27,19 +27,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, softmax
 from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
-from covidxr.evaluate import called_covid_rates
 from covidxr.features import AugmentedView, extract_features
 from covidxr.front import FrontSplit, front_maps, split_model
 from covidxr.inference import head_probabilities
 from covidxr.labels import LABELS
 from covidxr.loop import TensorSet, Trainee, decision_teachers, fit
+from covidxr.metrics import auc_or_none, called_covid_rates, patient_bootstrap
 from covidxr.models import CovidxrNet, make_head
 from covidxr.train import Run, cached_views, calibrate, load_run, model_from_config
 
@@ -47,7 +46,6 @@ MIN_UNIT_IMAGES = 25  # sites with fewer images are held out together, as "other
 MIN_WITHIN_SITE_IMAGES = 10  # COVID-19 and other-pneumonia images a site needs for the within-site test
 OTHER_PNEUMONIA = "PNEUMONIA"
 WITHIN_SITE_PREDICTIONS = "within_site_predictions.csv"
-BOOTSTRAP_REPLICATES = 1000
 
 
 @dataclass(frozen=True)
@@ -86,16 +84,8 @@ def _pooled_auc(truth: np.ndarray, score: np.ndarray, patients: np.ndarray, seed
     covid = truth == POSITIVE
     if covid.all() or not covid.any():
         return {"auc": None, "auc_ci95": None}
-    rng = np.random.default_rng(seed)
-    codes, members = np.unique(patients, return_inverse=True)
-    rows_of = [np.flatnonzero(members == i) for i in range(len(codes))]
-    draws = []
-    for _ in range(BOOTSTRAP_REPLICATES):
-        rows = np.concatenate([rows_of[i] for i in rng.integers(0, len(codes), len(codes))])
-        if 0 < covid[rows].sum() < len(rows):
-            draws.append(roc_auc_score(covid[rows], score[rows]))
-    interval = [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))] if draws else None
-    return {"auc": float(roc_auc_score(covid, score)), "auc_ci95": interval}
+    intervals = patient_bootstrap(lambda rows: {"auc": auc_or_none(covid[rows], score[rows])}, patients, seed)
+    return {"auc": auc_or_none(covid, score), "auc_ci95": intervals.get("auc")}
 
 
 @dataclass

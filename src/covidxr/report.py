@@ -1878,7 +1878,7 @@ def _designs_figure(out: Path, designs: list[_Design], adult: list[str]) -> list
     """Held-out COVID-19 sensitivity against the share of held-out adult non-COVID images called COVID-19."""
     import matplotlib.pyplot as plt
 
-    from covidxr.evaluate import save_with_disclaimer
+    from covidxr.figures import save_with_disclaimer
 
     points = []
     for d in designs:
