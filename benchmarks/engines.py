@@ -19,10 +19,10 @@ the same way for the int8 calibration only.
 
 1. *torch eager fp32*: ``model.features(x)`` on the NCHW batch under ``torch.inference_mode()`` (the
    reference);
-2. *torch channels-last fp32*: ``covidxr.engines.TorchEngine(model).features(x)``;
+2. *torch channels-last fp32*: ``covidxr.export.TorchEngine(model).features(x)``;
 3. *torch bf16 autocast*: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where
    ``covidxr.loop.bf16_supported`` says this CPU can ("not supported" otherwise);
-4. *onnxruntime fp32*: ``covidxr.engines.feature_engine(model, "onnx", cache)``, which exports the backbone
+4. *onnxruntime fp32*: ``covidxr.export.feature_engine(model, "onnx", cache)``, which exports the backbone
    graph once into ``<cache>/onnx/`` of a fresh temporary cache (that call, export + onnx check + validation
    load + session, is timed once and printed, not counted);
 5. *onnxruntime int8*: ``covidxr.quantize.quantize_graph`` (static, QDQ) of that exported fp32 graph
@@ -81,8 +81,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covidxr.engines import OnnxEngine, TorchEngine, backbone_sidecar, cached_export, feature_engine, physical_cores
+from covidxr.engines import OnnxEngine, physical_cores
 from covidxr.errors import CovidxrError
+from covidxr.export import TorchEngine, backbone_sidecar, cached_export, feature_engine
 from covidxr.images import read_image
 from covidxr.loop import bf16_supported
 from covidxr.models import CovidxrNet, create_model
@@ -387,7 +388,7 @@ def integrity_costs(paths: list[Path], repeats: int, cache: Path) -> None:
     from covidxr.card import default_model_path
     from covidxr.features import FeatureCache, compute_features
     from covidxr.inference import predict_files
-    from covidxr.train import load_run
+    from covidxr.runs import load_run
 
     run = load_run(default_model_path())
     checked_graph, checked_get = engines.graph_sha256, FeatureCache.get

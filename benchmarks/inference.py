@@ -65,14 +65,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from covidxr.batches import iterate_batches
 from covidxr.calibration import softmax
 from covidxr.config import TrainConfig
-from covidxr.engines import TorchEngine, physical_cores
-from covidxr.features import iterate_batches
+from covidxr.engines import physical_cores
+from covidxr.export import TorchEngine
 from covidxr.images import read_image
 from covidxr.inference import make_engine, predict_files
 from covidxr.loop import bf16_supported
-from covidxr.train import Run, load_run, train
+from covidxr.runs import Run, load_run
+from covidxr.train import train
 from machine import (
     describe_load,
     isolated_cache,

@@ -29,7 +29,8 @@ from covidxr.data import load_dataset
 from covidxr.explain import region_masks
 from covidxr.images import read_image
 from covidxr.models import to_input_tensor
-from covidxr.train import load_run, train
+from covidxr.runs import load_run
+from covidxr.train import train
 
 from .conftest import linked_dataset, small_subset
 

@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from covidxr.config import TrainConfig
-from covidxr.engines import OnnxEngine, TorchEngine, backbone_sidecar, cached_export, feature_engine, physical_cores
+from covidxr.engines import OnnxEngine, physical_cores
 from covidxr.errors import CovidxrError
+from covidxr.export import TorchEngine, backbone_sidecar, cached_export, feature_engine
 from covidxr.features import FeatureCache, extract_features
 from covidxr.images import file_sha256, read_image
 from covidxr.models import create_model
-from covidxr.train import load_run, train
+from covidxr.runs import load_run
+from covidxr.train import train
 
 TOLERANCE = 1e-4  # absolute, float32
 PRETRAINED_HERE = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -110,15 +112,16 @@ def _unexportable(model):
 
 
 def test_unexportable_model_falls_back_to_torch_with_one_line(
-    xrays: list, tmp_path: Path, capsys: pytest.CaptureFixture
+    xrays: list, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = _unexportable(create_model("efficientnet_lite0", image_size=224))
     paths = [tmp_path / f"x{i}.png" for i in range(2)]
     for image, path in zip(xrays, paths, strict=False):
         image.save(path)
     features = extract_features(model, paths, tmp_path / "cache", progress=False)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "could not be exported to ONNX" in err[0] and "running it with torch instead" in err[0]
+    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    assert "could not be exported to ONNX" in warned[0] and "running it with torch instead" in warned[0]
     inputs = torch.stack([model.input_tensor(read_image(p)) for p in paths])
     assert np.abs(features - TorchEngine(model).features(inputs)).max() == 0
     # Asked for explicitly, the failure is an error, not a silent change of engine.

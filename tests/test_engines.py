@@ -14,11 +14,13 @@ import onnxruntime
 import pytest
 
 from covidxr.config import TrainConfig
-from covidxr.engines import OnnxEngine, TorchEngine, cached_export, sidecar
+from covidxr.engines import OnnxEngine
 from covidxr.errors import CovidxrError
+from covidxr.export import TorchEngine, cached_export, sidecar
 from covidxr.images import read_image
 from covidxr.inference import predict_files
-from covidxr.train import load_run, train
+from covidxr.runs import load_run
+from covidxr.train import train
 
 
 @pytest.fixture(scope="module")

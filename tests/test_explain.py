@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from covidxr.api import load_model
 from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
-from covidxr.explain import Explainer, check_maps, explain_files, region_masks
+from covidxr.explain import Explainer, check_maps, region_masks
 from covidxr.images import read_image
 from covidxr.models import REGISTRY, create_model, to_input_tensor
-from covidxr.train import load_run, train
+from covidxr.runs import load_run
+from covidxr.train import train
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +76,12 @@ def test_explain_files_writes_overlays_and_maps_and_skips_bad_files(
     Image.fromarray(skdata.chelsea()).save(cat)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    results = explain_files(run.model, run.labels, [good[0], cat, broken, good[1]], tmp_path / "out", "gradcam++")
+    model = load_model(small_run)
+    results = model.explain_files([good[0], cat, broken, good[1]], tmp_path / "out", "gradcam++")
     assert "colour photograph" in results[1]["error"] and "cat.png" in results[1]["error"]
     assert "broken.jpg" in results[2]["error"]
     for result in (results[0], results[3]):
-        assert result["label"] in run.labels and 0 < result["probability"] <= 1
+        assert result["target"] in run.labels and 0 < result["probability"] <= 1
         overlay = Image.open(result["overlay"])
         assert overlay.size == read_image(result["file"]).size and overlay.mode == "RGB"
         raw = np.load(result["map"])

@@ -30,14 +30,16 @@ from safetensors.torch import load_file, save_file
 
 import covidxr
 from covidxr.card import default_model_path
-from covidxr.engines import OnnxEngine, TorchEngine, cached_export, graph_sha256, sidecar
+from covidxr.engines import OnnxEngine, graph_sha256
 from covidxr.errors import CovidxrError, ImageTooLarge
+from covidxr.export import TorchEngine, cached_export, sidecar
 from covidxr.features import FeatureCache, compute_features
 from covidxr.images import MAX_IMAGE_PIXELS, read_image
 from covidxr.inference import make_engine, output_name, path_from_output_name, predict_to_file
 from covidxr.loop import CHECKPOINT
 from covidxr.quantize import int8_engine
-from covidxr.train import checkpoint_matches, load_run
+from covidxr.runs import load_run
+from covidxr.train import checkpoint_matches
 
 from .test_dicom import decoded_grey, diff, dx_dataset, grey, save, to_bits
 from .test_serve import Server, send_concurrently

@@ -28,7 +28,8 @@ from covidxr.inference import predict_files
 from covidxr.labels import LABELS
 from covidxr.metrics import compute_metrics
 from covidxr.reproduce import reproduce
-from covidxr.train import load_run, train
+from covidxr.runs import load_run
+from covidxr.train import train
 
 from .conftest import linked_dataset
 

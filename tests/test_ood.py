@@ -18,7 +18,8 @@ from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
 from covidxr.inference import predict_files
 from covidxr.ood import OODGuard, fit_guard
-from covidxr.train import load_run, train
+from covidxr.runs import load_run
+from covidxr.train import train
 
 from .conftest import linked_dataset, small_subset
 
@@ -59,7 +60,7 @@ def test_real_test_xrays_pass_and_non_xrays_are_flagged(guarded_run: Path, non_x
     info = json.loads((guarded_run / "run.json").read_text())
     assert info["out_of_distribution"]["threshold"] == pytest.approx(run.ood_guard.threshold)
     test = run.splits().query("split == 'test'")
-    xrays = predict_files(run, [Path(run.info["data"]) / f for f in test["filename"]], progress=False)
+    xrays = predict_files(run, [Path(run.info.data) / f for f in test["filename"]], progress=False)
     passed = np.mean([not r["out_of_distribution"] for r in xrays])
     assert passed >= 0.95, f"only {passed:.0%} of {len(xrays)} real test X-rays pass the guard"
     others = predict_files(run, non_xrays, progress=False)

@@ -17,7 +17,8 @@ from PIL import Image
 from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
 from covidxr.inference import predict_to_file
-from covidxr.train import load_run, train
+from covidxr.runs import load_run
+from covidxr.train import train
 
 N_GOOD = 24
 

@@ -17,7 +17,8 @@ from covidxr.calibration import decide
 from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
 from covidxr.quantize import int8_path, quantize_run
-from covidxr.train import load_run, train
+from covidxr.runs import load_run
+from covidxr.train import train
 
 from .conftest import linked_dataset, small_subset
 

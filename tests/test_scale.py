@@ -25,7 +25,8 @@ from covidxr.evaluate import evaluate_run
 from covidxr.features import extract_features
 from covidxr.loop import TensorSet, bf16_supported
 from covidxr.models import create_model
-from covidxr.train import load_run, make_splits, train
+from covidxr.runs import load_run
+from covidxr.train import make_splits, train
 
 from .conftest import ADULT_CONTROLS, linked_dataset, small_subset
 

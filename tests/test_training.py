@@ -21,7 +21,8 @@ from covidxr.labels import LABELS
 from covidxr.loop import TensorSet, Trainee, fit
 from covidxr.metrics import compute_metrics, wilson_interval
 from covidxr.models import create_model, to_input_tensor
-from covidxr.train import load_run, make_splits, train
+from covidxr.runs import load_run
+from covidxr.train import make_splits, train
 
 from .conftest import linked_dataset
 
@@ -163,7 +164,7 @@ def test_load_run_refuses_different_backbone_weights(trained_run: Path, tmp_path
     other = create_model("efficientnet_lite0", pretrained=False).backbone.body.state_dict()
     torch.save(other, tmp_path / "other.pth")
     with pytest.raises(CovidxrError, match="was trained on efficientnet_lite0 weights"):
-        load_run(trained_run, weights=tmp_path / "other.pth")
+        _ = load_run(trained_run, weights=tmp_path / "other.pth").model  # built (and checked) on first use
 
 
 def test_metrics_by_hand() -> None:

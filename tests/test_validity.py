@@ -15,9 +15,9 @@ from skimage import data as skimage_data
 from sklearn.metrics import roc_auc_score
 
 from covidxr.api import load_model
+from covidxr.batches import prepare
 from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
-from covidxr.features import prepare
 from covidxr.generalisation import WITHIN_SITE_PREDICTIONS
 from covidxr.images import read_image
 from covidxr.labels import LABELS

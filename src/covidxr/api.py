@@ -13,21 +13,24 @@ Every result carries the research-use disclaimer. The command line is built on t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from covidxr.batches import prepare
+from covidxr.cam import COLOUR_SPREAD_LIMIT, DenseHead, colour_spread, gradcam, lung_shares, lungs_on_input, overlay
 from covidxr.card import default_model_path
+from covidxr.engines import TRAIN_EXTRA, OnnxEngine, torch_available
 from covidxr.errors import CovidxrError
-from covidxr.explain import METHODS, Explainer, overlay
-from covidxr.features import prepare
 from covidxr.images import check_dimensions, read_image
-from covidxr.inference import answer, make_engine, predict_files
+from covidxr.inference import answer, input_transform, make_engine, predict_files
 from covidxr.ood import is_blank
-from covidxr.train import Run, load_run
+from covidxr.runs import HEAD_FILE, Run, load_run
+
+METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")  # covidxr.explain.METHODS, without importing torch
 
 ImageLike = str | Path | Image.Image | np.ndarray
 SINGLE = (str, Path, Image.Image, np.ndarray)  # one image; anything else is a sequence of them
@@ -60,6 +63,7 @@ class Model:
     def __init__(self, run: Run, engine: str = "auto", cache_dir: str | Path | None = None, threads: int | None = None):
         self.run, self.cache_dir = run, cache_dir
         self.engine = make_engine(run, engine, cache_dir, threads)
+        self.transform = input_transform(run, self.engine)
 
     def __repr__(self) -> str:
         engine = type(self.engine).__name__.removesuffix("Engine").lower()
@@ -100,8 +104,8 @@ class Model:
         results = []
         for start in range(0, len(decoded), batch_size):
             batch = decoded[start : start + batch_size]
-            prepared = [prepare(self.run.model.input_transform, image) for image in batch]
-            features, logits = self.engine(torch.stack([tensor for tensor, _ in prepared]))
+            prepared = [prepare(self.transform, image) for image in batch]
+            features, logits = self.engine(np.stack([array for array, _ in prepared]))
             reasons = [reason or None for _, reason in prepared]
             results += answer(self.run, features, logits, [is_blank(image) for image in batch], reasons)
         return results
@@ -109,7 +113,8 @@ class Model:
     def explain(self, images: ImageLike | Sequence[ImageLike], method: str = "gradcam") -> dict | list[dict]:
         """``predict``'s answer plus the class activation map (``map``, input-sized floats in [0, 1])
         of ``target`` — the label, or the most probable class for an image given no answer — and its
-        ``overlay`` on the image (a PIL image). Explanations need gradients, so they always run in torch.
+        ``overlay`` on the image (a PIL image). Grad-CAM of a model whose graph holds its activations
+        (the bundled model) is computed in numpy (``covidxr.cam``); other methods and models run in torch.
 
         >>> model.explain("a.png")["overlay"].save("a.gradcam.png")
         """
@@ -119,18 +124,88 @@ class Model:
             return self.explain([images], method)[0]
         decoded = [_as_image(item) for item in images]
         results = self.predict(decoded)
-        explainer = Explainer(self.run.model, method)
-        inputs = torch.stack([self.run.model.input_tensor(image) for image in decoded])
         targets = [r["label"] or max(r["probabilities"], key=r["probabilities"].get) for r in results]
-        maps = explainer(inputs, [self.labels.index(target) for target in targets])
+        classes = np.array([self.labels.index(target) for target in targets])
+        inputs = np.stack([self.transform(image) for image in decoded])
+        maps = self._maps(inputs, classes, method)
         for result, image, cam, target in zip(results, decoded, maps, targets, strict=True):
             result |= {
                 "method": method,
                 "target": target,
                 "map": cam,
-                "overlay": overlay(self.run.model.pipeline(image), cam),
+                "overlay": overlay(self.transform.pipeline(image), cam),
             }
         return results
+
+    def explain_files(
+        self, paths: Sequence[str | Path], out: str | Path, method: str = "gradcam", batch_size: int = 8
+    ) -> list[dict]:
+        """``explain`` each file into ``out``: ``<name>.<method>.png`` (overlay) and ``.npy`` (raw map); each
+        result also says how much of the map lies inside the lungs (``lung_share``). Unreadable files and
+        colour photographs get their ``error`` and are skipped; the others are still explained."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        results: list[dict] = [{"file": str(path)} for path in paths]
+        ready: list[tuple[int, Image.Image]] = []
+        for i, path in enumerate(paths):
+            try:
+                image = read_image(path)
+            except CovidxrError as exc:
+                results[i]["error"] = str(exc)
+                continue
+            spread = colour_spread(image)
+            if spread > COLOUR_SPREAD_LIMIT:
+                results[i]["error"] = (
+                    f"{path}: a colour photograph (channel spread {spread:.0f}/255), not a grey chest X-ray; "
+                    "not explained"
+                )
+                continue
+            ready.append((i, image))
+        used_names: set[str] = set()
+        for start in range(0, len(ready), batch_size):
+            batch = ready[start : start + batch_size]
+            explained = self.explain([image for _, image in batch], method)
+            size, pipeline = self.transform.image_size, self.transform.pipeline
+            shares = lung_shares(
+                np.stack([e["map"] for e in explained]), [lungs_on_input(size, pipeline, im) for _, im in batch]
+            )
+            for (i, image), result, share in zip(batch, explained, shares, strict=True):
+                name = Path(paths[i]).stem
+                name = name if name not in used_names else f"{name}-{i}"
+                used_names.add(name)
+                overlay_path, map_path = out / f"{name}.{method}.png", out / f"{name}.{method}.npy"
+                cam = result.pop("map")
+                overlay(image, cam).save(overlay_path)
+                np.save(map_path, cam.astype(np.float32))
+                results[i] |= {
+                    **{k: v for k, v in result.items() if k != "overlay"},
+                    "probability": result["probabilities"][result["target"]],
+                    "lung_share": None if np.isnan(share) else float(share),
+                    "overlay": str(overlay_path),
+                    "map": str(map_path),
+                }
+        return results
+
+    def _maps(self, inputs: np.ndarray, classes: np.ndarray, method: str) -> np.ndarray:
+        cam = self._numpy_cam()
+        if method == "gradcam" and cam is not None:
+            *_, activations = self.engine.with_activations(inputs)
+            return gradcam(activations, DenseHead(self.run.path / HEAD_FILE), classes, cam, self.transform.image_size)
+        if not torch_available():
+            raise CovidxrError(f"{method} for this model needs torch: {TRAIN_EXTRA}")
+        import torch
+
+        from covidxr.explain import Explainer
+
+        return Explainer(self.run.model, method)(torch.from_numpy(inputs), classes.tolist())
+
+    def _numpy_cam(self) -> str | None:
+        """The elementwise step for ``covidxr.cam`` where this engine's graph holds the Grad-CAM activations."""
+        if not isinstance(self.engine, OnnxEngine) or "activations" not in self.engine.outputs:
+            return None
+        sidecar = self.engine.path.with_suffix(".json")
+        cam = (json.loads(sidecar.read_text()).get("cam") or {}) if sidecar.is_file() else {}
+        return cam.get("activation")
 
 
 def load_model(
@@ -138,15 +213,19 @@ def load_model(
     engine: str = "auto",
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    weights: str | Path | None = None,
+    weights_dir: str | Path | None = None,
 ) -> Model:
     """A trained model from a run folder (``covidxr train`` / ``reproduce`` output), or with no path
     the model bundled with the package (see its card: ``covidxr model-card``).
 
     ``engine``: ``auto`` (onnxruntime on a CPU where it is installed, else torch), ``torch`` or ``onnx``;
-    ``threads``: onnxruntime's intra-op threads (default: the physical cores).
+    ``threads``: onnxruntime's intra-op threads (default: the physical cores); ``weights`` /
+    ``weights_dir``: where the backbone's weights are, where the torch model is needed.
 
     >>> model = covidxr.load_model()                 # or load_model("runs/lite0")
     >>> model.predict("chest.png")["label"]
     'NORMAL'
     """
-    return Model(load_run(path if path is not None else default_model_path()), engine, cache_dir, threads)
+    run = load_run(path if path is not None else default_model_path(), weights, weights_dir)
+    return Model(run, engine, cache_dir, threads)

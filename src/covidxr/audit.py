@@ -45,9 +45,8 @@ from covidxr.errors import CovidxrError
 from covidxr.explain import BORDER_WIDTH, GEOMETRY_DESCRIPTION, LUNG_FIELD, region_masks
 from covidxr.features import backbone_features, extract_features
 from covidxr.images import read_image
-from covidxr.inference import head_probabilities
-from covidxr.models import CovidxrNet, StagedHead, to_input_tensor
-from covidxr.train import Run, load_run
+from covidxr.models import CovidxrNet, StagedHead, head_probabilities, to_input_tensor
+from covidxr.runs import Run, load_run
 
 # lungs_hidden: accuracy above chance that survives hiding the lungs (or keeping only the border).
 # A margin of 0.25 cannot come from sampling noise on a test set of ~30+ images; 0.10 is worth a look.

@@ -18,9 +18,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
-from scipy.optimize import minimize_scalar
-from sklearn.metrics import roc_curve
 
 YOUDEN = "youden"
 ECE_BINS = 15
@@ -28,7 +25,15 @@ POSITIVE = "COVID-19"
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, dim=1).numpy()
+    """Row-wise softmax of ``logits / temperature`` in float64 (shifted by the row maximum, so it never overflows)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _log_softmax(scaled: np.ndarray) -> np.ndarray:
+    shifted = scaled - scaled.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -43,11 +48,13 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     """
     if (logits.argmax(1) == targets).all():
         return 1.0
-    logits_t = torch.as_tensor(logits, dtype=torch.float64)
-    targets_t = torch.as_tensor(targets, dtype=torch.long)
+    from scipy.optimize import minimize_scalar  # fitting happens in training only
+
+    logits = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(targets))
 
     def nll(log_temperature: float) -> float:
-        return float(torch.nn.functional.cross_entropy(logits_t / np.exp(log_temperature), targets_t))
+        return float(-_log_softmax(logits / np.exp(log_temperature))[rows, targets].mean())
 
     low, high = np.log(TEMPERATURE_BOUNDS[0]), np.log(TEMPERATURE_BOUNDS[1])
     return float(np.exp(minimize_scalar(nll, bounds=(low, high), method="bounded").x))
@@ -103,6 +110,8 @@ def choose_threshold(covid_probability: np.ndarray, is_covid: np.ndarray) -> Ope
     if positives == 0 or positives == len(is_covid):
         value = 0.5
     else:
+        from sklearn.metrics import roc_curve  # fitting happens in training only
+
         false_positive_rate, true_positive_rate, cut_offs = roc_curve(is_covid, covid_probability)
         # roc_curve lists cut-offs from high to low, and argmax takes the first maximum: the highest.
         value = float(min(cut_offs[int(np.argmax(true_positive_rate - false_positive_rate))], 1.0))

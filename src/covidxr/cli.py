@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import click
-import pandas as pd
 
 from covidxr import DISCLAIMER, __version__
 from covidxr.config import DECISIONS, LUNG_MODES, PRECISIONS, TrainConfig
+from covidxr.engines import TRAIN_EXTRA
 from covidxr.errors import CovidxrError
 
 _path = click.Path(path_type=Path)
@@ -20,14 +22,28 @@ DEFAULT_EXTERNAL = Path("../shared/data/adult-controls")
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
+# What the training install adds (pip install "covidxr[train]"); the runtime install has none of them.
+TRAIN_MODULES = {
+    "torch", "torchvision", "timm", "sklearn", "scipy", "skimage", "matplotlib", "pandas", "pytorch_grad_cam",
+    "imagehash", "onnx", "efficientnet_lite_pytorch", "cv2",
+}  # fmt: skip
+
+
 class FriendlyGroup(click.Group):
-    """Turns CovidxrError into click's one-line ``Error: …`` and a non-zero exit."""
+    """Turns CovidxrError into click's one-line ``Error: …`` and a non-zero exit; a command that needs the
+    training install where only the runtime is installed says what to install, in one line."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except CovidxrError as exc:
             raise click.ClickException(str(exc)) from None
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
+                raise
+            raise click.ClickException(
+                f"this command needs the training install ({exc.name} is missing): {TRAIN_EXTRA}"
+            ) from None
 
 
 weights_file_option = click.option(
@@ -111,6 +127,8 @@ def data_build(ieee8023: Path | None, kermany: Path | None, out: Path) -> None:
     if not ieee8023 and not kermany:
         raise CovidxrError("give at least one source: --ieee8023 DIR and/or --kermany DIR")
     parts = ([read_ieee8023(ieee8023)] if ieee8023 else []) + ([read_kermany(kermany)] if kermany else [])
+    import pandas as pd
+
     frame, skipped = build_dataset(pd.concat(parts, ignore_index=True), out)
     for message in skipped:
         click.echo(message, err=True)
@@ -310,7 +328,7 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
     from covidxr.calibration import describe_operating_point
     from covidxr.card import default_model_path
     from covidxr.inference import expand_inputs, make_engine, predict_files, predict_to_file
-    from covidxr.train import load_run
+    from covidxr.runs import load_run
 
     loaded = load_run(run or default_model_path(), weights, weights_dir)
     runner = make_engine(loaded, engine, cache_dir, threads)
@@ -326,7 +344,7 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
             click.echo(f"ERROR {row['error']}", err=True)
         flagged = sum(bool(row["out_of_distribution"]) for row in rows)
         labels = [row["label"] or "no answer" for row in rows if not row["error"]]
-        counts = pd.Series(labels, dtype=object).value_counts().to_dict()
+        counts = dict(Counter(labels).most_common())
         click.echo(
             f"{len(rows)} image(s) → {out}: {', '.join(f'{k} {v}' for k, v in counts.items()) or 'none readable'}; "
             f"{flagged} out-of-distribution; {len(errors)} unreadable "
@@ -344,7 +362,7 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
         click.echo(_prediction_table(results))
         click.echo(
             f"label: COVID-19 when p(COVID-19) reaches {loaded.covid_threshold:.3f} "
-            f"({describe_operating_point(loaded.info.get('calibration', {}).get('covid_threshold'))}), otherwise "
+            f"({describe_operating_point(loaded.info.threshold_record)}), otherwise "
             "the more probable other class; full paths with --json or --out.\n" + DISCLAIMER
         )
     failures = sum("error" in r for r in results)
@@ -358,14 +376,12 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
 @click.option("--out", type=_path, default=None, help="Output .onnx file (default: RUN/model.onnx).")
 @weights_options
 def export_command(run, fmt, out, weights, weights_dir):
-    """Export a run as one graph (preprocessed image → features, logits) plus a JSON sidecar."""
-    from covidxr.engines import export_onnx, sidecar
-    from covidxr.train import load_run
+    """Export a run as one graph (preprocessed image → features, logits, Grad-CAM activations) plus a JSON
+    sidecar; in the run folder (the default) it lets prediction run without torch."""
+    from covidxr.export import export_run_graph
+    from covidxr.runs import load_run
 
-    loaded = load_run(run, weights, weights_dir)
-    target = out or loaded.path / "model.onnx"
-    info = sidecar(loaded.model, loaded.labels, loaded.temperature, loaded.covid_threshold)
-    export_onnx(loaded.model, target, info)
+    target = export_run_graph(load_run(run, weights, weights_dir), out)
     click.echo(f"wrote {target} and {target.with_suffix('.json')} (labels, preprocessing, temperature, threshold)")
 
 
@@ -387,7 +403,7 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
     kept only if it stays accurate on the validation split."""
     from covidxr.card import default_model_path
     from covidxr.quantize import quantize_run
-    from covidxr.train import load_run
+    from covidxr.runs import load_run
 
     loaded = load_run(run or default_model_path(), weights, weights_dir)
     report = quantize_run(loaded, method, max_drop, calibration_images, cache_dir, data_root)
@@ -422,8 +438,8 @@ def serve_command(run, host, port, engine, threads, max_queue, weights, weights_
     """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs)."""
     from covidxr.api import Model
     from covidxr.card import default_model_path
+    from covidxr.runs import load_run
     from covidxr.serve import serve
-    from covidxr.train import load_run
 
     model = Model(load_run(run or default_model_path(), weights, weights_dir), engine, cache_dir, threads)
     click.echo(f"covidxr: serving {model.run.path.name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
@@ -445,10 +461,15 @@ def model_card_command(run, as_json):
 @click.argument("run", type=_path)
 @click.option("--dest", type=_path, default=None, help="Destination folder (default: the package's bundled/).")
 def bundle_command(run, dest):
-    """Make an evaluated, audited and held-out run the packaged default model (for maintainers)."""
+    """Make an evaluated, audited and held-out run the packaged default model (for maintainers), with its
+    exported graph, so the package predicts without torch."""
     from covidxr.card import BUNDLED, bundle_run
+    from covidxr.export import export_run_graph
+    from covidxr.runs import load_run
 
-    click.echo(f"bundled {run} → {bundle_run(run, dest or BUNDLED)}")
+    bundled = bundle_run(run, dest or BUNDLED)
+    graph = export_run_graph(load_run(bundled))
+    click.echo(f"bundled {run} → {bundled} (graph {graph.name}, {graph.stat().st_size / 1e6:.1f} MB)")
 
 
 @cli.command("explain")
@@ -472,20 +493,19 @@ def bundle_command(run, dest):
 @weights_options
 def explain_command(images, run, method, out, weights, weights_dir):
     """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
-    from covidxr.card import default_model_path
-    from covidxr.explain import explain_files
-    from covidxr.train import load_run
+    from covidxr.api import load_model
 
-    loaded = load_run(run or default_model_path(), weights, weights_dir)
-    results = explain_files(loaded.model, loaded.labels, images, out, method)
+    model = load_model(run, weights=weights, weights_dir=weights_dir)
+    results = model.explain_files(images, out, method)
     for result in results:
         if "error" in result:
             click.echo(f"{result['file']}: ERROR {result['error']}")
         else:
             share = result["lung_share"]
             inside = "lungs not found" if share is None else f"{share:.0%} of the map inside the lungs"
+            which = "the label" if result["label"] else "the most probable class (no answer given)"
             click.echo(
-                f"{result['file']}: map of the most probable class, {result['label']} (p={result['probability']:.3f}), "
+                f"{result['file']}: map of {which}, {result['target']} (p={result['probability']:.3f}), "
                 f"{inside} → {result['overlay']}"
             )
     click.echo(DISCLAIMER)
@@ -503,7 +523,7 @@ def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
     """Shortcut checks: lungs hidden, source probe, resolution/format; writes audit.json and the report."""
     from covidxr.audit import run_audit
     from covidxr.report import write_run_report
-    from covidxr.train import load_run
+    from covidxr.runs import load_run
 
     folder = out or run
     result = run_audit(load_run(run, weights, weights_dir), data_dir, folder, cache_dir, progress=_progress())
@@ -699,11 +719,9 @@ def segment_command(images, out):
 @click.option("--bundle", "bundle_it", is_flag=True, help="Copy the finished graph into the package (bundled/).")
 def train_segmenter_command(masks, out, epochs, seed, threads, bundle_it):
     """Train the lung segmenter on hand-drawn masks, report held-out Dice per group, export ONNX."""
-    import logging
 
     from covidxr.lungs_train import SegmenterConfig, bundle, train_segmenter
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = SegmenterConfig(seed=seed, threads=threads)
     if epochs is not None:
         config = replace(config, epochs=epochs)
@@ -716,6 +734,17 @@ def train_segmenter_command(masks, out, epochs, seed, threads, bundle_it):
 
 
 def main() -> None:
+    """The ``covidxr`` command: library warnings (``logging.getLogger("covidxr")``) print as one line each."""
+    progress = logging.StreamHandler(sys.stdout)  # what a command reports as it goes (as print did)
+    progress.addFilter(lambda record: record.levelno < logging.WARNING)
+    progress.setFormatter(logging.Formatter("%(message)s"))
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(logging.Formatter("covidxr: %(message)s"))
+    library = logging.getLogger("covidxr")
+    library.handlers[:] = [progress, warnings]
+    library.setLevel(logging.INFO)
+    library.propagate = False
     cli()
 
 

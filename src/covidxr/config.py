@@ -7,12 +7,12 @@ from pathlib import Path
 
 import yaml
 
+from covidxr.engines import ENGINES  # what computes frozen features
 from covidxr.errors import CovidxrError
 from covidxr.preprocess import LUNG_MODES, ImagePipeline
 
 SCHEDULES = ("none", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 autocast where the CPU/GPU supports it
-ENGINES = ("auto", "torch", "onnx")  # what computes frozen features: covidxr.engines
 DECISIONS = ("flat", "staged")  # covidxr.models.make_head
 __all__ = ["DECISIONS", "ENGINES", "LUNG_MODES", "PRECISIONS", "SCHEDULES", "TrainConfig"]
 

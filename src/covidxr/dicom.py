@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -35,13 +34,9 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut, get_dec
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from covidxr.errors import CovidxrError, ImageTooLarge
+from covidxr.images import Source, has_dicom_magic, source_label
 
-Source = str | Path | BinaryIO  # a file, or bytes held in memory (an upload; its ``name`` labels messages)
-
-DICOM_SUFFIXES = {".dcm", ".dicom"}
 PIXEL_DATA_TAG = 0x7FE00010
-_PREAMBLE = 128
-_MAGIC = b"DICM"
 _GREY = {"MONOCHROME1", "MONOCHROME2"}
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
 # Elements larger than this are read from the file only when used, so the header can be checked
@@ -79,26 +74,6 @@ class DicomInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def source_label(source: Source) -> str:
-    """How messages name a source: its path, or an in-memory buffer's ``name``."""
-    return str(source) if isinstance(source, str | Path) else str(getattr(source, "name", "upload"))
-
-
-def has_dicom_magic(source: Source) -> bool:
-    """Whether a file starts with the DICOM Part 10 preamble and ``DICM`` prefix, whatever its name."""
-    if not isinstance(source, str | Path):
-        position = source.tell()
-        head = source.read(_PREAMBLE + len(_MAGIC))
-        source.seek(position)
-        return head[_PREAMBLE:] == _MAGIC
-    try:
-        with open(source, "rb") as handle:
-            head = handle.read(_PREAMBLE + len(_MAGIC))
-    except OSError:
-        return False
-    return head[_PREAMBLE:] == _MAGIC
 
 
 def dicom_info(path: str | Path) -> DicomInfo:

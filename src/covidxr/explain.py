@@ -17,21 +17,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, RandomCAM, ScoreCAM
 from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from scipy.stats import spearmanr, wilcoxon
 from torch import nn
 
-from covidxr import DISCLAIMER
+from covidxr.cam import lung_shares, lungs_on_input
 from covidxr.errors import CovidxrError
-from covidxr.images import read_image
 from covidxr.models import CovidxrNet
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM}
@@ -50,7 +47,6 @@ GEOMETRY_DESCRIPTION = (
     f"{CORNER_SIZE:.0%} squares"
 )
 RANDOMISATION_LIMIT = 0.5  # mean Spearman correlation above this: maps barely depend on the trained head
-COLOUR_SPREAD_LIMIT = 20.0  # mean per-pixel channel spread (0-255) above which an image is a colour photo
 
 
 def region_masks(size: int) -> dict[str, np.ndarray]:
@@ -99,114 +95,9 @@ def probabilities_of(model: CovidxrNet, inputs: torch.Tensor) -> np.ndarray:
     return torch.softmax(model(inputs), dim=1).numpy()
 
 
-def overlay(image: Image.Image, cam: np.ndarray, size: int | None = None) -> Image.Image:
-    """The map, upsampled to the image, drawn over it in the 'jet' colours (``show_cam_on_image``)."""
-    rgb = image.convert("RGB")
-    if size:
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    cam_resized = np.asarray(
-        Image.fromarray(np.float32(cam)).resize(rgb.size, Image.Resampling.BILINEAR), dtype=np.float32
-    )
-    base = np.asarray(rgb, dtype=np.float32) / 255.0
-    return Image.fromarray(show_cam_on_image(base, np.clip(cam_resized, 0, 1), use_rgb=True, image_weight=0.55))
-
-
 def input_lungs(model: CovidxrNet, image: Image.Image, hand_mask: np.ndarray | None = None) -> np.ndarray | None:
-    """The lungs of ``image`` on the model's input grid (``image_size`` square, bool), or None where none
-    are found: the hand-drawn ``hand_mask`` (the image's pixel size; 255 = lung) where one exists and the
-    pipeline keeps the image's geometry, else the bundled segmenter on the image the model sees."""
-    size = model.image_size
-    pipeline = model.pipeline
-    if hand_mask is not None and not pipeline.crop_thorax and pipeline.lungs != "crop":
-        scaled = Image.fromarray((hand_mask == 255).astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-        return np.asarray(scaled) >= 128
-    from covidxr.lungs import lung_segmenter
-
-    seen = np.asarray(pipeline.process(image).convert("L"))
-    found = lung_segmenter().segment(seen)
-    if found.reason:
-        return None
-    scaled = Image.fromarray(found.mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
-    return np.asarray(scaled) >= 128
-
-
-def lung_shares(maps: np.ndarray, lungs: Sequence[np.ndarray | None]) -> np.ndarray:
-    """Share of each map's mass inside its image's lungs (NaN where the lungs are unknown)."""
-    shares = np.full(len(maps), np.nan)
-    for i, (cam, mask) in enumerate(zip(maps, lungs, strict=True)):
-        if mask is not None:
-            shares[i] = float(cam[mask].sum() / (cam.sum() + 1e-12))
-    return shares
-
-
-def colour_spread(image: Image.Image) -> float:
-    """Mean per-pixel spread between the RGB channels (0 for a grey X-ray, tens for a colour photo)."""
-    array = np.asarray(image.convert("RGB").resize((128, 128)), dtype=np.float32)
-    return float((array.max(axis=2) - array.min(axis=2)).mean())
-
-
-def explain_files(
-    model: CovidxrNet,
-    labels: Sequence[str],
-    paths: Sequence[str | Path],
-    out: str | Path,
-    method: str = "gradcam",
-    batch_size: int = 8,
-) -> list[dict]:
-    """Write ``<name>.<method>.png`` (overlay) and ``<name>.<method>.npy`` (raw map) per image.
-
-    Unreadable files and colour photographs are reported in their result and skipped; the others
-    are still explained.
-    """
-    explainer = Explainer(model, method)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = []
-    ready: list[tuple[int, Image.Image]] = []
-    for i, path in enumerate(paths):
-        results.append({"file": str(path)})
-        try:
-            image = read_image(path)
-        except CovidxrError as exc:
-            results[i]["error"] = str(exc)
-            continue
-        spread = colour_spread(image)
-        if spread > COLOUR_SPREAD_LIMIT:
-            results[i]["error"] = (
-                f"{path}: a colour photograph (channel spread {spread:.0f}/255), not a grey chest X-ray; not explained"
-            )
-            continue
-        ready.append((i, image))
-    used_names: set[str] = set()
-    for start in range(0, len(ready), batch_size):
-        batch = ready[start : start + batch_size]
-        inputs = torch.stack([model.input_tensor(img) for _, img in batch])
-        probs = probabilities_of(model, inputs)
-        maps = explainer(inputs, probs.argmax(1))
-        shares = lung_shares(maps, [input_lungs(model, img) for _, img in batch])
-        for (i, image), prob, cam, share in zip(batch, probs, maps, shares, strict=True):
-            name = Path(paths[i]).stem
-            if name in used_names:
-                name = f"{name}-{i}"
-            used_names.add(name)
-            overlay_path = out / f"{name}.{method}.png"
-            map_path = out / f"{name}.{method}.npy"
-            overlay(image, cam).save(overlay_path)
-            np.save(map_path, cam.astype(np.float32))
-            k = int(prob.argmax())
-            results[i].update(
-                {
-                    "label": labels[k],
-                    "probability": float(prob[k]),
-                    "probabilities": {label: float(p) for label, p in zip(labels, prob, strict=True)},
-                    "method": method,
-                    "lung_share": None if np.isnan(share) else float(share),
-                    "overlay": str(overlay_path),
-                    "map": str(map_path),
-                    "disclaimer": DISCLAIMER,
-                }
-            )
-    return results
+    """``covidxr.cam.lungs_on_input`` on this model's input grid and pipeline."""
+    return lungs_on_input(model.image_size, model.pipeline, image, hand_mask)
 
 
 # ---------------------------------------------------------------------------------------------

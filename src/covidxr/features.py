@@ -18,16 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from covidxr.batches import iterate_batches
 from covidxr.cache import default_cache_dir
-from covidxr.engines import feature_engine
 from covidxr.errors import CovidxrError
-from covidxr.images import file_sha256, read_image
-from covidxr.models import CovidxrNet, InputTransform
-from covidxr.ood import is_blank
+from covidxr.export import feature_engine
+from covidxr.images import file_sha256
+from covidxr.models import CovidxrNet
 from covidxr.preprocess import AcquisitionAugment
 
 logger = logging.getLogger(__name__)
@@ -117,92 +114,8 @@ def _content_hash(digest: str, vector: np.ndarray) -> bytes:
     return hashlib.sha256(digest.encode() + np.ascontiguousarray(vector, dtype="<f4").tobytes()).digest()
 
 
-class ImageTensors(torch.utils.data.Dataset):
-    """Decodes files into model inputs; a bad file yields its error message instead of a tensor.
-
-    With ``view``, image ``i`` is first augmented with the generator ``view.generator(digests[i])``.
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        transform: InputTransform,
-        view: AugmentedView | None = None,
-        digests: Sequence[str] | None = None,
-        check_lungs: bool = False,
-    ):
-        self.paths = list(paths)
-        self.transform = transform
-        self.view = view
-        self.digests = digests
-        self.check_lungs = check_lungs
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        """``(index, input, error, blank, lungs)``: ``blank`` (a nearly uniform image) is cheap here, where
-        the decoded image already is, and the out-of-distribution guard needs it; ``lungs`` is why no
-        plausible pair of lungs was found ("" when they were, or when nobody asked): from a lung-only
-        pipeline, or with ``check_lungs`` from the bundled segmenter."""
-        size = self.transform.image_size
-        try:
-            image = read_image(self.paths[index])
-        except CovidxrError as exc:
-            return index, torch.zeros(3, size, size), str(exc), False, ""
-        if self.view is not None:
-            image = self.view.augment(image, self.view.generator(self.digests[index]))
-        tensor, lungs = prepare(self.transform, image, self.check_lungs)
-        return index, tensor, "", is_blank(image), lungs
-
-
-def prepare(transform: InputTransform, image: Image.Image, check_lungs: bool = True) -> tuple[torch.Tensor, str]:
-    """A decoded image's model input, and why the lungs rule out an answer ("" when they do not): a lung-only
-    pipeline that found none, or with ``check_lungs`` the bundled segmenter on the image."""
-    tensor, reason = transform.with_reason(image)
-    if reason is None and check_lungs and transform.pipeline.lungs == "none":
-        reason = lungs_missing(image)
-    return tensor, f"lung check: {reason}" if reason else ""
-
-
-def lungs_missing(image: Image.Image) -> str | None:
-    """Why the bundled lung segmenter finds no plausible pair of lungs in ``image`` (None when it does)."""
-    from covidxr.lungs import lung_segmenter
-
-    return lung_segmenter().segment(np.asarray(image.convert("L"))).reason
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)  # decoding workers must not compete with the forward pass for cores
-
-
-def iterate_batches(
-    paths: Sequence[Path],
-    transform: InputTransform,
-    batch_size: int,
-    num_workers: int,
-    desc: str | None,
-    view: AugmentedView | None = None,
-    digests: Sequence[str] | None = None,
-    check_lungs: bool = False,
-):
-    """Yield ``(indices, inputs, errors, blanks, lungs)`` batches (see ``ImageTensors``), decoding in worker
-    processes while the model runs."""
-    loader = DataLoader(
-        ImageTensors(paths, transform, view, digests, check_lungs),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        worker_init_fn=_worker_init if num_workers else None,
-        persistent_workers=False,
-    )
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=desc is None, leave=False) as bar:
-        for indices, inputs, errors, blanks, lungs in loader:
-            yield indices.tolist(), inputs, list(errors), blanks.tolist(), list(lungs)
-            bar.update(len(indices))
-
-
 def backbone_features(model: CovidxrNet, inputs: torch.Tensor, cache_dir: str | Path | None = None) -> np.ndarray:
-    """Pooled features of a preprocessed batch, by the model's engine (``covidxr.engines.feature_engine``)."""
+    """Pooled features of a preprocessed batch, by the model's engine (``covidxr.export.feature_engine``)."""
     return feature_engine(model.eval(), model.engine, cache_dir).features(inputs)
 
 

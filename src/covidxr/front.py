@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from covidxr.batches import iterate_batches
 from covidxr.errors import CovidxrError
-from covidxr.features import AugmentedView, ImageTensors
+from covidxr.features import AugmentedView
 from covidxr.images import file_sha256
 from covidxr.models import CovidxrNet
 
@@ -86,13 +87,14 @@ def front_maps(
     todo = sorted({str(p) for p in paths} - memo.keys())
     if todo:
         digests = [file_sha256(Path(p)) for p in todo] if view is not None else None
-        dataset = ImageTensors([Path(p) for p in todo], model.input_transform, view, digests)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        batches = iterate_batches(
+            [Path(p) for p in todo], model.input_transform, batch_size, num_workers, None, view, digests
+        )
         model.eval()
-        for indices, inputs, errors, _, _ in loader:
+        for indices, inputs, errors, _, _ in batches:
             bad = [e for e in errors if e]
             if bad:
                 raise CovidxrError(bad[0])
-            for index, fmap in zip(indices.tolist(), split.front(inputs), strict=True):
+            for index, fmap in zip(indices, split.front(torch.from_numpy(inputs)), strict=True):
                 memo[todo[index]] = fmap.clone()
     return torch.stack([memo[str(p)] for p in paths])

@@ -11,11 +11,11 @@ import io
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from covidxr import dicom
 from covidxr.errors import CovidxrError, ImageTooLarge
 
 __all__ = [
@@ -33,6 +33,32 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".di
 # Larger than any radiograph (a 43x43 cm detector at 0.1 mm is ~18 Mpx); bigger files are refused.
 MAX_IMAGE_PIXELS = 60_000_000
 MIN_IMAGE_SIDE = 32  # a 1x1 or thumbnail "image" carries no anatomy to classify
+
+
+Source = str | Path | BinaryIO  # a file, or bytes held in memory (an upload; its ``name`` labels messages)
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+_PREAMBLE = 128
+_MAGIC = b"DICM"
+
+
+def source_label(source: Source) -> str:
+    """How messages name a source: its path, or an in-memory buffer's ``name``."""
+    return str(source) if isinstance(source, str | Path) else str(getattr(source, "name", "upload"))
+
+
+def has_dicom_magic(source: Source) -> bool:
+    """Whether a file starts with the DICOM Part 10 preamble and ``DICM`` prefix, whatever its name."""
+    if not isinstance(source, str | Path):
+        position = source.tell()
+        head = source.read(_PREAMBLE + len(_MAGIC))
+        source.seek(position)
+        return head[_PREAMBLE:] == _MAGIC
+    try:
+        with open(source, "rb") as handle:
+            head = handle.read(_PREAMBLE + len(_MAGIC))
+    except OSError:
+        return False
+    return head[_PREAMBLE:] == _MAGIC
 
 
 def read_image(path: str | Path) -> Image.Image:
@@ -97,7 +123,7 @@ def _checked_size(image: Image.Image, path: str | Path) -> Image.Image:
     return image
 
 
-def _decode(source: dicom.Source, suffix: str) -> Image.Image:
+def _decode(source: Source, suffix: str) -> Image.Image:
     """Decode a file (or an in-memory buffer) into 8-bit RGB, whatever its mode (16-bit, RGBA, palette,
     grey) or DICOM.
 
@@ -107,9 +133,9 @@ def _decode(source: dicom.Source, suffix: str) -> Image.Image:
     ``covidxr.dicom`` (modality and VOI transforms, MONOCHROME1 inverted). Raises CovidxrError naming
     the file for anything that is not a readable, complete image (ImageTooLarge over the pixel limit).
     """
-    path = dicom.source_label(source)
-    if dicom.has_dicom_magic(source):
-        return dicom.read_dicom(source, max_pixels=MAX_IMAGE_PIXELS)
+    path = source_label(source)
+    if has_dicom_magic(source):
+        return _read_dicom(source)
     try:
         with Image.open(source) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
@@ -124,7 +150,7 @@ def _decode(source: dicom.Source, suffix: str) -> Image.Image:
     except CovidxrError:
         raise
     except UnidentifiedImageError as exc:
-        if suffix not in dicom.DICOM_SUFFIXES:
+        if suffix not in DICOM_SUFFIXES:
             raise CovidxrError(f"{path}: not a readable image ({type(exc).__name__})") from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(
@@ -136,6 +162,12 @@ def _decode(source: dicom.Source, suffix: str) -> Image.Image:
     # A .dcm/.dicom file that no image format recognised: a DICOM without preamble, or not an image at all.
     if not isinstance(source, str | Path):
         source.seek(0)
+    return _read_dicom(source)
+
+
+def _read_dicom(source: Source) -> Image.Image:
+    from covidxr import dicom  # pydicom takes ~0.1 s to import: only when a DICOM comes
+
     return dicom.read_dicom(source, max_pixels=MAX_IMAGE_PIXELS)
 
 

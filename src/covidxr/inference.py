@@ -1,4 +1,7 @@
-"""Prediction: the one API behind ``covidxr predict``, ``evaluate`` and (later) the web service."""
+"""Prediction: the one API behind ``covidxr predict``, the Python API and the web service (runtime layer).
+
+With a run that holds its exported graph (the bundled model does), everything here runs on numpy,
+Pillow and onnxruntime: torch is imported only for the torch engine or a run without a graph."""
 
 from __future__ import annotations
 
@@ -13,42 +16,68 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pandas as pd
-import torch
+from safetensors.numpy import load_file
 from tqdm import tqdm
 
 from covidxr import DISCLAIMER
+from covidxr.batches import iterate_batches
 from covidxr.calibration import POSITIVE, decide, softmax
-from covidxr.engines import OnnxEngine, TorchEngine, export_or_fallback, resolve_engine, sidecar
+from covidxr.engines import (
+    ENGINES,
+    GRAPH_FILE,
+    TRAIN_EXTRA,
+    OnnxEngine,
+    onnxruntime_available,
+    read_sidecar,
+    torch_available,
+)
 from covidxr.errors import CovidxrError
-from covidxr.features import iterate_batches
 from covidxr.images import IMAGE_SUFFIXES
-from covidxr.models import CovidxrNet, hash_state_dict
-from covidxr.train import Run
+from covidxr.preprocess import ImagePipeline, InputTransform, Preprocessing
+from covidxr.runs import HEAD_FILE, Run
+from covidxr.storage import hash_arrays, stable_digest
 
 logger = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def head_probabilities(model: CovidxrNet, features: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Softmax probabilities of the trained head on pooled backbone features, logits divided by ``temperature``."""
-    model.head.eval()
-    return torch.softmax(model.head(torch.from_numpy(features)) / temperature, dim=1).numpy()
+Engine = Any  # covidxr.engines.OnnxEngine, or covidxr.export.TorchEngine with the training install
 
 
 def make_engine(
     run: Run, engine: str = "auto", cache_dir: str | Path | None = None, threads: int | None = None
-) -> TorchEngine | OnnxEngine:
-    """The engine that predicts with ``run``: ``torch`` (the model itself), ``onnx`` (the run's graph,
-    exported once into the cache, run by onnxruntime on ``threads`` threads) or ``auto`` (onnx where
-    ``covidxr.engines.resolve_engine`` says so; a model that cannot be exported gets one line on stderr
-    and torch) or ``int8`` (the graph ``covidxr quantize`` accepted)."""
+) -> Engine:
+    """The engine that predicts with ``run``.
+
+    - ``auto`` (default) and ``onnx``: the run's own graph (``model.onnx``, written by ``covidxr export``;
+      the bundled model ships it), checked against its sidecar's hash and the run's head, and run by
+      onnxruntime on ``threads`` threads: no torch. A run without a graph is exported once into the cache
+      (training install); where that fails, ``auto`` warns in one line and runs torch.
+    - ``torch``: the model itself (training install).
+    - ``int8``: the graph ``covidxr quantize`` accepted.
+    """
+    if engine not in (*ENGINES, "int8"):
+        raise CovidxrError(f"engine must be one of {', '.join((*ENGINES, 'int8'))}, not {engine!r}")
     if engine == "int8":
         from covidxr.quantize import int8_engine
 
         return int8_engine(run, cache_dir, threads)
+    if engine != "torch" and run.graph is not None and onnxruntime_available():
+        check_run_graph(run)
+        return OnnxEngine(run.graph, threads, spin=False)
+    if engine == "onnx" and not onnxruntime_available():
+        raise CovidxrError("the onnx engine needs onnxruntime: pip install onnxruntime (or use --engine torch)")
+    if not torch_available():
+        if engine == "torch":
+            raise CovidxrError(f"the torch engine needs the training install: {TRAIN_EXTRA}")
+        raise CovidxrError(
+            f"{run.path}: holds no exported graph ({GRAPH_FILE}) to predict with onnxruntime alone; "
+            f"make it with `covidxr export {run.path}` where the training install is ({TRAIN_EXTRA})"
+        )
+    from covidxr.export import TorchEngine, export_or_fallback, resolve_engine, sidecar
+
     if resolve_engine(engine, run.model) == "torch":
         if threads is not None:
             raise CovidxrError("--threads applies to the onnx engine; torch uses torch.set_num_threads")
@@ -56,6 +85,39 @@ def make_engine(
     info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
     path = export_or_fallback(run.model, info, engine, cache_dir)
     return TorchEngine(run.model) if path is None else OnnxEngine(path, threads, spin=False)
+
+
+def head_digest(run: Run) -> str:
+    """The SHA-256 of the run's trained head (``covidxr.storage.hash_arrays`` of its safetensors)."""
+    return hash_arrays(load_file(str(run.path / HEAD_FILE)))
+
+
+def check_run_graph(run: Run) -> dict:
+    """The sidecar of the run's graph, after checking that the graph is intact (its SHA-256) and was
+    exported from this run (its head and its model key): a stale or altered graph is one line, never used."""
+    info = read_sidecar(run.graph)
+    key = info.get("key", {})
+    if key.get("head_sha256") != head_digest(run) or key.get("model_key") != run.info.model_key:
+        raise CovidxrError(
+            f"{run.graph}: was exported from another head or backbone than this run's; "
+            f"export it again (`covidxr export {run.path}`) or delete it"
+        )
+    return info
+
+
+def input_transform(run: Run, engine: Engine) -> InputTransform:
+    """What turns a decoded image into the engine's input: for a graph, what its sidecar records (so no
+    torch is needed; the graph itself was checked against the sidecar before the engine was made), for
+    torch the model's own."""
+    sidecar_path = engine.path.with_suffix(".json") if isinstance(engine, OnnxEngine) else None
+    if sidecar_path is not None and sidecar_path.is_file():
+        info = json.loads(sidecar_path.read_text())
+        return InputTransform(
+            int(info["image_size"]),
+            Preprocessing.from_dict(info["normalisation"]),
+            ImagePipeline.from_dict(info["pipeline"]),
+        )
+    return run.model.input_transform
 
 
 OUT_OF_DISTRIBUTION = "not a chest X-ray like the training images"
@@ -107,14 +169,15 @@ def answer(
 def iterate_predictions(
     run: Run,
     paths: Sequence[Path],
-    runner: TorchEngine | OnnxEngine,
+    runner: Engine,
     batch_size: int = 32,
     num_workers: int = 1,
     desc: str | None = None,
 ) -> Iterator[list[dict]]:
-    """The results of ``paths`` batch by batch, in order, from one DataLoader (so decoding never stops
-    between batches); an unreadable file's result is its ``error``."""
-    batches = iterate_batches(paths, run.model.input_transform, batch_size, num_workers, desc, check_lungs=True)
+    """The results of ``paths`` batch by batch, in order, decoded on a thread pool while the engine runs
+    (so decoding never stops between batches); an unreadable file's result is its ``error``."""
+    transform = input_transform(run, runner)
+    batches = iterate_batches(paths, transform, batch_size, num_workers, desc, check_lungs=True)
     for indices, inputs, errors, blanks, lungs in batches:
         features, logits = runner(inputs)
         answers = answer(run, features, logits, blanks, [reason or None for reason in lungs])
@@ -133,11 +196,11 @@ def predict_files(
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = True,
-    engine: str | TorchEngine | OnnxEngine = "auto",
+    engine: str | Engine = "auto",
 ) -> list[dict]:
     """One result per file — label and calibrated probabilities, or the error — continuing past bad files.
 
-    Files are decoded in a worker process while the engine (``auto``, ``torch``, ``onnx``, or one made
+    Files are decoded on a thread pool while the engine (``auto``, ``torch``, ``onnx``, or one made
     by ``make_engine``) runs; nothing is written to the feature cache (prediction is not training, and
     a hospital's images should leave no trace). ``covid_positive`` applies the run's COVID-19
     threshold, chosen on validation data; ``out_of_distribution`` says whether the image is unlike
@@ -228,16 +291,16 @@ def _flat_row(result: dict, labels: Sequence[str]) -> dict:
     }
 
 
-def model_identity(run: Run, runner: TorchEngine | OnnxEngine) -> str:
+def model_identity(run: Run, runner: Engine) -> str:
     """Which model and engine made a prediction: backbone, run folder name, head hash, engine and the
     hash of the preprocessing key (weights, normalisation, input size, image pipeline). An output file
     records it on every row, and ``--resume`` refuses to mix two models' rows in one file."""
     engine = runner.name
     if isinstance(runner, OnnxEngine) and runner.path.stem.endswith("-int8"):
         engine = "int8"
-    head = hash_state_dict(run.model.head.state_dict())[:12]
-    preprocessing = run.model.model_key_hash()[:12]
-    return f"{run.model.spec.name} run={run.path.name} head={head} engine={engine} preprocessing={preprocessing}"
+    head = head_digest(run)[:12]
+    preprocessing = stable_digest(run.info.model_key)[:12]
+    return f"{run.config.model} run={run.path.name} head={head} engine={engine} preprocessing={preprocessing}"
 
 
 def _read_done(out: Path, columns: list[str], identity: str) -> list[dict]:
@@ -309,9 +372,21 @@ def _read_csv_rows(out: Path, columns: list[str]) -> tuple[list[dict], int]:
         rows, good, ends = rows[:-1], good[:-1], ends[:-1]  # the last row was cut short: redo its image
     if not all(good):
         raise _refuse(out, f"row {good.index(False) + 2} is damaged")
-    kept = data[: ends[-1]].decode("utf-8")
-    parsed = pd.read_csv(io.StringIO(kept), dtype={"file": str, "model": str}, keep_default_na=False)
-    return parsed.to_dict("records"), ends[-1]
+    return [_typed(row) for row in rows], ends[-1]
+
+
+def _typed(row: dict[str, str]) -> dict:
+    """A CSV row with the types ``_flat_row`` wrote: probabilities and scores as floats, flags as booleans,
+    an empty cell as None (the file and text columns stay strings)."""
+    typed: dict = {}
+    for key, value in row.items():
+        if key.startswith("p_") or key == "ood_score":
+            typed[key] = float(value) if value else None
+        elif key in {"covid_positive", "out_of_distribution"}:
+            typed[key] = {"True": True, "False": False}.get(value)
+        else:
+            typed[key] = value
+    return typed
 
 
 def _complete(row: dict) -> bool:
@@ -397,7 +472,7 @@ def predict_to_file(
     num_workers: int = 1,
     progress: bool = True,
     chunk_size: int = CHUNK,
-    engine: str | TorchEngine | OnnxEngine = "auto",
+    engine: str | Engine = "auto",
 ) -> tuple[list[dict], int]:
     """Predict files and folders into ``out`` (``.csv`` or ``.json``), one row per image, written chunk
     by chunk: a crash or Ctrl-C leaves a valid file of the finished rows, and ``resume`` completes it
@@ -430,8 +505,10 @@ def predict_to_file(
 
     def write(new: list[dict]) -> None:
         if out.suffix == ".csv":
-            text = pd.DataFrame(new, columns=columns).to_csv(header=False, index=False, lineterminator="\n")
-            _append_synced(out, text.encode("utf-8"), len(rows))
+            buffer = io.StringIO()
+            writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+            writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in new)
+            _append_synced(out, buffer.getvalue().encode("utf-8"), len(rows))
             rows.extend(new)
         else:
             _write_json(out, run, identity, rows + new, len(rows))

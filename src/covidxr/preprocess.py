@@ -12,7 +12,7 @@ image size) as readily as the disease. The tools here take those cues away:
   sharpness, noise, JPEG compression and positioning, so none of them can identify a source.
 
 Both take and return 8-bit RGB PIL images with the grey value replicated over the channels (what
-``covidxr.data.read_image`` produces), so they slot in before the model's resize and normalisation.
+``covidxr.images.read_image`` produces), so they slot in before the model's resize and normalisation.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
-from scipy import ndimage
 
 from covidxr.errors import CovidxrError
 
@@ -82,6 +81,16 @@ TEXT_EDGE_ZONE = 0.25  # only blobs centred within 25% of an edge count; the cen
 TEXT_DILATION = 3  # pixels added around each blob to catch anti-aliased and JPEG-smeared edges
 TEXT_SAMPLE_GAP = 3  # masked pixels are filled from the nearest pixels this far outside the mask
 BORDER_FRACTION = 0.03  # a band of 3% of each side is filled with the image median
+
+
+def _ndimage():
+    """scipy.ndimage, for the training-side options (thorax crop, text masking, augmentation) only: the
+    runtime install has no scipy, and the pipelines it runs (intensity, resolution, lungs) do not need it."""
+    try:
+        from scipy import ndimage
+    except ImportError:
+        raise CovidxrError("this image pipeline option needs scipy: pip install 'covidxr[train]'") from None
+    return ndimage
 
 
 def _error(owner: str, message: str) -> CovidxrError:
@@ -290,7 +299,7 @@ def _content_run(lines: np.ndarray) -> tuple[int, int] | None:
     values = lines.astype(np.float32)
     mid = ((lines > CROP_DARK_LEVEL) & (lines < CROP_BRIGHT_LEVEL)).mean(axis=1)
     content = (values.std(axis=1) >= CROP_MIN_STD) & (mid >= CROP_MIN_MID_FRACTION)
-    content = ndimage.binary_opening(content, structure=np.ones(min(CROP_MIN_RUN, len(content)), dtype=bool))
+    content = _ndimage().binary_opening(content, structure=np.ones(min(CROP_MIN_RUN, len(content)), dtype=bool))
     index = np.flatnonzero(content)
     if index.size == 0:
         return None
@@ -335,7 +344,7 @@ def _windows(mask: np.ndarray, margin: int) -> list[tuple[slice, slice]]:
     """Windows covering the blobs of ``mask``: bounding boxes grown by ``margin`` pixels, overlapping
     ones merged (so the letters of a word, and the plate they sit on, share one window)."""
     height, width = mask.shape
-    labels, _ = ndimage.label(mask, structure=_SQUARE)
+    labels, _ = _ndimage().label(mask, structure=_SQUARE)
     boxes = [
         [
             max(0, rows.start - margin),
@@ -343,7 +352,7 @@ def _windows(mask: np.ndarray, margin: int) -> list[tuple[slice, slice]]:
             max(0, cols.start - margin),
             min(width, cols.stop + margin),
         ]
-        for rows, cols in ndimage.find_objects(labels)
+        for rows, cols in _ndimage().find_objects(labels)
     ]
     merged = True
     while merged:
@@ -373,7 +382,7 @@ def _small_blobs(
     keep[0] = False
     keep &= np.bincount(labels.ravel(), minlength=len(keep)) <= max_area * height * width
     zone_h, zone_w = TEXT_EDGE_ZONE * height, TEXT_EDGE_ZONE * width
-    for index, where in enumerate(ndimage.find_objects(labels), start=1):
+    for index, where in enumerate(_ndimage().find_objects(labels), start=1):
         if not keep[index] or where is None:
             keep[index] = False
             continue
@@ -392,17 +401,17 @@ def _marker_region(glyphs: np.ndarray, grey: np.ndarray, shape: tuple[int, int])
     # A dark plate or disc: a small near-black area touching the glyphs that does not reach the edge of
     # the window (the black background outside the body, or anything larger than the window, does).
     dark = grey <= TEXT_DARK_LEVEL
-    touching = ndimage.binary_dilation(mask, structure=_SQUARE, iterations=2) & dark
+    touching = _ndimage().binary_dilation(mask, structure=_SQUARE, iterations=2) & dark
     if touching.any():
-        labels, count = ndimage.label(dark, structure=_SQUARE)
+        labels, count = _ndimage().label(dark, structure=_SQUARE)
         chosen = np.zeros(count + 1, dtype=bool)
         chosen[labels[touching]] = True
         chosen[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
         mask |= _small_blobs(labels, chosen, shape, near_edge=False, plate=True)[labels]
     # Close small gaps (between letters, in thin rings), then take in the holes: the inside of "O",
     # "P", "R" and of circled markers; then a margin for anti-aliased and JPEG-smeared edges.
-    mask = ndimage.binary_fill_holes(ndimage.binary_closing(mask, structure=_SQUARE, iterations=2))
-    return ndimage.binary_dilation(mask, structure=_SQUARE, iterations=TEXT_DILATION)
+    mask = _ndimage().binary_fill_holes(_ndimage().binary_closing(mask, structure=_SQUARE, iterations=2))
+    return _ndimage().binary_dilation(mask, structure=_SQUARE, iterations=TEXT_DILATION)
 
 
 def text_mask(grey: np.ndarray) -> np.ndarray:
@@ -415,12 +424,12 @@ def text_mask(grey: np.ndarray) -> np.ndarray:
     """
     height, width = grey.shape
     size = max(3, round(TEXT_STROKE_FRACTION * max(height, width)))
-    tophat = grey.astype(np.int16) - ndimage.grey_opening(grey, size=(size, size)).astype(np.int16)
+    tophat = grey.astype(np.int16) - _ndimage().grey_opening(grey, size=(size, size)).astype(np.int16)
     candidates = (grey >= TEXT_MIN_LEVEL) & (tophat >= TEXT_MIN_CONTRAST)
     if not candidates.any():
         return candidates
-    candidates = ndimage.binary_closing(candidates, structure=_SQUARE)  # bridge 1-pixel gaps in thin strokes
-    labels, count = ndimage.label(candidates, structure=_SQUARE)
+    candidates = _ndimage().binary_closing(candidates, structure=_SQUARE)  # bridge 1-pixel gaps in thin strokes
+    labels, count = _ndimage().label(candidates, structure=_SQUARE)
     seeded = np.zeros(count + 1, dtype=bool)
     seeded[labels[candidates & (grey >= TEXT_SEED_LEVEL)]] = True
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
@@ -450,11 +459,11 @@ def mask_text(grey: np.ndarray) -> np.ndarray:
             out[window] = np.uint8(np.median(grey))
             continue
         # Sample a few pixels away from the mask, past dark outlines and JPEG ringing around markers.
-        sampled = ndimage.binary_dilation(inside, structure=_SQUARE, iterations=TEXT_SAMPLE_GAP)
+        sampled = _ndimage().binary_dilation(inside, structure=_SQUARE, iterations=TEXT_SAMPLE_GAP)
         if sampled.all():
             sampled = inside
-        nearest = ndimage.distance_transform_edt(sampled, return_distances=False, return_indices=True)
-        filled = ndimage.gaussian_filter(grey[window][nearest[0], nearest[1]].astype(np.float32), 2.0, truncate=3.0)
+        nearest = _ndimage().distance_transform_edt(sampled, return_distances=False, return_indices=True)
+        filled = _ndimage().gaussian_filter(grey[window][nearest[0], nearest[1]].astype(np.float32), 2.0, truncate=3.0)
         out[window][inside] = _to_uint8(filled[inside])
     band_h, band_w = round(BORDER_FRACTION * height), round(BORDER_FRACTION * width)
     if band_h or band_w:
@@ -578,7 +587,7 @@ class AcquisitionAugment:
             values = 255.0 * (np.clip(values, 0.0, 255.0) / 255.0) ** gamma
             changed = True
         if blur and sigma > 0.0:
-            values = ndimage.gaussian_filter(values, sigma, mode="nearest", truncate=3.0)
+            values = _ndimage().gaussian_filter(values, sigma, mode="nearest", truncate=3.0)
             changed = True
         if noise_std > 0.0:
             values = values + noise_std * rng.standard_normal(values.shape, dtype=np.float32)
@@ -607,3 +616,79 @@ def _rotate_zoom(grey: Image.Image, angle: float, zoom: float) -> Image.Image:
     matrix = (cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy)
     fill = int(np.median(np.asarray(grey)))
     return grey.transform(grey.size, Image.Transform.AFFINE, matrix, Image.Resampling.BILINEAR, fillcolor=fill)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network's input: resize and normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image in [0, 1] becomes the network's input: ``(x * scale)[channels] - mean) / std``."""
+
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float = 1.0
+    bgr: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        """As ``to_dict`` wrote it (an exported graph's sidecar stores it so): lists become tuples."""
+        options = _check_keys("normalisation", cls, data)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+
+
+PREPROCESSING = {
+    # torchvision / timm ImageNet statistics
+    "imagenet": Preprocessing("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # Keras "caffe" mode (VGG-16, ResNet-50 from Keras): BGR, 0-255, mean subtraction, no scaling
+    "caffe": Preprocessing("caffe", (103.939, 116.779, 123.68), (1.0, 1.0, 1.0), scale=255.0, bgr=True),
+    # Keras "tf" / Inception mode (Xception): scale to [-1, 1]
+    "inception": Preprocessing("inception", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # TensorFlow EfficientNet-Lite: (x - 127) / 128 on 0-255 pixels
+    "efficientnet_lite": Preprocessing("efficientnet_lite", (127.0,) * 3, (128.0,) * 3, scale=255.0),
+}
+
+
+def to_input_array(image: Image.Image, size: int, preprocessing: Preprocessing) -> np.ndarray:
+    """An RGB (or grey, mode ``L``) PIL image → a normalised CHW float32 array of ``size`` x ``size``.
+
+    The image is resized to a square without keeping its aspect ratio, as Keras'
+    ``target_size`` did in the paper.
+    """
+    mean, std = np.asarray(preprocessing.mean, np.float32), np.asarray(preprocessing.std, np.float32)
+    if image.mode == "L":  # grey: resize one band and broadcast it (the same numbers as three equal bands)
+        band = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+        band = band / 255.0 * preprocessing.scale
+        return (band[None] - mean[:, None, None]) / std[:, None, None]
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(resized, dtype=np.float32) / 255.0 * preprocessing.scale
+    if preprocessing.bgr:
+        array = array[..., ::-1]
+    array = (array - mean) / std
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """Everything between a decoded image and the network: the shortcut-resistant pipeline, the resize
+    and the backbone's normalisation. Small and picklable, so decoding workers can carry it."""
+
+    image_size: int
+    preprocessing: Preprocessing
+    pipeline: ImagePipeline = ImagePipeline()
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        return self.with_reason(image)[0]
+
+    def with_reason(self, image: Image.Image) -> tuple[np.ndarray, str | None]:
+        """The input array (CHW float32), and why the image is out of distribution for the pipeline (its lungs were
+        not found, for lung-only input), else None."""
+        processed = self.pipeline.process(image)
+        reason = processed.info.get(LUNGS_REASON)
+        return to_input_array(processed, self.image_size, self.preprocessing), reason

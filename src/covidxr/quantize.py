@@ -22,11 +22,12 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from covidxr import DISCLAIMER
+from covidxr.batches import iterate_batches
 from covidxr.calibration import POSITIVE, softmax
-from covidxr.engines import OnnxEngine, cached_export, graph_sha256, sidecar
+from covidxr.engines import OnnxEngine, graph_sha256
 from covidxr.errors import CovidxrError
-from covidxr.features import iterate_batches
-from covidxr.train import Run
+from covidxr.export import cached_export, sidecar
+from covidxr.runs import Run
 
 METHODS = ("static", "dynamic")
 MAX_DROP = 0.02  # largest accepted loss of validation accuracy or AUC (absolute), unless told otherwise
@@ -144,7 +145,7 @@ def quantize_run(
     adult-controls)."""
     if not 0 <= max_drop < 1:
         raise CovidxrError(f"--max-drop must be in [0, 1), not {max_drop}")
-    root = Path(data_root or run.info["data"])
+    root = Path(data_root or run.info.data)
     split = run.splits()
     missing = [f for f in split["filename"][:1] if not (root / f).is_file()]
     if missing:

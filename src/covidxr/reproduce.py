@@ -8,6 +8,7 @@ Finished models are reused when the command is run again on the same output fold
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,6 +27,8 @@ from covidxr.report import PAPER_RESULTS, write_designs_report, write_reproduce_
 from covidxr.train import train
 
 DEFAULT_MODELS = (*PAPER_MODELS, "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+logger = logging.getLogger(__name__)
 
 
 def _summary_row(metrics: dict, run_dir: Path) -> dict:
@@ -95,7 +98,7 @@ def reproduce(
             resolve_weights(get_spec(name), weights_dir=weights_dir)
         except CovidxrError as exc:
             rows.append({**row, "status": "skipped", "reason": str(exc)})
-            print(f"skipped {name}: {exc}")
+            logger.info(f"skipped {name}: {exc}")
             continue
         started = time.perf_counter()
         for seed in seeds:
@@ -119,7 +122,9 @@ def reproduce(
                 run_audit(run_dir, cache_dir=cache_dir, progress=progress, seed=seed)
                 write_run_report(run_dir)
             per_seed_rows.append({"model": name, "seed": seed, "run": run_dir.name, **_summary_row(metrics, run_dir)})
-            print(f"{name} seed {seed}: test accuracy {metrics['accuracy']:.1%} ({metrics['correct']}/{metrics['n']})")
+            logger.info(
+                f"{name} seed {seed}: test accuracy {metrics['accuracy']:.1%} ({metrics['correct']}/{metrics['n']})"
+            )
         mine = [r for r in per_seed_rows if r["model"] == name]
         first = {k: v for k, v in mine[0].items() if k not in {"model", "seed", "run"}}
         row = {**row, "status": "trained", **first}
@@ -141,7 +146,7 @@ def _evaluate_external(run_dir: Path, external: Sequence[str | Path], weights_di
             metrics = evaluate_run(
                 run_dir, data=folder, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress, explain=False
             )
-            print(f"{run_dir.name} on {Path(folder).name} (never seen): accuracy {metrics['accuracy']:.1%}")
+            logger.info(f"{run_dir.name} on {Path(folder).name} (never seen): accuracy {metrics['accuracy']:.1%}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +338,7 @@ def reproduce_designs(
         _finish_run(run_dir, external, weights_dir, cache_dir, progress, run_config.seed, True, min_unit_images)
         rows.append({**_design_row(run_dir, design, variant), "wall_seconds": round(time.perf_counter() - started, 1)})
         row = rows[-1]
-        print(
+        logger.info(
             f"{run_dir.name}: internal accuracy {row['internal_accuracy']:.1%}, audit {row['audit_verdict']}, "
             f"held-out COVID-19 sensitivity {_share(row['loso_covid_sensitivity'])}"
         )

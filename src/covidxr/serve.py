@@ -34,7 +34,7 @@ from covidxr.api import Model
 from covidxr.card import model_card, render_model_card_html
 from covidxr.errors import CovidxrError, ImageTooLarge
 from covidxr.images import decode_bytes
-from covidxr.models import hash_state_dict
+from covidxr.inference import head_digest
 
 MAX_UPLOAD = 30 * 1024 * 1024  # bytes of image per request
 MAX_QUEUE = 32  # requests admitted (being received or waiting for the model) before the next gets 503
@@ -70,8 +70,8 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 def model_id(model: Model) -> str:
     """Backbone, run folder name ("bundled" for the packaged model) and the head's hash: what a user
     quotes to say which model answered."""
-    head = hash_state_dict(model.run.model.head.state_dict())[:12]
-    return f"{model.run.model.spec.name}/{model.run.path.name}/{head}"
+    head = head_digest(model.run)[:12]
+    return f"{model.run.config.model}/{model.run.path.name}/{head}"
 
 
 # ---------------------------------------------------------------------------------------------

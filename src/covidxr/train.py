@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from covidxr.calibration import POSITIVE, choose_threshold, expected_calibration
 from covidxr.config import TrainConfig
 from covidxr.data import Dataset, load_datasets, split_by_patient
 from covidxr.duplicates import crossing_pairs, near_duplicate_pairs, patient_groups
-from covidxr.engines import feature_engine
 from covidxr.errors import CovidxrError
+from covidxr.export import feature_engine
 from covidxr.features import AugmentedView, extract_features
 from covidxr.front import FrontSplit, front_maps, split_model
 from covidxr.images import read_image
@@ -49,9 +50,11 @@ from covidxr.loop import (
     init_distributed,
 )
 from covidxr.models import CovidxrNet, WeightsSource, create_model, hash_state_dict
-from covidxr.ood import FILE as OOD_FILE
-from covidxr.ood import MARGIN, QUANTILE, OODGuard, fit_guard
+from covidxr.ood import MARGIN, QUANTILE, fit_guard
 from covidxr.preprocess import AcquisitionAugment
+from covidxr.runs import CONFIG_FILE, HEAD_FILE, HISTORY_FILE, INFO_FILE, OOD_FILE, SPLITS_FILE, Run, RunInfo
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -148,7 +151,7 @@ def model_from_config(
 def checkpoint_matches(out: Path, fingerprint: str) -> bool:
     """True when ``out`` holds an interrupted run of exactly this configuration and data."""
     path = out / CHECKPOINT
-    if not path.is_file() or (out / "run.json").exists():
+    if not path.is_file() or (out / INFO_FILE).exists():
         return False
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no code runs
@@ -164,7 +167,7 @@ def checkpoint_matches(out: Path, fingerprint: str) -> bool:
 def prepare_out_dir(out: str | Path) -> Path:
     """Create a run folder, refusing one that already holds a run (outputs are never overwritten)."""
     out = Path(out)
-    if (out / "run.json").exists():
+    if (out / INFO_FILE).exists():
         raise CovidxrError(f"{out}: already holds a run; choose a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -172,7 +175,7 @@ def prepare_out_dir(out: str | Path) -> Path:
 
 def _notice(world: Distributed, message: str) -> None:
     if world.is_main:
-        print(message, file=sys.stderr)
+        logger.warning(message)
 
 
 def _index(values: pd.Series, known: list[str]) -> torch.Tensor:
@@ -271,8 +274,8 @@ def train(
     if world.is_main:
         if not resuming:
             prepare_out_dir(out)
-            config.save(out / "config.yaml")
-            frame.to_csv(out / "splits.csv", index=False)
+            config.save(out / CONFIG_FILE)
+            frame.to_csv(out / SPLITS_FILE, index=False)
         else:
             _notice(world, f"{out}: resuming from {out / CHECKPOINT}")
     world.barrier()
@@ -352,8 +355,8 @@ def train(
         return out
 
     model = model.cpu().eval()
-    pd.DataFrame(result.history).to_csv(out / "history.csv", index=False)
-    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / "head.safetensors"))
+    pd.DataFrame(result.history).to_csv(out / HISTORY_FILE, index=False)
+    save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
     fine_tuned = None
     if backbone_parameters:
         fine_tuned = save_backbone(model, out / BACKBONE_FILE)
@@ -361,17 +364,17 @@ def train(
     val_features = torch.from_numpy(extract_features(model, paths["val"], *extraction))
     guard = fit_guard(extract_features(model, paths["train"], *extraction), val_features.numpy())
     guard.save(out / OOD_FILE)
-    run_info = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": model.spec.describe(),
-        "weights": model_weights_record(model, fine_tuned),
-        "fine_tuned_backbone": fine_tuned,
-        "model_key": model.model_key(),
-        "labels": list(LABELS),
-        "data": str(dataset.root.resolve()),
-        "datasets": [str(root.resolve()) for root in roots],
-        "design": describe_design(config),
-        "split_sizes": {
+    run_info = RunInfo(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=model.spec.describe(),
+        weights=model_weights_record(model, fine_tuned),
+        fine_tuned_backbone=fine_tuned,
+        model_key=model.model_key(),
+        labels=list(LABELS),
+        data=str(dataset.root.resolve()),
+        datasets=[str(root.resolve()) for root in roots],
+        design=describe_design(config),
+        split_sizes={
             part: {
                 "images": int((frame["split"] == part).sum()),
                 "patients": int(frame.loc[frame["split"] == part, "patient_id"].nunique()),
@@ -379,29 +382,29 @@ def train(
             }
             for part in SPLITS
         },
-        "domains": {"column": config.domain_column, "values": domain_names},
-        "near_duplicates": near_duplicates,
-        "feature_engine": (
+        domains={"column": config.domain_column, "values": domain_names},
+        near_duplicates=near_duplicates,
+        feature_engine=(
             None if config.trains_on_images else feature_engine(model, config.engine, cache_dir).description
         ),
-        "feature_cache": feature_cache,
-        "processes": world.world_size,
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "stopped_early": result.stopped_early,
-        "resumed_after_epoch": result.resumed_from,
-        "calibration": calibrate(model.head, val_features, targets["val"]),
-        "out_of_distribution": {
+        feature_cache=feature_cache,
+        processes=world.world_size,
+        best_epoch=result.best_epoch,
+        epochs_run=len(result.history),
+        stopped_early=result.stopped_early,
+        resumed_after_epoch=result.resumed_from,
+        calibration=calibrate(model.head, val_features, targets["val"]),
+        out_of_distribution={
             "file": OOD_FILE,
             "method": "Mahalanobis distance in the training features' principal components + residual",
             "threshold": guard.threshold,
             "threshold_rule": f"{MARGIN} x the {QUANTILE:.0%} quantile of the validation split's scores",
         },
         # Training includes the validation pass and the checkpoint after every epoch.
-        "seconds": {preparation: round(prepare_seconds, 2), "training": round(train_seconds, 2)},
-        "environment": _environment(),
-    }
-    (out / "run.json").write_text(json.dumps(run_info, indent=2))
+        seconds={preparation: round(prepare_seconds, 2), "training": round(train_seconds, 2)},
+        environment=_environment(),
+    )
+    (out / INFO_FILE).write_text(json.dumps(run_info.to_dict(), indent=2))
     (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete; the checkpoint is no longer needed
     return out
 
@@ -450,75 +453,29 @@ def describe_design(config: TrainConfig) -> dict:
     }
 
 
-@dataclass
-class Run:
-    """A trained run loaded back: its configuration, metadata and the full model with its head."""
-
-    path: Path
-    config: TrainConfig
-    info: dict
-    model: CovidxrNet
-
-    @property
-    def labels(self) -> list[str]:
-        return self.info["labels"]
-
-    @property
-    def temperature(self) -> float:
-        """The validation-fitted temperature (1.0 for runs made before calibration existed)."""
-        return float(self.info.get("calibration", {}).get("temperature", 1.0))
-
-    @property
-    def ood_guard(self) -> OODGuard | None:
-        """The out-of-distribution guard, for runs made since it exists."""
-        path = self.path / OOD_FILE
-        return OODGuard.load(path) if path.is_file() else None
-
-    @property
-    def covid_threshold(self) -> float:
-        return float(self.info.get("calibration", {}).get("covid_threshold", {}).get("value", 0.5))
-
-    def splits(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "splits.csv", dtype=str, keep_default_na=False)
-
-    def dataset(self) -> Dataset:
-        """Every image the run was split from (one dataset, or several merged), with its ``split``."""
-        names = [Path(d).name for d in self.info.get("datasets", [self.info["data"]])]
-        return Dataset(Path(self.info["data"]), self.splits(), "+".join(names))
-
-    def history(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "history.csv")
-
-
-def load_run(path: str | Path, weights: str | Path | None = None, weights_dir: str | Path | None = None) -> Run:
-    """Rebuild a run's model; refuses backbone weights that differ from those it was trained on."""
-    path = Path(path)
-    for name in ("run.json", "config.yaml", "head.safetensors"):
-        if not (path / name).is_file():
-            raise CovidxrError(f"{path}: not a covidxr run folder (no {name})")
-    try:
-        info = json.loads((path / "run.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CovidxrError(f"{path / 'run.json'}: damaged ({exc})") from None
-    config = TrainConfig.load(path / "config.yaml")
-    pretrained = info["weights"]["kind"] != "random"
-    recorded = Path(info["weights"]["location"])
-    if weights is None and info["weights"]["kind"] in {"file", "weights-dir"} and recorded.is_file():
+def run_model(run: Run) -> CovidxrNet:
+    """The torch model of a loaded run (``Run.model`` calls this); refuses backbone weights that differ from
+    those it was trained on."""
+    info, config, path = run.info, run.config, run.path
+    pretrained = info.weights["kind"] != "random"
+    recorded = Path(info.weights["location"])
+    weights = run.weights
+    if weights is None and info.weights["kind"] in {"file", "weights-dir"} and recorded.is_file():
         weights = recorded
-    model = model_from_config(config, pretrained, weights, weights_dir)
-    if model.weights.sha256 != info["weights"]["sha256"]:
+    model = model_from_config(config, pretrained, weights, run.weights_dir)
+    if model.weights.sha256 != info.weights["sha256"]:
         raise CovidxrError(
-            f"{path}: was trained on {config.model} weights {info['weights']['sha256'][:12]} "
-            f"({info['weights']['location']}), but the weights found now are {model.weights.sha256[:12]} "
+            f"{path}: was trained on {config.model} weights {info.weights['sha256'][:12]} "
+            f"({info.weights['location']}), but the weights found now are {model.weights.sha256[:12]} "
             f"({model.weights.location}); pass the original with --weights"
         )
     try:
-        model.head.load_state_dict(load_file(str(path / "head.safetensors")))
+        model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
     except Exception as exc:  # safetensors raises several types for damaged files
-        raise CovidxrError(f"{path / 'head.safetensors'}: damaged or incompatible ({type(exc).__name__})") from None
-    if info.get("fine_tuned_backbone"):
-        _load_fine_tuned(model, path / info["fine_tuned_backbone"]["file"], info["fine_tuned_backbone"]["sha256"])
-    return Run(path, config, info, model.eval())
+        raise CovidxrError(f"{path / HEAD_FILE}: damaged or incompatible ({type(exc).__name__})") from None
+    if info.fine_tuned_backbone:
+        _load_fine_tuned(model, path / info.fine_tuned_backbone["file"], info.fine_tuned_backbone["sha256"])
+    return model.eval()
 
 
 def _load_fine_tuned(model: CovidxrNet, path: Path, sha256: str) -> None:
