@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from covidxr.models import (
     create_backbone,
     create_model,
     get_spec,
+    register,
     resolve_weights,
     to_input_tensor,
 )
@@ -41,6 +43,13 @@ def test_registry_has_the_papers_models_and_more() -> None:
     assert {"vgg16", "resnet50", "xception", "mobilenet_v2", "efficientnet_lite0"} <= set(REGISTRY)
     for spec in REGISTRY.values():
         assert spec.preprocessing in PREPROCESSING and spec.gradcam_layer and spec.reference
+
+
+def test_a_registered_name_cannot_be_registered_again() -> None:
+    before = dict(REGISTRY)
+    with pytest.raises(CovidxrError, match="'vgg16' is already registered"):
+        register(replace(REGISTRY["vgg16"], reference="someone.else.vgg16"))
+    assert before == REGISTRY
 
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet50", "mobilenet_v2", "xception"])

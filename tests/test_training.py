@@ -203,6 +203,56 @@ def test_config_round_trips_and_refuses_unknown_keys(tmp_path: Path) -> None:
         TrainConfig.load(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"learning_rate": 0}, "config: learning_rate must be greater than 0, not 0"),
+        ({"learning_rate": -0.01}, "config: learning_rate must be greater than 0, not -0.01"),
+        ({"hidden_units": -1}, "config: hidden_units must be 0 or more, not -1"),
+        ({"epochs": 2.5}, "config: epochs must be a whole number, not 2.5"),
+        ({"optimizer": "rmsprop"}, "config: optimizer must be one of adam, sgd, not 'rmsprop'"),
+    ],
+)
+def test_a_bad_option_is_refused_in_one_line_naming_it_and_its_value(override: dict, message: str) -> None:
+    with pytest.raises(CovidxrError) as caught:
+        TrainConfig.from_dict(override)
+    assert str(caught.value) == message
+    assert TrainConfig(hidden_units=0, learning_rate=1).learning_rate == 1.0
+
+
+def test_the_command_line_accepts_exactly_what_the_config_accepts() -> None:
+    """Every option declared in CONSTRAINTS: its click type (covidxr.cli) and TrainConfig agree on each side
+    of every bound, and the train command builds those options from CONSTRAINTS."""
+    import click
+
+    from covidxr.cli import _config_type, train_command
+    from covidxr.config import CONSTRAINTS, Range, check_option
+
+    for name, allowed in CONSTRAINTS.items():
+        kind = _config_type(name)
+        if isinstance(allowed, Range):
+            bounds = [b for b in (allowed.low, allowed.high) if b is not None]
+            probes = [b + d for b in bounds for d in ((-1, 0, 1) if allowed.integer else (-1e-9, 0.0, 1e-9))]
+        else:
+            probes = [*allowed, "not-a-choice"]
+        for value in probes:
+            try:
+                kind.convert(value, None, None)
+                by_click = True
+            except click.BadParameter:
+                by_click = False
+            try:
+                check_option(name, value)
+                by_config = True
+            except CovidxrError:
+                by_config = False
+            assert by_click == by_config, (name, value, by_click, by_config)
+    train_types = {p.name: p.type for p in train_command.params}
+    for name in set(CONSTRAINTS) & set(train_types):
+        assert repr(train_types[name]) == repr(_config_type(name)), name
+    assert {"learning_rate", "epochs", "image_size", "unfreeze_blocks", "intensity", "engine"} <= set(train_types)
+
+
 def test_a_split_never_separates_near_duplicates_unless_told(cxr3: Path, cxr3_meta, tmp_path: Path) -> None:
     """The same radiograph re-encoded under a second patient id: grouped by default, refused when ungrouped."""
     from PIL import Image

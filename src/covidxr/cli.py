@@ -12,14 +12,30 @@ from pathlib import Path
 import click
 
 from covidxr import DISCLAIMER, __version__
-from covidxr.config import DECISIONS, LUNG_MODES, PRECISIONS, TrainConfig
-from covidxr.engines import TRAIN_EXTRA
+from covidxr.config import CONSTRAINTS, TrainConfig
+from covidxr.engines import ENGINES, TRAIN_EXTRA
 from covidxr.errors import CovidxrError
 
 _path = click.Path(path_type=Path)
 # What `reproduce` evaluates every trained model on, besides its own test split, when it exists.
 DEFAULT_EXTERNAL = Path("../shared/data/adult-controls")
 _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def _config_type(name: str) -> click.ParamType:
+    """The click type of the training option ``name``, built from ``covidxr.config.CONSTRAINTS`` (the values
+    ``TrainConfig`` accepts), so the command line and the config never disagree."""
+    allowed = CONSTRAINTS[name]
+    if isinstance(allowed, tuple):
+        return click.Choice(allowed)
+    kind = click.IntRange if allowed.integer else click.FloatRange
+    return kind(allowed.low, allowed.high, min_open=allowed.low_open, max_open=allowed.high_open)
+
+
+def _config_option(flag: str, **kwargs):
+    """``--some-option`` of the TrainConfig field ``some_option``: its type from ``_config_type``, default None
+    (the config file's value)."""
+    return click.option(flag, type=_config_type(flag[2:].replace("-", "_")), default=None, **kwargs)
 
 
 # What the training install adds (pip install "covidxr[train]"); the runtime install has none of them.
@@ -66,11 +82,8 @@ cache_option = click.option(
 
 
 # What computes frozen features (train, reproduce: saved in the run's config; default: the config's).
-feature_engine_option = click.option(
-    "--engine",
-    type=click.Choice(["auto", "torch", "onnx"]),
-    default=None,
-    help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch).",
+feature_engine_option = _config_option(
+    "--engine", help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch)."
 )
 
 
@@ -78,7 +91,7 @@ def prediction_engine_options(func):
     """``--engine`` and ``--threads`` of the commands that predict (predict, serve)."""
     engine = click.option(
         "--engine",
-        type=click.Choice(["auto", "torch", "onnx", "int8"]),
+        type=click.Choice([*ENGINES, "int8"]),
         default="auto",
         show_default=True,
         help="onnx: the model exported once to ONNX and run by onnxruntime; auto: onnx on a CPU where installed; "
@@ -190,32 +203,30 @@ def _load_config(config_file: Path | None, **overrides) -> TrainConfig:
 def design_options(func):
     """Options beyond the paper's protocol; each defaults to the config file's value (the paper's)."""
     options = [
-        click.option("--batch-size", type=int, default=None, help="Global batch (split over torchrun processes)."),
-        click.option("--learning-rate", type=float, default=None),
-        click.option("--intensity", type=click.Choice(["none", "clahe", "equalize", "zscore"]), default=None),
-        click.option("--effective-resolution", type=int, default=None, help="Downsample every image to this first."),
+        _config_option("--batch-size", help="Global batch (split over torchrun processes)."),
+        _config_option("--learning-rate"),
+        _config_option("--intensity"),
+        _config_option("--effective-resolution", help="Downsample every image to this first."),
         click.option("--crop-thorax/--no-crop-thorax", default=None),
         click.option("--mask-text/--no-mask-text", default=None, help="Mask burnt-in text, markers and borders."),
-        click.option(
-            "--lungs", type=click.Choice(LUNG_MODES), default=None, help="Lung-only input (the bundled segmenter)."
-        ),
-        click.option("--decision", type=click.Choice(DECISIONS), default=None, help="staged: abnormal, then COVID-19."),
+        _config_option("--lungs", help="Lung-only input (the bundled segmenter)."),
+        _config_option("--decision", help="staged: abnormal, then COVID-19."),
         click.option(
             "--group-balanced-sampling/--no-group-balanced-sampling", default=None, help="Every source x class equally."
         ),
         click.option("--augment/--no-augment", default=None, help="Randomise the acquisition look (training only)."),
-        click.option("--augment-views", type=int, default=None, help="Cached augmented views per image (0: fresh)."),
-        click.option("--adversarial-weight", type=float, default=None, help="Source-adversarial head weight (0: off)."),
-        click.option("--unfreeze-blocks", type=int, default=None, help="Fine-tune the last N backbone blocks."),
+        _config_option("--augment-views", help="Cached augmented views per image (0: fresh)."),
+        _config_option("--adversarial-weight", help="Source-adversarial head weight (0: off)."),
+        _config_option("--unfreeze-blocks", help="Fine-tune the last N backbone blocks."),
         click.option(
             "--cache-front/--no-cache-front", default=None, help="Fine-tune on the frozen front's cached maps."
         ),
-        click.option("--backbone-lr-scale", type=float, default=None),
+        _config_option("--backbone-lr-scale"),
         click.option("--balanced-sampling/--no-balanced-sampling", default=None),
-        click.option("--label-smoothing", type=float, default=None),
-        click.option("--early-stopping-patience", type=int, default=None, help="Epochs without improvement (0: off)."),
-        click.option("--schedule", type=click.Choice(["none", "cosine", "plateau"]), default=None),
-        click.option("--precision", type=click.Choice(PRECISIONS), default=None),
+        _config_option("--label-smoothing"),
+        _config_option("--early-stopping-patience", help="Epochs without improvement (0: off)."),
+        _config_option("--schedule"),
+        _config_option("--precision"),
         feature_engine_option,
     ]
     for option in reversed(options):
@@ -235,9 +246,9 @@ def design_options(func):
 @click.option("--model", type=str, default=None, help="Registered backbone (see `covidxr models`).")
 @click.option("--out", type=_path, required=True, help="New run folder (or an interrupted one, to resume it).")
 @click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
-@click.option("--epochs", type=int, default=None)
+@_config_option("--epochs")
 @click.option("--seed", type=int, default=None)
-@click.option("--image-size", type=int, default=None)
+@_config_option("--image-size")
 @click.option(
     "--allow-near-duplicate-leakage",
     is_flag=True,
@@ -562,7 +573,7 @@ def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
     help="Deconfounded design: comma-separated variants (default: all; see the README).",
 )
 @click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
-@click.option("--epochs", type=int, default=None)
+@_config_option("--epochs")
 @click.option("--seed", type=int, default=None)
 @click.option(
     "--seeds", default=None, help="Comma-separated seeds, e.g. 0,1,2,3,4: split and training repeated per seed."

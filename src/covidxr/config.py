@@ -1,7 +1,13 @@
-"""The training configuration: the paper's protocol as defaults, loadable from and saved as YAML."""
+"""The training configuration: the paper's protocol as defaults, loadable from and saved as YAML.
+
+``CONSTRAINTS`` declares, once, the values each option may take: a tuple of choices or a numeric ``Range``.
+``TrainConfig`` validates against it and the command line (``covidxr.cli``) builds its ``click.Choice`` /
+``click.IntRange`` / ``click.FloatRange`` from it, so the two cannot disagree.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -9,12 +15,107 @@ import yaml
 
 from covidxr.engines import ENGINES  # what computes frozen features
 from covidxr.errors import CovidxrError
-from covidxr.preprocess import LUNG_MODES, ImagePipeline
+from covidxr.preprocess import INTENSITY_METHODS, LUNG_MODES, ImagePipeline
 
 SCHEDULES = ("none", "cosine", "plateau")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 autocast where the CPU/GPU supports it
 DECISIONS = ("flat", "staged")  # covidxr.models.make_head
-__all__ = ["DECISIONS", "ENGINES", "LUNG_MODES", "PRECISIONS", "SCHEDULES", "TrainConfig"]
+OPTIMIZERS = ("adam", "sgd")
+__all__ = [
+    "CONSTRAINTS",
+    "DECISIONS",
+    "ENGINES",
+    "LUNG_MODES",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "SCHEDULES",
+    "Range",
+    "TrainConfig",
+    "check_option",
+]
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers an option may take: ``low`` and ``high`` (None: unbounded), each included unless open;
+    ``integer`` for whole numbers."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def contains(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """In words, e.g. ``at least 1``, ``0 or more``, ``greater than 0``, ``in [0, 1)``."""
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            if self.low_open:
+                return f"greater than {self.low:g}"
+            return f"{self.low:g} or more" if self.low == 0 else f"at least {self.low:g}"
+        if self.high is not None:
+            return f"less than {self.high:g}" if self.high_open else f"at most {self.high:g}"
+        return "a number"
+
+
+_AT_LEAST_1 = Range(1, integer=True)
+_COUNT = Range(0, integer=True)  # 0 or more
+_FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+
+# option -> its choices (a tuple) or its numeric Range; the single source for TrainConfig and the CLI.
+CONSTRAINTS: dict[str, tuple[str, ...] | Range] = {
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "precision": PRECISIONS,
+    "engine": ENGINES,
+    "decision": DECISIONS,
+    "intensity": INTENSITY_METHODS,
+    "lungs": LUNG_MODES,
+    "image_size": _AT_LEAST_1,
+    "epochs": _AT_LEAST_1,
+    "batch_size": _AT_LEAST_1,
+    "extract_batch_size": _AT_LEAST_1,
+    "augment_views": _COUNT,
+    "unfreeze_blocks": _COUNT,
+    "early_stopping_patience": _COUNT,
+    "num_workers": _COUNT,
+    "hidden_units": _COUNT,
+    "effective_resolution": _COUNT,  # and 0 (off) or at least MIN_EFFECTIVE_RESOLUTION: ImagePipeline
+    "learning_rate": Range(0, low_open=True),
+    "backbone_lr_scale": Range(0, low_open=True),
+    "adversarial_weight": Range(0),
+    "dropout": _FRACTION,
+    "label_smoothing": _FRACTION,
+}
+
+
+def check_option(name: str, value):
+    """``value`` if option ``name`` may take it (numbers converted to int/float), else CovidxrError in one
+    line naming the option and the value."""
+    allowed = CONSTRAINTS[name]
+    if isinstance(allowed, tuple):
+        if value not in allowed:
+            raise CovidxrError(f"config: {name} must be one of {', '.join(allowed)}, not {value!r}")
+        return value
+    kind = int if allowed.integer else float
+    try:
+        if isinstance(value, bool) or (allowed.integer and isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        kind_name = "a whole number" if allowed.integer else "a number"
+        raise CovidxrError(f"config: {name} must be {kind_name}, not {value!r}") from None
+    if not allowed.contains(number):
+        raise CovidxrError(f"config: {name} must be {allowed.describe()}, not {value!r}")
+    return number
 
 
 @dataclass
@@ -73,30 +174,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.split_fractions = tuple(float(f) for f in self.split_fractions)
-        choices = {
-            "optimizer": {"adam", "sgd"},
-            "schedule": set(SCHEDULES),
-            "precision": set(PRECISIONS),
-            "engine": set(ENGINES),
-            "decision": set(DECISIONS),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise CovidxrError(
-                    f"config: {name} must be one of {', '.join(sorted(allowed))}, not {getattr(self, name)!r}"
-                )
-        for name in ("image_size", "epochs", "batch_size", "extract_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise CovidxrError(f"config: {name} must be at least 1")
-        for name in ("augment_views", "unfreeze_blocks", "early_stopping_patience", "num_workers"):
-            if int(getattr(self, name)) < 0:
-                raise CovidxrError(f"config: {name} must be 0 or more")
-        if not 0 <= self.dropout < 1:
-            raise CovidxrError("config: dropout must be in [0, 1)")
-        if not 0 <= self.label_smoothing < 1:
-            raise CovidxrError("config: label_smoothing must be in [0, 1)")
-        if self.adversarial_weight < 0 or self.backbone_lr_scale <= 0:
-            raise CovidxrError("config: adversarial_weight must be >= 0 and backbone_lr_scale > 0")
+        if isinstance(self.intensity, str):
+            self.intensity = self.intensity.lower()  # ImagePipeline accepts any case
+        for name in CONSTRAINTS:
+            setattr(self, name, check_option(name, getattr(self, name)))
         if self.cache_front and not self.unfreeze_blocks:
             raise CovidxrError("config: cache_front needs unfreeze_blocks of 1 or more")
         if self.cache_front and self.augment and not self.augment_views:

@@ -233,6 +233,9 @@ REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to ``REGISTRY``; a name already registered is refused (one name, one backbone)."""
+    if spec.name in REGISTRY:
+        raise CovidxrError(f"model {spec.name!r} is already registered ({REGISTRY[spec.name].reference})")
     REGISTRY[spec.name] = spec
     return spec
 
