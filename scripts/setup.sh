@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs covidxr with its test tools, and Chromium for the browser test. Safe to run again.
+# Creates .venv (if missing) and installs covidxr with training (the [train] extra) and its test tools, and Chromium
+# for the browser test. Safe to run again. The runtime alone (predict, serve) is `pip install covidxr`: see the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,7 +10,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: this release is served from local disk on the project's machines.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[train,dev]"
 # Headless Chromium and its driver, for the test that opens report.html in a real browser.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   SUDO=""
