@@ -16,7 +16,6 @@ in 99% of cases.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from covidxr.cache import default_cache_dir
 from covidxr.errors import CovidxrError
 from covidxr.images import file_sha256, read_image
 from covidxr.labels import SPLITS
+from covidxr.storage import atomic_write
 
 HASH_SIZE = 16
 HASH_BITS = HASH_SIZE * HASH_SIZE
@@ -73,9 +73,7 @@ class HashCache:
         """Write atomically: a concurrent or interrupted run never leaves half an entry."""
         path = self.path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(np.packbits(bits).tobytes().hex())
-        os.replace(tmp, path)
+        atomic_write(path, np.packbits(bits).tobytes().hex())
 
     def hash_of(self, digest: str, image: Image.Image) -> np.ndarray:
         """The hash of an image already decoded by the caller, from the cache when it is there."""

@@ -18,10 +18,8 @@ a stale, damaged or altered export is rebuilt, never silently used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from covidxr.engines import ENGINES, GRAPH_FILE, OnnxEngine, graph_sha256, onnxr
 from covidxr.errors import CovidxrError
 from covidxr.models import CovidxrNet, StagedHead, hash_state_dict
 from covidxr.runs import Run
+from covidxr.storage import atomic_path, stable_digest
 
 __all__ = [
     "TorchEngine",
@@ -189,29 +188,29 @@ def export_onnx(model: CovidxrNet, path: str | Path, info: dict) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     example = torch.zeros(2, 3, model.image_size, model.image_size)
     with_head = info["key"]["graph"] != "features"
     module = _RunGraph(model) if with_head else _Features(model)
     outputs = list(info["outputs"])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notes are not the user's concern
-            torch.onnx.export(
-                module.eval(),
-                (example,),
-                str(tmp),
-                input_names=["image"],
-                output_names=outputs,
-                dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
-                opset_version=OPSET,
-                dynamo=False,
-            )
-        onnx.checker.check_model(str(tmp))
-    except Exception as exc:  # the exporter raises many types; any of them means no usable graph
-        tmp.unlink(missing_ok=True)
-        raise CovidxrError(f"{model.spec.name}: could not be exported to ONNX ({type(exc).__name__}: {exc})") from None
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        try:
+            # The exporter's deprecation and tracer notes are not the user's concern.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module.eval(),
+                    (example,),
+                    str(tmp),
+                    input_names=["image"],
+                    output_names=outputs,
+                    dynamic_axes={name: {0: "batch"} for name in ["image", *outputs]},
+                    opset_version=OPSET,
+                    dynamo=False,
+                )
+            onnx.checker.check_model(str(tmp))
+        except Exception as exc:  # the exporter raises many types; any of them means no usable graph
+            why = f"{type(exc).__name__}: {exc}"
+            raise CovidxrError(f"{model.spec.name}: could not be exported to ONNX ({why})") from None
     path.with_suffix(".json").write_text(json.dumps({**info, "sha256": graph_sha256(path)}, indent=2))
     return path
 
@@ -220,7 +219,7 @@ def cached_export(model: CovidxrNet, info: dict, cache_dir: str | Path | None = 
     """The export ``info`` describes, from the cache; rebuilt when missing, stale, damaged or altered
     (its bytes no longer match the SHA-256 its sidecar recorded; checked on every load, ~20 ms)."""
     key = json.loads(json.dumps(info["key"]))  # as the sidecar stores it (tuples become lists)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    digest = stable_digest(key)[:24]
     path = Path(cache_dir or default_cache_dir()) / "onnx" / f"{digest}.onnx"
     try:
         stored = json.loads(path.with_suffix(".json").read_text()) if path.is_file() else {}

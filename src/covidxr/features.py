@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from covidxr.export import feature_engine
 from covidxr.images import file_sha256
 from covidxr.models import CovidxrNet
 from covidxr.preprocess import AcquisitionAugment
+from covidxr.storage import atomic_path, stable_digest
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class FeatureCache:
         engine = engine or feature_engine(model, model.engine, cache_dir).name  # default: what extraction uses
         if engine != "torch":  # absent for torch, so caches made before the engines existed stay valid
             key["engine"] = engine
-        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]  # model_key_hash() + view
+        name = stable_digest(key)[:24]  # model_key_hash() + view
         self.dir = Path(cache_dir or default_cache_dir()) / "features" / name
         self.dir.mkdir(parents=True, exist_ok=True)
         key_file = self.dir / "key.json"
@@ -103,10 +103,8 @@ class FeatureCache:
         entry = np.zeros((), dtype=self._entry_type())
         entry["features"] = vector
         entry["sha256"] = np.frombuffer(_content_hash(digest, entry["features"]), dtype=np.uint8)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             np.save(handle, entry)
-        os.replace(tmp, path)
 
 
 def _content_hash(digest: str, vector: np.ndarray) -> bytes:

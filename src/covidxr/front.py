@@ -11,8 +11,6 @@ leave-one-source-out, which retrains once per held-out unit, affordable for fine
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from covidxr.errors import CovidxrError
 from covidxr.features import AugmentedView
 from covidxr.images import file_sha256
 from covidxr.models import CovidxrNet
+from covidxr.storage import stable_digest
 
 # Maps computed in this process, by what determines them: shared by training and every retraining of
 # leave-one-source-out in the same ``reproduce``.
@@ -68,7 +67,7 @@ def _memo_key(model: CovidxrNet, count: int, view: AugmentedView | None) -> str:
         "count": count,
         "view": view.key() if view else None,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return stable_digest(key)
 
 
 @torch.no_grad()

@@ -14,8 +14,6 @@ their dropout masks differ from one process's, so losses match exactly only with
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -33,6 +31,7 @@ from tqdm import tqdm
 from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
 from covidxr.images import read_image
+from covidxr.storage import atomic_path, stable_digest
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -347,8 +346,7 @@ def _autocast(config: TrainConfig, device: torch.device):
 
 def config_fingerprint(config: TrainConfig, extra: dict | None = None) -> str:
     """What must be equal for a checkpoint to be resumed: the whole configuration and the data."""
-    payload = json.dumps({"config": config.to_dict(), **(extra or {})}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return stable_digest({"config": config.to_dict(), **(extra or {})})
 
 
 def _optimizer(trainee: Trainee, backbone_parameters: list[nn.Parameter], config: TrainConfig):
@@ -391,9 +389,8 @@ def _trainable_state(trainee: Trainee) -> dict[str, torch.Tensor]:
 
 
 def _save_atomic(payload: dict, path: Path) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def fit(

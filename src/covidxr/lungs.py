@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from covidxr.errors import CovidxrError
+from covidxr.storage import atomic_write
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 GRAPH = BUNDLED / "lungs.onnx"
@@ -184,9 +184,7 @@ def _write_png_atomic(path: Path, grey: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     Image.fromarray(grey).save(buffer, format="PNG")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    temporary.write_bytes(buffer.getvalue())
-    os.replace(temporary, path)
+    atomic_write(path, buffer.getvalue())
 
 
 class LungSegmenter:

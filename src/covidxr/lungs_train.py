@@ -32,6 +32,7 @@ from torch import nn
 from covidxr import lungs
 from covidxr.errors import CovidxrError
 from covidxr.images import read_image
+from covidxr.storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -323,9 +324,8 @@ def train_segmenter(masks_dir: str | Path, out: str | Path, config: SegmenterCon
             model_dice,
             history[-1]["seconds"],
         )
-        temporary = checkpoint_path.with_suffix(".tmp")
-        torch.save(_checkpoint_state(model, optimiser, scheduler, generator, epoch + 1, history, config), temporary)
-        temporary.replace(checkpoint_path)
+        with atomic_path(checkpoint_path) as temporary:
+            torch.save(_checkpoint_state(model, optimiser, scheduler, generator, epoch + 1, history, config), temporary)
 
     with (out / "history.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "hash_arrays", "stable_digest"]
+__all__ = ["atomic_path", "atomic_write", "hash_arrays", "stable_digest"]
 
 
 def stable_digest(value: Any) -> str:
@@ -30,20 +32,27 @@ def hash_arrays(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str | Path, data: bytes | str, sync: bool = False) -> Path:
-    """Write ``data`` beside ``path`` and rename it into place, so a reader never sees half a file and an
-    interrupted write leaves the old one; ``sync`` also flushes it to disk first."""
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that needs a file name (torch.save, an exporter): renamed
+    onto ``path`` when the block ends, removed when it raises, so a reader never sees half a file and an
+    interrupted write leaves the old one. The name is hidden and unique per process and thread."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{suffix}")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            if sync:
-                handle.flush()
-                os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str, sync: bool = False) -> Path:
+    """Write ``data`` beside ``path`` and rename it into place (``atomic_path``); ``sync`` also flushes it to
+    disk first."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
     return path
