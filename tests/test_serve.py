@@ -213,6 +213,46 @@ def _dicom_bytes(ds, tmp_path: Path) -> bytes:
     return save(ds, tmp_path / "nopixels.dcm").read_bytes()
 
 
+def test_concurrent_predictions_are_batched_and_a_bad_upload_fails_only_itself(
+    server: Server, xrays: list[Path], cat: Path
+) -> None:
+    """Sixteen requests at once share engine calls (micro-batching) and get exactly the answers they get one
+    by one; the corrupt upload among them gets its 400, the photo its no-answer, and nobody else is hurt."""
+    alone = {path.name: post(server, "/api/predict", path.read_bytes(), path.name).json() for path in xrays}
+    uploads = [(path.name, path.read_bytes()) for path in xrays * 4] + [
+        ("broken.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64),
+        (cat.name, cat.read_bytes()),
+    ]
+    results: dict[int, httpx.Response] = {}
+    lock = threading.Lock()
+
+    def send(index: int) -> None:
+        name, content = uploads[index]
+        response = post(server, "/api/predict", content, name)
+        with lock:
+            results[index] = response
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(uploads))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for index, (name, _) in enumerate(uploads):
+        response = results[index]
+        if name == "broken.png":
+            assert response.status_code == 400, response.text
+        elif name == cat.name:
+            assert response.status_code == 200 and response.json()["label"] is None
+        else:
+            assert response.status_code == 200, response.text
+            got, expected = response.json(), alone[name]
+            assert got["label"] == expected["label"]
+            for label, p in expected["probabilities"].items():
+                assert got["probabilities"][label] == pytest.approx(p, abs=1e-5)
+    sizes = httpx.get(f"{server.url}/healthz").json()["recent_batch_sizes"]
+    assert max(sizes) > 1, sizes  # some requests did share an engine call
+
+
 def test_uploads_leave_no_file_and_no_trace_in_the_log(server: Server, xrays: list[Path]) -> None:
     def files() -> dict[str, int]:  # a library leaves a small session file at start-up: uploads add nothing
         return {str(p): p.stat().st_size for p in server.tmp.rglob("*")}

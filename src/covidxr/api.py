@@ -30,6 +30,8 @@ from covidxr.inference import answer, input_transform, make_engine, predict_file
 from covidxr.ood import is_blank
 from covidxr.runs import HEAD_FILE, Run, load_run
 
+__all__ = ["ImageLike", "METHODS", "Model", "load_model"]
+
 METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")  # covidxr.explain.METHODS, without importing torch
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -103,12 +105,21 @@ class Model:
         decoded = [_as_image(item) for item in images]
         results = []
         for start in range(0, len(decoded), batch_size):
-            batch = decoded[start : start + batch_size]
-            prepared = [prepare(self.transform, image) for image in batch]
-            features, logits = self.engine(np.stack([array for array, _ in prepared]))
-            reasons = [reason or None for _, reason in prepared]
-            results += answer(self.run, features, logits, [is_blank(image) for image in batch], reasons)
+            prepared = [self.prepare(image) for image in decoded[start : start + batch_size]]
+            results += self.answer_prepared(prepared)
         return results
+
+    def prepare(self, image: Image.Image) -> tuple[np.ndarray, bool, str | None]:
+        """A decoded image's model input, whether it is blank, and why its lungs rule out an answer (None when
+        they do not): the CPU work before the engine, which callers may run on several threads."""
+        array, reason = prepare(self.transform, image)
+        return array, is_blank(image), reason or None
+
+    def answer_prepared(self, prepared: Sequence[tuple[np.ndarray, bool, str | None]]) -> list[dict]:
+        """``predict``'s results for images already ``prepare``d, with one engine call for them all."""
+        arrays, blanks, reasons = zip(*prepared, strict=True)
+        features, logits = self.engine(np.stack(arrays))
+        return answer(self.run, features, logits, blanks, reasons, getattr(self.engine, "ood_threshold", None))
 
     def explain(self, images: ImageLike | Sequence[ImageLike], method: str = "gradcam") -> dict | list[dict]:
         """``predict``'s answer plus the class activation map (``map``, input-sized floats in [0, 1])

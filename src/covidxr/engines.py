@@ -132,6 +132,8 @@ class OnnxEngine:
             raise CovidxrError(f"{path}: not a usable ONNX graph ({type(exc).__name__})") from None
         self.path = Path(path)
         self.outputs = [output.name for output in self.session.get_outputs()]
+        # The out-of-distribution threshold for this graph's features where it differs from the run's (int8).
+        self.ood_threshold: float | None = None
         self.description = f"onnxruntime {onnxruntime.__version__} (CPU, {options.intra_op_num_threads} threads)"
 
     def _run(self, names: list[str], inputs: np.ndarray) -> list[np.ndarray]:

@@ -40,6 +40,22 @@ from covidxr.preprocess import ImagePipeline, InputTransform, Preprocessing
 from covidxr.runs import HEAD_FILE, Run
 from covidxr.storage import hash_arrays, stable_digest
 
+__all__ = [
+    "BLANK",
+    "Engine",
+    "OUT_OF_DISTRIBUTION",
+    "answer",
+    "expand_inputs",
+    "head_digest",
+    "input_transform",
+    "iterate_predictions",
+    "make_engine",
+    "output_name",
+    "path_from_output_name",
+    "predict_files",
+    "predict_to_file",
+]
+
 logger = logging.getLogger(__name__)
 
 
@@ -130,6 +146,7 @@ def answer(
     logits: np.ndarray,
     blank: Sequence[bool],
     reasons: Sequence[str | None] | None = None,
+    ood_threshold: float | None = None,
 ) -> list[dict]:
     """What covidxr says of each image, from the engine's features and logits.
 
@@ -139,6 +156,7 @@ def answer(
     (``blank``), or one with a caller's reason (``reasons``, one per image, e.g. lungs not found) gets
     no answer: ``label`` and ``covid_positive`` are ``None`` and ``no_answer_reason`` says why; its
     probabilities stay, for research. ``out_of_distribution`` is ``None`` for runs made before the guard.
+    ``ood_threshold`` replaces the guard's own where an engine's features need another (int8).
     """
     labels, covid, threshold = run.labels, run.labels.index(POSITIVE), run.covid_threshold
     probabilities = softmax(logits.astype(np.float64), run.temperature)
@@ -148,7 +166,7 @@ def answer(
     reasons = reasons if reasons is not None else [None] * len(features)
     results = []
     for p, decision, score, flat, given in zip(probabilities, decisions, scores, blank, reasons, strict=True):
-        unlike = guard is not None and bool(score > guard.threshold)
+        unlike = guard is not None and bool(score > (ood_threshold or guard.threshold))
         why = [text for text, applies in ((BLANK, flat), (OUT_OF_DISTRIBUTION, unlike), (given, given)) if applies]
         answered = not why
         results.append(
@@ -180,7 +198,8 @@ def iterate_predictions(
     batches = iterate_batches(paths, transform, batch_size, num_workers, desc, check_lungs=True)
     for indices, inputs, errors, blanks, lungs in batches:
         features, logits = runner(inputs)
-        answers = answer(run, features, logits, blanks, [reason or None for reason in lungs])
+        reasons = [reason or None for reason in lungs]
+        answers = answer(run, features, logits, blanks, reasons, getattr(runner, "ood_threshold", None))
         yield [
             {"file": output_name(paths[i]), "error": printable(error)}
             if error

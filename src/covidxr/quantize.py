@@ -27,7 +27,10 @@ from covidxr.calibration import POSITIVE, softmax
 from covidxr.engines import OnnxEngine, graph_sha256
 from covidxr.errors import CovidxrError
 from covidxr.export import cached_export, sidecar
+from covidxr.ood import MARGIN, QUANTILE
 from covidxr.runs import Run
+
+__all__ = ["METHODS", "graph_paths", "int8_engine", "int8_path", "quantize_graph", "quantize_run"]
 
 METHODS = ("static", "dynamic")
 MAX_DROP = 0.02  # largest accepted loss of validation accuracy or AUC (absolute), unless told otherwise
@@ -106,7 +109,7 @@ def _inputs(run: Run, paths: list[Path]) -> np.ndarray:
     for _, inputs, errors, _, _ in iterate_batches(paths, run.model.input_transform, 32, 1, None):
         if any(errors):
             raise CovidxrError(next(e for e in errors if e))
-        batches.append(inputs.numpy())
+        batches.append(inputs)
     return np.concatenate(batches)
 
 
@@ -114,8 +117,9 @@ def _measure(engine: OnnxEngine, inputs: np.ndarray, run: Run, targets: np.ndarr
     """Accuracy, COVID-19 AUC and throughput (batches of 32, after a warm-up of both batch shapes) on ``inputs``."""
     engine(inputs[:32]), engine(inputs[len(inputs) - len(inputs) % 32 :] if len(inputs) % 32 else inputs[:32])
     started = time.perf_counter()
-    logits = np.concatenate([engine(inputs[i : i + 32])[1] for i in range(0, len(inputs), 32)])
+    outputs = [engine(inputs[i : i + 32]) for i in range(0, len(inputs), 32)]
     seconds = time.perf_counter() - started
+    logits = np.concatenate([batch_logits for _, batch_logits in outputs])
     probabilities = softmax(logits.astype(np.float64), run.temperature)
     covid = run.labels.index(POSITIVE)
     is_covid = targets == covid
@@ -125,6 +129,7 @@ def _measure(engine: OnnxEngine, inputs: np.ndarray, run: Run, targets: np.ndarr
         "covid_auc": auc,
         "images_per_second": round(len(inputs) / seconds, 1),
         "labels": probabilities.argmax(1),
+        "features": np.concatenate([features for features, _ in outputs]),
     }
 
 
@@ -158,6 +163,7 @@ def quantize_run(
     chosen = sorted(rng.choice(len(train_paths), min(calibration_images, len(train_paths)), replace=False))
     calibration = _inputs(run, [train_paths[i] for i in chosen]) if method == "static" else None
     fp32_path, out = graph_paths(run, cache_dir)
+    fp32_info = json.loads(fp32_path.with_suffix(".json").read_text())
     candidate = out.with_name(f"{out.stem}.{os.getpid()}.candidate.onnx")  # an accepted graph stays until replaced
     started = time.perf_counter()
     quantize_graph(fp32_path, candidate, calibration, method)
@@ -179,8 +185,8 @@ def quantize_run(
         "method": method,
         "calibration_images": 0 if calibration is None else len(calibration),
         "validation_images": len(val),
-        "fp32": {k: v for k, v in fp32.items() if k != "labels"},
-        "int8": {k: v for k, v in int8.items() if k != "labels"},
+        "fp32": {k: v for k, v in fp32.items() if k not in {"labels", "features"}},
+        "int8": {k: v for k, v in int8.items() if k not in {"labels", "features"}},
         "speed_up": round(int8["images_per_second"] / fp32["images_per_second"], 2),
         "labels_changed": int((fp32["labels"] != int8["labels"]).sum()),
         "drop": drops,
@@ -188,6 +194,11 @@ def quantize_run(
         "accepted": accepted,
         "quantize_seconds": round(quantize_seconds, 1),
         "graph": str(out) if accepted else None,
+        # int8 features lie further from the fp32 training statistics than fp32 features do, so the
+        # out-of-distribution guard's threshold is chosen again, by its own rule, on int8 validation features.
+        "ood_threshold": _int8_guard_threshold(run, int8["features"]),
+        # What the runtime needs to feed the graph (as the fp32 graph's sidecar says).
+        **{key: fp32_info[key] for key in ("image_size", "pipeline", "normalisation", "labels")},
         "disclaimer": DISCLAIMER,
     }
     if not accepted:
@@ -203,19 +214,35 @@ def quantize_run(
     return report
 
 
+def _int8_guard_threshold(run: Run, val_features: np.ndarray) -> float | None:
+    """The guard's threshold rule (``MARGIN`` x the ``QUANTILE`` of validation scores) on int8 features."""
+    guard = run.ood_guard
+    if guard is None:
+        return None
+    return float(np.quantile(guard.score(val_features), QUANTILE) * MARGIN)
+
+
 def int8_engine(run: Run, cache_dir: str | Path | None = None, threads: int | None = None) -> OnnxEngine:
     """The accepted int8 graph of ``run`` (``covidxr quantize`` first)."""
     path = int8_path(run, cache_dir)
     if not path.is_file() or not path.with_suffix(".json").is_file():
         raise CovidxrError(f"{run.path}: no accepted int8 model yet; run `covidxr quantize {run.path}` first")
     try:
-        accepted = json.loads(path.with_suffix(".json").read_text()).get("sha256")
+        report = json.loads(path.with_suffix(".json").read_text())
+        accepted = report.get("sha256")
     except (OSError, ValueError, AttributeError):
-        accepted = None
+        report, accepted = {}, None
     if accepted != graph_sha256(path):
         # It cannot be rebuilt here (that needs the calibration images and the acceptance test).
         raise CovidxrError(
             f"{path}: the int8 graph does not match the SHA-256 recorded when it was accepted (altered, or "
             f"accepted before covidxr recorded it); run `covidxr quantize {run.path}` again"
         )
-    return OnnxEngine(path, threads, spin=False)
+    if "ood_threshold" not in report:
+        raise CovidxrError(
+            f"{path}: accepted before covidxr chose the out-of-distribution threshold for int8; "
+            f"run `covidxr quantize {run.path}` again"
+        )
+    engine = OnnxEngine(path, threads, spin=False)
+    engine.ood_threshold = report["ood_threshold"]
+    return engine

@@ -31,14 +31,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covidxr import DISCLAIMER, __version__
 from covidxr.api import Model
+from covidxr.cam import jet
 from covidxr.card import model_card, render_model_card_html
+from covidxr.engines import physical_cores
 from covidxr.errors import CovidxrError, ImageTooLarge
 from covidxr.images import decode_bytes
 from covidxr.inference import head_digest
 
+__all__ = ["create_app", "serve"]
+
 MAX_UPLOAD = 30 * 1024 * 1024  # bytes of image per request
 MAX_QUEUE = 32  # requests admitted (being received or waiting for the model) before the next gets 503
 PREVIEW_SIDE = 512  # the longest side of the images returned for display
+MAX_BATCH = 32  # concurrent predictions answered by one engine call
+BATCH_WAIT = 0.005  # seconds a prediction waits for others to join its batch
 FIELD = "file"  # the multipart field that carries the image
 # What an upload may be, recognised by its first bytes (its name and Content-Type are only claims).
 SIGNATURES = {
@@ -212,16 +218,18 @@ def _preview(image: Image.Image) -> Image.Image:
 
 def heatmap(cam: np.ndarray, size: tuple[int, int]) -> Image.Image:
     """The map in the 'jet' colours, upsampled to ``size``, with no image under it (the page blends it)."""
-    from matplotlib import colormaps
-
     resized = np.asarray(Image.fromarray(np.float32(cam)).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-    return Image.fromarray(np.uint8(colormaps["jet"](np.clip(resized, 0, 1))[..., :3] * 255))
+    return Image.fromarray(np.uint8(jet(resized) * 255))
 
 
-def _result(model: Model, body: bytes, explain: bool, preview_wanted: bool) -> dict:
-    """Decode and answer (in the inference thread: both take CPU)."""
+def _explained(model: Model, body: bytes, preview_wanted: bool) -> dict:
+    """Decode, predict and explain one upload (in the model's thread: Grad-CAM needs the engine)."""
     image = decode_upload(body)
-    [result] = model.explain([image]) if explain else model.predict([image])
+    [result] = model.explain([image])
+    return _response(image, result, True, preview_wanted)
+
+
+def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: bool) -> dict:
     answer = {
         "label": result["label"],
         "no_answer_reason": result["no_answer_reason"],
@@ -246,6 +254,73 @@ def _result(model: Model, body: bytes, explain: bool, preview_wanted: bool) -> d
     return answer
 
 
+def _prepared(model: Model, body: bytes) -> tuple[Image.Image, tuple[np.ndarray, bool, str | None]]:
+    """Decode an upload and prepare the model's input (on a decoding thread; 400/413 for a bad upload)."""
+    image = decode_upload(body)
+    return image, model.prepare(image)
+
+
+class MicroBatcher:
+    """Concurrent predictions answered by one engine call: the requests that arrive within ``wait`` seconds
+    of the first, up to ``max_batch``, are stacked into one batch (one onnxruntime session call costs
+    far less per image than one call per image). Decoding and preprocessing run before, on their own
+    threads, so an unreadable upload is refused there and never joins a batch; should the batched call
+    itself fail, its images are answered one by one, so one bad input cannot fail the others."""
+
+    def __init__(
+        self, model: Model, executor: ThreadPoolExecutor, max_batch: int = MAX_BATCH, wait: float = BATCH_WAIT
+    ):
+        self.model, self.executor, self.max_batch, self.wait = model, executor, max_batch, wait
+        self.pending: list[tuple[tuple[np.ndarray, bool, str | None], asyncio.Future]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.batch_sizes: list[int] = []  # for /healthz and the tests: how requests were grouped
+
+    async def answer(self, prepared: tuple[np.ndarray, bool, str | None]) -> dict:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((prepared, future))
+        if len(self.pending) >= self.max_batch:
+            self._flush()
+        elif self.timer is None:
+            self.timer = loop.call_later(self.wait, self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        batch, self.pending = self.pending, []
+        if not batch:
+            return
+        self.batch_sizes = [*self.batch_sizes[-99:], len(batch)]
+        done = asyncio.get_running_loop().run_in_executor(self.executor, self._run, [item for item, _ in batch])
+        done.add_done_callback(lambda finished: self._deliver(batch, finished))
+
+    def _run(self, items: list[tuple[np.ndarray, bool, str | None]]) -> list[dict | Exception]:
+        try:
+            return list(self.model.answer_prepared(items))
+        except Exception:  # answer each alone: only the image that cannot be answered fails
+            answers: list[dict | Exception] = []
+            for item in items:
+                try:
+                    answers += self.model.answer_prepared([item])
+                except Exception as exc:  # noqa: BLE001  (reported to its own request only)
+                    answers.append(exc)
+            return answers
+
+    @staticmethod
+    def _deliver(batch: list, finished: asyncio.Future) -> None:
+        failure = finished.exception()
+        answers = [failure] * len(batch) if failure else finished.result()
+        for (_, future), result in zip(batch, answers, strict=True):
+            if future.done():
+                continue  # the client went away
+            if isinstance(result, BaseException):
+                future.set_exception(ApiError(500, f"the model could not answer this image ({type(result).__name__})"))
+            else:
+                future.set_result(result)
+
+
 class InferenceQueue:
     """One worker thread for the model, and at most ``limit`` requests admitted: being received, waiting
     or answered. Admission comes before the body is read, so a burst of large uploads costs at most
@@ -254,7 +329,9 @@ class InferenceQueue:
     def __init__(self, limit: int):
         self.limit = limit
         self.waiting = 0  # changed on the event loop only
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="covidxr-inference")
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="covidxr-inference")  # the engine's thread
+        # Decoding and preprocessing of uploads (Pillow, pydicom, the lung check release the GIL).
+        self.decoders = ThreadPoolExecutor(physical_cores(), thread_name_prefix="covidxr-decode")
 
     @asynccontextmanager
     async def admitted(self, request: Request, limit: int):
@@ -270,6 +347,9 @@ class InferenceQueue:
     async def run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
 
+    async def decode(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, function, *args)
+
 
 def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_UPLOAD) -> FastAPI:
     """The FastAPI application serving ``model``."""
@@ -281,6 +361,7 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
         description=f"Chest X-ray classification COVID-19 / NORMAL / PNEUMONIA. **{DISCLAIMER}**",
     )
     queue = InferenceQueue(max_queue)
+    batcher = MicroBatcher(model, queue.executor)
     identity = model_id(model)
     card = model_card(model.run.path)
     card_page = render_model_card_html(card)
@@ -302,7 +383,12 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
         async with queue.admitted(request, max_upload):  # before the body is read: a 503 costs no memory
             body = await read_upload(request, max_upload)
             preview = request.query_params.get("preview", "").lower() in {"1", "true", "yes"}
-            result = await queue.run(_result, model, body, explain, preview)
+            if explain:
+                result = await queue.run(_explained, model, body, preview)
+            else:
+                image, prepared = await queue.decode(_prepared, model, body)
+                answered = await batcher.answer(prepared)
+                result = await queue.decode(_response, image, answered, False, preview)
         return {**result, "model": identity, "disclaimer": DISCLAIMER}
 
     @app.post("/api/predict", openapi_extra={"requestBody": EXAMPLE})
@@ -329,7 +415,7 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model": identity, "waiting": queue.waiting}
+        return {"status": "ok", "model": identity, "waiting": queue.waiting, "recent_batch_sizes": batcher.batch_sizes}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
