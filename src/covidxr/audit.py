@@ -48,6 +48,17 @@ from covidxr.images import read_image
 from covidxr.models import CovidxrNet, StagedHead, head_probabilities, to_input_tensor
 from covidxr.runs import Run, load_run
 
+__all__ = [
+    "COMMON_SIZE",
+    "common_format",
+    "lungs_hidden_check",
+    "masked_input",
+    "overall_verdict",
+    "resolution_format_check",
+    "run_audit",
+    "source_probe_check",
+]
+
 # lungs_hidden: accuracy above chance that survives hiding the lungs (or keeping only the border).
 # A margin of 0.25 cannot come from sampling noise on a test set of ~30+ images; 0.10 is worth a look.
 LUNGS_HIDDEN_FAIL_MARGIN = 0.25

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["default_cache_dir"]
+
 
 def default_cache_dir() -> Path:
     """``COVIDXR_CACHE_DIR``, else the user's cache folder (``~/.cache/covidxr``)."""

@@ -19,6 +19,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+__all__ = [
+    "ECE_BINS",
+    "OperatingThreshold",
+    "POSITIVE",
+    "choose_threshold",
+    "decide",
+    "describe_operating_point",
+    "expected_calibration_error",
+    "fit_temperature",
+    "reliability_curve",
+    "softmax",
+]
+
 YOUDEN = "youden"
 ECE_BINS = 15
 POSITIVE = "COVID-19"

@@ -16,6 +16,8 @@ from covidxr.config import CONSTRAINTS, TrainConfig
 from covidxr.engines import ENGINES, TRAIN_EXTRA
 from covidxr.errors import CovidxrError
 
+__all__ = ["cli", "main"]
+
 _path = click.Path(path_type=Path)
 # What `reproduce` evaluates every trained model on, besides its own test split, when it exists.
 DEFAULT_EXTERNAL = Path("../shared/data/adult-controls")

@@ -21,6 +21,8 @@ from covidxr.errors import CovidxrError
 from covidxr.images import file_sha256, read_image
 from covidxr.labels import LABELS, canonical_label
 
+__all__ = ["Dataset", "Problem", "check_dataset", "load_dataset", "load_datasets", "split_by_patient"]
+
 REQUIRED_COLUMNS = ("filename", "label", "patient_id")
 
 

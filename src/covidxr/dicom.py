@@ -36,6 +36,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from covidxr.errors import CovidxrError, ImageTooLarge
 from covidxr.images import Source, has_dicom_magic, source_label
 
+__all__ = ["DicomInfo", "decode_dicom", "dicom_info", "install_hint", "read_dicom"]
+
 PIXEL_DATA_TAG = 0x7FE00010
 _GREY = {"MONOCHROME1", "MONOCHROME2"}
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}

@@ -32,6 +32,19 @@ from covidxr.images import file_sha256, read_image
 from covidxr.labels import SPLITS
 from covidxr.storage import atomic_write
 
+__all__ = [
+    "HASH_BITS",
+    "HASH_SIZE",
+    "HashCache",
+    "NEAR_DUPLICATE_DISTANCE",
+    "crossing_pairs",
+    "file_hashes",
+    "near_duplicate_pairs",
+    "pairs_within",
+    "patient_groups",
+    "perceptual_hash",
+]
+
 HASH_SIZE = 16
 HASH_BITS = HASH_SIZE * HASH_SIZE
 # highfreq_factor 1: hash the whole DCT of the 16x16 thumbnail; the thumbnail's resize is the low-pass filter.

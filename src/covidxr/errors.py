@@ -3,6 +3,8 @@
 The CLI prints such errors as one line and exits non-zero; anything else is a bug.
 """
 
+__all__ = ["CovidxrError", "ImageTooLarge"]
+
 
 class CovidxrError(Exception):
     """A problem with the user's input, configuration or environment, stated in one sentence."""

@@ -31,6 +31,19 @@ from covidxr.cam import lung_shares, lungs_on_input
 from covidxr.errors import CovidxrError
 from covidxr.models import CovidxrNet
 
+__all__ = [
+    "BORDER_WIDTH",
+    "Explainer",
+    "GEOMETRY_DESCRIPTION",
+    "LUNG_FIELD",
+    "METHODS",
+    "MapChecks",
+    "check_maps",
+    "input_lungs",
+    "probabilities_of",
+    "region_masks",
+]
+
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "scorecam": ScoreCAM, "eigencam": EigenCAM}
 # ScoreCAM runs one forward pass per feature channel (1,280-2,048 here): too slow to check routinely.
 CHECKED_METHODS = ("gradcam", "gradcam++", "eigencam")

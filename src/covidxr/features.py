@@ -27,6 +27,8 @@ from covidxr.models import CovidxrNet
 from covidxr.preprocess import AcquisitionAugment
 from covidxr.storage import atomic_path, stable_digest
 
+__all__ = ["AugmentedView", "FeatureCache", "backbone_features", "compute_features", "extract_features"]
+
 logger = logging.getLogger(__name__)
 
 

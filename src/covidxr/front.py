@@ -25,6 +25,8 @@ from covidxr.images import file_sha256
 from covidxr.models import CovidxrNet
 from covidxr.storage import stable_digest
 
+__all__ = ["FrontSplit", "front_maps", "split_model"]
+
 # Maps computed in this process, by what determines them: shared by training and every retraining of
 # leave-one-source-out in the same ``reproduce``.
 _MEMO: dict[str, dict[str, torch.Tensor]] = {}

@@ -33,6 +33,23 @@ from covidxr.errors import CovidxrError
 from covidxr.images import read_image
 from covidxr.storage import atomic_path, stable_digest
 
+__all__ = [
+    "CHECKPOINT",
+    "Distributed",
+    "FitResult",
+    "ImageSet",
+    "TensorSet",
+    "Trainee",
+    "bf16_supported",
+    "config_fingerprint",
+    "decision_teachers",
+    "fit",
+    "group_balanced_weights",
+    "init_distributed",
+    "predict_logits",
+    "staged_loss",
+]
+
 CHECKPOINT = "checkpoint.pt"
 
 

@@ -28,6 +28,21 @@ from PIL import Image, ImageDraw
 from covidxr.errors import CovidxrError
 from covidxr.storage import atomic_write
 
+__all__ = [
+    "BUNDLED",
+    "GRAPH",
+    "LungFields",
+    "LungSegmenter",
+    "SIDECAR",
+    "fill_holes",
+    "label_components",
+    "lung_reason",
+    "lung_segmenter",
+    "model_input",
+    "normalise",
+    "overlay",
+]
+
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 GRAPH = BUNDLED / "lungs.onnx"
 SIDECAR = BUNDLED / "lungs.json"

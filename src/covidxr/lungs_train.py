@@ -34,6 +34,18 @@ from covidxr.errors import CovidxrError
 from covidxr.images import read_image
 from covidxr.storage import atomic_path
 
+__all__ = [
+    "LungUNet",
+    "SegmenterConfig",
+    "bundle",
+    "evaluate",
+    "held_out_rows",
+    "load_torch_model",
+    "read_mask_table",
+    "split_patients",
+    "train_segmenter",
+]
+
 log = logging.getLogger(__name__)
 
 CHILD, ADULT = "child", "adult"

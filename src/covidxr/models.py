@@ -24,6 +24,29 @@ from covidxr.errors import CovidxrError
 from covidxr.preprocess import PREPROCESSING, ImagePipeline, InputTransform, Preprocessing, to_input_array
 from covidxr.storage import hash_arrays, stable_digest
 
+__all__ = [
+    "Backbone",
+    "CovidxrNet",
+    "ModelSpec",
+    "PAPER_MODELS",
+    "PREPROCESSING",
+    "REGISTRY",
+    "StagedHead",
+    "WeightsSource",
+    "create_backbone",
+    "create_model",
+    "default_weights_dir",
+    "get_spec",
+    "hash_state_dict",
+    "head_probabilities",
+    "list_models",
+    "load_backbone_weights",
+    "make_head",
+    "register",
+    "resolve_weights",
+    "to_input_tensor",
+]
+
 
 def to_input_tensor(image: Image.Image, size: int, preprocessing: Preprocessing) -> torch.Tensor:
     """``covidxr.preprocess.to_input_array`` as a tensor (for the torch side: training, Grad-CAM, audits)."""

@@ -22,6 +22,8 @@ from safetensors.numpy import load_file, save_file
 
 from covidxr.errors import CovidxrError
 
+__all__ = ["MARGIN", "OODGuard", "QUANTILE", "fit_guard", "is_blank"]
+
 COMPONENTS = 32  # principal components kept (fewer when there are fewer training images)
 QUANTILE = 0.99  # share of validation X-rays the threshold lets through
 MARGIN = 1.25  # the threshold is this factor above that quantile, for images a little unlike validation

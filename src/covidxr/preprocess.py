@@ -30,6 +30,23 @@ from PIL import Image, ImageFilter, ImageOps
 
 from covidxr.errors import CovidxrError
 
+__all__ = [
+    "AcquisitionAugment",
+    "INTENSITY_METHODS",
+    "ImagePipeline",
+    "InputTransform",
+    "LUNGS_REASON",
+    "LUNG_CROP_MARGIN",
+    "LUNG_MASK_FILL",
+    "LUNG_MASK_GROW",
+    "LUNG_MASK_SOFTEN",
+    "LUNG_MODES",
+    "MIN_EFFECTIVE_RESOLUTION",
+    "PREPROCESSING",
+    "Preprocessing",
+    "to_input_array",
+]
+
 INTENSITY_METHODS = ("none", "clahe", "equalize", "zscore")
 LUNG_MODES = ("none", "crop", "mask")
 # Lung-only input (covidxr.lungs). crop: the two lungs' bounding box widened by this share of its size on

@@ -26,6 +26,8 @@ from covidxr.models import PAPER_MODELS, get_spec, resolve_weights
 from covidxr.report import PAPER_RESULTS, write_designs_report, write_reproduce_report, write_run_report
 from covidxr.train import train
 
+__all__ = ["DEFAULT_MODELS", "DESIGN_VARIANTS", "reproduce", "reproduce_designs", "seed_spread"]
+
 DEFAULT_MODELS = (*PAPER_MODELS, "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 logger = logging.getLogger(__name__)

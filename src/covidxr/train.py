@@ -54,6 +54,8 @@ from covidxr.ood import MARGIN, QUANTILE, fit_guard
 from covidxr.preprocess import AcquisitionAugment
 from covidxr.runs import CONFIG_FILE, HEAD_FILE, HISTORY_FILE, INFO_FILE, OOD_FILE, SPLITS_FILE, Run, RunInfo
 
+__all__ = ["cached_views", "calibrate", "checkpoint_matches", "make_splits", "model_from_config", "run_model", "train"]
+
 logger = logging.getLogger(__name__)
 
 
