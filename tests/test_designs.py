@@ -17,12 +17,9 @@ from covidxr.card import bundle_run
 from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
 from covidxr.generalisation import holdout_units
-from covidxr.report import (
-    MAX_HELD_OUT_ADULT_CALLED_COVID,
-    TARGET_HELD_OUT_SENSITIVITY,
-    _rate_n,
-    _with_ci,
-)
+from covidxr.report import MAX_HELD_OUT_ADULT_CALLED_COVID, TARGET_HELD_OUT_SENSITIVITY
+from covidxr.report.formatting import rate_n as _rate_n
+from covidxr.report.formatting import with_ci as _with_ci
 from covidxr.reproduce import reproduce_designs
 
 from .conftest import ADULT_CONTROLS, linked_dataset, small_subset

@@ -16,13 +16,8 @@ from selenium.webdriver.common.by import By
 from covidxr import DISCLAIMER
 from covidxr.config import TrainConfig
 from covidxr.evaluate import evaluate_run
-from covidxr.report import (
-    CALIBRATION_FIGURE,
-    FIGURES,
-    _paper_against_seeds,
-    write_reproduce_report,
-    write_run_report,
-)
+from covidxr.report import CALIBRATION_FIGURE, FIGURES, write_reproduce_report, write_run_report
+from covidxr.report.reproduce import _paper_against_seeds
 from covidxr.reproduce import reproduce, seed_spread
 from covidxr.train import train
 

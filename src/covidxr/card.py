@@ -12,19 +12,22 @@ paths of the machine it was trained on, so ``covidxr predict IMAGE`` works after
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
-
-import pandas as pd
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import describe_operating_point
 from covidxr.errors import CovidxrError
+from covidxr.report.document import Block, Heading, Items, Text, render_html
+from covidxr.report.formatting import dec, pct, with_ci
 
 BUNDLED = Path(__file__).parent / "bundled"
 BUNDLE_FILES = ("config.yaml", "head.safetensors", "ood.safetensors", "history.csv")
 EVIDENCE_FILES = ("metrics.json", "audit.json", "loso.json")  # copied without the training machine's paths
+SPLIT_COLUMNS = ("filename", "label", "source", "split")  # the bundle's splits.csv, with site and age_group if known
 INTENDED_USE = (
     "Research on shortcut learning and generalisation in chest X-ray classification (COVID-19 / NORMAL / "
     "PNEUMONIA); teaching; a baseline to beat. Not a medical device: never use it for diagnosis, triage or "
@@ -43,11 +46,16 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _pct(value: float | None, interval: list | None = None) -> str:
-    if value is None:
-        return "n/a"
-    text = f"{value:.1%}"
-    return text + (f" (95% CI {interval[0]:.1%}–{interval[1]:.1%})" if interval else "")
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV written by covidxr, as text (an empty cell stays ""): its columns and its rows."""
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _ci(value: float | None, interval: list | None) -> str:
+    """A rate with its 95% interval, written as the reports write it."""
+    return with_ci(value, interval, label="95% CI ")
 
 
 def model_card(run_dir: str | Path) -> dict:
@@ -57,22 +65,21 @@ def model_card(run_dir: str | Path) -> dict:
     if info is None:
         raise CovidxrError(f"{folder}: not a covidxr run folder (no run.json)")
     metrics, audit, loso = (_read(folder / name) for name in ("metrics.json", "audit.json", "loso.json"))
-    threshold = info.get("calibration", {}).get("covid_threshold") or {}
+    calibration = info["calibration"]
+    threshold = calibration.get("covid_threshold") or {}
+    covid_threshold = threshold.get("value", 0.5)
     card: dict = {
         "model": info["model"]["name"],
         "weights": {"kind": info["weights"]["kind"], "sha256": info["weights"]["sha256"]},
-        "design": info.get("design", {}).get("summary", "the paper's protocol"),
+        "design": (info.get("design") or {}).get("summary", "the paper's protocol"),
         "labels": info["labels"],
         "training_data": {
             "datasets": [Path(d).name for d in info.get("datasets", [info["data"]])],
             "images_by_split_and_source": {part: s.get("by_source") for part, s in info["split_sizes"].items()},
         },
-        "calibration": {
-            "temperature": info["calibration"]["temperature"],
-            "covid_threshold": threshold.get("value", 0.5),
-        },
+        "calibration": {"temperature": calibration["temperature"], "covid_threshold": covid_threshold},
         "operating_point": {
-            "covid_threshold": threshold.get("value", 0.5),
+            "covid_threshold": covid_threshold,
             "rule": describe_operating_point(threshold),
             "val_sensitivity": threshold.get("val_sensitivity"),
             "val_specificity": threshold.get("val_specificity"),
@@ -154,16 +161,23 @@ def _confounders(folder: Path) -> list[str]:
     path = folder / "splits.csv"
     if not path.is_file():
         return []
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    columns, rows = _read_table(path)
+    by_label: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
     notes = []
-    for label, rows in frame.groupby("label"):
-        sources = rows["source"].value_counts()
+    for label in sorted(by_label):
+        group = by_label[label]
+        sources = Counter(row["source"] for row in group)
         if len(sources) == 1:
-            notes.append(f"every {label} image comes from one source ({sources.index[0]})")
-        if "age_group" in rows.columns:
-            ages = rows.loc[rows["age_group"] != "", "age_group"].value_counts(normalize=True)
-            if len(ages) and ages.iloc[0] >= 0.95:
-                notes.append(f"{ages.iloc[0]:.0%} of the {label} images of known age are {ages.index[0]}")
+            notes.append(f"every {label} image comes from one source ({next(iter(sources))})")
+        if "age_group" in columns:
+            ages = Counter(row["age_group"] for row in group if row["age_group"] != "")
+            if ages:
+                age, count = ages.most_common(1)[0]
+                share = count / sum(ages.values())
+                if share >= 0.95:
+                    notes.append(f"{share:.0%} of the {label} images of known age are {age}")
     return notes
 
 
@@ -177,7 +191,7 @@ def _failure_modes(card: dict) -> list[str]:
     for unit in card.get("leave_one_source_out", {}).get("units", []):
         if unit["status"] == "evaluated" and unit.get("other_called_covid") is not None:
             modes.append(
-                f"Trained without {unit['unit']}, it called {_pct(unit['other_called_covid'])} of that source's "
+                f"Trained without {unit['unit']}, it called {pct(unit['other_called_covid'])} of that source's "
                 f"{unit['n']} non-COVID images COVID-19."
             )
     if card.get("audit", {}).get("verdict") in {"fail", "warning"}:
@@ -197,9 +211,9 @@ def render_model_card(card: dict) -> str:
     lines += [f"- Design: {card['design']}", f"- Classes: {', '.join(card['labels'])}"]
     point = card["operating_point"]
     lines += [
-        f"- Calibration: temperature {card['calibration']['temperature']:.3f} (fitted on validation data)",
-        f"- Operating point: COVID-19 threshold {point['covid_threshold']:.3f}, {point['rule']}; on validation "
-        f"data sensitivity {_pct(point['val_sensitivity'])}, specificity {_pct(point['val_specificity'])}",
+        f"- Calibration: temperature {dec(card['calibration']['temperature'])} (fitted on validation data)",
+        f"- Operating point: COVID-19 threshold {dec(point['covid_threshold'])}, {point['rule']}; on validation "
+        f"data sensitivity {pct(point['val_sensitivity'])}, specificity {pct(point['val_specificity'])}",
         f"- Decision: {point['decision']}",
         "",
         "## Training data",
@@ -212,19 +226,18 @@ def render_model_card(card: dict) -> str:
     if "test_metrics" in card:
         t = card["test_metrics"]
         lines += ["", f"## Test metrics ({t['data']}, n={t['n']})", ""]
-        lines += [f"- Accuracy: {_pct(t['accuracy'], t['accuracy_ci95'])}"]
-        lines += [f"- COVID-19 sensitivity: {_pct(t['covid_sensitivity'], t['covid_sensitivity_ci95'])}"]
-        lines += [f"- COVID-19 specificity: {_pct(t['covid_specificity'], t['covid_specificity_ci95'])}"]
+        lines += [f"- Accuracy: {_ci(t['accuracy'], t['accuracy_ci95'])}"]
+        lines += [f"- COVID-19 sensitivity: {_ci(t['covid_sensitivity'], t['covid_sensitivity_ci95'])}"]
+        lines += [f"- COVID-19 specificity: {_ci(t['covid_specificity'], t['covid_specificity_ci95'])}"]
         lines += ["", "Internal test splits share their sources with training; read the next section."]
     if "leave_one_source_out" in card:
         pooled = card["leave_one_source_out"]["pooled"]
         lines += ["", "## Leave-one-source-out (each source unseen in training)", ""]
-        sensitivity = _pct(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"))
-        false_alarms = _pct(pooled.get("other_called_covid"), pooled.get("other_called_covid_ci95"))
+        sensitivity = _ci(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"))
+        false_alarms = _ci(pooled.get("other_called_covid"), pooled.get("other_called_covid_ci95"))
         lines += [f"- Held-out COVID-19 sensitivity: {sensitivity}"]
         lines += [f"- Held-out non-COVID images called COVID-19: {false_alarms}"]
-        auc = pooled.get("covid_vs_rest_auc")
-        lines += [f"- Pooled COVID-19-versus-rest AUC: {'n/a' if auc is None else f'{auc:.3f}'}"]
+        lines += [f"- Pooled COVID-19-versus-rest AUC: {dec(pooled.get('covid_vs_rest_auc'))}"]
     if "audit" in card:
         lines += ["", f"## Shortcut audit: {card['audit']['verdict']}", ""]
         lines += [f"- {name}: {card['audit'][name]} — {summary}" for name, summary in card["audit_summaries"].items()]
@@ -235,10 +248,9 @@ def render_model_card(card: dict) -> str:
 def render_model_card_html(card: dict) -> str:
     """The card as one readable HTML page (the Markdown's headings, lists and paragraphs, through the
     reports' renderer), for the web page's "model card" link."""
-    from covidxr.report import Heading, Items, Text, render_html
-
     lines = render_model_card(card).splitlines()
-    title, blocks = lines[0].removeprefix("# "), []
+    title = lines[0].removeprefix("# ")
+    blocks: list[Block] = []
     for line in lines[1:]:
         if line.startswith("## "):
             blocks.append(Heading(2, line.removeprefix("## ")))
@@ -280,9 +292,19 @@ def bundle_run(run_dir: str | Path, dest: str | Path = BUNDLED) -> Path:
             if path:
                 text = text.replace(json.dumps(path)[1:-1], plain)
         (dest / name).write_text(text)
-    splits = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
-    splits[["filename", "label", "source", "split"] + [c for c in ("site", "age_group") if c in splits]].to_csv(
-        dest / "splits.csv", index=False
-    )
+    _copy_splits(run_dir / "splits.csv", dest / "splits.csv")
     (dest / "model_card.md").write_text(render_model_card(model_card(dest)))
     return dest
+
+
+def _copy_splits(source: Path, dest: Path) -> None:
+    """The run's split table without the training machine's extra columns (paths, patients' metadata)."""
+    columns, rows = _read_table(source)
+    missing = [column for column in SPLIT_COLUMNS if column not in columns]
+    if missing:
+        raise CovidxrError(f"{source}: no {', '.join(missing)} column; it cannot be bundled")
+    kept = [*SPLIT_COLUMNS, *(column for column in ("site", "age_group") if column in columns)]
+    with dest.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, kept, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
