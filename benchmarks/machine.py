@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 LOAD_WARNING = 0.5  # a 1-minute load above this (plus the benchmark's own threads) means shared cores
-
-sys.path.insert(0, str(REPO))
-from tests.conftest import linked_dataset, small_subset  # noqa: E402  (the test suite's own small real datasets)
 
 __all__ = [
     "cpu_bf16_flags",
@@ -33,6 +33,35 @@ __all__ = [
     "warm_up",
 ]
 WARMUP_CALLS = 2  # untimed calls per batch shape and variant
+
+
+# The small real datasets the benchmarks train on, built as the test suite builds its own (the benchmarks
+# do not import the tests).
+def small_subset(meta: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
+    """A few real images per class, whole patients only, so patient-disjoint splits stay possible."""
+    import pandas as pd
+
+    rows = []
+    for _, group in meta.groupby("label"):
+        patients = group["patient_id"].drop_duplicates().sample(frac=1.0, random_state=seed)
+        taken, count = [], 0
+        for patient in patients:
+            images = group[group["patient_id"] == patient]
+            taken.append(images)
+            count += len(images)
+            if count >= per_class:
+                break
+        rows.append(pd.concat(taken))
+    return pd.concat(rows).reset_index(drop=True)
+
+
+def linked_dataset(root: Path, source: Path, rows: pd.DataFrame) -> Path:
+    """A dataset folder whose ``metadata.csv`` lists ``rows`` and whose images link to ``source``'s files."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for name in rows["filename"]:
+        (root / name).symlink_to((source / name).resolve())
+    rows.to_csv(root / "metadata.csv", index=False)
+    return root
 
 
 def load_average() -> float | None:
