@@ -205,6 +205,10 @@ def test_resume_with_another_model_or_engine_is_refused(run, runner, xrays, tmp_
     first = next(iter(head))
     head[first] = head[first] + 0.01
     save_file(head, other / "head.safetensors")
+    # Its shipped graph was exported from the old head: refused, never used with the new one.
+    with pytest.raises(CovidxrError, match="model.onnx: was exported from another head or backbone"):
+        predict_to_file(load_run(other), xrays[:1], tmp_path / "stale.csv", progress=False)
+    (other / "model.onnx").unlink()  # without it, the run is exported from its own head (training install)
     for suffix in (".csv", ".json"):
         out = tmp_path / f"p{suffix}"
         predict_to_file(run, xrays[:2], out, progress=False, engine=runner)
@@ -265,8 +269,7 @@ def test_unreadable_files_links_and_folders_get_rows_with_the_real_reason(xrays,
 def test_a_tampered_onnx_export_is_rebuilt_not_used(run, runner, xrays, tmp_path: Path) -> None:
     inputs = torch.stack([run.model.input_tensor(read_image(path)) for path in xrays[:2]])
     info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
-    path = cached_export(run.model, info)
-    assert path == runner.path
+    path = cached_export(run.model, info)  # a run without a shipped graph is exported into the cache
     _, clean = OnnxEngine(path, threads=1)(inputs)
     data = bytearray(path.read_bytes())
     size = len(data)
@@ -284,14 +287,13 @@ def test_a_tampered_onnx_export_is_rebuilt_not_used(run, runner, xrays, tmp_path
 
 def test_a_tampered_int8_graph_is_refused_not_used(run, runner, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    (cache / "onnx").mkdir(parents=True)
-    for source in (runner.path, runner.path.with_suffix(".json")):  # the checked fp32 export, reused
-        shutil.copy(source, cache / "onnx" / source.name)
+    fp32 = cached_export(run.model, sidecar(run.model, run.labels, run.temperature, run.covid_threshold), cache)
     # An accepted int8 graph where `covidxr quantize` keeps it (here a copy of the fp32 graph: a real
     # graph; quantising for real needs the calibration data), with the hash its report records.
-    int8 = cache / "onnx" / f"{runner.path.stem}-int8.onnx"
-    shutil.copy(runner.path, int8)
-    int8.with_suffix(".json").write_text(json.dumps({"accepted": True, "sha256": graph_sha256(int8)}))
+    int8 = fp32.with_name(f"{fp32.stem}-int8.onnx")
+    shutil.copy(fp32, int8)
+    report = {"accepted": True, "sha256": graph_sha256(int8), "ood_threshold": run.ood_guard.threshold}
+    int8.with_suffix(".json").write_text(json.dumps(report))
     assert int8_engine(run, cache).path == int8
     data = bytearray(int8.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)

@@ -64,10 +64,11 @@ def _item(
     view: View | None,
     digest: str | None,
     check_lungs: bool,
+    draft: bool,
 ) -> Item:
     size = transform.image_size
     try:
-        image = read_image(path)
+        image = read_image(path, transform.decode_side if draft else None)
     except CovidxrError as exc:
         return index, np.zeros((3, size, size), np.float32), str(exc), False, ""
     if view is not None:
@@ -85,16 +86,19 @@ def iterate_batches(
     view: View | None = None,
     digests: Sequence[str] | None = None,
     check_lungs: bool = False,
+    draft: bool = False,
 ) -> Iterator[Batch]:
     """Yield ``(indices, inputs, errors, blanks, lungs)`` batches in order, decoding on ``num_workers``
     threads (0: in this thread) while the caller runs the model on the previous batch. A file that cannot
-    be read yields its error and a zero input; the others carry on."""
+    be read yields its error and a zero input; the others carry on. ``draft``: JPEGs are decoded at the
+    reduced scale the input needs (``InputTransform.decode_side``; prediction only, never the feature
+    cache, so training always sees full decodes)."""
     paths = list(paths)
     starts = range(0, len(paths), batch_size)
 
     def job(start: int) -> Batch:
         items = [
-            _item(i, paths[i], transform, view, None if digests is None else digests[i], check_lungs)
+            _item(i, paths[i], transform, view, None if digests is None else digests[i], check_lungs, draft)
             for i in range(start, min(start + batch_size, len(paths)))
         ]
         return _collate(items)

@@ -19,9 +19,10 @@ from PIL import Image
 
 from covidxr import DISCLAIMER
 from covidxr.calibration import POSITIVE, decide, expected_calibration_error
+from covidxr.cam import overlay
 from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
-from covidxr.explain import Explainer, check_maps, input_lungs, overlay, probabilities_of
+from covidxr.explain import Explainer, check_maps, input_lungs, probabilities_of
 from covidxr.features import extract_features
 from covidxr.figures import (
     gradcam_examples,
@@ -32,11 +33,10 @@ from covidxr.figures import (
     plot_predictions,
 )
 from covidxr.images import read_image
-from covidxr.inference import head_probabilities
 from covidxr.metrics import class_mix_shift, compute_metrics, covid_versus_rest, rates_by_group
-from covidxr.models import CovidxrNet
+from covidxr.models import CovidxrNet, head_probabilities
 from covidxr.report import write_run_report
-from covidxr.train import Run, load_run
+from covidxr.runs import Run, load_run
 
 __all__ = ["LUNG_MASKS", "choose_examples", "evaluate_run", "explain_examples", "external_folder", "hand_masks"]
 
@@ -113,8 +113,8 @@ def evaluate_run(
             if split not in set(frame["split"]):
                 raise CovidxrError(f"{run.path}: split {split!r} is empty or unknown (train, val, test, all)")
             frame = frame[frame["split"] == split]
-        root = Path(run.info["data"])
-        scope = f"{Path(run.info['data']).name}, {split} split"
+        root = Path(run.info.data)
+        scope = f"{Path(run.info.data).name}, {split} split"
     else:
         dataset = load_dataset(data)
         frame, root, split = dataset.frame, dataset.root, "all"
@@ -147,7 +147,7 @@ def evaluate_run(
     }
     if data is not None:
         internal = run.splits().query("split == 'test'")
-        internal_paths = [Path(run.info["data"]) / f for f in internal["filename"]]
+        internal_paths = [Path(run.info.data) / f for f in internal["filename"]]
         internal_features = extract_features(run.model, internal_paths, *extraction)
         internal_probabilities = head_probabilities(run.model, internal_features, run.temperature)
         internal_predicted = decide(internal_probabilities, run.labels, threshold)

@@ -20,6 +20,7 @@ p(COVID-19) rank them (``within_site_auc`` in ``loso.json``)?
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +36,21 @@ from covidxr.data import load_dataset
 from covidxr.errors import CovidxrError
 from covidxr.features import AugmentedView, extract_features
 from covidxr.front import FrontSplit, front_maps, split_model
-from covidxr.inference import head_probabilities
 from covidxr.labels import LABELS
 from covidxr.loop import TensorSet, Trainee, decision_teachers, fit
 from covidxr.metrics import auc_or_none, called_covid_rates, patient_bootstrap
-from covidxr.models import CovidxrNet, make_head
-from covidxr.train import Run, cached_views, calibrate, load_run, model_from_config
+from covidxr.models import CovidxrNet, head_probabilities, make_head
+from covidxr.runs import Run, load_run
+from covidxr.train import cached_views, calibrate, model_from_config
+
+__all__ = ["MIN_UNIT_IMAGES", "Unit", "WITHIN_SITE_PREDICTIONS", "holdout_units", "leave_one_source_out", "within_site"]
 
 MIN_UNIT_IMAGES = 25  # sites with fewer images are held out together, as "other sites"
 MIN_WITHIN_SITE_IMAGES = 10  # COVID-19 and other-pneumonia images a site needs for the within-site test
 OTHER_PNEUMONIA = "PNEUMONIA"
 WITHIN_SITE_PREDICTIONS = "within_site_predictions.csv"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ class _Retraining:
             )
             for part, r in rows.items()
         }
-        train_paths = [Path(self.run.info["data"]) / f for f in frame.loc[rows["train"], "filename"]]
+        train_paths = [Path(self.run.info.data) / f for f in frame.loc[rows["train"], "filename"]]
         views = [self.inputs(train_paths, view) for view in cached_views(config)]
         train_set = TensorSet(
             inputs[rows["train"]],
@@ -181,7 +186,7 @@ def leave_one_source_out(
             "(too slow to repeat here)"
         )
     frame = run.splits().reset_index(drop=True)
-    root = Path(run.info["data"])
+    root = Path(run.info.data)
     extraction = (cache_dir, run.config.extract_batch_size, run.config.num_workers)
     retraining = _Retraining.of(run, cache_dir, progress)
     features = retraining.inputs([root / f for f in frame["filename"]])
@@ -202,7 +207,7 @@ def leave_one_source_out(
         records.append({**record, "status": "evaluated", **called_covid_rates(held["label"], predicted)})
         predictions.append(_prediction_rows(held, probabilities, unit.name))
         if progress:
-            print(f"  held out {unit.name}: {records[-1]['n']} images")
+            logger.info(f"  held out {unit.name}: {records[-1]['n']} images")
     external_sets = []
     for folder in external:
         dataset = load_dataset(folder)
@@ -233,7 +238,7 @@ def leave_one_source_out(
     result = {
         "run": str(run.path.resolve()),
         "model": run.config.model,
-        "design": run.info.get("design", {}).get("summary", "the paper's protocol"),
+        "design": run.info.design.get("summary", "the paper's protocol"),
         "min_unit_images": min_images,
         "only_units": None if only is None else list(only),
         "units": records,

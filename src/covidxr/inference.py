@@ -195,7 +195,7 @@ def iterate_predictions(
     """The results of ``paths`` batch by batch, in order, decoded on a thread pool while the engine runs
     (so decoding never stops between batches); an unreadable file's result is its ``error``."""
     transform = input_transform(run, runner)
-    batches = iterate_batches(paths, transform, batch_size, num_workers, desc, check_lungs=True)
+    batches = iterate_batches(paths, transform, batch_size, num_workers, desc, check_lungs=True, draft=True)
     for indices, inputs, errors, blanks, lungs in batches:
         features, logits = runner(inputs)
         reasons = [reason or None for reason in lungs]

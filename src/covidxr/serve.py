@@ -35,7 +35,7 @@ from covidxr.cam import jet
 from covidxr.card import model_card, render_model_card_html
 from covidxr.engines import physical_cores
 from covidxr.errors import CovidxrError, ImageTooLarge
-from covidxr.images import decode_bytes
+from covidxr.images import FULL_SIZE, decode_bytes
 from covidxr.inference import head_digest
 
 __all__ = ["create_app", "serve"]
@@ -189,10 +189,11 @@ async def read_upload(request: Request, limit: int) -> bytes:
     return body
 
 
-def decode_upload(body: bytes) -> Image.Image:
-    """The decoded image; 413 for one over the pixel limit, 400 for anything unreadable."""
+def decode_upload(body: bytes, draft: int | None = None) -> Image.Image:
+    """The decoded image (a large JPEG at the reduced scale ``draft`` allows); 413 for one over the pixel
+    limit, 400 for anything unreadable."""
     try:
-        return decode_bytes(body, "upload")
+        return decode_bytes(body, "upload", draft)
     except ImageTooLarge as exc:
         raise ApiError(413, str(exc)) from None
     except CovidxrError as exc:
@@ -238,7 +239,7 @@ def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: b
         "covid_threshold": result["covid_threshold"],
         "out_of_distribution": result["out_of_distribution"],
         "ood_score": result["ood_score"],
-        "image": {"width": image.width, "height": image.height},
+        "image": dict(zip(("width", "height"), image.info.get(FULL_SIZE, image.size), strict=True)),
     }
     if not (explain or preview_wanted):
         return answer
@@ -256,7 +257,7 @@ def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: b
 
 def _prepared(model: Model, body: bytes) -> tuple[Image.Image, tuple[np.ndarray, bool, str | None]]:
     """Decode an upload and prepare the model's input (on a decoding thread; 400/413 for a bad upload)."""
-    image = decode_upload(body)
+    image = decode_upload(body, model.transform.decode_side)
     return image, model.prepare(image)
 
 
