@@ -71,6 +71,8 @@ def test_a_real_prediction_imports_nothing_of_the_training_stack(images: list[Pa
             with open(images[2], "rb") as handle:
                 reply = client.post("/api/predict", files={{"file": ("x.jpg", handle.read(), "image/jpeg")}})
             assert reply.status_code == 200 and "probabilities" in reply.json(), reply.text
+            reply = client.post("/api/explain", files={{"file": ("x.jpg", open(images[0], "rb").read(), "image/jpeg")}})
+            assert reply.status_code == 200 and reply.json()["explanation"]["heatmap_png"], reply.text
         loaded = sorted({{name.split(".")[0] for name in sys.modules}} & set({TRAINING_STACK!r}))
         print("LOADED", loaded)
         """
