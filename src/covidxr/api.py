@@ -134,11 +134,22 @@ class Model:
         if isinstance(images, SINGLE):
             return self.explain([images], method)[0]
         decoded = [_as_image(item) for item in images]
-        results = self.predict(decoded)
+        prepared = [self.prepare(image) for image in decoded]
+        inputs = np.stack([array for array, _, _ in prepared])
+        activation = self._numpy_cam() if method == "gradcam" else None
+        if activation is not None:  # one engine call gives the answer and the activations
+            features, logits, activations = self.engine.with_activations(inputs)
+            _, blanks, reasons = zip(*prepared, strict=True)
+            results = answer(self.run, features, logits, blanks, reasons, self.engine.ood_threshold)
+        else:
+            results = self.answer_prepared(prepared)
         targets = [r["label"] or max(r["probabilities"], key=r["probabilities"].get) for r in results]
         classes = np.array([self.labels.index(target) for target in targets])
-        inputs = np.stack([self.transform(image) for image in decoded])
-        maps = self._maps(inputs, classes, method)
+        if activation is not None:
+            head = DenseHead(self.run.path / HEAD_FILE)
+            maps = gradcam(activations, head, classes, activation, self.transform.image_size)
+        else:
+            maps = self._torch_maps(inputs, classes, method)
         for result, image, cam, target in zip(results, decoded, maps, targets, strict=True):
             result |= {
                 "method": method,
@@ -197,11 +208,8 @@ class Model:
                 }
         return results
 
-    def _maps(self, inputs: np.ndarray, classes: np.ndarray, method: str) -> np.ndarray:
-        cam = self._numpy_cam()
-        if method == "gradcam" and cam is not None:
-            *_, activations = self.engine.with_activations(inputs)
-            return gradcam(activations, DenseHead(self.run.path / HEAD_FILE), classes, cam, self.transform.image_size)
+    def _torch_maps(self, inputs: np.ndarray, classes: np.ndarray, method: str) -> np.ndarray:
+        """CAM maps by pytorch-grad-cam (the methods and models ``covidxr.cam`` does not cover)."""
         if not torch_available():
             raise CovidxrError(f"{method} for this model needs torch: {TRAIN_EXTRA}")
         import torch

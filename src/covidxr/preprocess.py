@@ -705,13 +705,14 @@ class InputTransform:
 
     @property
     def decode_side(self) -> int | None:
-        """The fewest pixels a side of a decoded image needs for this input, or None where the pipeline
-        needs the full resolution (text masking finds glyphs at full size): a lung or thorax crop keeps
-        about half the image, so twice the input size."""
+        """The fewest pixels a side of a decoded image should keep for this input, or None where the pipeline
+        needs the full resolution (text masking finds glyphs at full size). Twice the input size, so the
+        resize still averages several pixels into each (the numbers barely move), and twice that again for
+        a lung or thorax crop, which keeps about half of the image."""
         if self.pipeline.mask_text:
             return None
         cropped = self.pipeline.lungs == "crop" or self.pipeline.crop_thorax
-        return max(self.image_size * (2 if cropped else 1), self.pipeline.effective_resolution)
+        return max(self.image_size * (4 if cropped else 2), self.pipeline.effective_resolution)
 
     def with_reason(self, image: Image.Image) -> tuple[np.ndarray, str | None]:
         """The input array (CHW float32), and why the image is out of distribution for the pipeline (its lungs were
