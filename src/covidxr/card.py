@@ -23,6 +23,7 @@ from covidxr.calibration import describe_operating_point
 from covidxr.errors import CovidxrError
 from covidxr.report.document import Block, Heading, Items, Text, render_html
 from covidxr.report.formatting import dec, pct, with_ci
+from covidxr.runs import INFO_FILE, RunInfo
 
 BUNDLED = Path(__file__).parent / "bundled"
 BUNDLE_FILES = ("config.yaml", "head.safetensors", "ood.safetensors", "history.csv")
@@ -61,32 +62,31 @@ def _ci(value: float | None, interval: list | None) -> str:
 def model_card(run_dir: str | Path) -> dict:
     """The card of a run folder (or of the bundled model) as a dictionary."""
     folder = Path(run_dir)
-    info = _read(folder / "run.json")
-    if info is None:
-        raise CovidxrError(f"{folder}: not a covidxr run folder (no run.json)")
+    data = _read(folder / INFO_FILE)
+    if data is None:
+        raise CovidxrError(f"{folder}: not a covidxr run folder (no {INFO_FILE})")
+    info = RunInfo.from_dict(data, folder / INFO_FILE)
     metrics, audit, loso = (_read(folder / name) for name in ("metrics.json", "audit.json", "loso.json"))
-    calibration = info["calibration"]
-    threshold = calibration.get("covid_threshold") or {}
-    covid_threshold = threshold.get("value", 0.5)
+    threshold = info.threshold_record or {}
     card: dict = {
-        "model": info["model"]["name"],
-        "weights": {"kind": info["weights"]["kind"], "sha256": info["weights"]["sha256"]},
-        "design": (info.get("design") or {}).get("summary", "the paper's protocol"),
-        "labels": info["labels"],
+        "model": info.model["name"],
+        "weights": {"kind": info.weights["kind"], "sha256": info.weights["sha256"]},
+        "design": info.design.get("summary", "the paper's protocol"),
+        "labels": info.labels,
         "training_data": {
-            "datasets": [Path(d).name for d in info.get("datasets", [info["data"]])],
-            "images_by_split_and_source": {part: s.get("by_source") for part, s in info["split_sizes"].items()},
+            "datasets": [Path(d).name for d in info.datasets],
+            "images_by_split_and_source": {part: s.get("by_source") for part, s in info.split_sizes.items()},
         },
-        "calibration": {"temperature": calibration["temperature"], "covid_threshold": covid_threshold},
+        "calibration": {"temperature": info.temperature, "covid_threshold": info.covid_threshold},
         "operating_point": {
-            "covid_threshold": covid_threshold,
+            "covid_threshold": info.covid_threshold,
             "rule": describe_operating_point(threshold),
             "val_sensitivity": threshold.get("val_sensitivity"),
             "val_specificity": threshold.get("val_specificity"),
             "decision": "COVID-19 when the calibrated COVID-19 probability reaches the threshold, otherwise the "
             "more probable of the other classes; no answer for an image unlike the training X-rays",
         },
-        "out_of_distribution": info.get("out_of_distribution"),
+        "out_of_distribution": info.out_of_distribution,
         "intended_use": INTENDED_USE,
         "disclaimer": DISCLAIMER,
     }
