@@ -24,7 +24,7 @@ _LAZY = {"load_model", "Model", "CovidxrError"}
 
 def __getattr__(name: str):
     """``covidxr.load_model``, ``covidxr.Model`` and ``covidxr.CovidxrError``, imported on first use
-    (torch is slow to import)."""
+    (``import covidxr`` stays instant; the runtime loads numpy and onnxruntime only when used)."""
     if name in _LAZY:
         from covidxr import api
 
