@@ -1,18 +1,52 @@
-"""Shared fixtures: the real images of ../shared, an isolated feature cache, no network."""
+"""Shared fixtures: the real images of ../shared, an isolated feature cache, no network, one tiny trained
+run for the modules that only read it, the ``covidxr`` command in a subprocess, free ports, headless Chromium."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
+
+if TYPE_CHECKING:
+    from selenium import webdriver
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COVIDXR_SHARED", REPO.parent / "shared")).resolve()
 CXR3 = SHARED / "data" / "cxr3"
 ADULT_CONTROLS = SHARED / "data" / "adult-controls"
+COVIDXR = Path(sys.executable).with_name("covidxr")  # the venv's installed command
+
+
+def run_cli(
+    *args: str | Path,
+    installed: bool = False,
+    prefix: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    **kwargs,
+) -> subprocess.CompletedProcess:
+    """``python -m covidxr ARGS`` in a subprocess (``installed``: the venv's ``covidxr`` command, as a user
+    types it), under this session's environment unless ``env`` is given; stdout and stderr captured as text.
+    ``prefix`` goes before the interpreter (``setpriv ...``); other keywords go to ``subprocess.run``."""
+    program = [str(COVIDXR)] if installed else [sys.executable, "-m", "covidxr"]
+    command = [*prefix, *program, *map(str, args)]
+    environment = os.environ.copy() if env is None else env
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, **kwargs)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the system just gave out and took back."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,6 +99,52 @@ def linked_dataset(root: Path, source: Path, rows: pd.DataFrame) -> Path:
 def small_dataset(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A dataset folder of ~20 real images per class: a metadata.csv whose rows point at ../shared by symlink."""
     return linked_dataset(tmp_path_factory.mktemp("small-cxr3"), cxr3, small_subset(cxr3_meta, per_class=20))
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One small real run (efficientnet_lite0, 8 epochs, 224 px, on small_dataset), trained once per session
+    and shared by the modules that only read a run. Read-only: a test that writes into a run folder copies it first
+    (``shutil.copytree(tiny_run, tmp_path / "run")``); the folder is checked unchanged at the end."""
+    from covidxr.config import TrainConfig
+    from covidxr.train import train
+
+    config = TrainConfig(model="efficientnet_lite0", epochs=8, image_size=224)
+    run = train(small_dataset, tmp_path_factory.mktemp("tiny-run") / "run", config, progress=False)
+    before = _snapshot(run)
+    yield run
+    assert _snapshot(run) == before, f"a test wrote into the shared tiny run {run}; copy it first"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium, one per module, 1280x1000: the system Chromium and chromedriver, so that Selenium
+    Manager never downloads anything, and no background traffic of its own."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.set_window_size(1280, 1000)
+    yield driver
+    driver.quit()
 
 
 def raw_sources(tmp_path: Path, cxr3: Path, meta: pd.DataFrame) -> tuple[Path, Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,15 +9,13 @@ import pytest
 from PIL import Image
 
 import covidxr
-from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
 from covidxr.images import read_image
-from covidxr.train import train
 
 
 @pytest.fixture(scope="module")
-def run_dir(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train(small_dataset, tmp_path_factory.mktemp("runs") / "r", replace(TrainConfig(image_size=224), epochs=2))
+def run_dir(tiny_run: Path) -> Path:
+    return tiny_run  # shared by the session (conftest); read only
 
 
 def test_predict_accepts_paths_images_and_arrays_alike(run_dir: Path) -> None:

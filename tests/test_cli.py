@@ -6,19 +6,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from .conftest import ADULT_CONTROLS, linked_dataset, raw_sources, small_subset
+from .conftest import ADULT_CONTROLS, linked_dataset, raw_sources, run_cli, small_subset
 
-COVIDXR = [str(Path(sys.executable).with_name("covidxr"))]
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*COVIDXR, *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy())
+run = partial(run_cli, installed=True)  # the installed ``covidxr`` command, as a user types it
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -210,7 +206,7 @@ def test_models_lists_weights_without_loading_or_downloading(tmp_path: Path) -> 
     """Even where downloads are allowed, ``models`` only looks: no "Downloading", no weights read."""
     (tmp_path / "vgg16.pth").write_bytes(b"not read by `covidxr models`")
     env = {k: v for k, v in os.environ.items() if k != "COVIDXR_OFFLINE"} | {"COVIDXR_WEIGHTS_DIR": str(tmp_path)}
-    result = subprocess.run([*COVIDXR, "models"], capture_output=True, text=True, env=env)
+    result = run("models", env=env)
     assert result.returncode == 0, result.stderr
     assert "Downloading" not in result.stdout + result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}

@@ -25,7 +25,7 @@ from covidxr.reproduce import reproduce_designs
 from .conftest import ADULT_CONTROLS, linked_dataset, small_subset
 from .test_cli import assert_one_line_error
 from .test_cli import run as covidxr
-from .test_report import _headings, _open, _section, browser  # noqa: F401  (browser is a fixture)
+from .test_report import _headings, _open, _section
 
 VARIANTS = ("none", "combined")
 RUNS = ("paper", *(f"deconfounded-{v}" for v in VARIANTS))
@@ -207,10 +207,7 @@ def test_each_run_report_shows_by_source_and_leave_one_source_out(designs: Path)
     assert EXTERNAL in _section((designs / "paper" / "report.md").read_text(), "Leave-one-source-out")
 
 
-def test_designs_report_opens_in_chromium_with_every_image(
-    designs: Path,
-    browser: webdriver.Chrome,  # noqa: F811
-) -> None:
+def test_designs_report_opens_in_chromium_with_every_image(designs: Path, browser: webdriver.Chrome) -> None:
     widths = _open(browser, designs / "report.html", "designs-report.png")
     assert "fig-designs" in widths and all(width > 0 for width in widths.values()), widths
     links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "a")]

@@ -25,6 +25,8 @@ from covidxr.models import create_model
 from covidxr.runs import load_run
 from covidxr.train import train
 
+from .conftest import run_cli
+
 TOLERANCE = 1e-4  # absolute, float32
 PRETRAINED_HERE = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 RANDOM_INIT = ["vgg16", "resnet50", "xception", "mobilenet_v2"]  # no weights here: random, seeded
@@ -137,11 +139,7 @@ def test_threads_default_to_physical_cores_and_bad_settings_are_one_line(small_d
     assert 1 <= physical_cores() <= (os.cpu_count() or 1)
     image = next(iter(sorted((small_dataset / "images").iterdir())))
     for threads in ("0", str((os.cpu_count() or 1) + 1)):
-        result = subprocess.run(
-            [sys.executable, "-m", "covidxr", "predict", str(image), "--threads", threads],
-            capture_output=True,
-            text=True,
-        )
+        result = run_cli("predict", image, "--threads", threads)
         assert result.returncode == 1
         assert result.stderr.strip().splitlines() == [
             f"Error: threads must be between 1 and {os.cpu_count()} (the cores of this machine), not {threads}"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +19,8 @@ from covidxr.images import read_image
 from covidxr.inference import predict_files
 from covidxr.runs import load_run
 from covidxr.train import train
+
+from .conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +54,7 @@ def test_onnx_predictions_match_torch(run_dir: Path, images: list[Path], tmp_pat
 
 def test_export_cli_writes_graph_and_sidecar(run_dir: Path, images: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "exported" / "lite0.onnx"
-    result = subprocess.run(
-        [sys.executable, "-m", "covidxr", "export", str(run_dir), "--format", "onnx", "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("export", run_dir, "--format", "onnx", "--out", out)
     assert result.returncode == 0, result.stderr
     info = json.loads(out.with_suffix(".json").read_text())
     run = load_run(run_dir)

@@ -62,9 +62,8 @@ def test_unknown_method_is_refused() -> None:
 
 
 @pytest.fixture(scope="module")
-def small_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = TrainConfig(model="efficientnet_lite0", epochs=8, image_size=224)
-    return train(small_dataset, tmp_path_factory.mktemp("explain") / "run", config, progress=False)
+def small_run(tiny_run: Path) -> Path:
+    return tiny_run  # efficientnet_lite0, 8 epochs, 224 px: shared by the session (conftest); read only
 
 
 def test_explain_files_writes_overlays_and_maps_and_skips_bad_files(

@@ -14,7 +14,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from covidxr.quantize import int8_engine
 from covidxr.runs import load_run
 from covidxr.train import checkpoint_matches
 
+from .conftest import run_cli as cli
 from .test_dicom import decoded_grey, diff, dx_dataset, grey, save, to_bits
 from .test_serve import Server, send_concurrently
 
@@ -61,11 +61,6 @@ def runner(run):
 @pytest.fixture(scope="module")
 def xrays(cxr3: Path, cxr3_meta: pd.DataFrame) -> list[Path]:
     return [cxr3 / name for name in cxr3_meta["filename"].iloc[::37].head(30)]
-
-
-def cli(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    command = [*prefix, sys.executable, "-m", "covidxr", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
 def one_line_error(stderr: str) -> str:

@@ -29,7 +29,6 @@ from covidxr.labels import LABELS
 from covidxr.metrics import compute_metrics
 from covidxr.reproduce import reproduce
 from covidxr.runs import load_run
-from covidxr.train import train
 
 from .conftest import linked_dataset
 
@@ -37,8 +36,8 @@ FAST = TrainConfig(model="efficientnet_lite0", epochs=6, image_size=224)
 
 
 @pytest.fixture(scope="module")
-def run_dir(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train(small_dataset, tmp_path_factory.mktemp("honest") / "run", FAST, progress=False)
+def run_dir(tiny_run: Path) -> Path:
+    return tiny_run  # shared by the session (conftest); read only: a test that alters a run copies it
 
 
 def test_temperature_scaling_recovers_a_known_temperature() -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +20,10 @@ from covidxr.images import read_image
 from covidxr.lungs import BUNDLED, GRAPH, SIDECAR, LungSegmenter, fill_holes, label_components, lung_segmenter
 from covidxr.lungs_train import evaluate, held_out_rows, load_torch_model, read_mask_table, split_patients
 
-from .conftest import SHARED
+from .conftest import SHARED, run_cli
 
 MASKS = SHARED / "data" / "lung-masks"
-COVIDXR = [str(Path(sys.executable).with_name("covidxr"))]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*COVIDXR, *args], capture_output=True, text=True, env=os.environ.copy())
+run = partial(run_cli, installed=True)  # the installed ``covidxr`` command, as a user types it
 
 
 @pytest.fixture(scope="module")

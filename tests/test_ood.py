@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from covidxr.ood import OODGuard, fit_guard
 from covidxr.runs import load_run
 from covidxr.train import train
 
-from .conftest import linked_dataset, small_subset
+from .conftest import linked_dataset, run_cli, small_subset
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "horse", "camera", "page", "brick")
 
@@ -73,11 +71,7 @@ def test_real_test_xrays_pass_and_non_xrays_are_flagged(guarded_run: Path, non_x
 def test_cli_gives_no_answer_for_a_photograph(guarded_run: Path, non_xrays: list[Path], cxr3: Path) -> None:
     """A compact table: file name, label, p(COVID-19), flag; a photograph gets no class, only the reason."""
     xray = cxr3 / load_run(guarded_run).splits().query("split == 'test'")["filename"].iloc[0]
-    result = subprocess.run(
-        [sys.executable, "-m", "covidxr", "predict", str(non_xrays[1]), str(xray), "--model", str(guarded_run)],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("predict", non_xrays[1], xray, "--model", guarded_run)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["file", "label", "p(COVID-19)", "flag"]

@@ -7,25 +7,24 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
 from covidxr.inference import predict_to_file
 from covidxr.runs import load_run
-from covidxr.train import train
+
+from .conftest import run_cli
 
 N_GOOD = 24
 
 
 @pytest.fixture(scope="module")
-def run_dir(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train(small_dataset, tmp_path_factory.mktemp("runs") / "r", replace(TrainConfig(image_size=224), epochs=2))
+def run_dir(tiny_run: Path) -> Path:
+    return tiny_run  # shared by the session (conftest); read only
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +68,8 @@ def test_folder_to_csv_one_row_per_image_past_bad_files(run_dir: Path, folder: P
 
 def test_interrupted_prediction_leaves_valid_rows_and_resumes(run_dir: Path, folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
-    command = [sys.executable, "-m", "covidxr", "predict", str(folder), "--model", str(run_dir)]
-    command += ["--out", str(out), "--chunk-size", "3"]
+    args = ["predict", str(folder), "--model", str(run_dir), "--out", str(out), "--chunk-size", "3"]
+    command = [sys.executable, "-m", "covidxr", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -84,7 +83,7 @@ def test_interrupted_prediction_leaves_valid_rows_and_resumes(run_dir: Path, fol
     partial = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert 3 <= len(partial) < N_GOOD + 4 and partial["file"].is_unique
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True)
+    resumed = run_cli(*args, "--resume")
     assert f"({len(partial)} were already done)" in resumed.stdout
     assert resumed.returncode == 1  # the bad files
     complete = pd.read_csv(out, dtype=str, keep_default_na=False)

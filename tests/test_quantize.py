@@ -4,8 +4,6 @@ accurate, refused (keeping nothing) when it does not."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from covidxr.runs import load_run
 from covidxr.train import train
 
 from .conftest import linked_dataset, small_subset
+from .conftest import run_cli as covidxr
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +27,6 @@ def run_dir(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: pytest.TempPa
     root = tmp_path_factory.mktemp("quantize")
     data = linked_dataset(root / "data", cxr3, small_subset(cxr3_meta, per_class=40))
     return train(data, root / "run", replace(TrainConfig(image_size=224), epochs=5), progress=False)
-
-
-def covidxr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "covidxr", *args], capture_output=True, text=True)
 
 
 def test_static_int8_is_measured_kept_and_used_by_predict(run_dir: Path) -> None:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from covidxr import DISCLAIMER
@@ -56,8 +54,12 @@ def _rate(value: float, interval: list[float]) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _report_run(small_dataset, tmp_path_factory.mktemp("report") / "run")
+def run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's tiny run (conftest), copied, then evaluated and reported as ``_report_run`` does."""
+    run = shutil.copytree(tiny_run, tmp_path_factory.mktemp("report") / "run")
+    evaluate_run(run, progress=False, explain=False)
+    write_run_report(run)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -69,29 +71,6 @@ def external(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("external") / "evaluation"
     evaluate_run(run, data=root, out=out, progress=False, explain=False)
     return out
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
-    """The system Chromium and chromedriver, so that Selenium Manager never downloads anything."""
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_window_size(1280, 1000)
-    yield driver
-    driver.quit()
 
 
 def _open(browser: webdriver.Chrome, page: Path, screenshot: str) -> dict[str, int]:

@@ -30,6 +30,8 @@ from covidxr.images import read_image
 from covidxr.inference import input_transform, make_engine
 from covidxr.runs import load_run
 
+from .conftest import free_port, run_cli
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_STACK = ("torch", "torchvision", "timm", "sklearn", "scipy", "skimage", "matplotlib", "pandas", "cv2")
 
@@ -112,22 +114,10 @@ def test_an_altered_bundled_graph_is_one_line_and_exit_1(images: list[Path], tmp
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one byte changed
     graph.write_bytes(bytes(data))
-    result = subprocess.run(
-        [sys.executable, "-m", "covidxr", "predict", str(images[0]), "--model", str(copy)],
-        capture_output=True,
-        text=True,
-    )
+    result = run_cli("predict", images[0], "--model", copy)
     assert result.returncode == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.onnx" in lines[0] and "fails its hash check" in lines[0], result.stderr
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -174,7 +164,7 @@ def test_a_wheel_installed_without_extras_predicts_and_serves_without_torch(
     )
     assert other_method.returncode == 1 and "covidxr[train]" in other_method.stderr.strip().splitlines()[-1]
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(covidxr), "serve", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

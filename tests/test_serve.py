@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
@@ -28,17 +26,11 @@ from skimage import data as skimage_data
 
 from covidxr import DISCLAIMER, load_model
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 from .test_dicom import PATIENT, dx_dataset, save
 
 ARTIFACTS = Path(os.environ.get("COVIDXR_TEST_ARTIFACTS", REPO / "test-artifacts")) / "serve"
 STATUSES = {200, 503}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:
@@ -286,19 +278,6 @@ def test_overload_gets_503_with_retry_after_never_a_hang(xrays: list[Path], tmp_
 # ---------------------------------------------------------------------------------------------
 # The page, in a real browser
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"):
-        options.add_argument(argument)
-    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_window_size(1280, 1000)
-    yield driver
-    driver.quit()
 
 
 def _upload(browser: webdriver.Chrome, path: Path) -> None:
