@@ -33,7 +33,15 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert build.returncode == 0, build.stderr
     [wheel] = root.glob("covidxr-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("run.json", "config.yaml", "head.safetensors", "ood.safetensors", "model_card.md"):
+    for name in (
+        "run.json",
+        "config.yaml",
+        "head.safetensors",
+        "ood.safetensors",
+        "model_card.md",
+        "model.onnx",
+        "model.json",
+    ):
         assert f"covidxr/bundled/{name}" in names
     site = root / "site"
     install = subprocess.run(
