@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
+from benchmarks.machine import linked_dataset, small_subset  # one copy, shared with the benchmarks
 
 if TYPE_CHECKING:
     from selenium import webdriver
@@ -67,32 +68,6 @@ def cxr3() -> Path:
 @pytest.fixture(scope="session")
 def cxr3_meta(cxr3: Path) -> pd.DataFrame:
     return pd.read_csv(cxr3 / "metadata.csv", dtype=str, keep_default_na=False)
-
-
-def small_subset(meta: pd.DataFrame, per_class: int, seed: int = 0) -> pd.DataFrame:
-    """A few real images per class, whole patients only, so patient-disjoint splits stay possible."""
-    rows = []
-    for _, group in meta.groupby("label"):
-        patients = group["patient_id"].drop_duplicates().sample(frac=1.0, random_state=seed)
-        chosen = group[group["patient_id"].isin(patients)]
-        taken, count = [], 0
-        for patient in patients:
-            images = chosen[chosen["patient_id"] == patient]
-            taken.append(images)
-            count += len(images)
-            if count >= per_class:
-                break
-        rows.append(pd.concat(taken))
-    return pd.concat(rows).reset_index(drop=True)
-
-
-def linked_dataset(root: Path, source: Path, rows: pd.DataFrame) -> Path:
-    """A dataset folder whose ``metadata.csv`` lists ``rows`` and whose images link to ``source``'s files."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for name in rows["filename"]:
-        (root / name).symlink_to((source / name).resolve())
-    rows.to_csv(root / "metadata.csv", index=False)
-    return root
 
 
 @pytest.fixture(scope="session")
