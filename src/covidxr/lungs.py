@@ -91,20 +91,21 @@ def normalise(small: np.ndarray) -> np.ndarray:
     return (values - values.mean()) / max(float(values.std()), 1.0)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int, int]]:
-    """The horizontal runs of True pixels as (row, start, end), row by row."""
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The horizontal runs of True pixels, row by row: their rows, first columns and ends (exclusive)."""
     padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
     padded[:, 1:-1] = mask
-    rows, cols = np.nonzero(np.diff(padded, axis=1))
-    edges = cols.reshape(-1, 2)  # each run gives a rise then a fall, in row order
-    return [(int(r), int(s), int(e)) for r, (s, e) in zip(rows[::2], edges, strict=True)]
+    rows, cols = np.nonzero(np.diff(padded, axis=1))  # each run gives a rise then a fall, in row order
+    return rows[::2], cols[::2], cols[1::2]
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected components of a bool mask (labels 1..n, 0 = background), by union-find over row runs:
-    a few hundred runs at the model's resolution, so pure Python stays fast enough."""
-    runs = _runs(mask)
-    parent = list(range(len(runs)))
+    """4-connected components of a bool mask (labels 1..n, 0 = background, numbered in reading order), by
+    union-find over row runs: a few hundred runs at the model's resolution, so the loop stays short; the
+    runs are read and painted back with numpy."""
+    run_rows, run_starts, run_ends = _runs(mask)
+    rows, starts, ends = run_rows.tolist(), run_starts.tolist(), run_ends.tolist()
+    parent = list(range(len(rows)))
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -115,19 +116,21 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     previous: list[int] = []  # indices of the runs on the row above
     current: list[int] = []
     row = -1
-    for index, (r, start, end) in enumerate(runs):
+    for index, r in enumerate(rows):
         if r != row:
             previous = current if r == row + 1 else []
             current, row = [], r
+        start, end = starts[index], ends[index]
         for other in previous:
-            _, o_start, o_end = runs[other]
-            if o_start < end and start < o_end:
+            if starts[other] < end and start < ends[other]:
                 parent[root(index)] = root(other)
         current.append(index)
-    labels = np.zeros(mask.shape, dtype=np.int32)
     names: dict[int, int] = {}
-    for index, (r, start, end) in enumerate(runs):
-        labels[r, start:end] = names.setdefault(root(index), len(names) + 1)
+    run_labels = np.array([names.setdefault(root(i), len(names) + 1) for i in range(len(rows))], dtype=np.int32)
+    lengths = run_ends - run_starts
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    labels.flat[np.repeat(run_rows * mask.shape[1] + run_starts, lengths) + offsets] = np.repeat(run_labels, lengths)
     return labels, len(names)
 
 
