@@ -385,10 +385,9 @@ def benchmark_model(
 def integrity_costs(paths: list[Path], repeats: int, cache: Path) -> None:
     """Throughput with the content-hash checks on cached exports and feature entries, and without them."""
     import covidxr.engines as engines
-    from covidxr.card import default_model_path
     from covidxr.features import FeatureCache, compute_features
     from covidxr.inference import predict_files
-    from covidxr.runs import load_run
+    from covidxr.runs import default_model_path, load_run
 
     run = load_run(default_model_path())
     checked_graph, checked_get = engines.graph_sha256, FeatureCache.get

@@ -77,12 +77,11 @@ from PIL import Image
 
 from covidxr import load_model
 from covidxr.batches import iterate_batches
-from covidxr.card import default_model_path
 from covidxr.images import read_image
 from covidxr.inference import input_transform, make_engine, predict_files
 from covidxr.ood import is_blank
 from covidxr.preprocess import InputTransform
-from covidxr.runs import load_run
+from covidxr.runs import default_model_path, load_run
 from machine import cpu_model, describe_load, isolated_cache, linked_dataset, load_average
 from serve import Server
 

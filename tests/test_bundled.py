@@ -16,7 +16,8 @@ import pytest
 
 from covidxr import DISCLAIMER, load_model
 from covidxr.calibration import decide
-from covidxr.card import BUNDLED, model_card
+from covidxr.card import model_card
+from covidxr.runs import BUNDLED
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,6 @@ from pydicom.sequence import Sequence
 from safetensors.torch import load_file, save_file
 
 import covidxr
-from covidxr.card import default_model_path
 from covidxr.engines import OnnxEngine, graph_sha256
 from covidxr.errors import CovidxrError, ImageTooLarge
 from covidxr.export import TorchEngine, cached_export, sidecar
@@ -37,7 +36,7 @@ from covidxr.images import MAX_IMAGE_PIXELS, read_image
 from covidxr.inference import make_engine, output_name, path_from_output_name, predict_to_file
 from covidxr.loop import CHECKPOINT
 from covidxr.quantize import int8_engine
-from covidxr.runs import load_run
+from covidxr.runs import default_model_path, load_run
 from covidxr.train import checkpoint_matches
 
 from .conftest import run_cli as cli

@@ -23,12 +23,11 @@ import pytest
 import torch
 
 from covidxr.cam import DenseHead, gradcam
-from covidxr.card import default_model_path
 from covidxr.engines import OnnxEngine
 from covidxr.explain import Explainer
 from covidxr.images import read_image
 from covidxr.inference import input_transform, make_engine
-from covidxr.runs import load_run
+from covidxr.runs import default_model_path, load_run
 
 from .conftest import free_port, run_cli
 

@@ -22,13 +22,12 @@ from PIL import Image
 
 from covidxr.batches import prepare
 from covidxr.cam import COLOUR_SPREAD_LIMIT, DenseHead, colour_spread, gradcam, lung_shares, lungs_on_input, overlay
-from covidxr.card import default_model_path
 from covidxr.engines import TRAIN_EXTRA, OnnxEngine, torch_available
 from covidxr.errors import CovidxrError
 from covidxr.images import check_dimensions, read_image
 from covidxr.inference import answer, input_transform, make_engine, predict_files
 from covidxr.ood import is_blank
-from covidxr.runs import HEAD_FILE, Run, load_run
+from covidxr.runs import HEAD_FILE, Run, default_model_path, load_run
 
 __all__ = ["ImageLike", "METHODS", "Model", "load_model"]
 
@@ -70,7 +69,8 @@ class Model:
     def __repr__(self) -> str:
         engine = type(self.engine).__name__.removesuffix("Engine").lower()
         return (
-            f"covidxr.Model(backbone={self.run.config.model!r}, run={self.run.path.name!r}, labels={self.labels}, "
+            f"covidxr.Model(backbone={self.run.info.model['name']!r}, run={self.run.path.name!r}, "
+            f"labels={self.labels}, "
             f"covid_threshold={self.run.covid_threshold:.3f}, engine={engine!r})"
         )
 

@@ -16,14 +16,13 @@ from typing import Protocol
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from covidxr.errors import CovidxrError
 from covidxr.images import read_image
 from covidxr.ood import is_blank
 from covidxr.preprocess import InputTransform
 
-__all__ = ["Batch", "Item", "iterate_batches", "lungs_missing", "prepare"]
+__all__ = ["Batch", "Item", "iterate_batches", "lungs_missing", "prepare", "progress_bar"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def iterate_batches(
         while pending:
             yield pending.popleft().result()
 
-    with tqdm(total=len(paths), desc=desc, unit="img", disable=desc is None, leave=False) as bar:
+    with progress_bar(len(paths), desc, leave=False) as bar:
         if num_workers <= 0:
             for batch in batch_jobs(None):
                 yield batch
@@ -126,6 +125,27 @@ def iterate_batches(
             for batch in batch_jobs(pool):
                 yield batch
                 bar.update(len(batch[0]))
+
+
+def progress_bar(total: int, desc: str | None, leave: bool = True):
+    """A tqdm bar, or a silent stand-in when ``desc`` is None (tqdm costs ~25 ms to import: one-image
+    predictions never show a bar, so they never pay for it)."""
+    if desc is None:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", leave=leave)
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, count: int = 1) -> None:
+        return None
 
 
 def _collate(items: list[Item]) -> Batch:

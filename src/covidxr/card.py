@@ -23,9 +23,8 @@ from covidxr.calibration import describe_operating_point
 from covidxr.errors import CovidxrError
 from covidxr.report.document import Block, Heading, Items, Text, render_html
 from covidxr.report.formatting import dec, pct, with_ci
-from covidxr.runs import INFO_FILE, RunInfo
+from covidxr.runs import BUNDLED, INFO_FILE, RunInfo
 
-BUNDLED = Path(__file__).parent / "bundled"
 BUNDLE_FILES = ("config.yaml", "head.safetensors", "ood.safetensors", "history.csv")
 EVIDENCE_FILES = ("metrics.json", "audit.json", "loso.json")  # copied without the training machine's paths
 SPLIT_COLUMNS = ("filename", "label", "source", "split")  # the bundle's splits.csv, with site and age_group if known
@@ -34,13 +33,6 @@ INTENDED_USE = (
     "PNEUMONIA); teaching; a baseline to beat. Not a medical device: never use it for diagnosis, triage or "
     "any decision about a patient."
 )
-
-
-def default_model_path() -> Path:
-    """The model bundled with the package, for ``predict`` and ``load_model`` without a run folder."""
-    if not (BUNDLED / "run.json").is_file():
-        raise CovidxrError("this installation has no bundled model; pass a run folder (--model RUN)")
-    return BUNDLED
 
 
 def _read(path: Path) -> dict | None:

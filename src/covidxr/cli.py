@@ -339,9 +339,8 @@ def _prediction_table(results: list[dict]) -> str:
 def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
     from covidxr.calibration import describe_operating_point
-    from covidxr.card import default_model_path
     from covidxr.inference import expand_inputs, make_engine, predict_files, predict_to_file
-    from covidxr.runs import load_run
+    from covidxr.runs import default_model_path, load_run
 
     loaded = load_run(run or default_model_path(), weights, weights_dir)
     runner = make_engine(loaded, engine, cache_dir, threads)
@@ -414,9 +413,8 @@ def export_command(run, fmt, out, weights, weights_dir):
 def quantize_command(run, method, max_drop, calibration_images, data_root, weights, weights_dir, cache_dir):
     """Make an int8 copy of a run's graph (default: the bundled model) for `predict --engine int8`,
     kept only if it stays accurate on the validation split."""
-    from covidxr.card import default_model_path
     from covidxr.quantize import quantize_run
-    from covidxr.runs import load_run
+    from covidxr.runs import default_model_path, load_run
 
     loaded = load_run(run or default_model_path(), weights, weights_dir)
     report = quantize_run(loaded, method, max_drop, calibration_images, cache_dir, data_root)
@@ -450,8 +448,7 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
 def serve_command(run, host, port, engine, threads, max_queue, weights, weights_dir, cache_dir):
     """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs)."""
     from covidxr.api import Model
-    from covidxr.card import default_model_path
-    from covidxr.runs import load_run
+    from covidxr.runs import default_model_path, load_run
     from covidxr.serve import serve
 
     model = Model(load_run(run or default_model_path(), weights, weights_dir), engine, cache_dir, threads)
@@ -464,7 +461,8 @@ def serve_command(run, host, port, engine, threads, max_queue, weights, weights_
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
 def model_card_command(run, as_json):
     """The model card of a run folder (default: the bundled model): data, confounders, metrics, audit, failures."""
-    from covidxr.card import default_model_path, model_card, render_model_card
+    from covidxr.card import model_card, render_model_card
+    from covidxr.runs import default_model_path
 
     card = model_card(run or default_model_path())
     click.echo(json.dumps(card, indent=2) if as_json else render_model_card(card))
@@ -476,9 +474,9 @@ def model_card_command(run, as_json):
 def bundle_command(run, dest):
     """Make an evaluated, audited and held-out run the packaged default model (for maintainers), with its
     exported graph, so the package predicts without torch."""
-    from covidxr.card import BUNDLED, bundle_run
+    from covidxr.card import bundle_run
     from covidxr.export import export_run_graph
-    from covidxr.runs import load_run
+    from covidxr.runs import BUNDLED, load_run
 
     bundled = bundle_run(run, dest or BUNDLED)
     graph = export_run_graph(load_run(bundled))

@@ -11,8 +11,6 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from covidxr.engines import ENGINES  # what computes frozen features
 from covidxr.errors import CovidxrError
 from covidxr.preprocess import INTENSITY_METHODS, LUNG_MODES, ImagePipeline
@@ -203,6 +201,8 @@ class TrainConfig:
         return data
 
     def save(self, path: str | Path) -> None:
+        import yaml
+
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
@@ -218,6 +218,8 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        import yaml  # only where a config is read or written: prediction from a graph never needs it
+
         path = Path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}

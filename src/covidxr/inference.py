@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file
-from tqdm import tqdm
 
 from covidxr import DISCLAIMER
-from covidxr.batches import iterate_batches
+from covidxr.batches import iterate_batches, progress_bar
 from covidxr.calibration import POSITIVE, decide, softmax
 from covidxr.engines import (
     ENGINES,
@@ -319,7 +318,7 @@ def model_identity(run: Run, runner: Engine) -> str:
         engine = "int8"
     head = head_digest(run)[:12]
     preprocessing = stable_digest(run.info.model_key)[:12]
-    return f"{run.config.model} run={run.path.name} head={head} engine={engine} preprocessing={preprocessing}"
+    return f"{run.info.model['name']} run={run.path.name} head={head} engine={engine} preprocessing={preprocessing}"
 
 
 def _read_done(out: Path, columns: list[str], identity: str) -> list[dict]:
@@ -535,7 +534,8 @@ def predict_to_file(
 
     pending: list[dict] = []
     written = 0
-    with _stop_after_chunk() as stop, tqdm(total=len(todo), desc="predict", unit="img", disable=not progress) as bar:
+    bar = progress_bar(len(todo), "predict" if progress else None)
+    with _stop_after_chunk() as stop, bar:
         # Batches no larger than a chunk, so every chunk is written as soon as it is done.
         for batch in iterate_predictions(run, todo, runner, min(batch_size, chunk_size), num_workers):
             pending += [{**_flat_row(result, run.labels), "model": identity} for result in batch]

@@ -26,10 +26,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from covidxr.errors import CovidxrError
+from covidxr.runs import BUNDLED
 from covidxr.storage import atomic_write
 
 __all__ = [
-    "BUNDLED",
     "GRAPH",
     "LungFields",
     "LungSegmenter",
@@ -43,7 +43,6 @@ __all__ = [
     "overlay",
 ]
 
-BUNDLED = Path(__file__).resolve().parent / "bundled"
 GRAPH = BUNDLED / "lungs.onnx"
 SIDECAR = BUNDLED / "lungs.json"
 

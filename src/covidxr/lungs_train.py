@@ -32,6 +32,7 @@ from torch import nn
 from covidxr import lungs
 from covidxr.errors import CovidxrError
 from covidxr.images import read_image
+from covidxr.runs import BUNDLED
 from covidxr.storage import atomic_path
 
 __all__ = [
@@ -441,5 +442,5 @@ def bundle(run: str | Path) -> Path:
     if missing:
         raise CovidxrError(f"{run}: not a finished segmenter run (missing {', '.join(missing)})")
     for name in ARTIFACTS:
-        shutil.copyfile(run / name, lungs.BUNDLED / name)
-    return lungs.BUNDLED
+        shutil.copyfile(run / name, BUNDLED / name)
+    return BUNDLED

@@ -21,6 +21,7 @@ from covidxr.errors import CovidxrError
 from covidxr.ood import OODGuard
 
 __all__ = [
+    "BUNDLED",
     "CONFIG_FILE",
     "GRAPH_FILE",
     "HEAD_FILE",
@@ -31,6 +32,7 @@ __all__ = [
     "SPLITS_FILE",
     "Run",
     "RunInfo",
+    "default_model_path",
     "load_run",
 ]
 
@@ -41,6 +43,14 @@ OOD_FILE = "ood.safetensors"
 SPLITS_FILE = "splits.csv"
 HISTORY_FILE = "history.csv"
 RUN_FORMAT = "covidxr-run-2"
+BUNDLED = Path(__file__).resolve().parent / "bundled"  # the model (and lung segmenter) shipped in the package
+
+
+def default_model_path() -> Path:
+    """The model bundled with the package, for ``predict`` and ``load_model`` without a run folder."""
+    if not (BUNDLED / INFO_FILE).is_file():
+        raise CovidxrError("this installation has no bundled model; pass a run folder (--model RUN)")
+    return BUNDLED
 
 
 @dataclass(frozen=True)
@@ -114,11 +124,16 @@ class Run:
     model is built (``model``); the runtime never needs them where the folder holds its graph."""
 
     path: Path
-    config: TrainConfig
     info: RunInfo
     weights: str | Path | None = None
     weights_dir: str | Path | None = None
     _model: Any = field(default=None, repr=False)
+
+    @cached_property
+    def config(self) -> TrainConfig:
+        """The training configuration (``config.yaml``), read on first use: prediction from the graph needs
+        only the sidecar."""
+        return TrainConfig.load(self.path / CONFIG_FILE)
 
     @property
     def labels(self) -> list[str]:
@@ -197,4 +212,4 @@ def load_run(path: str | Path, weights: str | Path | None = None, weights_dir: s
     if not isinstance(data, dict):
         raise CovidxrError(f"{path / INFO_FILE}: damaged (not a JSON object)")
     info = RunInfo.from_dict(data, path / INFO_FILE)
-    return Run(path, TrainConfig.load(path / CONFIG_FILE), info, weights, weights_dir)
+    return Run(path, info, weights, weights_dir)

@@ -77,7 +77,7 @@ def model_id(model: Model) -> str:
     """Backbone, run folder name ("bundled" for the packaged model) and the head's hash: what a user
     quotes to say which model answered."""
     head = head_digest(model.run)[:12]
-    return f"{model.run.config.model}/{model.run.path.name}/{head}"
+    return f"{model.run.info.model['name']}/{model.run.path.name}/{head}"
 
 
 # ---------------------------------------------------------------------------------------------
