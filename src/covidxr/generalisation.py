@@ -201,7 +201,7 @@ def leave_one_source_out(
             records.append({**record, "status": "skipped", "reason": reason})
             continue
         head, temperature = retrained[unit.name] = retraining.train_without(frame, features, ~unit.rows)
-        probabilities = _probabilities(head, temperature, features[unit.rows])
+        probabilities = _probabilities(head, temperature, features[np.flatnonzero(unit.rows)])
         held = frame[unit.rows]
         predicted = [LABELS[k] for k in probabilities.argmax(1)]
         records.append({**record, "status": "evaluated", **called_covid_rates(held["label"], predicted)})
@@ -325,7 +325,8 @@ def within_site(
             at_site = (pool["source"].astype(str) == source) & (_sites(pool) == site)
             picked = (at_site & pool["label"].isin([POSITIVE, OTHER_PNEUMONIA])).to_numpy()
             if picked.any():
-                part = _prediction_rows(pool[picked], _probabilities(head, temperature, pool_features[picked]), site)
+                index = np.flatnonzero(picked)  # a writable index (pandas hands out read-only arrays)
+                part = _prediction_rows(pool[picked], _probabilities(head, temperature, pool_features[index]), site)
                 part["in_run_data"] = trained_on
                 held.append(part)
         site_rows = pd.concat(held, ignore_index=True)
