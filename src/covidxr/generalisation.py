@@ -39,9 +39,9 @@ from covidxr.front import FrontSplit, front_maps, split_model
 from covidxr.labels import LABELS
 from covidxr.loop import TensorSet, Trainee, decision_teachers, fit
 from covidxr.metrics import auc_or_none, called_covid_rates, patient_bootstrap
-from covidxr.models import CovidxrNet, head_probabilities, make_head
+from covidxr.models import CovidxrNet, head_probabilities, make_head, model_from_config
 from covidxr.runs import Run, load_run
-from covidxr.train import cached_views, calibrate, model_from_config
+from covidxr.train import cached_views, calibrate
 
 __all__ = ["MIN_UNIT_IMAGES", "Unit", "WITHIN_SITE_PREDICTIONS", "holdout_units", "leave_one_source_out", "within_site"]
 

@@ -18,10 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
+from covidxr.config import TrainConfig
 from covidxr.errors import CovidxrError
+from covidxr.labels import LABELS
 from covidxr.preprocess import PREPROCESSING, ImagePipeline, InputTransform, Preprocessing, to_input_array
+from covidxr.runs import HEAD_FILE, Run
 from covidxr.storage import hash_arrays, stable_digest
 
 __all__ = [
@@ -37,6 +41,8 @@ __all__ = [
     "create_model",
     "default_weights_dir",
     "get_spec",
+    "model_from_config",
+    "run_model",
     "hash_state_dict",
     "head_probabilities",
     "list_models",
@@ -678,3 +684,68 @@ def head_probabilities(model: CovidxrNet, features: np.ndarray, temperature: flo
     """Softmax probabilities of the trained head on pooled backbone features, logits divided by ``temperature``."""
     model.head.eval()
     return torch.softmax(model.head(torch.from_numpy(features)) / temperature, dim=1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# A model from its configuration, and a trained run's model
+# ---------------------------------------------------------------------------------------------
+
+
+def model_from_config(
+    config: TrainConfig,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+) -> CovidxrNet:
+    """The model a configuration describes: its backbone, input size, head (over all labels) and engine."""
+    model = create_model(
+        config.model,
+        pretrained=pretrained,
+        num_classes=len(LABELS),
+        image_size=config.image_size,
+        hidden=config.hidden_units,
+        dropout=config.dropout,
+        weights=weights,
+        weights_dir=weights_dir,
+        seed=config.seed,
+        pipeline=config.pipeline(),
+        decision=config.decision,
+    )
+    model.engine = config.engine
+    return model
+
+
+def run_model(run: Run) -> CovidxrNet:
+    """The torch model of a loaded run (``Run.model`` calls this); refuses backbone weights that differ from
+    those it was trained on."""
+    info, config, path = run.info, run.config, run.path
+    pretrained = info.weights["kind"] != "random"
+    recorded = Path(info.weights["location"])
+    weights = run.weights
+    if weights is None and info.weights["kind"] in {"file", "weights-dir"} and recorded.is_file():
+        weights = recorded
+    model = model_from_config(config, pretrained, weights, run.weights_dir)
+    if model.weights.sha256 != info.weights["sha256"]:
+        raise CovidxrError(
+            f"{path}: was trained on {config.model} weights {info.weights['sha256'][:12]} "
+            f"({info.weights['location']}), but the weights found now are {model.weights.sha256[:12]} "
+            f"({model.weights.location}); pass the original with --weights"
+        )
+    try:
+        model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CovidxrError(f"{path / HEAD_FILE}: damaged or incompatible ({type(exc).__name__})") from None
+    if info.fine_tuned_backbone:
+        _load_fine_tuned(model, path / info.fine_tuned_backbone["file"], info.fine_tuned_backbone["sha256"])
+    return model.eval()
+
+
+def _load_fine_tuned(model: CovidxrNet, path: Path, sha256: str) -> None:
+    try:
+        state = load_file(str(path))
+        model.backbone.body.load_state_dict(state)
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise CovidxrError(f"{path}: missing, damaged or incompatible ({type(exc).__name__})") from None
+    if hash_state_dict(state) != sha256:
+        raise CovidxrError(f"{path}: its weights differ from those the run was trained with")
+    model.weights = WeightsSource("fine-tuned", str(path.resolve()), sha256, model.weights.preprocessing)

@@ -166,7 +166,7 @@ class Run:
         if self._model is None:
             if not torch_available():
                 raise CovidxrError(f"{self.path}: this needs the torch model of the run: {TRAIN_EXTRA}")
-            from covidxr.train import run_model  # the training side builds it; the runtime never needs it
+            from covidxr.models import run_model  # torch builds it; the runtime never needs it
 
             self._model = run_model(self)
         return self._model

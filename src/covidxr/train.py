@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from covidxr import __version__
@@ -49,12 +49,12 @@ from covidxr.loop import (
     fit,
     init_distributed,
 )
-from covidxr.models import CovidxrNet, WeightsSource, create_model, hash_state_dict
+from covidxr.models import CovidxrNet, WeightsSource, hash_state_dict, model_from_config
 from covidxr.ood import MARGIN, QUANTILE, fit_guard
 from covidxr.preprocess import AcquisitionAugment
-from covidxr.runs import CONFIG_FILE, HEAD_FILE, HISTORY_FILE, INFO_FILE, OOD_FILE, SPLITS_FILE, Run, RunInfo
+from covidxr.runs import CONFIG_FILE, HEAD_FILE, HISTORY_FILE, INFO_FILE, OOD_FILE, SPLITS_FILE, RunInfo
 
-__all__ = ["cached_views", "calibrate", "checkpoint_matches", "make_splits", "model_from_config", "run_model", "train"]
+__all__ = ["cached_views", "calibrate", "checkpoint_matches", "make_splits", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,30 +124,6 @@ def _environment() -> dict:
         "platform": platform.platform(),
         "command": " ".join(sys.argv),
     }
-
-
-def model_from_config(
-    config: TrainConfig,
-    pretrained: bool = True,
-    weights: str | Path | None = None,
-    weights_dir: str | Path | None = None,
-) -> CovidxrNet:
-    """The model a configuration describes: its backbone, input size, head (over all labels) and engine."""
-    model = create_model(
-        config.model,
-        pretrained=pretrained,
-        num_classes=len(LABELS),
-        image_size=config.image_size,
-        hidden=config.hidden_units,
-        dropout=config.dropout,
-        weights=weights,
-        weights_dir=weights_dir,
-        seed=config.seed,
-        pipeline=config.pipeline(),
-        decision=config.decision,
-    )
-    model.engine = config.engine
-    return model
 
 
 def checkpoint_matches(out: Path, fingerprint: str) -> bool:
@@ -453,39 +429,3 @@ def describe_design(config: TrainConfig) -> dict:
         "pipeline": pipeline.to_dict(),
         "augment": AcquisitionAugment().to_dict() if config.augment else None,
     }
-
-
-def run_model(run: Run) -> CovidxrNet:
-    """The torch model of a loaded run (``Run.model`` calls this); refuses backbone weights that differ from
-    those it was trained on."""
-    info, config, path = run.info, run.config, run.path
-    pretrained = info.weights["kind"] != "random"
-    recorded = Path(info.weights["location"])
-    weights = run.weights
-    if weights is None and info.weights["kind"] in {"file", "weights-dir"} and recorded.is_file():
-        weights = recorded
-    model = model_from_config(config, pretrained, weights, run.weights_dir)
-    if model.weights.sha256 != info.weights["sha256"]:
-        raise CovidxrError(
-            f"{path}: was trained on {config.model} weights {info.weights['sha256'][:12]} "
-            f"({info.weights['location']}), but the weights found now are {model.weights.sha256[:12]} "
-            f"({model.weights.location}); pass the original with --weights"
-        )
-    try:
-        model.head.load_state_dict(load_file(str(path / HEAD_FILE)))
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise CovidxrError(f"{path / HEAD_FILE}: damaged or incompatible ({type(exc).__name__})") from None
-    if info.fine_tuned_backbone:
-        _load_fine_tuned(model, path / info.fine_tuned_backbone["file"], info.fine_tuned_backbone["sha256"])
-    return model.eval()
-
-
-def _load_fine_tuned(model: CovidxrNet, path: Path, sha256: str) -> None:
-    try:
-        state = load_file(str(path))
-        model.backbone.body.load_state_dict(state)
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise CovidxrError(f"{path}: missing, damaged or incompatible ({type(exc).__name__})") from None
-    if hash_state_dict(state) != sha256:
-        raise CovidxrError(f"{path}: its weights differ from those the run was trained with")
-    model.weights = WeightsSource("fine-tuned", str(path.resolve()), sha256, model.weights.preprocessing)
