@@ -162,6 +162,11 @@ def test_a_wheel_installed_without_extras_predicts_and_serves_without_torch(
         text=True,
     )
     assert other_method.returncode == 1 and "covidxr[train]" in other_method.stderr.strip().splitlines()[-1]
+    torch_engine = subprocess.run(
+        [str(covidxr), "predict", str(images[0]), "--engine", "torch"], capture_output=True, text=True
+    )
+    lines = torch_engine.stderr.strip().splitlines()
+    assert torch_engine.returncode == 1 and len(lines) == 1 and "covidxr[train]" in lines[0], torch_engine.stderr
 
     port = free_port()
     server = subprocess.Popen(
