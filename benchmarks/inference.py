@@ -24,8 +24,8 @@ measures, side by side in one run, on the same real X-rays and the same trained 
    labels differ (bf16 rounds every activation to 8 bits of mantissa, so it differs more: that is shown,
    not hidden).
 
-2. **end to end**: ``predict_files`` over the same image files (decode + preprocess in DataLoader workers,
-   forward, out-of-distribution guard, calibration), with ``engine`` torch and onnx and ``num_workers``
+2. **end to end**: ``predict_files`` over the same image files (decode + preprocess on the decoding threads
+   of ``covidxr.batches``, forward, out-of-distribution guard, calibration), with ``engine`` torch and onnx and ``num_workers``
    1 and 2, each timed ``--repeats`` times (interleaved; median reported) with a fresh, empty cache
    folder per call (prediction never reads or writes the feature cache). The onnx engine
    would export the graph again into an empty cache; the export made in part 1 is copied into each fresh

@@ -208,7 +208,7 @@ class LungSegmenter:
     """The lung segmenter of one ONNX graph and its sidecar (default: the bundled ones).
 
     The graph's SHA-256 must match the sidecar's. onnxruntime runs on ``threads`` intra-op threads
-    (default 1: the segmenter runs inside decoding workers, one per core) without spinning.
+    (default 1: the segmenter runs inside the decoding threads, one per core) without spinning.
     """
 
     def __init__(self, graph: str | Path = GRAPH, sidecar: str | Path | None = None, threads: int = 1):

@@ -694,7 +694,7 @@ def to_input_array(image: Image.Image, size: int, preprocessing: Preprocessing) 
 @dataclass(frozen=True)
 class InputTransform:
     """Everything between a decoded image and the network: the shortcut-resistant pipeline, the resize
-    and the backbone's normalisation. Small and picklable, so decoding workers can carry it."""
+    and the backbone's normalisation. Small and immutable, so decoding threads share it."""
 
     image_size: int
     preprocessing: Preprocessing
