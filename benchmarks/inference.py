@@ -25,8 +25,8 @@ measures, side by side in one run, on the same real X-rays and the same trained 
    not hidden).
 
 2. **end to end**: ``predict_files`` over the same image files (decode + preprocess on the decoding threads
-   of ``covidxr.batches``, forward, out-of-distribution guard, calibration), with ``engine`` torch and onnx and ``num_workers``
-   1 and 2, each timed ``--repeats`` times (interleaved; median reported) with a fresh, empty cache
+   of ``covidxr.batches``, forward, out-of-distribution guard, calibration), with ``engine`` torch and onnx
+   and ``num_workers`` 1 and 2, each timed ``--repeats`` times (interleaved; median reported) with a fresh, empty cache
    folder per call (prediction never reads or writes the feature cache). The onnx engine
    would export the graph again into an empty cache; the export made in part 1 is copied into each fresh
    cache first, so a call pays what it pays with a cached export (its validation and the session), not the
