@@ -83,6 +83,21 @@ def test_a_real_prediction_imports_nothing_of_the_training_stack(images: list[Pa
     assert "LOADED []" in result.stdout, result.stdout[-2000:]
 
 
+RUNTIME_MODULES = (
+    "api", "batches", "cache", "calibration", "cam", "card", "cli", "config", "dicom", "engines", "errors",
+    "images", "inference", "labels", "lungs", "ood", "preprocess", "report.document", "report.formatting",
+    "runs", "serve", "storage",
+)  # fmt: skip
+
+
+def test_the_runtime_layer_never_imports_the_training_stack() -> None:
+    """Every runtime module (the README's layer table), imported together in a fresh process."""
+    imports = "; ".join(f"import covidxr.{name}" for name in RUNTIME_MODULES)
+    check = f"import sys; {imports}; print(sorted({{m.split('.')[0] for m in sys.modules}} & set({TRAINING_STACK!r})))"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_the_bundled_graph_gives_the_torch_models_probabilities(images: list[Path]) -> None:
     run = load_run(default_model_path())
     graph, torch_engine = make_engine(run, "onnx"), make_engine(run, "torch")
