@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ class Model:
         decoded = [_as_image(item) for item in images]
         prepared = [self.prepare(image) for image in decoded]
         inputs = np.stack([array for array, _, _ in prepared])
-        activation = self._numpy_cam() if method == "gradcam" else None
+        activation = self._numpy_cam if method == "gradcam" else None
         if activation is not None:  # one engine call gives the answer and the activations
             features, logits, activations = self.engine.with_activations(inputs)
             _, blanks, reasons = zip(*prepared, strict=True)
@@ -146,8 +147,7 @@ class Model:
         targets = [r["label"] or max(r["probabilities"], key=r["probabilities"].get) for r in results]
         classes = np.array([self.labels.index(target) for target in targets])
         if activation is not None:
-            head = DenseHead(self.run.path / HEAD_FILE)
-            maps = gradcam(activations, head, classes, activation, self.transform.image_size)
+            maps = gradcam(activations, self._dense_head, classes, activation, self.transform.image_size)
         else:
             maps = self._torch_maps(inputs, classes, method)
         for result, image, cam, target in zip(results, decoded, maps, targets, strict=True):
@@ -218,6 +218,12 @@ class Model:
 
         return Explainer(self.run.model, method)(torch.from_numpy(inputs), classes.tolist())
 
+    @cached_property
+    def _dense_head(self) -> DenseHead:
+        """The head's weights in numpy, read once per model (the service explains image after image)."""
+        return DenseHead(self.run.path / HEAD_FILE)
+
+    @cached_property
     def _numpy_cam(self) -> str | None:
         """The elementwise step for ``covidxr.cam`` where this engine's graph holds the Grad-CAM activations."""
         if not isinstance(self.engine, OnnxEngine) or "activations" not in self.engine.outputs:
