@@ -101,16 +101,9 @@ def cpu_model() -> str:
 
 def cpu_bf16_flags() -> str:
     """The CPU's native bfloat16 instruction sets (AMX tiles, AVX-512 BF16), as /proc/cpuinfo lists them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "n/a"
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags |= set(line.split(":", 1)[1].split())
-    present = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return ", ".join(present) or "none (bf16 would be emulated)"
+    from covidxr.engines import cpu_flags
+
+    return ", ".join(cpu_flags("amx_bf16", "avx512_bf16")) or "none (bf16 would be emulated)"
 
 
 def timed_pass(call: Callable, inputs: Sequence, batch: int) -> tuple[float, list[float], list]:

@@ -423,8 +423,8 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
     click.echo(
         f"int8 ({method}) accepted: validation accuracy {fp32['accuracy']:.1%} → {int8['accuracy']:.1%}{auc}; "
         f"{report['labels_changed']} of {report['validation_images']} labels changed; "
-        f"{fp32['images_per_second']} → {int8['images_per_second']} img/s ({report['speed_up']}x); "
-        f"use it with: covidxr predict --engine int8"
+        f"{fp32['images_per_second']} → {int8['images_per_second']} img/s ({report['speed_up']}x) "
+        f"on this CPU (int8: {report['cpu_int8_instructions']}); use it with: covidxr predict --engine int8"
     )
 
 

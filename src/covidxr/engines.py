@@ -29,7 +29,9 @@ __all__ = [
     "GRAPH_FILE",
     "OnnxEngine",
     "TRAIN_EXTRA",
+    "cpu_flags",
     "graph_sha256",
+    "int8_instructions",
     "onnxruntime_available",
     "physical_cores",
     "read_sidecar",
@@ -55,6 +57,26 @@ def physical_cores() -> int:
         if "physical id" in block and "core id" in block
     }
     return max(1, min(usable, len(cores) or usable))
+
+
+def cpu_flags(*names: str) -> list[str]:
+    """Those of ``names`` that /proc/cpuinfo lists as this CPU's flags (none where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    return [name for name in names if name in flags]
+
+
+def int8_instructions() -> str:
+    """The int8 dot-product instructions onnxruntime's kernels can use here. Its int8 results differ
+    between CPUs with and without VNNI (and AMX), so int8 figures hold only for the CPU they were measured on."""
+    present = cpu_flags("amx_int8", "avx512_vnni", "avx_vnni")
+    return ", ".join(present) if present else "no VNNI (AVX2 or older int8 kernels)"
 
 
 def onnxruntime_available() -> bool:
