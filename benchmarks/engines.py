@@ -10,7 +10,7 @@ those of the real network (random weights cost the same arithmetic), but its int
 about a trained ResNet-50 (random activations have other ranges).
 
 **Images.** ``--images`` real X-rays evenly spaced over ``metadata.csv`` of ``--data`` (every class, every
-source) are decoded and preprocessed once per model (``covidxr.images.read_image`` + ``model.input_tensor``:
+source) are decoded and preprocessed once per model (``covidxr.runtime.images.read_image`` + ``model.input_tensor``:
 the model's own size and normalisation) into one tensor in memory; decoding is timed for reference and
 never counted. ``--calibration-images`` *other* images, evenly spaced over the remaining rows, are prepared
 the same way for the int8 calibration only.
@@ -19,13 +19,13 @@ the same way for the int8 calibration only.
 
 1. *torch eager fp32*: ``model.features(x)`` on the NCHW batch under ``torch.inference_mode()`` (the
    reference);
-2. *torch channels-last fp32*: ``covidxr.export.TorchEngine(model).features(x)``;
+2. *torch channels-last fp32*: ``covidxr.lab.export.TorchEngine(model).features(x)``;
 3. *torch bf16 autocast*: the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where
-   ``covidxr.loop.bf16_supported`` says this CPU can ("not supported" otherwise);
-4. *onnxruntime fp32*: ``covidxr.export.feature_engine(model, "onnx", cache)``, which exports the backbone
+   ``covidxr.lab.loop.bf16_supported`` says this CPU can ("not supported" otherwise);
+4. *onnxruntime fp32*: ``covidxr.lab.export.feature_engine(model, "onnx", cache)``, which exports the backbone
    graph once into ``<cache>/onnx/`` of a fresh temporary cache (that call, export + onnx check + validation
    load + session, is timed once and printed, not counted);
-5. *onnxruntime int8*: ``covidxr.quantize.quantize_graph`` (static, QDQ) of that exported fp32 graph
+5. *onnxruntime int8*: ``covidxr.lab.quantize.quantize_graph`` (static, QDQ) of that exported fp32 graph
    (``cached_export(model, backbone_sidecar(model), cache)``), calibrated on the calibration images
    (timed once, not counted), run by ``OnnxEngine``; "unavailable: reason" where it cannot be made.
 
@@ -56,7 +56,7 @@ into the repository)::
 **Integrity checks** (``--integrity``, instead of everything above): what the content hashes on cached
 exports and feature-cache entries cost, on the bundled model (EfficientNet-Lite0 + its head, engine
 auto = onnxruntime) and the same ``--images``, with the checks as shipped and with them switched off in
-this process only (``covidxr.engines.graph_sha256`` answering the sidecar's own hash without reading the
+this process only (``covidxr.runtime.engines.graph_sha256`` answering the sidecar's own hash without reading the
 graph; ``FeatureCache.get`` loading an entry without hashing it; ``put`` still hashes). Interleaved over
 ``--repeats``, median reported: feature extraction with ``compute_features`` into an emptied feature
 cache (forward passes + writes) and from the full cache (reads only), and ``predict_files`` (which builds
@@ -81,12 +81,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covidxr.engines import OnnxEngine, physical_cores
-from covidxr.errors import CovidxrError
-from covidxr.export import TorchEngine, backbone_sidecar, cached_export, feature_engine
-from covidxr.images import read_image
-from covidxr.loop import bf16_supported
-from covidxr.models import CovidxrNet, create_model
+from covidxr.lab.export import TorchEngine, backbone_sidecar, cached_export, feature_engine
+from covidxr.lab.loop import bf16_supported
+from covidxr.lab.models import CovidxrNet, create_model
+from covidxr.runtime.engines import OnnxEngine, physical_cores
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
 from machine import describe_load, isolated_cache, load_average, machine_lines, timed_pass, warm_up
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,9 +224,9 @@ def onnx_int8(
     """The statically quantised copy of the fp32 graph in an onnxruntime session like the fp32 one, a note,
     and the seconds quantisation took; no engine and the reason where it cannot be made."""
     try:
-        from covidxr.quantize import quantize_graph
+        from covidxr.lab.quantize import quantize_graph
     except ImportError as exc:
-        return None, f"unavailable: covidxr.quantize cannot be imported ({exc})", None
+        return None, f"unavailable: covidxr.lab.quantize cannot be imported ({exc})", None
     inputs = prepare(model, calibration).numpy()
     started = time.perf_counter()
     try:
@@ -384,10 +384,10 @@ def benchmark_model(
 
 def integrity_costs(paths: list[Path], repeats: int, cache: Path) -> None:
     """Throughput with the content-hash checks on cached exports and feature entries, and without them."""
-    import covidxr.engines as engines
-    from covidxr.features import FeatureCache, compute_features
-    from covidxr.inference import predict_files
-    from covidxr.runs import default_model_path, load_run
+    import covidxr.runtime.engines as engines
+    from covidxr.lab.features import FeatureCache, compute_features
+    from covidxr.runtime.inference import predict_files
+    from covidxr.runtime.runs import default_model_path, load_run
 
     run = load_run(default_model_path())
     checked_graph, checked_get = engines.graph_sha256, FeatureCache.get

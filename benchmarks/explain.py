@@ -47,11 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidxr.data import load_dataset
-from covidxr.errors import CovidxrError
-from covidxr.explain import METHODS, Explainer
-from covidxr.images import read_image
-from covidxr.models import CovidxrNet, create_model, to_input_tensor
+from covidxr.lab.data import load_dataset
+from covidxr.lab.explain import METHODS, Explainer
+from covidxr.lab.models import CovidxrNet, create_model, to_input_tensor
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
 from machine import describe_load, load_average
 
 REPO = Path(__file__).resolve().parents[1]

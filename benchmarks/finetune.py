@@ -11,14 +11,14 @@ measures, on real X-rays, what each of these costs per training image on this ma
 2. **last block unfrozen** (``CovidxrNet.unfreeze_last_blocks(1)``);
 3. **last 2 blocks unfrozen** (``unfreeze_last_blocks(2)``), two ways: *images in* (the whole backbone runs
    in every step, as ``covidxr train --unfreeze-blocks 2``) and *cached front in* (``cache_front: true``:
-   ``covidxr.front.split_model(model, 2)`` cuts the backbone before its last 2 blocks, the frozen front's
-   maps are computed once by ``covidxr.front.front_maps`` (not counted in the steps; its one-time cost per
+   ``covidxr.lab.front.split_model(model, 2)`` cuts the backbone before its last 2 blocks, the frozen front's
+   maps are computed once by ``covidxr.lab.front.front_maps`` (not counted in the steps; its one-time cost per
    image is timed separately and printed), and each step runs only ``nn.Sequential(split.tail, model.pool)``
-   and the head, as ``covidxr.train`` does); ``--skip-front`` leaves these rows out;
+   and the head, as ``covidxr.lab.train`` does); ``--skip-front`` leaves these rows out;
 4. **fully unfrozen** (every stage the registry names: ``unfreeze_last_blocks(len(spec.blocks(body)))``);
 
-each in fp32 and, where ``covidxr.loop.bf16_supported`` says this CPU can, under bf16 autocast.
-Every measurement runs the real loop, ``covidxr.loop.fit`` with a ``Trainee`` on a ``TensorSet``, for one
+each in fp32 and, where ``covidxr.lab.loop.bf16_supported`` says this CPU can, under bf16 autocast.
+Every measurement runs the real loop, ``covidxr.lab.loop.fit`` with a ``Trainee`` on a ``TensorSet``, for one
 epoch of ``--warmup + --steps`` batches of ``--batch-size`` (the same optimizer, parameter groups, autocast,
 loss and bookkeeping as ``covidxr train``). ``fit`` validates after every epoch, so ``fit`` itself is not
 timed as a whole: the training set notes the time at which the loader fetches the first item of each
@@ -67,13 +67,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from covidxr.config import TrainConfig
-from covidxr.data import load_dataset
-from covidxr.front import front_maps, split_model
-from covidxr.images import read_image
-from covidxr.labels import LABELS
-from covidxr.loop import TensorSet, Trainee, bf16_supported, fit
-from covidxr.models import CovidxrNet, create_model
+from covidxr.lab.data import load_dataset
+from covidxr.lab.front import front_maps, split_model
+from covidxr.lab.labels import LABELS
+from covidxr.lab.loop import TensorSet, Trainee, bf16_supported, fit
+from covidxr.lab.models import CovidxrNet, create_model
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.images import read_image
 from machine import cpu_bf16_flags, cpu_model, describe_load, linked_dataset, load_average, small_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ class StepClock:
 
 class ClockedTrainSet(TensorSet):
     """A ``TensorSet`` whose fetches mark the start of every step (item by item or a batch at a time,
-    whichever ``covidxr.loop`` asks for; always in the training process, never in a worker)."""
+    whichever ``covidxr.lab.loop`` asks for; always in the training process, never in a worker)."""
 
     def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, clock: StepClock):
         super().__init__(inputs, targets)
@@ -231,8 +231,8 @@ def measure(
     """One epoch of ``fit`` over ``warmup + steps`` full batches; returns the step times and trainable count."""
     model = copy.deepcopy(base)  # the same pretrained weights and head for every configuration
     backbone_parameters = model.unfreeze_last_blocks(setting.unfreeze) if setting.unfreeze else []
-    encoder = nn.Sequential(model.backbone, model.pool) if setting.images_in else None  # as covidxr.train does
-    if setting.front:  # as covidxr.train does with cache_front: the tail encodes the cached maps
+    encoder = nn.Sequential(model.backbone, model.pool) if setting.images_in else None  # as covidxr.lab.train does
+    if setting.front:  # as covidxr.lab.train does with cache_front: the tail encodes the cached maps
         encoder = nn.Sequential(split_model(model, setting.unfreeze).tail, model.pool)
     trainee = Trainee(model.head, encoder, num_classes=len(LABELS))
     trainable = sum(p.numel() for p in trainee.parameters() if p.requires_grad)
@@ -274,7 +274,7 @@ class FrontCost:
 
 
 def front_cost(base: CovidxrNet, paths: list[Path], images: torch.Tensor) -> FrontCost:
-    """``covidxr.front.front_maps`` over ``paths`` with ``covidxr train``'s defaults (timed once, cold), and
+    """``covidxr.lab.front.front_maps`` over ``paths`` with ``covidxr train``'s defaults (timed once, cold), and
     the front alone and the whole backbone on the pre-decoded ``images`` (timed after one untimed batch)."""
     defaults = TrainConfig()
     batch, workers = defaults.extract_batch_size, defaults.num_workers
@@ -334,12 +334,12 @@ def throughput(args: argparse.Namespace) -> None:
         f"{stages} backbone stages; loaded in {load_seconds:.1f} s"
     )
     print(
-        f"  training:    covidxr.loop.fit, Adam lr 1e-3 (backbone x0.1), batch {args.batch_size}, "
+        f"  training:    covidxr.lab.loop.fit, Adam lr 1e-3 (backbone x0.1), batch {args.batch_size}, "
         f"{args.warmup} warm-up + {args.steps} timed steps per row ({FEATURE_STEPS} timed for features in"
         + ("" if front is None else f", {max(args.steps, FRONT_STEPS)} for cached front in")
         + "); BatchNorm statistics stay frozen"
     )
-    print(f"  bf16:        covidxr.loop.bf16_supported(cpu) = {bf16}; CPU bf16 instructions: {cpu_bf16_flags()}")
+    print(f"  bf16:        covidxr.lab.loop.bf16_supported(cpu) = {bf16}; CPU bf16 instructions: {cpu_bf16_flags()}")
     print()
 
     settings = [
@@ -418,7 +418,7 @@ def throughput(args: argparse.Namespace) -> None:
     if bad:
         print(f"   WARNING: non-finite training loss in: {'; '.join(bad)}")
     print(
-        "   Timed: each step from one batch fetch to the next inside covidxr.loop.fit (forward, loss, backward, "
+        "   Timed: each step from one batch fetch to the next inside covidxr.lab.loop.fit (forward, loss, backward, "
         "optimizer step, bookkeeping, in-memory collation); not timed: decoding, warm-up, validation."
     )
     if front is not None:
@@ -451,7 +451,7 @@ def print_front(
         f"images, {shape} = {front.maps[0].numel() * 4 / 1024:.0f} KiB per image:"
     )
     print(
-        f"     covidxr.front.front_maps on the files (decoding in {front.num_workers} loader worker(s), batch "
+        f"     covidxr.lab.front.front_maps on the files (decoding in {front.num_workers} loader worker(s), batch "
         f"{front.batch_size}, cold, as `covidxr train` runs it): {per_file * 1000:.1f} ms/image "
         f"({front.files_seconds:.1f} s)"
     )

@@ -1,7 +1,7 @@
 """Benchmark: inference throughput of the bare model (torch eager, channels-last, bf16, onnxruntime) and of
 end-to-end ``predict_files`` with the torch and the onnx engine.
 
-covidxr predicts with one of two engines (``covidxr.engines``): ``torch`` (the model in PyTorch, input in the
+covidxr predicts with one of two engines (``covidxr.runtime.engines``): ``torch`` (the model in PyTorch, input in the
 channels-last layout) or ``onnx`` (the same graph exported to ONNX, run by onnxruntime). This script
 measures, side by side in one run, on the same real X-rays and the same trained run:
 
@@ -12,8 +12,8 @@ measures, side by side in one run, on the same real X-rays and the same trained 
    - *torch eager fp32*: ``model.features`` + ``model.head`` on the NCHW batch (the reference);
    - *torch channels-last fp32*: ``TorchEngine`` (what ``predict_files`` runs with ``engine="torch"``);
    - *torch bf16 autocast*: ``TorchEngine`` under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where
-     ``covidxr.loop.bf16_supported`` says this CPU can ("not supported" otherwise);
-   - *onnxruntime fp32*: ``OnnxEngine`` on ``cached_export`` (via ``covidxr.inference.make_engine(run, "onnx")``, as
+     ``covidxr.lab.loop.bf16_supported`` says this CPU can ("not supported" otherwise);
+   - *onnxruntime fp32*: ``OnnxEngine`` on ``cached_export`` (via ``covidxr.runtime.inference.make_engine(run, "onnx")``, as
      ``predict_files`` with ``engine="onnx"`` builds it).
 
    Each is timed at batch 1 (one image per call, over the first ``--latency-images`` images) and at
@@ -25,7 +25,7 @@ measures, side by side in one run, on the same real X-rays and the same trained 
    not hidden).
 
 2. **end to end**: ``predict_files`` over the same image files (decode + preprocess on the decoding threads
-   of ``covidxr.batches``, forward, out-of-distribution guard, calibration), with ``engine`` torch and onnx
+   of ``covidxr.runtime.batches``, forward, out-of-distribution guard, calibration), with ``engine`` torch and onnx
    and ``num_workers`` 1 and 2, each timed ``--repeats`` times (interleaved; median reported) with a fresh, empty cache
    folder per call (prediction never reads or writes the feature cache). The onnx engine
    would export the graph again into an empty cache; the export made in part 1 is copied into each fresh
@@ -40,7 +40,7 @@ measures, side by side in one run, on the same real X-rays and the same trained 
 
 The model is EfficientNet-Lite0 (its pip-installed weights) in a covidxr run trained for the purpose: a
 temporary dataset folder of real cxr3 images (symlinks, whole patients, ``--train-images`` per class),
-``covidxr.train.train`` with ``TrainConfig(image_size=224, epochs=2)``, a temporary ``COVIDXR_CACHE_DIR``
+``covidxr.lab.train.train`` with ``TrainConfig(image_size=224, epochs=2)``, a temporary ``COVIDXR_CACHE_DIR``
 and ``COVIDXR_OFFLINE=1``; or ``--run RUN`` uses an existing run folder instead.
 
 Run from the repository root (not part of the test suite; it writes nothing into the repository)::
@@ -65,16 +65,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from covidxr.batches import iterate_batches
-from covidxr.calibration import softmax
-from covidxr.config import TrainConfig
-from covidxr.engines import physical_cores
-from covidxr.export import TorchEngine
-from covidxr.images import read_image
-from covidxr.inference import make_engine, predict_files
-from covidxr.loop import bf16_supported
-from covidxr.runs import Run, load_run
-from covidxr.train import train
+from covidxr.lab.export import TorchEngine
+from covidxr.lab.loop import bf16_supported
+from covidxr.lab.train import train
+from covidxr.runtime.batches import iterate_batches
+from covidxr.runtime.calibration import softmax
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.engines import physical_cores
+from covidxr.runtime.images import read_image
+from covidxr.runtime.inference import make_engine, predict_files
+from covidxr.runtime.runs import Run, load_run
 from machine import (
     describe_load,
     isolated_cache,

@@ -101,7 +101,7 @@ def cpu_model() -> str:
 
 def cpu_bf16_flags() -> str:
     """The CPU's native bfloat16 instruction sets (AMX tiles, AVX-512 BF16), as /proc/cpuinfo lists them."""
-    from covidxr.engines import cpu_flags
+    from covidxr.runtime.engines import cpu_flags
 
     return ", ".join(cpu_flags("amx_bf16", "avx512_bf16")) or "none (bf16 would be emulated)"
 

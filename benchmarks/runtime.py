@@ -1,7 +1,7 @@
 """Benchmark: the torch-free runtime's targets (issue 16), measured side by side in one run.
 
 covidxr predicts with the bundled model on numpy, Pillow and onnxruntime alone (``--engine torch`` loads the
-torch model instead); prediction decodes on a thread pool (``covidxr.batches.iterate_batches``), large JPEGs
+torch model instead); prediction decodes on a thread pool (``covidxr.runtime.batches.iterate_batches``), large JPEGs
 are decoded at reduced scale (Pillow draft, ``read_image(path, draft=InputTransform.decode_side)``), and
 ``covidxr serve`` micro-batches concurrent ``/api/predict`` requests. This script measures, on real cxr3
 X-rays (``--images``, evenly spaced over ``metadata.csv``, linked into a temporary folder), and prints one
@@ -16,7 +16,7 @@ table of the targets (target, measured, ratio, met?):
 2. **Folder, start-up included**: ``covidxr predict FOLDER --out x.csv`` over the ``--images`` images (a
    fresh out file every time), default engine against ``--engine torch``, ``--runs-folder`` runs each,
    interleaved; medians. Target: torch at least 4x slower. The labels of the two engines are compared.
-3. **In-process folder throughput**: images/s of ``covidxr.inference.predict_files(run, paths,
+3. **In-process folder throughput**: images/s of ``covidxr.runtime.inference.predict_files(run, paths,
    engine=engine, progress=False)`` (default engine, the bundled run) after one untimed call, against the
    bare onnxruntime session (the same engine object) on the same inputs already decoded and preprocessed
    (``engine(inputs)`` in batches of 32), and, for information, decoding + preprocessing alone through
@@ -76,12 +76,12 @@ import pandas as pd
 from PIL import Image
 
 from covidxr import load_model
-from covidxr.batches import iterate_batches
-from covidxr.images import read_image
-from covidxr.inference import input_transform, make_engine, predict_files
-from covidxr.ood import is_blank
-from covidxr.preprocess import InputTransform
-from covidxr.runs import default_model_path, load_run
+from covidxr.runtime.batches import iterate_batches
+from covidxr.runtime.images import read_image
+from covidxr.runtime.inference import input_transform, make_engine, predict_files
+from covidxr.runtime.ood import is_blank
+from covidxr.runtime.preprocess import InputTransform
+from covidxr.runtime.runs import default_model_path, load_run
 from machine import cpu_model, describe_load, isolated_cache, linked_dataset, load_average
 from serve import Server
 
@@ -362,7 +362,7 @@ def part_inprocess(args: argparse.Namespace, paths: list[Path], table: Table) ->
 
 def stages(transform: InputTransform, paths: list[Path]) -> None:
     """Where decoding + preprocessing spends its time: each stage in this thread, ms/image (one pass)."""
-    from covidxr.lungs import lung_segmenter
+    from covidxr.runtime.lungs import lung_segmenter
 
     segmenter = lung_segmenter()
     started = time.perf_counter()

@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 import covidxr
-from covidxr.engines import OnnxEngine
-from covidxr.images import read_image
-from covidxr.lungs import LungSegmenter, model_input, normalise
+from covidxr.runtime.engines import OnnxEngine
+from covidxr.runtime.images import read_image
+from covidxr.runtime.lungs import LungSegmenter, model_input, normalise
 from machine import describe_load, isolated_cache, load_average, machine_lines
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,12 +1,12 @@
 """Benchmark: ``covidxr serve`` under concurrent load, against the bare in-process model on the same images.
 
-The service (``covidxr.serve``) answers every request in one inference thread and lets at most ``--max-queue``
+The service (``covidxr.runtime.serve``) answers every request in one inference thread and lets at most ``--max-queue``
 requests wait for it; one more gets HTTP 503 with ``Retry-After``. This script measures, in one run, what
 that costs and whether it holds under load:
 
 1. **The bare in-process rate** (first, before the server is started, so the two never share the cores):
    ``covidxr.load_model(path=--model, engine=--engine)``, then one call of
-   ``model.predict([covidxr.images.decode_bytes(data, name)])`` per image (the server decodes the upload
+   ``model.predict([covidxr.runtime.images.decode_bytes(data, name)])`` per image (the server decodes the upload
    too, so decoding is counted), cycling over the images held in memory: one untimed warm-up call per
    image (its answers are also the reference the server's are compared with), then ``--bare-requests``
    timed calls. It reports images/s and the median call. The server does a little more per request that
@@ -73,8 +73,8 @@ import numpy as np
 import pandas as pd
 
 from covidxr import DISCLAIMER, load_model
-from covidxr.api import Model
-from covidxr.images import decode_bytes
+from covidxr.runtime.api import Model
+from covidxr.runtime.images import decode_bytes
 from machine import cpu_model, describe_load, isolated_cache, load_average
 
 REPO = Path(__file__).resolve().parents[1]

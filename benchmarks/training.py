@@ -6,7 +6,7 @@ head on them. This script trains the same head on the same real images, with the
 both ways, in one run:
 
 1. cached: ``extract_features`` into a fresh, empty temporary cache folder (so the extraction cost is
-   paid and timed in full, separately), then ``covidxr.loop.fit`` on the cached features for ``--epochs``;
+   paid and timed in full, separately), then ``covidxr.lab.loop.fit`` on the cached features for ``--epochs``;
 2. recomputed: the images are decoded once into preprocessed tensors in memory (timed separately),
    then ``fit`` with the frozen backbone as the trainee's encoder runs the frozen backbone on every training batch and
    on the validation set in every epoch, as training a frozen-backbone model end to end would. Running
@@ -49,13 +49,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from covidxr.config import TrainConfig
-from covidxr.data import Dataset, load_dataset, split_by_patient
-from covidxr.features import extract_features
-from covidxr.images import read_image
-from covidxr.labels import LABELS
-from covidxr.loop import FitResult, TensorSet, Trainee, fit
-from covidxr.models import CovidxrNet, create_model, to_input_tensor
+from covidxr.lab.data import Dataset, load_dataset, split_by_patient
+from covidxr.lab.features import extract_features
+from covidxr.lab.labels import LABELS
+from covidxr.lab.loop import FitResult, TensorSet, Trainee, fit
+from covidxr.lab.models import CovidxrNet, create_model, to_input_tensor
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.images import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cxr3"
@@ -145,7 +145,7 @@ def timed_fit(
     config: TrainConfig,
     encoder: nn.Module | None = None,
 ) -> tuple[FitResult, float]:
-    """``covidxr.loop.fit`` from the same initial head weights; returns the result and its wall time."""
+    """``covidxr.lab.loop.fit`` from the same initial head weights; returns the result and its wall time."""
     model.head.load_state_dict(initial_head)
     started = time.perf_counter()
     result = fit(

@@ -85,8 +85,8 @@ def tiny_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """One small real run (efficientnet_lite0, 8 epochs, 224 px, on small_dataset), trained once per session
     and shared by the modules that only read a run. Read-only: a test that writes into a run folder copies it first
     (``shutil.copytree(tiny_run, tmp_path / "run")``); the folder is checked unchanged at the end."""
-    from covidxr.config import TrainConfig
-    from covidxr.train import train
+    from covidxr.lab.train import train
+    from covidxr.runtime.config import TrainConfig
 
     config = TrainConfig(model="efficientnet_lite0", epochs=8, image_size=224)
     run = train(small_dataset, tmp_path_factory.mktemp("tiny-run") / "run", config, progress=False)

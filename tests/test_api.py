@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 import covidxr
-from covidxr.errors import CovidxrError
-from covidxr.images import read_image
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from covidxr.audit import (
+from covidxr.lab.audit import (
     COMMON_SIZE,
     common_format,
     lungs_hidden_check,
@@ -24,13 +24,13 @@ from covidxr.audit import (
     run_audit,
     source_probe_check,
 )
-from covidxr.config import TrainConfig
-from covidxr.data import load_dataset
-from covidxr.explain import region_masks
-from covidxr.images import read_image
-from covidxr.models import to_input_tensor
-from covidxr.runs import load_run
-from covidxr.train import train
+from covidxr.lab.data import load_dataset
+from covidxr.lab.explain import region_masks
+from covidxr.lab.models import to_input_tensor
+from covidxr.lab.train import train
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.images import read_image
+from covidxr.runtime.runs import load_run
 
 from .conftest import linked_dataset, small_subset
 

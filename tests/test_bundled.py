@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from covidxr import DISCLAIMER, load_model
-from covidxr.calibration import decide
-from covidxr.card import model_card
-from covidxr.runs import BUNDLED
+from covidxr.runtime.calibration import decide
+from covidxr.runtime.card import model_card
+from covidxr.runtime.runs import BUNDLED
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxr.data import check_dataset, load_dataset, split_by_patient
-from covidxr.errors import CovidxrError
-from covidxr.images import read_image
-from covidxr.sources import kermany_patient, read_ieee8023, read_kermany
+from covidxr.lab.data import check_dataset, load_dataset, split_by_patient
+from covidxr.lab.sources import kermany_patient, read_ieee8023, read_kermany
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
 
 from .conftest import raw_sources
 
@@ -198,7 +198,7 @@ def test_raw_layouts_are_read_as_the_paper_used_them(tmp_path: Path, cxr3: Path,
 
 
 def test_build_writes_a_deduplicated_dataset(tmp_path: Path, cxr3: Path, cxr3_meta: pd.DataFrame) -> None:
-    from covidxr.sources import build_dataset
+    from covidxr.lab.sources import build_dataset
 
     ieee, kermany = raw_sources(tmp_path, cxr3, cxr3_meta)
     (kermany / "train" / "NORMAL" / "IM-0200-0001.jpeg").write_bytes(b"broken")

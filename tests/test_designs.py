@@ -12,15 +12,15 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
-from covidxr.api import load_model
-from covidxr.card import bundle_run
-from covidxr.config import TrainConfig
-from covidxr.errors import CovidxrError
-from covidxr.generalisation import holdout_units
-from covidxr.report import MAX_HELD_OUT_ADULT_CALLED_COVID, TARGET_HELD_OUT_SENSITIVITY
-from covidxr.report.formatting import rate_n as _rate_n
-from covidxr.report.formatting import with_ci as _with_ci
-from covidxr.reproduce import reproduce_designs
+from covidxr.lab.generalisation import holdout_units
+from covidxr.lab.report import MAX_HELD_OUT_ADULT_CALLED_COVID, TARGET_HELD_OUT_SENSITIVITY
+from covidxr.lab.reproduce import reproduce_designs
+from covidxr.runtime.api import load_model
+from covidxr.runtime.card import bundle_run
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.formatting import rate_n as _rate_n
+from covidxr.runtime.formatting import with_ci as _with_ci
 
 from .conftest import ADULT_CONTROLS, linked_dataset, small_subset
 from .test_cli import assert_one_line_error

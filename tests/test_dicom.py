@@ -29,10 +29,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from covidxr.dicom import DicomInfo, decode_dicom, dicom_info, install_hint
-from covidxr.errors import CovidxrError
-from covidxr.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, read_image
-from covidxr.models import create_model
+from covidxr.lab.models import create_model
+from covidxr.runtime.dicom import DicomInfo, decode_dicom, dicom_info, install_hint
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, read_image
 from tests.conftest import CXR3
 
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "MRN-7731904", "PatientBirthDate": "19580214"}

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxr.data import check_dataset, load_dataset, split_by_patient
-from covidxr.duplicates import (
+from covidxr.lab.data import check_dataset, load_dataset, split_by_patient
+from covidxr.lab.duplicates import (
     HASH_BITS,
     HASH_SIZE,
     NEAR_DUPLICATE_DISTANCE,
@@ -21,7 +21,7 @@ from covidxr.duplicates import (
     near_duplicate_pairs,
     patient_groups,
 )
-from covidxr.images import file_sha256, read_image
+from covidxr.runtime.images import file_sha256, read_image
 
 from .conftest import small_subset
 

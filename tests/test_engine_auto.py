@@ -15,15 +15,15 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.config import TrainConfig
-from covidxr.engines import OnnxEngine, physical_cores
-from covidxr.errors import CovidxrError
-from covidxr.export import TorchEngine, backbone_sidecar, cached_export, feature_engine
-from covidxr.features import FeatureCache, extract_features
-from covidxr.images import file_sha256, read_image
-from covidxr.models import create_model
-from covidxr.runs import load_run
-from covidxr.train import train
+from covidxr.lab.export import TorchEngine, backbone_sidecar, cached_export, feature_engine
+from covidxr.lab.features import FeatureCache, extract_features
+from covidxr.lab.models import create_model
+from covidxr.lab.train import train
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.engines import OnnxEngine, physical_cores
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import file_sha256, read_image
+from covidxr.runtime.runs import load_run
 
 from .conftest import run_cli
 

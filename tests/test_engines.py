@@ -11,14 +11,14 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from covidxr.config import TrainConfig
-from covidxr.engines import OnnxEngine
-from covidxr.errors import CovidxrError
-from covidxr.export import TorchEngine, cached_export, sidecar
-from covidxr.images import read_image
-from covidxr.inference import predict_files
-from covidxr.runs import load_run
-from covidxr.train import train
+from covidxr.lab.export import TorchEngine, cached_export, sidecar
+from covidxr.lab.train import train
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.engines import OnnxEngine
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
+from covidxr.runtime.inference import predict_files
+from covidxr.runtime.runs import load_run
 
 from .conftest import run_cli
 

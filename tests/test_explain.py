@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from covidxr.api import load_model
-from covidxr.config import TrainConfig
-from covidxr.errors import CovidxrError
-from covidxr.explain import Explainer, check_maps, region_masks
-from covidxr.images import read_image
-from covidxr.models import REGISTRY, create_model, to_input_tensor
-from covidxr.runs import load_run
-from covidxr.train import train
+from covidxr.lab.explain import Explainer, check_maps, region_masks
+from covidxr.lab.models import REGISTRY, create_model, to_input_tensor
+from covidxr.lab.train import train
+from covidxr.runtime.api import load_model
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
+from covidxr.runtime.runs import load_run
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,16 @@ from pydicom.sequence import Sequence
 from safetensors.torch import load_file, save_file
 
 import covidxr
-from covidxr.engines import OnnxEngine, graph_sha256
-from covidxr.errors import CovidxrError, ImageTooLarge
-from covidxr.export import TorchEngine, cached_export, sidecar
-from covidxr.features import FeatureCache, compute_features
-from covidxr.images import MAX_IMAGE_PIXELS, read_image
-from covidxr.inference import make_engine, output_name, path_from_output_name, predict_to_file
-from covidxr.loop import CHECKPOINT
-from covidxr.quantize import int8_engine
-from covidxr.runs import default_model_path, load_run
-from covidxr.train import checkpoint_matches
+from covidxr.lab.export import TorchEngine, cached_export, sidecar
+from covidxr.lab.features import FeatureCache, compute_features
+from covidxr.lab.loop import CHECKPOINT
+from covidxr.lab.quantize import int8_engine
+from covidxr.lab.train import checkpoint_matches
+from covidxr.runtime.engines import OnnxEngine, graph_sha256
+from covidxr.runtime.errors import CovidxrError, ImageTooLarge
+from covidxr.runtime.images import MAX_IMAGE_PIXELS, read_image
+from covidxr.runtime.inference import make_engine, output_name, path_from_output_name, predict_to_file
+from covidxr.runtime.runs import default_model_path, load_run
 
 from .conftest import run_cli as cli
 from .test_dicom import decoded_grey, diff, dx_dataset, grey, save, to_bits
@@ -307,7 +307,7 @@ def test_a_tampered_feature_entry_is_recomputed_not_used(xrays, tmp_path: Path) 
     clean, errors = compute_features(model, xrays[:2], cache_dir, progress=False)
     assert not errors
     cache = FeatureCache(model, cache_dir, engine="torch")
-    entries = [cache._path(covidxr.images.file_sha256(path)) for path in xrays[:2]]
+    entries = [cache._path(covidxr.runtime.images.file_sha256(path)) for path in xrays[:2]]
     # The second image's entry copied over the first's: same size, valid numbers, wrong image.
     shutil.copy(entries[1], entries[0])
     # And numbers in the second changed in place.
@@ -316,7 +316,7 @@ def test_a_tampered_feature_entry_is_recomputed_not_used(xrays, tmp_path: Path) 
     entries[1].write_bytes(bytes(data))
     again, _ = compute_features(model, xrays[:2], cache_dir, progress=False)
     np.testing.assert_allclose(again, clean, rtol=0, atol=1e-5)
-    assert all(cache.get(covidxr.images.file_sha256(path)) is not None for path in xrays[:2])  # rebuilt
+    assert all(cache.get(covidxr.runtime.images.file_sha256(path)) is not None for path in xrays[:2])  # rebuilt
 
 
 # ---------------------------------------------------------------------------------------------

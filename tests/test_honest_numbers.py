@@ -12,7 +12,12 @@ import pytest
 import torch
 
 import covidxr
-from covidxr.calibration import (
+from covidxr.lab.evaluate import evaluate_run
+from covidxr.lab.features import extract_features
+from covidxr.lab.labels import LABELS
+from covidxr.lab.metrics import compute_metrics
+from covidxr.lab.reproduce import reproduce
+from covidxr.runtime.calibration import (
     choose_threshold,
     decide,
     describe_operating_point,
@@ -20,15 +25,10 @@ from covidxr.calibration import (
     fit_temperature,
     softmax,
 )
-from covidxr.card import model_card, render_model_card
-from covidxr.config import TrainConfig
-from covidxr.evaluate import evaluate_run
-from covidxr.features import extract_features
-from covidxr.inference import predict_files
-from covidxr.labels import LABELS
-from covidxr.metrics import compute_metrics
-from covidxr.reproduce import reproduce
-from covidxr.runs import load_run
+from covidxr.runtime.card import model_card, render_model_card
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.inference import predict_files
+from covidxr.runtime.runs import load_run
 
 from .conftest import linked_dataset
 

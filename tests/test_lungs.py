@@ -15,10 +15,10 @@ import skimage.data
 import torch
 from PIL import Image
 
-from covidxr.errors import CovidxrError
-from covidxr.images import read_image
-from covidxr.lungs import BUNDLED, GRAPH, SIDECAR, LungSegmenter, fill_holes, label_components, lung_segmenter
-from covidxr.lungs_train import evaluate, held_out_rows, load_torch_model, read_mask_table, split_patients
+from covidxr.lab.lungs_train import evaluate, held_out_rows, load_torch_model, read_mask_table, split_patients
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
+from covidxr.runtime.lungs import BUNDLED, GRAPH, SIDECAR, LungSegmenter, fill_holes, label_components, lung_segmenter
 
 from .conftest import SHARED, run_cli
 
@@ -63,7 +63,7 @@ def test_bundled_files_and_onnx_matches_torch(table: pd.DataFrame) -> None:
     assert weights.stat().st_size <= 10 * 2**20
     model = load_torch_model(weights)
     segmenter = LungSegmenter()
-    from covidxr.lungs import model_input, normalise
+    from covidxr.runtime.lungs import model_input, normalise
 
     batch = np.stack([normalise(model_input(grey(p), segmenter.size)) for p in table["image_path"].iloc[::200]])
     batch = batch[:, None]

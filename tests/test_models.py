@@ -15,8 +15,7 @@ from safetensors.torch import save_file
 from skimage import data as skdata
 from torch import nn
 
-from covidxr.errors import CovidxrError
-from covidxr.models import (
+from covidxr.lab.models import (
     PREPROCESSING,
     REGISTRY,
     create_backbone,
@@ -26,6 +25,7 @@ from covidxr.models import (
     resolve_weights,
     to_input_tensor,
 )
+from covidxr.runtime.errors import CovidxrError
 
 CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 CUPS = {967, 968, 504}  # espresso, cup, coffee mug

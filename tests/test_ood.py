@@ -12,12 +12,12 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from covidxr.config import TrainConfig
-from covidxr.errors import CovidxrError
-from covidxr.inference import predict_files
-from covidxr.ood import OODGuard, fit_guard
-from covidxr.runs import load_run
-from covidxr.train import train
+from covidxr.lab.train import train
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.inference import predict_files
+from covidxr.runtime.ood import OODGuard, fit_guard
+from covidxr.runtime.runs import load_run
 
 from .conftest import linked_dataset, run_cli, small_subset
 

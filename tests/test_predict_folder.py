@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxr.errors import CovidxrError
-from covidxr.inference import predict_to_file
-from covidxr.runs import load_run
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.inference import predict_to_file
+from covidxr.runtime.runs import load_run
 
 from .conftest import run_cli
 

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidxr.config import TrainConfig
-from covidxr.engines import int8_instructions
-from covidxr.errors import CovidxrError
-from covidxr.quantize import int8_path, quantize_run
-from covidxr.runs import load_run
-from covidxr.train import train
+from covidxr.lab.quantize import int8_path, quantize_run
+from covidxr.lab.train import train
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.engines import int8_instructions
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.runs import load_run
 
 from .conftest import linked_dataset, small_subset
 from .conftest import run_cli as covidxr

@@ -12,12 +12,12 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from covidxr import DISCLAIMER
-from covidxr.config import TrainConfig
-from covidxr.evaluate import evaluate_run
-from covidxr.report import CALIBRATION_FIGURE, FIGURES, write_reproduce_report, write_run_report
-from covidxr.report.reproduce import _paper_against_seeds
-from covidxr.reproduce import reproduce, seed_spread
-from covidxr.train import train
+from covidxr.lab.evaluate import evaluate_run
+from covidxr.lab.report import CALIBRATION_FIGURE, FIGURES, write_reproduce_report, write_run_report
+from covidxr.lab.report.reproduce import _paper_against_seeds
+from covidxr.lab.reproduce import reproduce, seed_spread
+from covidxr.lab.train import train
+from covidxr.runtime.config import TrainConfig
 
 from .conftest import ADULT_CONTROLS, REPO, linked_dataset, small_subset
 

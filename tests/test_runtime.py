@@ -22,12 +22,12 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.cam import DenseHead, gradcam
-from covidxr.engines import OnnxEngine
-from covidxr.explain import Explainer
-from covidxr.images import read_image
-from covidxr.inference import input_transform, make_engine
-from covidxr.runs import default_model_path, load_run
+from covidxr.lab.explain import Explainer
+from covidxr.runtime.cam import DenseHead, gradcam
+from covidxr.runtime.engines import OnnxEngine
+from covidxr.runtime.images import read_image
+from covidxr.runtime.inference import input_transform, make_engine
+from covidxr.runtime.runs import default_model_path, load_run
 
 from .conftest import free_port, run_cli
 
@@ -65,7 +65,7 @@ def test_a_real_prediction_imports_nothing_of_the_training_stack(images: list[Pa
         cli("explain", images[0], "--out", {str(tmp_path / "maps")!r})
         import covidxr
         from fastapi.testclient import TestClient
-        from covidxr.serve import create_app
+        from covidxr.runtime.serve import create_app
         model = covidxr.load_model()
         assert model.explain(images[1])["map"].shape == (237, 237)
         with TestClient(create_app(model)) as client:

@@ -16,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from covidxr.config import TrainConfig
-from covidxr.data import load_datasets
-from covidxr.errors import CovidxrError
-from covidxr.evaluate import evaluate_run
-from covidxr.features import extract_features
-from covidxr.loop import TensorSet, bf16_supported
-from covidxr.models import create_model
-from covidxr.runs import load_run
-from covidxr.train import make_splits, train
+from covidxr.lab.data import load_datasets
+from covidxr.lab.evaluate import evaluate_run
+from covidxr.lab.features import extract_features
+from covidxr.lab.loop import TensorSet, bf16_supported
+from covidxr.lab.models import create_model
+from covidxr.lab.train import make_splits, train
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.runs import load_run
 
 from .conftest import ADULT_CONTROLS, free_port, linked_dataset, small_subset
 from .conftest import run_cli as _covidxr

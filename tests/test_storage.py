@@ -1,4 +1,4 @@
-"""covidxr.storage: the one atomic writer and the one stable digest the package uses."""
+"""covidxr.runtime.storage: the one atomic writer and the one stable digest the package uses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from covidxr.storage import atomic_path, atomic_write, stable_digest
+from covidxr.runtime.storage import atomic_path, atomic_write, stable_digest
 
 
 def test_stable_digest_is_the_sha256_of_sorted_key_json() -> None:

@@ -11,18 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from covidxr.config import TrainConfig
-from covidxr.data import load_dataset
-from covidxr.errors import CovidxrError
-from covidxr.evaluate import evaluate_run
-from covidxr.features import FeatureCache, extract_features
-from covidxr.images import read_image
-from covidxr.labels import LABELS
-from covidxr.loop import TensorSet, Trainee, fit
-from covidxr.metrics import compute_metrics, wilson_interval
-from covidxr.models import create_model, to_input_tensor
-from covidxr.runs import load_run
-from covidxr.train import make_splits, train
+from covidxr.lab.data import load_dataset
+from covidxr.lab.evaluate import evaluate_run
+from covidxr.lab.features import FeatureCache, extract_features
+from covidxr.lab.labels import LABELS
+from covidxr.lab.loop import TensorSet, Trainee, fit
+from covidxr.lab.metrics import compute_metrics, wilson_interval
+from covidxr.lab.models import create_model, to_input_tensor
+from covidxr.lab.train import make_splits, train
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
+from covidxr.runtime.runs import load_run
 
 from .conftest import linked_dataset
 
@@ -92,7 +92,7 @@ def test_an_unreadable_image_is_named_after_the_others_are_cached(tmp_path: Path
     with pytest.raises(CovidxrError, match="broken.png: not a readable image"):
         extract_features(lite0, [good[0], bad, *good[1:]], cache_dir=tmp_path / "cache", progress=False)
     cache = FeatureCache(lite0, tmp_path / "cache")
-    from covidxr.images import file_sha256
+    from covidxr.runtime.images import file_sha256
 
     assert all(cache.get(file_sha256(p)) is not None for p in good)
 
@@ -226,7 +226,7 @@ def test_the_command_line_accepts_exactly_what_the_config_accepts() -> None:
     import click
 
     from covidxr.cli import _config_type, train_command
-    from covidxr.config import CONSTRAINTS, Range, check_option
+    from covidxr.runtime.config import CONSTRAINTS, Range, check_option
 
     for name, allowed in CONSTRAINTS.items():
         kind = _config_type(name)

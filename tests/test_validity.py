@@ -14,17 +14,20 @@ from PIL import Image, ImageFilter
 from skimage import data as skimage_data
 from sklearn.metrics import roc_auc_score
 
-from covidxr.api import load_model
-from covidxr.batches import prepare
-from covidxr.config import TrainConfig
-from covidxr.errors import CovidxrError
-from covidxr.generalisation import WITHIN_SITE_PREDICTIONS
-from covidxr.images import read_image
-from covidxr.labels import LABELS
-from covidxr.loop import decision_teachers, group_balanced_weights, staged_loss
-from covidxr.lungs import lung_segmenter
-from covidxr.models import StagedHead, make_head
-from covidxr.preprocess import (
+from covidxr.lab.generalisation import WITHIN_SITE_PREDICTIONS
+from covidxr.lab.labels import LABELS
+from covidxr.lab.loop import decision_teachers, group_balanced_weights, staged_loss
+from covidxr.lab.models import StagedHead, make_head
+from covidxr.lab.report import shortfall, targets_met
+from covidxr.lab.reproduce import reproduce_designs
+from covidxr.lab.train import train
+from covidxr.runtime.api import load_model
+from covidxr.runtime.batches import prepare
+from covidxr.runtime.config import TrainConfig
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
+from covidxr.runtime.lungs import lung_segmenter
+from covidxr.runtime.preprocess import (
     LUNG_CROP_MARGIN,
     LUNG_MASK_FILL,
     LUNG_MASK_GROW,
@@ -32,9 +35,6 @@ from covidxr.preprocess import (
     LUNGS_REASON,
     ImagePipeline,
 )
-from covidxr.report import shortfall, targets_met
-from covidxr.reproduce import reproduce_designs
-from covidxr.train import train
 
 from .conftest import ADULT_CONTROLS, SHARED, linked_dataset, small_subset
 from .test_serve import Server, post

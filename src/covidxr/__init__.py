@@ -26,7 +26,7 @@ def __getattr__(name: str):
     """``covidxr.load_model``, ``covidxr.Model`` and ``covidxr.CovidxrError``, imported on first use
     (``import covidxr`` stays instant; the runtime loads numpy and onnxruntime only when used)."""
     if name in _LAZY:
-        from covidxr import api
+        from covidxr.runtime import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'covidxr' has no attribute {name!r}")

@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 
 from covidxr import DISCLAIMER, __version__
-from covidxr.config import CONSTRAINTS, TrainConfig
-from covidxr.engines import ENGINES, TRAIN_EXTRA
-from covidxr.errors import CovidxrError
+from covidxr.runtime.config import CONSTRAINTS, TrainConfig
+from covidxr.runtime.engines import ENGINES, TRAIN_EXTRA
+from covidxr.runtime.errors import CovidxrError
 
 __all__ = ["cli", "main"]
 
@@ -25,7 +25,7 @@ _existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 def _config_type(name: str) -> click.ParamType:
-    """The click type of the training option ``name``, built from ``covidxr.config.CONSTRAINTS`` (the values
+    """The click type of the training option ``name``, built from ``covidxr.runtime.config.CONSTRAINTS`` (the values
     ``TrainConfig`` accepts), so the command line and the config never disagree."""
     allowed = CONSTRAINTS[name]
     if isinstance(allowed, tuple):
@@ -137,7 +137,7 @@ def data() -> None:
 @click.option("--out", type=_path, required=True, help="New dataset folder to write (metadata.csv + images/).")
 def data_build(ieee8023: Path | None, kermany: Path | None, out: Path) -> None:
     """Turn raw sources into covidxr's dataset format, dropping identical images."""
-    from covidxr.sources import build_dataset, read_ieee8023, read_kermany
+    from covidxr.lab.sources import build_dataset, read_ieee8023, read_kermany
 
     if not ieee8023 and not kermany:
         raise CovidxrError("give at least one source: --ieee8023 DIR and/or --kermany DIR")
@@ -155,7 +155,7 @@ def data_build(ieee8023: Path | None, kermany: Path | None, out: Path) -> None:
 @click.argument("directory", type=_path)
 def data_check(directory: Path) -> None:
     """List unreadable, missing, duplicate and mislabelled rows; exit 1 when any exists."""
-    from covidxr.data import check_dataset
+    from covidxr.lab.data import check_dataset
 
     problems = check_dataset(directory)
     for problem in problems:
@@ -171,7 +171,7 @@ def data_check(directory: Path) -> None:
 def models_command(weights_dir: Path | None) -> None:
     """List the registered backbones and where their pretrained weights would come from (nothing is
     loaded or downloaded)."""
-    from covidxr.models import REGISTRY
+    from covidxr.lab.models import REGISTRY
 
     for spec in REGISTRY.values():
         click.echo(
@@ -180,7 +180,7 @@ def models_command(weights_dir: Path | None) -> None:
 
 
 def _weights_status(spec, weights_dir: Path | None) -> str:
-    """The first place of the lookup order (``covidxr.models.resolve_weights``) that holds a file for ``spec``."""
+    """The first place of the lookup order (``covidxr.lab.models.resolve_weights``) that holds a file for ``spec``."""
     import importlib
     import importlib.util
     import os
@@ -264,7 +264,7 @@ def train_command(data_dirs, out, config_file, allow_near_duplicate_leakage, wei
 
     Under torchrun (e.g. `torchrun --nproc_per_node 2 -m covidxr train ...`) the processes share the work.
     """
-    from covidxr.train import train
+    from covidxr.lab.train import train
 
     config = _load_config(config_file, **values)
     if allow_near_duplicate_leakage:
@@ -286,7 +286,7 @@ def train_command(data_dirs, out, config_file, allow_near_duplicate_leakage, wei
 @model_options
 def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir, cache_dir):
     """Write metrics.json, predictions.csv, the four figures and the reports."""
-    from covidxr.evaluate import evaluate_run, external_folder
+    from covidxr.lab.evaluate import evaluate_run, external_folder
 
     out = out or (external_folder(run, data_dir) if data_dir else None)
 
@@ -338,9 +338,9 @@ def _prediction_table(results: list[dict]) -> str:
 @model_options
 def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
-    from covidxr.calibration import describe_operating_point
-    from covidxr.inference import expand_inputs, make_engine, predict_files, predict_to_file
-    from covidxr.runs import default_model_path, load_run
+    from covidxr.runtime.calibration import describe_operating_point
+    from covidxr.runtime.inference import expand_inputs, make_engine, predict_files, predict_to_file
+    from covidxr.runtime.runs import default_model_path, load_run
 
     loaded = load_run(run or default_model_path(), weights, weights_dir)
     runner = make_engine(loaded, engine, cache_dir, threads)
@@ -390,8 +390,8 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
 def export_command(run, fmt, out, weights, weights_dir):
     """Export a run as one graph (preprocessed image → features, logits, Grad-CAM activations) plus a JSON
     sidecar; in the run folder (the default) it lets prediction run without torch."""
-    from covidxr.export import export_run_graph
-    from covidxr.runs import load_run
+    from covidxr.lab.export import export_run_graph
+    from covidxr.runtime.runs import load_run
 
     target = export_run_graph(load_run(run, weights, weights_dir), out)
     click.echo(f"wrote {target} and {target.with_suffix('.json')} (labels, preprocessing, temperature, threshold)")
@@ -413,8 +413,8 @@ def export_command(run, fmt, out, weights, weights_dir):
 def quantize_command(run, method, max_drop, calibration_images, data_root, weights, weights_dir, cache_dir):
     """Make an int8 copy of a run's graph (default: the bundled model) for `predict --engine int8`,
     kept only if it stays accurate on the validation split."""
-    from covidxr.quantize import quantize_run
-    from covidxr.runs import default_model_path, load_run
+    from covidxr.lab.quantize import quantize_run
+    from covidxr.runtime.runs import default_model_path, load_run
 
     loaded = load_run(run or default_model_path(), weights, weights_dir)
     report = quantize_run(loaded, method, max_drop, calibration_images, cache_dir, data_root)
@@ -447,9 +447,9 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
 @model_options
 def serve_command(run, host, port, engine, threads, max_queue, weights, weights_dir, cache_dir):
     """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs)."""
-    from covidxr.api import Model
-    from covidxr.runs import default_model_path, load_run
-    from covidxr.serve import serve
+    from covidxr.runtime.api import Model
+    from covidxr.runtime.runs import default_model_path, load_run
+    from covidxr.runtime.serve import serve
 
     model = Model(load_run(run or default_model_path(), weights, weights_dir), engine, cache_dir, threads)
     click.echo(f"covidxr: serving {model.run.path.name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
@@ -461,8 +461,8 @@ def serve_command(run, host, port, engine, threads, max_queue, weights, weights_
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
 def model_card_command(run, as_json):
     """The model card of a run folder (default: the bundled model): data, confounders, metrics, audit, failures."""
-    from covidxr.card import model_card, render_model_card
-    from covidxr.runs import default_model_path
+    from covidxr.runtime.card import model_card, render_model_card
+    from covidxr.runtime.runs import default_model_path
 
     card = model_card(run or default_model_path())
     click.echo(json.dumps(card, indent=2) if as_json else render_model_card(card))
@@ -474,9 +474,9 @@ def model_card_command(run, as_json):
 def bundle_command(run, dest):
     """Make an evaluated, audited and held-out run the packaged default model (for maintainers), with its
     exported graph, so the package predicts without torch."""
-    from covidxr.card import bundle_run
-    from covidxr.export import export_run_graph
-    from covidxr.runs import BUNDLED, load_run
+    from covidxr.lab.export import export_run_graph
+    from covidxr.runtime.card import bundle_run
+    from covidxr.runtime.runs import BUNDLED, load_run
 
     bundled = bundle_run(run, dest or BUNDLED)
     graph = export_run_graph(load_run(bundled))
@@ -504,7 +504,7 @@ def bundle_command(run, dest):
 @weights_options
 def explain_command(images, run, method, out, weights, weights_dir):
     """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
-    from covidxr.api import load_model
+    from covidxr.runtime.api import load_model
 
     model = load_model(run, weights=weights, weights_dir=weights_dir)
     results = model.explain_files(images, out, method)
@@ -532,9 +532,9 @@ def explain_command(images, run, method, out, weights, weights_dir):
 @model_options
 def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
     """Shortcut checks: lungs hidden, source probe, resolution/format; writes audit.json and the report."""
-    from covidxr.audit import run_audit
-    from covidxr.report import write_run_report
-    from covidxr.runs import load_run
+    from covidxr.lab.audit import run_audit
+    from covidxr.lab.report import write_run_report
+    from covidxr.runtime.runs import load_run
 
     folder = out or run
     result = run_audit(load_run(run, weights, weights_dir), data_dir, folder, cache_dir, progress=_progress())
@@ -607,7 +607,7 @@ def reproduce_command(
     cache_dir,
 ):
     """Run the paper's protocol for every backbone with weights; write the report beside the paper's numbers."""
-    from covidxr.reproduce import DEFAULT_MODELS, DESIGN_VARIANTS, reproduce, reproduce_designs
+    from covidxr.lab.reproduce import DEFAULT_MODELS, DESIGN_VARIANTS, reproduce, reproduce_designs
 
     if design == "deconfounded":
         config = _load_config(config_file, epochs=epochs, seed=seed, engine=engine)
@@ -674,9 +674,9 @@ def segment_command(images, out):
     import numpy as np
     from PIL import Image
 
-    from covidxr.images import read_image
-    from covidxr.inference import expand_inputs
-    from covidxr.lungs import lung_segmenter, overlay
+    from covidxr.runtime.images import read_image
+    from covidxr.runtime.inference import expand_inputs
+    from covidxr.runtime.lungs import lung_segmenter, overlay
 
     table = out / "segment.csv"
     if table.exists():
@@ -731,7 +731,7 @@ def segment_command(images, out):
 def train_segmenter_command(masks, out, epochs, seed, threads, bundle_it):
     """Train the lung segmenter on hand-drawn masks, report held-out Dice per group, export ONNX."""
 
-    from covidxr.lungs_train import SegmenterConfig, bundle, train_segmenter
+    from covidxr.lab.lungs_train import SegmenterConfig, bundle, train_segmenter
 
     config = SegmenterConfig(seed=seed, threads=threads)
     if epochs is not None:

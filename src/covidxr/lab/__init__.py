@@ -1,0 +1,1 @@
+"""The lab: training, evaluation, audits, exports and reports (the ``[train]`` extra), built on the runtime."""

@@ -1,0 +1,264 @@
+"""The Python API: ``covidxr.load_model(run)`` → ``model.predict(image_or_images)`` / ``model.explain(...)``.
+
+An image may be a file path (PNG, JPEG, TIFF, DICOM; ``str`` or ``Path``) or a decoded image (a PIL
+image or an HxW / HxWx3 uint8 array). One image gives one result (a dict), a list gives a list.
+Every result carries the research-use disclaimer. The command line is built on the same functions
+(``covidxr.runtime.inference``), so both answer alike.
+
+>>> import covidxr
+>>> model = covidxr.load_model()                       # the bundled model
+>>> result = model.predict("chest.png")                # one result
+>>> result["label"], result["probabilities"]["COVID-19"], result["no_answer_reason"]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from covidxr.runtime.batches import prepare
+from covidxr.runtime.cam import (
+    COLOUR_SPREAD_LIMIT,
+    DenseHead,
+    colour_spread,
+    gradcam,
+    lung_shares,
+    lungs_on_input,
+    overlay,
+)
+from covidxr.runtime.engines import TRAIN_EXTRA, OnnxEngine, torch_available
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import check_dimensions, read_image
+from covidxr.runtime.inference import answer, input_transform, make_engine, predict_files
+from covidxr.runtime.ood import is_blank
+from covidxr.runtime.runs import HEAD_FILE, Run, default_model_path, load_run
+
+__all__ = ["ImageLike", "METHODS", "Model", "load_model"]
+
+METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")  # covidxr.lab.explain.METHODS, without importing torch
+
+ImageLike = str | Path | Image.Image | np.ndarray
+SINGLE = (str, Path, Image.Image, np.ndarray)  # one image; anything else is a sequence of them
+
+
+def _as_image(item: ImageLike) -> Image.Image:
+    """An RGB image, held to the limits files are held to (too small, over the pixel limit: ``CovidxrError``)."""
+    if isinstance(item, str | Path):
+        return read_image(item)
+    if isinstance(item, Image.Image):
+        check_dimensions(item.width, item.height, f"PIL image ({item.width}x{item.height})")
+        return item.convert("RGB")
+    array = np.asarray(item)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise CovidxrError(f"an image array must be uint8 HxW or HxWx3, not {array.dtype} {array.shape}")
+    if array.size == 0:
+        raise CovidxrError(f"image array {array.shape} is empty")
+    check_dimensions(array.shape[1], array.shape[0], f"image array {array.shape}")
+    return Image.fromarray(array).convert("RGB")
+
+
+class Model:
+    """A trained covidxr model, ready to predict and explain; make one with ``covidxr.load_model``.
+
+    >>> model = covidxr.load_model("runs/lite0")
+    >>> model.labels
+    ['COVID-19', 'NORMAL', 'PNEUMONIA']
+    """
+
+    def __init__(self, run: Run, engine: str = "auto", cache_dir: str | Path | None = None, threads: int | None = None):
+        self.run, self.cache_dir = run, cache_dir
+        self.engine = make_engine(run, engine, cache_dir, threads)
+        self.transform = input_transform(run, self.engine)
+
+    def __repr__(self) -> str:
+        engine = type(self.engine).__name__.removesuffix("Engine").lower()
+        return (
+            f"covidxr.Model(backbone={self.run.info.model['name']!r}, run={self.run.path.name!r}, "
+            f"labels={self.labels}, "
+            f"covid_threshold={self.run.covid_threshold:.3f}, engine={engine!r})"
+        )
+
+    @property
+    def labels(self) -> list[str]:
+        """The classes, in the order of the probabilities."""
+        return self.run.labels
+
+    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> dict | list[dict]:
+        """Label, calibrated probabilities, COVID-19 call and out-of-distribution flag of one image, or of each
+        image of a list.
+
+        ``label`` is the decision: COVID-19 when its probability reaches the run's operating threshold
+        (``covid_threshold``), else the more probable other class; ``covid_positive`` always agrees.
+        An image unlike the training X-rays gets ``label`` ``None`` and ``no_answer_reason``.
+        In a list of paths an unreadable file gets ``error`` instead of a label; a single path that
+        cannot be read, and any bad decoded image, raise ``CovidxrError``.
+
+        >>> model.predict("a.png")["label"]
+        'NORMAL'
+        >>> [r["label"] for r in model.predict(["a.png", Image.open("b.png")])]
+        ['NORMAL', None]
+        """
+        if isinstance(images, SINGLE):
+            [result] = self.predict([images], batch_size)
+            if "error" in result:
+                raise CovidxrError(result["error"])
+            return result
+        images = list(images)
+        if all(isinstance(item, str | Path) for item in images):
+            return predict_files(self.run, list(images), self.cache_dir, batch_size, progress=False, engine=self.engine)
+        decoded = [_as_image(item) for item in images]
+        results = []
+        for start in range(0, len(decoded), batch_size):
+            prepared = [self.prepare(image) for image in decoded[start : start + batch_size]]
+            results += self.answer_prepared(prepared)
+        return results
+
+    def prepare(self, image: Image.Image) -> tuple[np.ndarray, bool, str | None]:
+        """A decoded image's model input, whether it is blank, and why its lungs rule out an answer (None when
+        they do not): the CPU work before the engine, which callers may run on several threads."""
+        array, reason = prepare(self.transform, image)
+        return array, is_blank(image), reason or None
+
+    def answer_prepared(self, prepared: Sequence[tuple[np.ndarray, bool, str | None]]) -> list[dict]:
+        """``predict``'s results for images already ``prepare``d, with one engine call for them all."""
+        arrays, blanks, reasons = zip(*prepared, strict=True)
+        features, logits = self.engine(np.stack(arrays))
+        return answer(self.run, features, logits, blanks, reasons, getattr(self.engine, "ood_threshold", None))
+
+    def explain(self, images: ImageLike | Sequence[ImageLike], method: str = "gradcam") -> dict | list[dict]:
+        """``predict``'s answer plus the class activation map (``map``, input-sized floats in [0, 1])
+        of ``target`` — the label, or the most probable class for an image given no answer — and its
+        ``overlay`` on the image (a PIL image). Grad-CAM of a model whose graph holds its activations
+        (the bundled model) is computed in numpy (``covidxr.runtime.cam``); other methods and models run in torch.
+
+        >>> model.explain("a.png")["overlay"].save("a.gradcam.png")
+        """
+        if method not in METHODS:
+            raise CovidxrError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
+        if isinstance(images, SINGLE):
+            return self.explain([images], method)[0]
+        decoded = [_as_image(item) for item in images]
+        prepared = [self.prepare(image) for image in decoded]
+        inputs = np.stack([array for array, _, _ in prepared])
+        activation = self._numpy_cam if method == "gradcam" else None
+        if activation is not None:  # one engine call gives the answer and the activations
+            features, logits, activations = self.engine.with_activations(inputs)
+            _, blanks, reasons = zip(*prepared, strict=True)
+            results = answer(self.run, features, logits, blanks, reasons, self.engine.ood_threshold)
+        else:
+            results = self.answer_prepared(prepared)
+        targets = [r["label"] or max(r["probabilities"], key=r["probabilities"].get) for r in results]
+        classes = np.array([self.labels.index(target) for target in targets])
+        if activation is not None:
+            maps = gradcam(activations, self._dense_head, classes, activation, self.transform.image_size)
+        else:
+            maps = self._torch_maps(inputs, classes, method)
+        for result, image, cam, target in zip(results, decoded, maps, targets, strict=True):
+            result |= {
+                "method": method,
+                "target": target,
+                "map": cam,
+                "overlay": overlay(self.transform.pipeline(image), cam),
+            }
+        return results
+
+    def explain_files(
+        self, paths: Sequence[str | Path], out: str | Path, method: str = "gradcam", batch_size: int = 8
+    ) -> list[dict]:
+        """``explain`` each file into ``out``: ``<name>.<method>.png`` (overlay) and ``.npy`` (raw map); each
+        result also says how much of the map lies inside the lungs (``lung_share``). Unreadable files and
+        colour photographs get their ``error`` and are skipped; the others are still explained."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        results: list[dict] = [{"file": str(path)} for path in paths]
+        ready: list[tuple[int, Image.Image]] = []
+        for i, path in enumerate(paths):
+            try:
+                image = read_image(path)
+            except CovidxrError as exc:
+                results[i]["error"] = str(exc)
+                continue
+            spread = colour_spread(image)
+            if spread > COLOUR_SPREAD_LIMIT:
+                results[i]["error"] = (
+                    f"{path}: a colour photograph (channel spread {spread:.0f}/255), not a grey chest X-ray; "
+                    "not explained"
+                )
+                continue
+            ready.append((i, image))
+        used_names: set[str] = set()
+        for start in range(0, len(ready), batch_size):
+            batch = ready[start : start + batch_size]
+            explained = self.explain([image for _, image in batch], method)
+            size, pipeline = self.transform.image_size, self.transform.pipeline
+            shares = lung_shares(
+                np.stack([e["map"] for e in explained]), [lungs_on_input(size, pipeline, im) for _, im in batch]
+            )
+            for (i, image), result, share in zip(batch, explained, shares, strict=True):
+                name = Path(paths[i]).stem
+                name = name if name not in used_names else f"{name}-{i}"
+                used_names.add(name)
+                overlay_path, map_path = out / f"{name}.{method}.png", out / f"{name}.{method}.npy"
+                cam = result.pop("map")
+                overlay(image, cam).save(overlay_path)
+                np.save(map_path, cam.astype(np.float32))
+                results[i] |= {
+                    **{k: v for k, v in result.items() if k != "overlay"},
+                    "probability": result["probabilities"][result["target"]],
+                    "lung_share": None if np.isnan(share) else float(share),
+                    "overlay": str(overlay_path),
+                    "map": str(map_path),
+                }
+        return results
+
+    def _torch_maps(self, inputs: np.ndarray, classes: np.ndarray, method: str) -> np.ndarray:
+        """CAM maps by pytorch-grad-cam (the methods and models ``covidxr.runtime.cam`` does not cover)."""
+        if not torch_available():
+            raise CovidxrError(f"{method} for this model needs torch: {TRAIN_EXTRA}")
+        import torch
+
+        from covidxr.lab.explain import Explainer
+
+        return Explainer(self.run.model, method)(torch.from_numpy(inputs), classes.tolist())
+
+    @cached_property
+    def _dense_head(self) -> DenseHead:
+        """The head's weights in numpy, read once per model (the service explains image after image)."""
+        return DenseHead(self.run.path / HEAD_FILE)
+
+    @cached_property
+    def _numpy_cam(self) -> str | None:
+        """The elementwise step for ``covidxr.runtime.cam`` where this engine's graph holds the Grad-CAM activations."""
+        if not isinstance(self.engine, OnnxEngine) or "activations" not in self.engine.outputs:
+            return None
+        sidecar = self.engine.path.with_suffix(".json")
+        cam = (json.loads(sidecar.read_text()).get("cam") or {}) if sidecar.is_file() else {}
+        return cam.get("activation")
+
+
+def load_model(
+    path: str | Path | None = None,
+    engine: str = "auto",
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    weights: str | Path | None = None,
+    weights_dir: str | Path | None = None,
+) -> Model:
+    """A trained model from a run folder (``covidxr train`` / ``reproduce`` output), or with no path
+    the model bundled with the package (see its card: ``covidxr model-card``).
+
+    ``engine``: ``auto`` (onnxruntime on a CPU where it is installed, else torch), ``torch`` or ``onnx``;
+    ``threads``: onnxruntime's intra-op threads (default: the physical cores); ``weights`` /
+    ``weights_dir``: where the backbone's weights are, where the torch model is needed.
+
+    >>> model = covidxr.load_model()                 # or load_model("runs/lite0")
+    >>> model.predict("chest.png")["label"]
+    'NORMAL'
+    """
+    run = load_run(path if path is not None else default_model_path(), weights, weights_dir)
+    return Model(run, engine, cache_dir, threads)

@@ -1,0 +1,213 @@
+"""Decoding: any image file or upload (PNG, JPEG, TIFF, BMP, DICOM) into 8-bit RGB, with one clear error.
+
+Part of the runtime layer: numpy, Pillow and pydicom only, so prediction needs nothing from training.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from covidxr.runtime.errors import CovidxrError, ImageTooLarge
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "MIN_IMAGE_SIDE",
+    "check_dimensions",
+    "decode_bytes",
+    "file_sha256",
+    "read_image",
+    "unreadable_reason",
+]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
+# Larger than any radiograph (a 43x43 cm detector at 0.1 mm is ~18 Mpx); bigger files are refused.
+MAX_IMAGE_PIXELS = 60_000_000
+MIN_IMAGE_SIDE = 32  # a 1x1 or thumbnail "image" carries no anatomy to classify
+
+
+Source = str | Path | BinaryIO  # a file, or bytes held in memory (an upload; its ``name`` labels messages)
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+_PREAMBLE = 128
+FULL_SIZE = "covidxr_full_size"  # image.info key: the file's own width and height
+_MAGIC = b"DICM"
+
+
+def source_label(source: Source) -> str:
+    """How messages name a source: its path, or an in-memory buffer's ``name``."""
+    return str(source) if isinstance(source, str | Path) else str(getattr(source, "name", "upload"))
+
+
+def has_dicom_magic(source: Source) -> bool:
+    """Whether a file starts with the DICOM Part 10 preamble and ``DICM`` prefix, whatever its name."""
+    if not isinstance(source, str | Path):
+        position = source.tell()
+        head = source.read(_PREAMBLE + len(_MAGIC))
+        source.seek(position)
+        return head[_PREAMBLE:] == _MAGIC
+    try:
+        with open(source, "rb") as handle:
+            head = handle.read(_PREAMBLE + len(_MAGIC))
+    except OSError:
+        return False
+    return head[_PREAMBLE:] == _MAGIC
+
+
+def read_image(path: str | Path, draft: int | None = None) -> Image.Image:
+    """Decode an image file into 8-bit RGB (see ``_decode``); refuse images too small to be a radiograph.
+
+    ``draft``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale where both sides stay at least this many
+    pixels (Pillow's ``draft``: the decoder skips the detail, several times faster on a large film);
+    other formats are decoded whole."""
+    path = Path(path)
+    problem = unreadable_reason(path)
+    if problem:
+        raise CovidxrError(f"{path}: {problem}")
+    return _checked_size(_decode(path, path.suffix.lower(), draft), path)
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file, in words a user can act on (permission denied, a
+    broken symlink, a symlink loop, a folder, an empty file), or None when it can be opened.
+
+    Checked before decoding, so a file the system refuses is never reported as a corrupt image."""
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            os.listdir(path)
+            return "is a folder, not an image file"
+        if not stat.S_ISREG(mode):
+            return "not a regular file (a device, pipe or socket)"
+        with open(path, "rb") as handle:
+            if not handle.read(1):
+                return "empty file"
+    except FileNotFoundError:
+        return "broken symlink (its target does not exist)" if path.is_symlink() else "file not found"
+    except PermissionError:
+        return "permission denied" + (" (a folder that cannot be listed)" if path.is_dir() else "")
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop (the link points back at itself)"
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def decode_bytes(data: bytes, name: str = "upload", draft: int | None = None) -> Image.Image:
+    """Decode an image held in memory (an upload) exactly as ``read_image`` decodes a file, without
+    writing it anywhere; ``name`` labels the error messages."""
+    if not data:
+        raise CovidxrError(f"{name}: empty file")
+    buffer = io.BytesIO(data)
+    buffer.name = name
+    return _checked_size(_decode(buffer, Path(name).suffix.lower(), draft), name)
+
+
+def check_dimensions(width: int, height: int, name: str | Path) -> None:
+    """Refuse an image too small to hold anatomy, or over the pixel limit (``ImageTooLarge``): the
+    same limits for files, uploads and in-memory images."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"{name}: image is {width}x{height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise CovidxrError(
+            f"{name}: {width}x{height} pixels is too small to be a chest radiograph "
+            f"(at least {MIN_IMAGE_SIDE} pixels a side)"
+        )
+
+
+def _checked_size(image: Image.Image, path: str | Path) -> Image.Image:
+    check_dimensions(image.width, image.height, path)
+    return image
+
+
+def _decode(source: Source, suffix: str, draft: int | None = None) -> Image.Image:
+    """Decode a file (or an in-memory buffer) into 8-bit RGB, whatever its mode (16-bit, RGBA, palette,
+    grey) or DICOM.
+
+    High-bit-depth images are scaled by their own range, so 12-bit data in a 16-bit container
+    keeps its contrast. DICOM is recognised by its content (``DICM`` after the preamble), or by a
+    ``.dcm``/``.dicom`` name (``suffix``) when no other image format matches, and decoded by
+    ``covidxr.runtime.dicom`` (modality and VOI transforms, MONOCHROME1 inverted). Raises CovidxrError naming
+    the file for anything that is not a readable, complete image (ImageTooLarge over the pixel limit).
+    """
+    path = source_label(source)
+    if has_dicom_magic(source):
+        return _read_dicom(source)
+    try:
+        with Image.open(source) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ImageTooLarge(
+                    f"{path}: image is {img.width}x{img.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}"
+                )
+            full_size = img.size
+            if draft and img.format == "JPEG":
+                img.draft(img.mode, (draft, draft))
+            if getattr(img, "n_frames", 1) > 1:
+                what = "pages" if img.format == "TIFF" else "frames"
+                raise CovidxrError(f"{path}: has {img.n_frames} {what}; give one image per file")
+            img.load()
+            turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
+            decoded = _to_rgb8(_upright(img))
+            decoded.info[FULL_SIZE] = full_size[::-1] if turned else full_size  # before any draft reduction
+            return decoded
+    except CovidxrError:
+        raise
+    except UnidentifiedImageError as exc:
+        if suffix not in DICOM_SUFFIXES:
+            raise CovidxrError(f"{path}: not a readable image ({type(exc).__name__})") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(
+            f"{path}: image is over the limit of {MAX_IMAGE_PIXELS:,} pixels (refused before decoding: "
+            "a decompression bomb or not a radiograph)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CovidxrError(f"{path}: corrupt or truncated image ({exc})") from None
+    # A .dcm/.dicom file that no image format recognised: a DICOM without preamble, or not an image at all.
+    if not isinstance(source, str | Path):
+        source.seek(0)
+    return _read_dicom(source)
+
+
+def _read_dicom(source: Source) -> Image.Image:
+    from covidxr.runtime import dicom  # pydicom takes ~0.1 s to import: only when a DICOM comes
+
+    return dicom.read_dicom(source, max_pixels=MAX_IMAGE_PIXELS)
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: rotated or flipped as its EXIF orientation says (a phone
+    photo of a film, a scanner's rotated JPEG), so the model never sees it sideways."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    if img.mode in {"RGBA", "LA", "PA"} or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become black, the usual background of a radiograph.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file: the identity of an image for de-duplication and the feature cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,320 @@
+"""Lung fields of a chest X-ray: the bundled segmenter at run time (numpy, PIL and onnxruntime only).
+
+``lung_segmenter().segment(grey)`` runs the small U-Net that ships as ``bundled/lungs.onnx`` on a
+greyscale image of any size and returns ``LungFields``: the mask at the image's size, the two lungs'
+bounding box and their share of the image, or the reason no plausible pair of lungs was found (a
+photograph, a lateral view, an abdomen, a blank image). The graph is trained by
+``covidxr.lab.lungs_train`` (torch); its sidecar ``bundled/lungs.json`` holds the input size, the
+normalisation, the threshold, the SHA-256 of the graph and the training figures.
+
+Post-processing at the model's resolution, in order: the probability rounded to 8 bits (what the
+cache stores); threshold it; label the 4-connected components; keep the (at most) two largest
+components of at least ``MIN_LUNG_FRACTION`` of the image; fill their holes. Then the rules below
+give the reason, if any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from covidxr.runtime.bundle import BUNDLED
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.storage import atomic_write
+
+__all__ = [
+    "GRAPH",
+    "LungFields",
+    "LungSegmenter",
+    "SIDECAR",
+    "fill_holes",
+    "label_components",
+    "lung_reason",
+    "lung_segmenter",
+    "model_input",
+    "normalise",
+    "overlay",
+]
+
+GRAPH = BUNDLED / "lungs.onnx"
+SIDECAR = BUNDLED / "lungs.json"
+
+# Rules for "two plausible lungs", all at the model's resolution. Lungs in the 1,018 hand masks cover
+# 17-53% of their image (both lungs together); each lung is well over 2% of it.
+MIN_LUNG_FRACTION = 0.02  # a component smaller than this share of the image is noise, not a lung
+AREA_RANGE = (0.08, 0.70)  # both lungs together: outside this share of the image is implausible
+MAX_OVERLAP = 0.5  # two lungs stand side by side: their column ranges overlap by at most this share of the narrower
+# Confidence: on photographs, rotated or cropped images the network hesitates. Over all 1,018 masked images
+# and all 810 NIH images these two rules flag 1 adult, no child and 10 NIH images (see the README).
+MIN_MEAN_PROBABILITY = 0.92  # mean lung probability over the kept lungs
+MAX_UNCERTAIN_SHARE = 0.30  # pixels of probability 0.25-0.75, as a share of the pixels called lung
+
+
+@dataclass(frozen=True)
+class LungFields:
+    """What the segmenter found in one image.
+
+    ``mask``: bool, the image's height x width, the lungs kept (also when ``reason`` is set, to show what
+    was found). ``box``: ``(left, top, right, bottom)`` of the two lungs in image pixels (right/bottom
+    exclusive); None whenever ``reason`` is set, so nothing crops a region that is not two lungs.
+    ``area_fraction``: the kept mask's share of the image. ``reason``: None for two plausible lungs, else
+    one short sentence saying why the image is out of distribution for lung-based preprocessing.
+    """
+
+    mask: np.ndarray
+    box: tuple[int, int, int, int] | None
+    area_fraction: float
+    reason: str | None
+
+
+def model_input(grey: np.ndarray, size: int) -> np.ndarray:
+    """The image resized to ``size`` x ``size`` (PIL bilinear, antialiased; aspect not kept), uint8.
+
+    Training and prediction both go through here, so the graph sees the same pixels in both."""
+    grey = np.asarray(grey)
+    if grey.dtype != np.uint8 or grey.ndim != 2:
+        raise CovidxrError(f"the lung segmenter takes a uint8 HxW grey image, not {grey.dtype} {grey.shape}")
+    return np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def normalise(small: np.ndarray) -> np.ndarray:
+    """Per-image z-score (standard deviation floored at 1 grey level, so a blank image stays finite), float32."""
+    values = small.astype(np.float32)
+    return (values - values.mean()) / max(float(values.std()), 1.0)
+
+
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The horizontal runs of True pixels, row by row: their rows, first columns and ends (exclusive)."""
+    padded = np.zeros((mask.shape[0], mask.shape[1] + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    rows, cols = np.nonzero(np.diff(padded, axis=1))  # each run gives a rise then a fall, in row order
+    return rows[::2], cols[::2], cols[1::2]
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a bool mask (labels 1..n, 0 = background, numbered in reading order), by
+    union-find over row runs: a few hundred runs at the model's resolution, so the loop stays short; the
+    runs are read and painted back with numpy."""
+    run_rows, run_starts, run_ends = _runs(mask)
+    rows, starts, ends = run_rows.tolist(), run_starts.tolist(), run_ends.tolist()
+    parent = list(range(len(rows)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    previous: list[int] = []  # indices of the runs on the row above
+    current: list[int] = []
+    row = -1
+    for index, r in enumerate(rows):
+        if r != row:
+            previous = current if r == row + 1 else []
+            current, row = [], r
+        start, end = starts[index], ends[index]
+        for other in previous:
+            if starts[other] < end and start < ends[other]:
+                parent[root(index)] = root(other)
+        current.append(index)
+    names: dict[int, int] = {}
+    run_labels = np.array([names.setdefault(root(i), len(names) + 1) for i in range(len(rows))], dtype=np.int32)
+    lengths = run_ends - run_starts
+    offsets = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    labels.flat[np.repeat(run_rows * mask.shape[1] + run_starts, lengths) + offsets] = np.repeat(run_labels, lengths)
+    return labels, len(names)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """The mask with every background region that does not touch the border filled."""
+    labels, _ = label_components(~mask)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return mask | ~np.isin(labels, border)
+
+
+def keep_lungs(mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The two largest components of at least ``MIN_LUNG_FRACTION`` of the image together, holes filled,
+    and each of them as found (largest first)."""
+    labels, count = label_components(mask)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    order = [int(i) + 1 for i in np.argsort(-areas, kind="stable") if areas[i] >= MIN_LUNG_FRACTION * mask.size]
+    lungs = [labels == name for name in order[:2]]
+    return fill_holes(np.isin(labels, order[:2])), lungs
+
+
+def lung_reason(lungs: list[np.ndarray], area_fraction: float, probability: np.ndarray, threshold: float) -> str | None:
+    """Why the kept components are not two plausible lungs (None when they are)."""
+    if not lungs:
+        return "no lungs found"
+    if len(lungs) == 1:
+        return "only one lung found"
+    columns = [np.nonzero(lung.any(axis=0))[0] for lung in lungs]
+    overlap = min(columns[0][-1], columns[1][-1]) - max(columns[0][0], columns[1][0]) + 1
+    if overlap > MAX_OVERLAP * min(len(columns[0]), len(columns[1])):
+        return "two lung-like regions found, but not side by side"
+    low, high = AREA_RANGE
+    if not low <= area_fraction <= high:
+        return f"lung area implausible ({area_fraction:.0%} of the image)"
+    mean_probability = float(probability[lungs[0] | lungs[1]].mean())
+    uncertain = ((probability > 0.25) & (probability < 0.75)).sum() / max(1, (probability >= threshold).sum())
+    if mean_probability < MIN_MEAN_PROBABILITY or uncertain > MAX_UNCERTAIN_SHARE:
+        return (
+            f"lungs found with low confidence (mean probability {mean_probability:.2f}, "
+            f"{uncertain:.0%} of the lung area uncertain)"
+        )
+    return None
+
+
+def _box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if not len(rows):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def overlay(grey: np.ndarray, fields: LungFields) -> Image.Image:
+    """The image in grey with the mask tinted (green for two plausible lungs, red otherwise) and the box."""
+    rgb = np.repeat(np.asarray(grey, dtype=np.float32)[..., None], 3, axis=2)
+    tint = np.array([255.0, 60.0, 60.0] if fields.reason else [60.0, 255.0, 90.0])
+    rgb[fields.mask] = 0.6 * rgb[fields.mask] + 0.4 * tint
+    image = Image.fromarray(rgb.astype(np.uint8))
+    if fields.box is not None:
+        left, top, right, bottom = fields.box
+        width = max(1, round(max(image.size) / 256))
+        ImageDraw.Draw(image).rectangle((left, top, right - 1, bottom - 1), outline=(255, 220, 0), width=width)
+    return image
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_png_atomic(path: Path, grey: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())
+
+
+class LungSegmenter:
+    """The lung segmenter of one ONNX graph and its sidecar (default: the bundled ones).
+
+    The graph's SHA-256 must match the sidecar's. onnxruntime runs on ``threads`` intra-op threads
+    (default 1: the segmenter runs inside the decoding threads, one per core) without spinning.
+    """
+
+    def __init__(self, graph: str | Path = GRAPH, sidecar: str | Path | None = None, threads: int = 1):
+        self.graph = Path(graph)
+        sidecar = Path(sidecar) if sidecar is not None else self.graph.with_suffix(".json")
+        try:
+            self.info = json.loads(sidecar.read_text())
+            self.size, self.threshold = int(self.info["input_size"]), float(self.info["threshold"])
+            expected = self.info["sha256"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CovidxrError(
+                f"{sidecar}: not a usable lung segmenter sidecar ({type(exc).__name__}: {exc})"
+            ) from None
+        if not self.graph.is_file():
+            raise CovidxrError(f"{self.graph}: lung segmenter graph not found")
+        self.sha256 = _sha256(self.graph)
+        if self.sha256 != expected:
+            raise CovidxrError(
+                f"{self.graph}: SHA-256 {self.sha256[:16]}… does not match {sidecar.name} ({expected[:16]}…); "
+                "reinstall covidxr or rebuild the segmenter with scripts/train_segmenter.sh"
+            )
+        try:
+            import onnxruntime
+        except ImportError:  # as the classifier's ``auto`` engine does: torch where onnxruntime is missing
+            self.session, self.torch_model = None, _torch_segmenter(self.graph.with_suffix(".safetensors"))
+            return
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def probabilities(self, smalls: list[np.ndarray]) -> np.ndarray:
+        """Lung probability per pixel of model-resolution uint8 inputs, N x size x size, in 1/255 steps
+        (uint8: 255 = 1), the form the cache stores."""
+        batch = np.stack([normalise(small) for small in smalls])[:, None]
+        if self.session is None:
+            import torch
+
+            with torch.no_grad():
+                logits = self.torch_model(torch.from_numpy(batch)).numpy()[:, 0]
+        else:
+            logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
+        return np.rint(255.0 / (1.0 + np.exp(-logits))).astype(np.uint8)
+
+    def _cache_path(self, small: np.ndarray, cache_dir: Path) -> Path:
+        key = hashlib.sha256(np.ascontiguousarray(small).tobytes()).hexdigest()
+        return Path(cache_dir) / "lungs" / self.sha256[:16] / f"{key}.png"
+
+    def segment(self, grey: np.ndarray, cache_dir: Path | None = None) -> LungFields:
+        """The lungs of one uint8 HxW image; with ``cache_dir`` the model-resolution probability map (an 8-bit
+        soft mask) is read from, or written to, ``cache_dir/lungs/<graph sha[:16]>/<sha256 of the model
+        input>.png``; without it nothing is written."""
+        [fields] = self.segment_batch([grey], cache_dir)
+        return fields
+
+    def segment_batch(self, greys: list[np.ndarray], cache_dir: Path | None = None) -> list[LungFields]:
+        """``segment`` for several images, one onnxruntime call for those not in the cache."""
+        smalls = [model_input(grey, self.size) for grey in greys]
+        raw: list[np.ndarray | None] = [None] * len(smalls)
+        paths = [self._cache_path(small, cache_dir) for small in smalls] if cache_dir is not None else []
+        for i, path in enumerate(paths):
+            if path.is_file():
+                try:
+                    with Image.open(path) as cached:
+                        raw[i] = np.asarray(cached.convert("L"))
+                except OSError:
+                    raw[i] = None  # a damaged cache file: segment again and overwrite it
+        todo = [i for i, soft in enumerate(raw) if soft is None or soft.shape != (self.size, self.size)]
+        if todo:
+            for i, probability in zip(todo, self.probabilities([smalls[i] for i in todo]), strict=True):
+                raw[i] = probability
+                if paths:
+                    _write_png_atomic(paths[i], probability)
+        return [self.fields(soft, grey.shape) for soft, grey in zip(raw, greys, strict=True)]
+
+    def fields(self, soft: np.ndarray, shape: tuple[int, ...]) -> LungFields:
+        """Post-processing of one model-resolution uint8 probability map, scaled to an image of ``shape``."""
+        probability = soft.astype(np.float32) / 255.0
+        kept, lungs = keep_lungs(probability >= self.threshold)
+        area_fraction = float(kept.mean())
+        reason = lung_reason(lungs, area_fraction, probability, self.threshold)
+        height, width = shape[:2]
+        scaled = Image.fromarray(kept.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BILINEAR)
+        mask = np.asarray(scaled) >= 128
+        return LungFields(mask=mask, box=None if reason else _box(mask), area_fraction=area_fraction, reason=reason)
+
+
+def _torch_segmenter(weights: Path):
+    """The segmenter's torch model from its safetensors, for a machine without onnxruntime."""
+    try:
+        from covidxr.lab.lungs_train import load_torch_model
+    except ImportError:
+        raise CovidxrError("the lung segmenter needs onnxruntime: pip install onnxruntime") from None
+    return load_torch_model(weights).eval()
+
+
+_segmenter: LungSegmenter | None = None
+_lock = threading.Lock()
+
+
+def lung_segmenter() -> LungSegmenter:
+    """The bundled segmenter, built once per process on first use."""
+    global _segmenter
+    with _lock:
+        if _segmenter is None:
+            _segmenter = LungSegmenter()
+        return _segmenter
