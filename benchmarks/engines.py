@@ -83,7 +83,7 @@ import torch
 
 from covidxr.lab.export import TorchEngine, backbone_sidecar, cached_export, feature_engine
 from covidxr.lab.loop import bf16_supported
-from covidxr.lab.models import CovidxrNet, create_model
+from covidxr.lab.models import CovidxrNet, create_model, run_model
 from covidxr.runtime.engines import OnnxEngine, physical_cores
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
@@ -403,7 +403,7 @@ def integrity_costs(paths: list[Path], repeats: int, cache: Path) -> None:
         engines.graph_sha256 = checked_graph if on else unchecked_graph
         FeatureCache.get = checked_get if on else unchecked_get
 
-    compute_features(run.model, paths[:1], cache, progress=False)  # exports the backbone graph once
+    compute_features(run_model(run), paths[:1], cache, progress=False)  # exports the backbone graph once
     predict_files(run, paths[:1], cache, progress=False)  # and the run's graph
     timings: dict[tuple[str, bool], list[float]] = {}
     for repeat in range(repeats):
@@ -412,8 +412,8 @@ def integrity_costs(paths: list[Path], repeats: int, cache: Path) -> None:
             switch(on)
             shutil.rmtree(cache / "features", ignore_errors=True)
             for what, call in (
-                ("extract, empty cache", lambda: compute_features(run.model, paths, cache, progress=False)),
-                ("extract, full cache", lambda: compute_features(run.model, paths, cache, progress=False)),
+                ("extract, empty cache", lambda: compute_features(run_model(run), paths, cache, progress=False)),
+                ("extract, full cache", lambda: compute_features(run_model(run), paths, cache, progress=False)),
                 ("predict_files", lambda: predict_files(run, paths, cache, progress=False)),
             ):
                 started = time.perf_counter()
@@ -426,12 +426,12 @@ def integrity_costs(paths: list[Path], repeats: int, cache: Path) -> None:
         with_check, without = (len(paths) / median(timings[(what, on)]) for on in (True, False))
         print(f"   {what:<24s}{with_check:>18.1f}{without:>16.1f}{(without / with_check - 1):>9.1%}")
     graph = cached_export(
-        run.model, engines.sidecar(run.model, run.labels, run.temperature, run.covid_threshold), cache
+        run_model(run), engines.sidecar(run_model(run), run.labels, run.temperature, run.covid_threshold), cache
     )
     started = time.perf_counter()
     engines.graph_sha256(graph)
     graph_ms = (time.perf_counter() - started) * 1000
-    cached = FeatureCache(run.model, cache, engine="onnx")
+    cached = FeatureCache(run_model(run), cache, engine="onnx")
     digest = next((cache / "features").rglob("*.npy")).stem
     started = time.perf_counter()
     for _ in range(1000):

@@ -13,8 +13,8 @@ measures, side by side in one run, on the same real X-rays and the same trained 
    - *torch channels-last fp32*: ``TorchEngine`` (what ``predict_files`` runs with ``engine="torch"``);
    - *torch bf16 autocast*: ``TorchEngine`` under ``torch.autocast("cpu", dtype=torch.bfloat16)``, where
      ``covidxr.lab.loop.bf16_supported`` says this CPU can ("not supported" otherwise);
-   - *onnxruntime fp32*: ``OnnxEngine`` on ``cached_export`` (via ``covidxr.runtime.inference.make_engine(run, "onnx")``, as
-     ``predict_files`` with ``engine="onnx"`` builds it).
+   - *onnxruntime fp32*: ``OnnxEngine`` on ``cached_export`` (via
+     ``covidxr.runtime.runners.make_engine(run, "onnx")``, as ``predict_files`` with ``engine="onnx"`` builds it).
 
    Each is timed at batch 1 (one image per call, over the first ``--latency-images`` images) and at
    ``--batch-size`` (every image, in batches), after an untimed warm-up of every batch shape; the
@@ -67,13 +67,15 @@ import torch
 
 from covidxr.lab.export import TorchEngine
 from covidxr.lab.loop import bf16_supported
+from covidxr.lab.models import run_model
 from covidxr.lab.train import train
 from covidxr.runtime.batches import iterate_batches
 from covidxr.runtime.calibration import softmax
 from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.engines import physical_cores
 from covidxr.runtime.images import read_image
-from covidxr.runtime.inference import make_engine, predict_files
+from covidxr.runtime.inference import predict_files
+from covidxr.runtime.runners import make_engine
 from covidxr.runtime.runs import Run, load_run
 from machine import (
     describe_load,
@@ -163,7 +165,7 @@ def choose_images(data: Path, count: int) -> list[Path]:
 
 def eager_engine(run: Run) -> Engine:
     """The reference: the model's own modules on the NCHW batch, fp32."""
-    model = run.model.eval()
+    model = run_model(run).eval()
 
     @torch.inference_mode()
     def forward(inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +176,7 @@ def eager_engine(run: Run) -> Engine:
 
 
 def bf16_engine(run: Run) -> Engine:
-    engine = TorchEngine(run.model)
+    engine = TorchEngine(run_model(run))
 
     def forward(inputs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -215,7 +217,7 @@ def bare_model(
     export_seconds = time.perf_counter() - started
     variants = {
         "eager": Measured("torch eager fp32 (NCHW)", eager_engine(run), "reference"),
-        "channels_last": Measured("torch channels-last fp32", TorchEngine(run.model), "= predict_files torch"),
+        "channels_last": Measured("torch channels-last fp32", TorchEngine(run_model(run)), "= predict_files torch"),
         "bf16": Measured(
             "torch bf16 autocast (ch-last)", bf16_engine(run) if bf16 else None, "" if bf16 else "not supported"
         ),
@@ -334,12 +336,12 @@ def end_to_end(
     decode_rates = {}
     for workers in (1, 2):
         started = time.perf_counter()
-        for _ in iterate_batches(paths, run.model.input_transform, args.batch_size, workers, None):
+        for _ in iterate_batches(paths, run_model(run).input_transform, args.batch_size, workers, None):
             pass
         decode_rates[workers] = len(paths) / (time.perf_counter() - started)
     started = time.perf_counter()
     for path in paths:
-        run.model.input_transform(read_image(path))
+        run_model(run).input_transform(read_image(path))
     decode_rate = len(paths) / (time.perf_counter() - started)  # warm: the files are in the page cache now
     cache = fresh_cache(tmp / "e2e-session", export)
     started = time.perf_counter()
@@ -427,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run_dir, how = args.run, "given with --run"
         run = load_run(run_dir)
-        model = run.model
+        model = run_model(run)
         print(f"  run:         {run_dir} ({how})")
         print(
             f"  model:       {model.spec.name}, {model.weights.kind} weights ({model.weights.location}), "

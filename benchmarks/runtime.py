@@ -78,9 +78,10 @@ from PIL import Image
 from covidxr import load_model
 from covidxr.runtime.batches import iterate_batches
 from covidxr.runtime.images import read_image
-from covidxr.runtime.inference import input_transform, make_engine, predict_files
+from covidxr.runtime.inference import predict_files
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.preprocess import InputTransform
+from covidxr.runtime.runners import input_transform, make_engine
 from covidxr.runtime.runs import default_model_path, load_run
 from machine import cpu_model, describe_load, isolated_cache, linked_dataset, load_average
 from serve import Server

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 import covidxr
+from covidxr.lab.models import run_model
 from covidxr.runtime.engines import OnnxEngine
 from covidxr.runtime.images import read_image
 from covidxr.runtime.lungs import LungSegmenter, model_input, normalise
@@ -60,7 +61,7 @@ def main() -> None:
         model = covidxr.load_model(engine="onnx", cache_dir=tmp / "cache")
         classifier = OnnxEngine(model.engine.session._model_path, threads=args.threads, spin=False)
         segmenter = LungSegmenter(threads=args.threads)
-        classifier_inputs = [model.run.model.input_transform(image)[None].numpy() for image in images]
+        classifier_inputs = [run_model(model.run).input_transform(image)[None].numpy() for image in images]
         segmenter_inputs = [normalise(model_input(grey, segmenter.size))[None, None] for grey in greys]
 
         def classify(batch):
@@ -87,7 +88,8 @@ def main() -> None:
     )
     print(f"  load:        before {describe_load(load_before)}, after {describe_load(load_average(), args.threads)}")
     print(
-        f"  classifier forward ({model.run.model.input_transform.image_size} px): {median['classifier'] * 1e3:.2f} ms"
+        f"  classifier forward ({run_model(model.run).input_transform.image_size} px): "
+        f"{median['classifier'] * 1e3:.2f} ms"
     )
     print(f"  segmenter forward ({segmenter.size} px):  {median['segmenter'] * 1e3:.2f} ms")
     print(f"  segment() whole (resize, forward, post-processing): {median['segment()'] * 1e3:.2f} ms")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import covidxr
+from covidxr.lab.data import run_dataset
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
 
@@ -20,7 +21,7 @@ def run_dir(tiny_run: Path) -> Path:
 
 def test_predict_accepts_paths_images_and_arrays_alike(run_dir: Path) -> None:
     model = covidxr.load_model(run_dir)
-    paths = model.run.dataset().paths()[:3]
+    paths = run_dataset(model.run).paths()[:3]
     by_path = model.predict(paths)
     by_image = model.predict([read_image(p) for p in paths])
     by_array = model.predict([np.asarray(read_image(p).convert("L")) for p in paths])
@@ -39,7 +40,7 @@ def test_predict_accepts_paths_images_and_arrays_alike(run_dir: Path) -> None:
 
 def test_explain_returns_maps_and_overlays(run_dir: Path) -> None:
     model = covidxr.load_model(run_dir)
-    image = read_image(model.run.dataset().paths()[0])
+    image = read_image(run_dataset(model.run).paths()[0])
     [result] = model.explain([image])
     assert result["map"].shape == (224, 224) and result["map"].min() >= 0 and result["map"].max() <= 1
     assert result["map"].std() > 0  # a real map, not a constant

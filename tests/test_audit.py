@@ -26,7 +26,7 @@ from covidxr.lab.audit import (
 )
 from covidxr.lab.data import load_dataset
 from covidxr.lab.explain import region_masks
-from covidxr.lab.models import to_input_tensor
+from covidxr.lab.models import run_model, to_input_tensor
 from covidxr.lab.train import train
 from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.images import read_image
@@ -178,7 +178,7 @@ def test_sources_mixed_within_every_class_are_no_fail(
     frame = pd.read_csv(confounded_dataset / "metadata.csv", dtype=str, keep_default_na=False)
     frame["source"] = ["hospital-a" if i % 2 else "hospital-b" for i in frame.groupby("label").cumcount()]
     dataset = load_dataset(link_dataset(tmp_path, frame, confounded_dataset))
-    probe = source_probe_check(load_run(confounded_run).model, dataset, seed=0)
+    probe = source_probe_check(run_model(load_run(confounded_run)), dataset, seed=0)
     assert probe["verdict"] != "fail", probe["summary"]
     assert not probe["confounded"] and not probe["every_class_from_one_source"]
     assert probe["balanced_accuracy"] <= 0.70, "made-up sources must be near chance (0.5)"
@@ -225,7 +225,7 @@ def test_tiny_png_against_full_size_jpeg(confounded_run: Path, confounded_datase
 
 def test_masks_follow_the_explain_geometry(confounded_run: Path, cxr3: Path, cxr3_meta: pd.DataFrame) -> None:
     """Masked pixels are black before normalisation, the others are the ordinary input, on explain's regions."""
-    model = load_run(confounded_run).model
+    model = run_model(load_run(confounded_run))
     image = read_image(cxr3 / cxr3_meta["filename"].iloc[0])
     masks = region_masks(model.image_size)
     plain = to_input_tensor(image, model.image_size, model.preprocessing)

@@ -19,6 +19,8 @@ from covidxr.runtime.calibration import decide
 from covidxr.runtime.card import model_card
 from covidxr.runtime.runs import BUNDLED
 
+from .conftest import BORDERLINE, decision_margin
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -86,8 +88,9 @@ def test_installed_package_predicts_with_the_bundled_model(installed: Path, cxr3
 @pytest.mark.parametrize("engine", ["torch", "auto"])
 def test_bundled_model_reproduces_its_reported_test_figures(engine: str, cxr3: Path) -> None:
     """The test split in the bundle, predicted again, gives the accuracy the card reports: the shipped
-    head, statistics and calibration are those that were evaluated (onnxruntime may move one borderline
-    image, no more)."""
+    head, statistics and calibration are those that were evaluated. Only an image on a decision boundary
+    (within BORDERLINE) may be decided the other way by another engine or another CPU's kernels; the
+    bundled model has none there (its closest is 0.002 away), so on every CPU the count is exact."""
     splits = pd.read_csv(BUNDLED / "splits.csv")
     test = splits[splits["split"] == "test"]
     metrics = json.loads((BUNDLED / "metrics.json").read_text())
@@ -100,8 +103,8 @@ def test_bundled_model_reproduces_its_reported_test_figures(engine: str, cxr3: P
     decided = [model.labels[k] for k in decide(probabilities, model.labels, model.run.covid_threshold)]
     assert all(r["label"] in {None, d} for r, d in zip(results, decided, strict=True))
     correct = sum(d == label for d, label in zip(decided, test["label"], strict=True))
-    tolerance = 0 if engine == "torch" else 1
-    assert abs(correct - metrics["correct"]) <= tolerance
+    borderline = sum(decision_margin(r["probabilities"], model.run.covid_threshold) < BORDERLINE for r in results)
+    assert abs(correct - metrics["correct"]) <= borderline
     flagged = sum(r["out_of_distribution"] for r in results)
     assert flagged <= 0.05 * len(results)  # its own test X-rays are in distribution
     card = model_card(BUNDLED)

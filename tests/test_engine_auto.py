@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
+from covidxr.lab.data import run_dataset
 from covidxr.lab.export import TorchEngine, backbone_sidecar, cached_export, feature_engine
 from covidxr.lab.features import FeatureCache, extract_features
-from covidxr.lab.models import create_model
+from covidxr.lab.models import create_model, run_model
 from covidxr.lab.train import train
 from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.engines import OnnxEngine, physical_cores
@@ -27,7 +28,7 @@ from covidxr.runtime.runs import load_run
 
 from .conftest import run_cli
 
-TOLERANCE = 1e-4  # absolute, float32
+TOLERANCE = 1e-4  # float32, relative to the features' scale where it exceeds 1
 PRETRAINED_HERE = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 RANDOM_INIT = ["vgg16", "resnet50", "xception", "mobilenet_v2"]  # no weights here: random, seeded
 
@@ -49,13 +50,14 @@ def test_onnx_features_match_torch_for_every_backbone(name: str, xrays: list, tm
     expected = TorchEngine(model).features(inputs)
     got = engine.features(inputs)
     assert got.shape == expected.shape == (len(xrays), model.spec.num_features)
-    assert np.abs(got - expected).max() < TOLERANCE
-    # Randomly initialised networks give tiny activations (MobileNetV2's are ~1e-9 after 17 blocks), where
-    # an absolute tolerance proves nothing: relative to their scale, the features must agree too.
+    # float32 agreement scales with the features: ResNet-50's reach ~50 at random, where two CPUs' kernels
+    # differ by ~4e-5 (an absolute 1e-4 would be met by a margin of 2); randomly initialised networks give
+    # tiny activations (MobileNetV2's are ~1e-9 after 17 blocks), where an absolute tolerance proves nothing.
     scale = np.abs(expected).max()
     assert scale > 0 and np.abs(got - expected).max() / scale < 1e-4
+    assert np.abs(got - expected).max() < TOLERANCE * max(1.0, scale)
     # Batch 1 gives the same features as the batch (the dynamic batch axis).
-    assert np.abs(engine.features(inputs[:1]) - got[:1]).max() < TOLERANCE
+    assert np.abs(engine.features(inputs[:1]) - got[:1]).max() < TOLERANCE * max(1.0, scale)
 
 
 def test_auto_training_uses_onnxruntime_and_matches_torch(small_dataset: Path, tmp_path: Path) -> None:
@@ -77,13 +79,13 @@ def test_auto_training_uses_onnxruntime_and_matches_torch(small_dataset: Path, t
     assert len(onnx_loss) == 3 and np.abs(onnx_loss - torch_loss).max() < 1e-3
     # Evaluation of the run reuses its engine and its cache (no feature is recomputed by torch).
     run = load_run(by_onnx)
-    assert run.model.engine == "auto"
-    paths = [run.dataset().root / f for f in run.splits().query("split == 'train'")["filename"][:4]]
-    cached = FeatureCache(run.model, tmp_path / "c1", engine="onnx")
+    assert run_model(run).engine == "auto"
+    paths = [run_dataset(run).root / f for f in run.splits().query("split == 'train'")["filename"][:4]]
+    cached = FeatureCache(run_model(run), tmp_path / "c1", engine="onnx")
     assert all(cached.get(file_sha256(p)) is not None for p in paths)
     assert (
         np.abs(
-            extract_features(run.model, paths, tmp_path / "c1", progress=False)
+            extract_features(run_model(run), paths, tmp_path / "c1", progress=False)
             - np.stack([cached.get(file_sha256(p)) for p in paths])
         ).max()
         == 0
@@ -96,7 +98,8 @@ def test_corrupt_backbone_export_is_rebuilt(xrays: list, tmp_path: Path) -> None
     path.write_bytes(path.read_bytes()[:5000])  # truncated
     rebuilt = cached_export(model, backbone_sidecar(model), tmp_path)
     inputs = torch.stack([model.input_tensor(image) for image in xrays[:2]])
-    assert np.abs(OnnxEngine(rebuilt).features(inputs) - TorchEngine(model).features(inputs)).max() < TOLERANCE
+    expected = TorchEngine(model).features(inputs)
+    assert np.abs(OnnxEngine(rebuilt).features(inputs) - expected).max() < TOLERANCE * max(1.0, np.abs(expected).max())
     with pytest.raises(CovidxrError, match="holds the backbone only"):
         OnnxEngine(rebuilt)(inputs)
 

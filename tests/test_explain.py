@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from covidxr.lab.explain import Explainer, check_maps, region_masks
-from covidxr.lab.models import REGISTRY, create_model, to_input_tensor
+from covidxr.lab.models import REGISTRY, create_model, run_model, to_input_tensor
 from covidxr.lab.train import train
 from covidxr.runtime.api import load_model
 from covidxr.runtime.config import TrainConfig
@@ -93,8 +93,8 @@ def test_explain_files_writes_overlays_and_maps_and_skips_bad_files(
 def test_eigencam_is_flagged_as_independent_of_the_model(small_run: Path, xrays: list[Image.Image]) -> None:
     """EigenCAM never looks at the head, so a re-initialised head must give the same maps: flagged."""
     run = load_run(small_run)
-    inputs = torch.stack([to_input_tensor(img, 224, run.model.preprocessing) for img in xrays * 3])
-    report = check_maps(run.model, inputs, methods=("gradcam", "eigencam"))
+    inputs = torch.stack([to_input_tensor(img, 224, run_model(run).preprocessing) for img in xrays * 3])
+    report = check_maps(run_model(run), inputs, methods=("gradcam", "eigencam"))
     eigen = report["methods"]["eigencam"]
     assert eigen["randomised_head_rank_correlation"] > 0.99
     assert eigen["verdict"] == "fail" and any("reflect the image, not the model" in f for f in eigen["flags"])
@@ -132,9 +132,9 @@ def test_maps_of_a_model_that_learned_a_corner_marker_are_flagged(
     config = TrainConfig(model="efficientnet_lite0", epochs=30, image_size=224, learning_rate=0.003)
     run = load_run(train(tmp_path, tmp_path / "run", config, progress=False))
     marked_inputs = torch.stack(
-        [to_input_tensor(read_image(tmp_path / r["filename"]), 224, run.model.preprocessing) for r in rows[:24:2]]
+        [to_input_tensor(read_image(tmp_path / r["filename"]), 224, run_model(run).preprocessing) for r in rows[:24:2]]
     )
-    report = check_maps(run.model, marked_inputs, methods=("gradcam",))["methods"]["gradcam"]
+    report = check_maps(run_model(run), marked_inputs, methods=("gradcam",))["methods"]["gradcam"]
     assert report["mass"]["corners"] > 0.16  # the share of the image the four corner squares cover
     assert any("likely shortcuts" in flag for flag in report["flags"]), report
     masks = region_masks(224)

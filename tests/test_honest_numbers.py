@@ -16,6 +16,7 @@ from covidxr.lab.evaluate import evaluate_run
 from covidxr.lab.features import extract_features
 from covidxr.lab.labels import LABELS
 from covidxr.lab.metrics import compute_metrics
+from covidxr.lab.models import run_model
 from covidxr.lab.reproduce import reproduce
 from covidxr.runtime.calibration import (
     choose_threshold,
@@ -30,7 +31,7 @@ from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.inference import predict_files
 from covidxr.runtime.runs import load_run
 
-from .conftest import linked_dataset
+from .conftest import PROBABILITY_TOLERANCE, linked_dataset
 
 FAST = TrainConfig(model="efficientnet_lite0", epochs=6, image_size=224)
 
@@ -93,14 +94,15 @@ def test_a_run_stores_calibration_and_predict_uses_it(run_dir: Path, cxr3: Path,
     run = load_run(run_dir)
     images = [cxr3 / name for name in cxr3_meta.groupby("label").head(2)["filename"]]
     results = predict_files(run, images, progress=False)
-    features = torch.from_numpy(extract_features(run.model, images, progress=False))
+    features = torch.from_numpy(extract_features(run_model(run), images, progress=False))
     with torch.no_grad():
-        logits = run.model.head(features).double().numpy()
+        logits = run_model(run).head(features).double().numpy()
     expected = softmax(logits, calibration["temperature"])
     got = np.array([[r["probabilities"][label] for label in LABELS] for r in results])
-    assert np.allclose(got, expected, atol=1e-5)
+    # The graph in onnxruntime against the backbone's features and the torch head: two float32 paths.
+    assert np.abs(got - expected).max() < PROBABILITY_TOLERANCE
     covid = LABELS.index("COVID-19")
-    called = expected[:, covid] >= threshold["value"]
+    called = got[:, covid] >= threshold["value"]  # predict's own probability against the stored threshold
     answered = [r["label"] is not None for r in results]
     assert [r["covid_positive"] for r in results] == [
         bool(c) if a else None for c, a in zip(called, answered, strict=True)

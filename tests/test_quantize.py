@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from covidxr.lab.data import run_dataset
 from covidxr.lab.quantize import int8_path, quantize_run
 from covidxr.lab.train import train
 from covidxr.runtime.config import TrainConfig
@@ -54,7 +55,7 @@ def test_default_bar_accepts_and_uses_int8_or_refuses_in_one_line_keeping_nothin
     result = covidxr("quantize", str(run_dir), "--calibration-images", "32", "--cache-dir", tmp_path)
     run = load_run(run_dir)
     path = int8_path(run, tmp_path)
-    image = str(run.dataset().paths()[0])
+    image = str(run_dataset(run).paths()[0])
     predicted = covidxr("predict", image, "--model", str(run_dir), "--engine", "int8", "--cache-dir", tmp_path)
     if result.returncode == 0:
         report = json.loads(path.with_suffix(".json").read_text())
@@ -88,7 +89,7 @@ def test_accepted_int8_is_measured_kept_and_used_by_predict(run_dir: Path, accep
     # The int8 graph is smaller than the fp32 export it was made from (weights in 8 bits).
     assert path.stat().st_size < 0.5 * path.with_name(path.name.replace("-int8", "")).stat().st_size
 
-    images = [str(run.dataset().root / f) for f in run.splits().query("split == 'val'")["filename"]]
+    images = [str(run_dataset(run).root / f) for f in run.splits().query("split == 'val'")["filename"]]
     answers = {}
     for engine in ("onnx", "int8"):
         out = covidxr("predict", *images, "--model", run_dir, "--engine", engine, "--json", "--cache-dir", cache)
@@ -123,7 +124,7 @@ def test_int8_that_loses_accuracy_is_refused_and_nothing_kept(run_dir: Path, acc
     for _, row in run.splits().iterrows():
         target = blank_root / row["filename"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        real = run.dataset().root / row["filename"]
+        real = run_dataset(run).root / row["filename"]
         if row["split"] == "train":
             with Image.open(real) as image:
                 Image.new("L", image.size, 128).save(target, format=image.format)
@@ -143,7 +144,7 @@ def test_int8_that_loses_accuracy_is_refused_and_nothing_kept(run_dir: Path, acc
 
 
 def test_int8_needs_quantize_first_and_bad_options_are_one_line(run_dir: Path, tmp_path: Path) -> None:
-    image = str(load_run(run_dir).dataset().paths()[0])
+    image = str(run_dataset(load_run(run_dir)).paths()[0])
     fresh = covidxr("predict", image, "--model", str(run_dir), "--engine", "int8", "--cache-dir", str(tmp_path))
     assert fresh.returncode == 1
     assert fresh.stderr.strip().splitlines() == [

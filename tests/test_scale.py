@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from covidxr.lab.data import load_datasets
+from covidxr.lab.data import load_datasets, run_dataset
 from covidxr.lab.evaluate import evaluate_run
 from covidxr.lab.features import extract_features
 from covidxr.lab.loop import TensorSet, bf16_supported
-from covidxr.lab.models import create_model
+from covidxr.lab.models import create_model, run_model
 from covidxr.lab.train import make_splits, train
 from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.errors import CovidxrError
@@ -163,20 +163,24 @@ def test_fine_tuning_trains_on_images_and_ships_its_backbone(small_dataset: Path
     assert info["feature_cache"].startswith("bypassed")
     assert info["fine_tuned_backbone"]["file"] == "backbone.safetensors"
     run = load_run(out)
-    assert run.model.weights.kind == "fine-tuned"
-    assert run.model.model_key()["weights_sha256"] == info["fine_tuned_backbone"]["sha256"] != info["weights"]["sha256"]
+    assert run_model(run).weights.kind == "fine-tuned"
+    assert (
+        run_model(run).model_key()["weights_sha256"]
+        == info["fine_tuned_backbone"]["sha256"]
+        != info["weights"]["sha256"]
+    )
     pretrained = create_model("efficientnet_lite0", image_size=224).backbone.body.state_dict()
     tuned = load_file(str(out / "backbone.safetensors"))
     changed = {k.split(".")[1] for k in tuned if k.startswith("_blocks.") and not torch.equal(tuned[k], pretrained[k])}
     assert changed == {"15"}  # only the last block was trained
     assert torch.equal(tuned["_conv_stem.weight"], pretrained["_conv_stem.weight"])
-    features = extract_features(run.model, run.dataset().paths()[:4], progress=False)
+    features = extract_features(run_model(run), run_dataset(run).paths()[:4], progress=False)
     assert np.isfinite(features).all()
     assert np.isfinite(pd.read_csv(out / "history.csv")["train_loss"]).all()
 
     (out / "backbone.safetensors").write_bytes(b"not weights")
     with pytest.raises(CovidxrError, match="backbone.safetensors"):
-        _ = load_run(out).model  # the torch model is built, and its backbone checked, on first use
+        _ = run_model(load_run(out))  # the torch model is built, and its backbone checked, on first use
 
 
 def test_augmented_views_are_cached_and_drawn_per_epoch(small_dataset: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from covidxr.lab.features import FeatureCache, extract_features
 from covidxr.lab.labels import LABELS
 from covidxr.lab.loop import TensorSet, Trainee, fit
 from covidxr.lab.metrics import compute_metrics, wilson_interval
-from covidxr.lab.models import create_model, to_input_tensor
+from covidxr.lab.models import create_model, run_model, to_input_tensor
 from covidxr.lab.train import make_splits, train
 from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.errors import CovidxrError
@@ -82,7 +82,8 @@ def test_cache_is_keyed_by_image_content_and_survives_damage(tmp_path: Path, cxr
     assert len(entries) == 2
     entries[0].write_bytes(b"damaged")
     again = extract_features(lite0, [cxr3 / names[0], cxr3 / names[1]], cache_dir=tmp_path / "cache", progress=False)
-    assert np.allclose(again[0], first[0], atol=1e-5) and np.allclose(again[1], second[0], atol=1e-5)
+    # Recomputed in another batch than before: equal to float32 precision (features reach ~4).
+    assert np.allclose(again[0], first[0], atol=1e-4) and np.allclose(again[1], second[0], atol=1e-4)
 
 
 def test_an_unreadable_image_is_named_after_the_others_are_cached(tmp_path: Path, cxr3: Path, cxr3_meta, lite0) -> None:
@@ -160,11 +161,11 @@ def test_evaluate_on_an_external_set_with_two_classes(trained_run: Path, cxr3: P
 
 def test_load_run_refuses_different_backbone_weights(trained_run: Path, tmp_path: Path) -> None:
     run = load_run(trained_run)
-    assert run.model.weights.sha256 == json.loads((trained_run / "run.json").read_text())["weights"]["sha256"]
+    assert run_model(run).weights.sha256 == json.loads((trained_run / "run.json").read_text())["weights"]["sha256"]
     other = create_model("efficientnet_lite0", pretrained=False).backbone.body.state_dict()
     torch.save(other, tmp_path / "other.pth")
     with pytest.raises(CovidxrError, match="was trained on efficientnet_lite0 weights"):
-        _ = load_run(trained_run, weights=tmp_path / "other.pth").model  # built (and checked) on first use
+        _ = run_model(load_run(trained_run, weights=tmp_path / "other.pth"))  # built (and checked) on first use
 
 
 def test_metrics_by_hand() -> None:

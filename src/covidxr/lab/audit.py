@@ -40,10 +40,10 @@ from sklearn.preprocessing import StandardScaler
 from tqdm import tqdm
 
 from covidxr import DISCLAIMER
-from covidxr.lab.data import Dataset, load_dataset
+from covidxr.lab.data import Dataset, load_dataset, run_dataset
 from covidxr.lab.explain import BORDER_WIDTH, GEOMETRY_DESCRIPTION, LUNG_FIELD, region_masks
 from covidxr.lab.features import backbone_features, extract_features
-from covidxr.lab.models import CovidxrNet, StagedHead, head_probabilities, to_input_tensor
+from covidxr.lab.models import CovidxrNet, StagedHead, head_probabilities, run_model, to_input_tensor
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
 from covidxr.runtime.runs import Run, load_run
@@ -441,9 +441,9 @@ def run_audit(
     ``out`` defaults to the run folder. Returns what it writes.
     """
     run = run if isinstance(run, Run) else load_run(run)
-    model, labels = run.model, run.labels
+    model, labels = run_model(run), run.labels
     if data is None:
-        dataset = run.dataset()
+        dataset = run_dataset(run)
         frame = dataset.frame
         frame = frame[frame["split"] == "test"].reset_index(drop=True)
         images = f"test split of {dataset.root}"

@@ -20,8 +20,9 @@ from covidxr.lab.duplicates import HASH_BITS, HashCache, pairs_within
 from covidxr.lab.labels import LABELS, canonical_label
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import file_sha256, read_image
+from covidxr.runtime.runs import Run
 
-__all__ = ["Dataset", "Problem", "check_dataset", "load_dataset", "load_datasets", "split_by_patient"]
+__all__ = ["Dataset", "Problem", "check_dataset", "load_dataset", "load_datasets", "run_dataset", "split_by_patient"]
 
 REQUIRED_COLUMNS = ("filename", "label", "patient_id")
 
@@ -304,3 +305,9 @@ def split_by_patient(
         for i, unit in enumerate(units):
             assignment[unit] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
     return groups.map(assignment).rename("split")
+
+
+def run_dataset(run: Run) -> Dataset:
+    """Every image a run was split from (one dataset, or several merged), with its ``split``."""
+    names = [Path(d).name for d in run.info.datasets]
+    return Dataset(Path(run.info.data), run.splits(), "+".join(names))

@@ -30,7 +30,7 @@ from covidxr.lab.figures import (
     plot_predictions,
 )
 from covidxr.lab.metrics import class_mix_shift, compute_metrics, covid_versus_rest, rates_by_group
-from covidxr.lab.models import CovidxrNet, head_probabilities
+from covidxr.lab.models import CovidxrNet, head_probabilities, run_model
 from covidxr.lab.report import write_run_report
 from covidxr.runtime.calibration import POSITIVE, decide, expected_calibration_error
 from covidxr.runtime.cam import overlay
@@ -121,9 +121,9 @@ def evaluate_run(
         scope = f"{dataset.name} (external: all images)"
     frame = frame.reset_index(drop=True)
     extraction = (cache_dir, run.config.extract_batch_size, run.config.num_workers, progress)
-    features = extract_features(run.model, [root / f for f in frame["filename"]], *extraction)
-    uncalibrated = head_probabilities(run.model, features)
-    probabilities = head_probabilities(run.model, features, run.temperature)
+    features = extract_features(run_model(run), [root / f for f in frame["filename"]], *extraction)
+    uncalibrated = head_probabilities(run_model(run), features)
+    probabilities = head_probabilities(run_model(run), features, run.temperature)
     threshold = run.covid_threshold
     predicted = [run.labels[k] for k in decide(probabilities, run.labels, threshold)]  # what `predict` says
     truth = list(frame["label"])
@@ -148,8 +148,8 @@ def evaluate_run(
     if data is not None:
         internal = run.splits().query("split == 'test'")
         internal_paths = [Path(run.info.data) / f for f in internal["filename"]]
-        internal_features = extract_features(run.model, internal_paths, *extraction)
-        internal_probabilities = head_probabilities(run.model, internal_features, run.temperature)
+        internal_features = extract_features(run_model(run), internal_paths, *extraction)
+        internal_probabilities = head_probabilities(run_model(run), internal_features, run.temperature)
         internal_predicted = decide(internal_probabilities, run.labels, threshold)
         internal_counts = {label: int((internal_predicted == k).sum()) for k, label in enumerate(run.labels)}
         metrics["predicted_class_shift"] = class_mix_shift(metrics["predicted_class_counts"], internal_counts)
@@ -164,16 +164,16 @@ def evaluate_run(
     if explain:
         chosen = choose_examples(frame, per_class=8, seed=seed)
         images = [read_image(root / frame["filename"].iloc[i]) for i in chosen]
-        inputs = torch.stack([run.model.input_tensor(img) for img in images])
+        inputs = torch.stack([run_model(run).input_tensor(img) for img in images])
         hands = hand_masks([root / frame["filename"].iloc[i] for i in chosen])
-        lungs = [input_lungs(run.model, img, hand) for img, hand in zip(images, hands, strict=True)]
+        lungs = [input_lungs(run_model(run), img, hand) for img, hand in zip(images, hands, strict=True)]
         covid = run.labels.index(POSITIVE)
-        metrics["explanations"] = check_maps(run.model, inputs, seed=seed, lungs=lungs, covid_class=covid)
+        metrics["explanations"] = check_maps(run_model(run), inputs, seed=seed, lungs=lungs, covid_class=covid)
         metrics["explanations"]["lung_masks"] = {"hand_drawn": sum(h is not None for h in hands), "n": len(hands)}
         true_labels = list(frame["label"].iloc[chosen])
         shown = [i for examples in gradcam_examples(run.labels, true_labels).values() for i in examples]
-        probs, overlays = explain_examples(run.model, images, shown)
-        size = run.model.image_size
+        probs, overlays = explain_examples(run_model(run), images, shown)
+        size = run_model(run).image_size
         plot_gradcam(run.labels, images, true_labels, probs, overlays, size, out / "gradcam.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_predictions(frame, probabilities, run.labels, predicted, Path(root), out / "predictions.png", seed)

@@ -27,11 +27,13 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, 
 from scipy.stats import spearmanr, wilcoxon
 from torch import nn
 
-from covidxr.lab.models import CovidxrNet
+from covidxr.lab.models import CovidxrNet, run_model
 from covidxr.runtime.cam import lung_shares, lungs_on_input
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.runs import Run
 
 __all__ = [
+    "torch_cam_maps",
     "BORDER_WIDTH",
     "Explainer",
     "GEOMETRY_DESCRIPTION",
@@ -257,3 +259,9 @@ def check_maps(
         "randomisation_limit": RANDOMISATION_LIMIT,
         "methods": report,
     }
+
+
+def torch_cam_maps(run: Run, inputs: np.ndarray, classes: np.ndarray, method: str) -> np.ndarray:
+    """CAM maps of ``run``'s torch model by pytorch-grad-cam (entry point ``covidxr.cam``, used by the runtime
+    for the methods its numpy Grad-CAM does not cover)."""
+    return Explainer(run_model(run), method)(torch.from_numpy(inputs), classes.tolist())

@@ -6,7 +6,7 @@ normalisation: ``InputTransform``) outside the graph, in the decoding threads:
 - the *backbone* graph, preprocessed image → pooled features, for the feature cache; it depends
   only on the backbone, so it serves every head trained on it (``feature_engine``);
 - the *run* graph, preprocessed image → (features, logits, Grad-CAM activations), for prediction
-  (``covidxr.runtime.inference.make_engine``, ``covidxr export``), with a JSON sidecar holding labels, the image
+  (``covidxr.runtime.runners.make_engine``, ``covidxr export``), with a JSON sidecar holding labels, the image
   pipeline, normalisation, the calibration temperature and the COVID-19 threshold. ``covidxr export``
   writes it into the run folder (the bundled model ships it), so prediction then needs no torch.
 
@@ -29,13 +29,14 @@ from torch import nn
 
 from covidxr import DISCLAIMER
 from covidxr.lab.cache import default_cache_dir
-from covidxr.lab.models import CovidxrNet, StagedHead, hash_state_dict
+from covidxr.lab.models import CovidxrNet, StagedHead, hash_state_dict, run_model
 from covidxr.runtime.engines import ENGINES, GRAPH_FILE, OnnxEngine, graph_sha256, onnxruntime_available
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.runs import Run
 from covidxr.runtime.storage import atomic_path, stable_digest
 
 __all__ = [
+    "torch_runner",
     "TorchEngine",
     "backbone_sidecar",
     "cached_export",
@@ -78,6 +79,7 @@ class TorchEngine:
 
     def __init__(self, model: CovidxrNet):
         self.model = model.eval()
+        self.input_transform = model.input_transform
         self.description = f"torch {torch.__version__} (channels-last, {torch.get_num_threads()} threads)"
 
     @torch.inference_mode()
@@ -269,6 +271,22 @@ def feature_engine(
 
 def export_run_graph(run: Run, out: str | Path | None = None) -> Path:
     """Write the run graph and its sidecar to ``out`` (default: the run folder's ``model.onnx``, where
-    ``covidxr.runtime.inference.make_engine`` finds it and predicts without torch)."""
-    info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
-    return export_onnx(run.model, Path(out) if out else run.path / GRAPH_FILE, info)
+    ``covidxr.runtime.runners.make_engine`` finds it and predicts without torch)."""
+    info = sidecar(run_model(run), run.labels, run.temperature, run.covid_threshold)
+    return export_onnx(run_model(run), Path(out) if out else run.path / GRAPH_FILE, info)
+
+
+def torch_runner(
+    run: Run, requested: str, cache_dir: str | Path | None, threads: int | None
+) -> TorchEngine | OnnxEngine:
+    """The ``torch`` runner (entry point ``covidxr.runners``): the run's torch model, or for ``auto`` and
+    ``onnx`` on a run without a graph, its export into the cache, run by onnxruntime."""
+    model = run_model(run)
+    if resolve_engine(requested, model) == "torch":
+        if threads is not None:
+            raise CovidxrError("--threads applies to the onnx engine; torch uses torch.set_num_threads")
+        return TorchEngine(model)
+    path = export_or_fallback(
+        model, sidecar(model, run.labels, run.temperature, run.covid_threshold), requested, cache_dir
+    )
+    return TorchEngine(model) if path is None else OnnxEngine(path, threads, spin=False)

@@ -37,7 +37,7 @@ from covidxr.lab.front import FrontSplit, front_maps, split_model
 from covidxr.lab.labels import LABELS
 from covidxr.lab.loop import TensorSet, Trainee, decision_teachers, fit
 from covidxr.lab.metrics import auc_or_none, called_covid_rates, patient_bootstrap
-from covidxr.lab.models import CovidxrNet, head_probabilities, make_head, model_from_config
+from covidxr.lab.models import CovidxrNet, head_probabilities, make_head, model_from_config, run_model
 from covidxr.lab.train import cached_views, calibrate
 from covidxr.runtime.calibration import POSITIVE, softmax
 from covidxr.runtime.errors import CovidxrError
@@ -117,7 +117,7 @@ class _Retraining:
         if self.split is not None:
             return front_maps(self.base, self.split, paths, config.extract_batch_size, config.num_workers, view)
         extraction = (self.cache_dir, config.extract_batch_size, config.num_workers, self.progress)
-        return torch.tensor(extract_features(self.run.model, paths, *extraction, view=view))
+        return torch.tensor(extract_features(run_model(self.run), paths, *extraction, view=view))
 
     def train_without(self, frame: pd.DataFrame, inputs: torch.Tensor, keep: np.ndarray):
         """The run's protocol retrained on its own train/validation rows outside the held-out unit:
@@ -125,7 +125,7 @@ class _Retraining:
         config = self.run.config
         torch.manual_seed(config.seed)
         head = make_head(
-            self.run.model.spec.num_features, len(LABELS), config.hidden_units, config.dropout, config.decision
+            run_model(self.run).spec.num_features, len(LABELS), config.hidden_units, config.dropout, config.decision
         )
         rows = {part: keep & (frame["split"] == part).to_numpy() for part in ("train", "val")}
         targets = {part: torch.tensor([LABELS.index(v) for v in frame.loc[r, "label"]]) for part, r in rows.items()}
@@ -211,14 +211,14 @@ def leave_one_source_out(
     external_sets = []
     for folder in external:
         dataset = load_dataset(folder)
-        external_features = extract_features(run.model, dataset.paths(), *extraction, progress)
+        external_features = extract_features(run_model(run), dataset.paths(), *extraction, progress)
         same_inputs = (
             torch.from_numpy(external_features.copy())
             if retraining.split is None
             else retraining.inputs(dataset.paths())
         )
         external_sets.append((dataset.frame, same_inputs))
-        probabilities = head_probabilities(run.model, external_features, run.temperature)
+        probabilities = head_probabilities(run_model(run), external_features, run.temperature)
         predicted = [LABELS[k] for k in probabilities.argmax(1)]
         name = f"{dataset.name} (external)"
         records.append(

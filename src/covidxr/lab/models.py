@@ -393,7 +393,7 @@ class WeightsSource:
 
 
 def hash_state_dict(state: dict[str, torch.Tensor]) -> str:
-    """``covidxr.runtime.storage.hash_arrays`` of a state dict (the same digest numpy gets from its safetensors file)."""
+    """``covidxr.runtime.storage.hash_arrays`` of a state dict (the digest numpy gets from its safetensors)."""
     return hash_arrays({key: value.detach().cpu().numpy() for key, value in state.items()})
 
 
@@ -716,8 +716,14 @@ def model_from_config(
 
 
 def run_model(run: Run) -> CovidxrNet:
-    """The torch model of a loaded run (``Run.model`` calls this); refuses backbone weights that differ from
-    those it was trained on."""
+    """The torch model of a loaded run, built on first use and kept with the run; refuses backbone weights
+    that differ from those it was trained on."""
+    if run._model is None:
+        run._model = _build_run_model(run)
+    return run._model
+
+
+def _build_run_model(run: Run) -> CovidxrNet:
     info, config, path = run.info, run.config, run.path
     pretrained = info.weights["kind"] != "random"
     recorded = Path(info.weights["location"])

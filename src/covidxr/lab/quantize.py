@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from covidxr import DISCLAIMER
 from covidxr.lab.export import cached_export, sidecar
+from covidxr.lab.models import run_model
 from covidxr.runtime.batches import iterate_batches
 from covidxr.runtime.calibration import POSITIVE, softmax
 from covidxr.runtime.engines import OnnxEngine, graph_sha256, int8_instructions
@@ -31,7 +32,7 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.ood import MARGIN, QUANTILE
 from covidxr.runtime.runs import Run
 
-__all__ = ["METHODS", "graph_paths", "int8_engine", "int8_path", "quantize_graph", "quantize_run"]
+__all__ = ["METHODS", "graph_paths", "int8_runner", "int8_path", "quantize_graph", "quantize_run"]
 
 METHODS = ("static", "dynamic")
 MAX_DROP = 0.02  # largest accepted loss of validation accuracy or AUC (absolute), unless told otherwise
@@ -113,7 +114,9 @@ def _fp32_nodes(nodes) -> list[str]:
 
 def graph_paths(run: Run, cache_dir: str | Path | None = None) -> tuple[Path, Path]:
     """The fp32 export of ``run`` (made if missing) and where its int8 copy lives: beside it, named after it."""
-    fp32 = cached_export(run.model, sidecar(run.model, run.labels, run.temperature, run.covid_threshold), cache_dir)
+    fp32 = cached_export(
+        run_model(run), sidecar(run_model(run), run.labels, run.temperature, run.covid_threshold), cache_dir
+    )
     return fp32, fp32.with_name(f"{fp32.stem}-int8.onnx")
 
 
@@ -125,7 +128,7 @@ def int8_path(run: Run, cache_dir: str | Path | None = None) -> Path:
 def _inputs(run: Run, paths: list[Path]) -> np.ndarray:
     """Preprocessed images (unreadable ones are refused: the run's own data must be readable)."""
     batches = []
-    for _, inputs, errors, _, _ in iterate_batches(paths, run.model.input_transform, 32, 1, None):
+    for _, inputs, errors, _, _ in iterate_batches(paths, run_model(run).input_transform, 32, 1, None):
         if any(errors):
             raise CovidxrError(next(e for e in errors if e))
         batches.append(inputs)
@@ -244,8 +247,9 @@ def _int8_guard_threshold(run: Run, val_features: np.ndarray) -> float | None:
     return float(np.quantile(guard.score(val_features), QUANTILE) * MARGIN)
 
 
-def int8_engine(run: Run, cache_dir: str | Path | None = None, threads: int | None = None) -> OnnxEngine:
-    """The accepted int8 graph of ``run`` (``covidxr quantize`` first)."""
+def int8_runner(run: Run, requested: str, cache_dir: str | Path | None, threads: int | None) -> OnnxEngine:
+    """The ``int8`` runner (entry point ``covidxr.runners``): the accepted int8 graph of ``run``
+    (``covidxr quantize`` first)."""
     path = int8_path(run, cache_dir)
     if not path.is_file() or not path.with_suffix(".json").is_file():
         raise CovidxrError(f"{run.path}: no accepted int8 model yet; run `covidxr quantize {run.path}` first")

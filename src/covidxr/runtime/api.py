@@ -34,8 +34,9 @@ from covidxr.runtime.cam import (
 from covidxr.runtime.engines import TRAIN_EXTRA, OnnxEngine, torch_available
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import check_dimensions, read_image
-from covidxr.runtime.inference import answer, input_transform, make_engine, predict_files
+from covidxr.runtime.inference import answer, predict_files
 from covidxr.runtime.ood import is_blank
+from covidxr.runtime.runners import entry_point, input_transform, make_engine
 from covidxr.runtime.runs import HEAD_FILE, Run, default_model_path, load_run
 
 __all__ = ["ImageLike", "METHODS", "Model", "load_model"]
@@ -217,14 +218,11 @@ class Model:
         return results
 
     def _torch_maps(self, inputs: np.ndarray, classes: np.ndarray, method: str) -> np.ndarray:
-        """CAM maps by pytorch-grad-cam (the methods and models ``covidxr.runtime.cam`` does not cover)."""
+        """CAM maps by pytorch-grad-cam (the methods and models ``covidxr.runtime.cam`` does not cover), from
+        the lab's entry point ``covidxr.cam``."""
         if not torch_available():
             raise CovidxrError(f"{method} for this model needs torch: {TRAIN_EXTRA}")
-        import torch
-
-        from covidxr.lab.explain import Explainer
-
-        return Explainer(self.run.model, method)(torch.from_numpy(inputs), classes.tolist())
+        return entry_point("covidxr.cam", "torch")(self.run, inputs, classes, method)
 
     @cached_property
     def _dense_head(self) -> DenseHead:

@@ -34,7 +34,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut, get_dec
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
-from covidxr.runtime.images import Source, has_dicom_magic, source_label
+from covidxr.runtime.source import Source, has_dicom_magic, source_label
 
 __all__ = ["DicomInfo", "decode_dicom", "dicom_info", "install_hint", "read_dicom"]
 

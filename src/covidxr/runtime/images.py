@@ -11,12 +11,12 @@ import io
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
+from covidxr.runtime.source import DICOM_SUFFIXES, Source, has_dicom_magic, source_label
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -35,31 +35,7 @@ MAX_IMAGE_PIXELS = 60_000_000
 MIN_IMAGE_SIDE = 32  # a 1x1 or thumbnail "image" carries no anatomy to classify
 
 
-Source = str | Path | BinaryIO  # a file, or bytes held in memory (an upload; its ``name`` labels messages)
-DICOM_SUFFIXES = {".dcm", ".dicom"}
-_PREAMBLE = 128
 FULL_SIZE = "covidxr_full_size"  # image.info key: the file's own width and height
-_MAGIC = b"DICM"
-
-
-def source_label(source: Source) -> str:
-    """How messages name a source: its path, or an in-memory buffer's ``name``."""
-    return str(source) if isinstance(source, str | Path) else str(getattr(source, "name", "upload"))
-
-
-def has_dicom_magic(source: Source) -> bool:
-    """Whether a file starts with the DICOM Part 10 preamble and ``DICM`` prefix, whatever its name."""
-    if not isinstance(source, str | Path):
-        position = source.tell()
-        head = source.read(_PREAMBLE + len(_MAGIC))
-        source.seek(position)
-        return head[_PREAMBLE:] == _MAGIC
-    try:
-        with open(source, "rb") as handle:
-            head = handle.read(_PREAMBLE + len(_MAGIC))
-    except OSError:
-        return False
-    return head[_PREAMBLE:] == _MAGIC
 
 
 def read_image(path: str | Path, draft: int | None = None) -> Image.Image:

@@ -16,39 +16,27 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from covidxr import DISCLAIMER
 from covidxr.runtime.batches import iterate_batches, progress_bar
 from covidxr.runtime.calibration import POSITIVE, decide, softmax
 from covidxr.runtime.engines import (
-    ENGINES,
-    GRAPH_FILE,
-    TRAIN_EXTRA,
     OnnxEngine,
-    onnxruntime_available,
-    read_sidecar,
-    torch_available,
 )
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import IMAGE_SUFFIXES
-from covidxr.runtime.preprocess import ImagePipeline, InputTransform, Preprocessing
-from covidxr.runtime.runs import HEAD_FILE, Run
-from covidxr.runtime.storage import hash_arrays, stable_digest
+from covidxr.runtime.runners import Engine, head_digest, input_transform, make_engine
+from covidxr.runtime.runs import Run
+from covidxr.runtime.storage import stable_digest
 
 __all__ = [
     "BLANK",
-    "Engine",
     "OUT_OF_DISTRIBUTION",
     "answer",
     "expand_inputs",
-    "head_digest",
-    "input_transform",
     "iterate_predictions",
-    "make_engine",
     "output_name",
     "path_from_output_name",
     "predict_files",
@@ -56,83 +44,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-Engine = Any  # covidxr.runtime.engines.OnnxEngine, or covidxr.lab.export.TorchEngine with the training install
-
-
-def make_engine(
-    run: Run, engine: str = "auto", cache_dir: str | Path | None = None, threads: int | None = None
-) -> Engine:
-    """The engine that predicts with ``run``.
-
-    - ``auto`` (default) and ``onnx``: the run's own graph (``model.onnx``, written by ``covidxr export``;
-      the bundled model ships it), checked against its sidecar's hash and the run's head, and run by
-      onnxruntime on ``threads`` threads: no torch. A run without a graph is exported once into the cache
-      (training install); where that fails, ``auto`` warns in one line and runs torch.
-    - ``torch``: the model itself (training install).
-    - ``int8``: the graph ``covidxr quantize`` accepted.
-    """
-    if engine not in (*ENGINES, "int8"):
-        raise CovidxrError(f"engine must be one of {', '.join((*ENGINES, 'int8'))}, not {engine!r}")
-    if engine == "int8":
-        from covidxr.lab.quantize import int8_engine
-
-        return int8_engine(run, cache_dir, threads)
-    if engine != "torch" and run.graph is not None and onnxruntime_available():
-        check_run_graph(run)
-        return OnnxEngine(run.graph, threads, spin=False)
-    if engine == "onnx" and not onnxruntime_available():
-        raise CovidxrError("the onnx engine needs onnxruntime: pip install onnxruntime (or use --engine torch)")
-    if not torch_available():
-        if engine == "torch":
-            raise CovidxrError(f"the torch engine needs the training install: {TRAIN_EXTRA}")
-        raise CovidxrError(
-            f"{run.path}: holds no exported graph ({GRAPH_FILE}) to predict with onnxruntime alone; "
-            f"make it with `covidxr export {run.path}` where the training install is ({TRAIN_EXTRA})"
-        )
-    from covidxr.lab.export import TorchEngine, export_or_fallback, resolve_engine, sidecar
-
-    if resolve_engine(engine, run.model) == "torch":
-        if threads is not None:
-            raise CovidxrError("--threads applies to the onnx engine; torch uses torch.set_num_threads")
-        return TorchEngine(run.model)
-    info = sidecar(run.model, run.labels, run.temperature, run.covid_threshold)
-    path = export_or_fallback(run.model, info, engine, cache_dir)
-    return TorchEngine(run.model) if path is None else OnnxEngine(path, threads, spin=False)
-
-
-def head_digest(run: Run) -> str:
-    """The SHA-256 of the run's trained head (``covidxr.runtime.storage.hash_arrays`` of its safetensors)."""
-    return hash_arrays(load_file(str(run.path / HEAD_FILE)))
-
-
-def check_run_graph(run: Run) -> dict:
-    """The sidecar of the run's graph, after checking that the graph is intact (its SHA-256) and was
-    exported from this run (its head and its model key): a stale or altered graph is one line, never used."""
-    info = read_sidecar(run.graph)
-    key = info.get("key", {})
-    if key.get("head_sha256") != head_digest(run) or key.get("model_key") != run.info.model_key:
-        raise CovidxrError(
-            f"{run.graph}: was exported from another head or backbone than this run's; "
-            f"export it again (`covidxr export {run.path}`) or delete it"
-        )
-    return info
-
-
-def input_transform(run: Run, engine: Engine) -> InputTransform:
-    """What turns a decoded image into the engine's input: for a graph, what its sidecar records (so no
-    torch is needed; the graph itself was checked against the sidecar before the engine was made), for
-    torch the model's own."""
-    sidecar_path = engine.path.with_suffix(".json") if isinstance(engine, OnnxEngine) else None
-    if sidecar_path is not None and sidecar_path.is_file():
-        info = json.loads(sidecar_path.read_text())
-        return InputTransform(
-            int(info["image_size"]),
-            Preprocessing.from_dict(info["normalisation"]),
-            ImagePipeline.from_dict(info["pipeline"]),
-        )
-    return run.model.input_transform
 
 
 OUT_OF_DISTRIBUTION = "not a chest X-ray like the training images"

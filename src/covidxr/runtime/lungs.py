@@ -232,9 +232,8 @@ class LungSegmenter:
             )
         try:
             import onnxruntime
-        except ImportError:  # as the classifier's ``auto`` engine does: torch where onnxruntime is missing
-            self.session, self.torch_model = None, _torch_segmenter(self.graph.with_suffix(".safetensors"))
-            return
+        except ImportError:  # a dependency of the runtime install; say so where it was removed
+            raise CovidxrError("the lung segmenter needs onnxruntime: pip install onnxruntime") from None
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -246,13 +245,7 @@ class LungSegmenter:
         """Lung probability per pixel of model-resolution uint8 inputs, N x size x size, in 1/255 steps
         (uint8: 255 = 1), the form the cache stores."""
         batch = np.stack([normalise(small) for small in smalls])[:, None]
-        if self.session is None:
-            import torch
-
-            with torch.no_grad():
-                logits = self.torch_model(torch.from_numpy(batch)).numpy()[:, 0]
-        else:
-            logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
+        logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
         return np.rint(255.0 / (1.0 + np.exp(-logits))).astype(np.uint8)
 
     def _cache_path(self, small: np.ndarray, cache_dir: Path) -> Path:
@@ -296,15 +289,6 @@ class LungSegmenter:
         scaled = Image.fromarray(kept.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BILINEAR)
         mask = np.asarray(scaled) >= 128
         return LungFields(mask=mask, box=None if reason else _box(mask), area_fraction=area_fraction, reason=reason)
-
-
-def _torch_segmenter(weights: Path):
-    """The segmenter's torch model from its safetensors, for a machine without onnxruntime."""
-    try:
-        from covidxr.lab.lungs_train import load_torch_model
-    except ImportError:
-        raise CovidxrError("the lung segmenter needs onnxruntime: pip install onnxruntime") from None
-    return load_torch_model(weights).eval()
 
 
 _segmenter: LungSegmenter | None = None

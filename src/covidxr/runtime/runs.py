@@ -3,7 +3,7 @@
 A run folder holds its configuration, its metadata (``run.json``, read into the typed ``RunInfo``),
 the trained head, the out-of-distribution statistics, the splits and, once ``covidxr export`` has
 run (the bundled model ships it), the exported graph. Prediction needs only this module, the graph
-and numpy; the torch model (``Run.model``) is built on first use, for training-side work.
+and numpy; the torch model is built by the lab (``covidxr.lab.models.run_model``), for training-side work.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from covidxr.runtime.bundle import BUNDLED
 from covidxr.runtime.config import TrainConfig
-from covidxr.runtime.engines import GRAPH_FILE, TRAIN_EXTRA, torch_available
+from covidxr.runtime.engines import GRAPH_FILE
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.ood import OODGuard
 
@@ -120,8 +120,9 @@ class RunInfo:
 class Run:
     """A trained run loaded back: its configuration, its record, and what prediction needs from the folder.
 
-    ``weights`` / ``weights_dir`` say where to find the backbone's pretrained weights when the torch
-    model is built (``model``); the runtime never needs them where the folder holds its graph."""
+    ``weights`` / ``weights_dir`` say where to find the backbone's pretrained weights when the lab builds
+    the torch model (``covidxr.lab.models.run_model``, which keeps it in ``_model``); the runtime never needs
+    them where the folder holds its graph."""
 
     path: Path
     info: RunInfo
@@ -159,22 +160,6 @@ class Run:
         path = self.path / GRAPH_FILE
         return path if path.is_file() else None
 
-    @property
-    def model(self):
-        """The torch model (``covidxr.lab.models.CovidxrNet``) with its trained head, built on first use;
-        refuses backbone weights other than those the run was trained on. Needs the training install."""
-        if self._model is None:
-            if not torch_available():
-                raise CovidxrError(f"{self.path}: this needs the torch model of the run: {TRAIN_EXTRA}")
-            from covidxr.lab.models import run_model  # torch builds it; the runtime never needs it
-
-            self._model = run_model(self)
-        return self._model
-
-    @model.setter
-    def model(self, value) -> None:
-        self._model = value
-
     def split_rows(self) -> list[dict[str, str]]:
         """``splits.csv`` as rows (file, label, patient, source, split)."""
         with open(self.path / SPLITS_FILE, newline="", encoding="utf-8") as handle:
@@ -185,13 +170,6 @@ class Run:
         import pandas as pd
 
         return pd.read_csv(self.path / SPLITS_FILE, dtype=str, keep_default_na=False)
-
-    def dataset(self):
-        """Every image the run was split from (one dataset, or several merged), with its ``split``."""
-        from covidxr.lab.data import Dataset
-
-        names = [Path(d).name for d in self.info.datasets]
-        return Dataset(Path(self.info.data), self.splits(), "+".join(names))
 
     def history(self):
         import pandas as pd

@@ -36,7 +36,7 @@ from covidxr.runtime.card import model_card, render_model_card_html
 from covidxr.runtime.engines import physical_cores
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
 from covidxr.runtime.images import FULL_SIZE, decode_bytes
-from covidxr.runtime.inference import head_digest
+from covidxr.runtime.runners import head_digest
 
 __all__ = ["create_app", "serve"]
 
