@@ -37,6 +37,7 @@ __all__ = [
     "fill_holes",
     "label_components",
     "lung_reason",
+    "find_lungs",
     "lung_segmenter",
     "model_input",
     "normalise",
@@ -302,3 +303,9 @@ def lung_segmenter() -> LungSegmenter:
         if _segmenter is None:
             _segmenter = LungSegmenter()
         return _segmenter
+
+
+def find_lungs(grey: np.ndarray, cache_dir: str | Path | None = None) -> LungFields:
+    """The lungs of a uint8 HxW image by the bundled segmenter: the runtime's one entry point to it
+    (preprocessing's lung crop, the lung check, Grad-CAM's lung share and ``covidxr segment`` call this)."""
+    return lung_segmenter().segment(grey, None if cache_dir is None else Path(cache_dir))

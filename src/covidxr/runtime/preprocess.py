@@ -22,13 +22,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.lungs import find_lungs
 
 __all__ = [
     "AcquisitionAugment",
@@ -253,9 +253,7 @@ class ImagePipeline:
 def lung_input(grey: np.ndarray, mode: str, cache_dir: str | None = None) -> tuple[np.ndarray, str | None]:
     """The image cut down to its lungs (``crop`` or ``mask``), or unchanged with the reason the bundled
     segmenter found no plausible pair of lungs: never a crop of the wrong region."""
-    from covidxr.runtime.lungs import lung_segmenter
-
-    found = lung_segmenter().segment(grey, None if cache_dir is None else Path(cache_dir))
+    found = find_lungs(grey, cache_dir)
     if found.reason:
         return grey, found.reason
     if mode == "crop":

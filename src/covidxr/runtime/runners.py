@@ -21,6 +21,7 @@ from safetensors.numpy import load_file
 
 from covidxr.runtime.engines import (
     GRAPH_FILE,
+    RUNNERS,
     TRAIN_EXTRA,
     OnnxEngine,
     onnxruntime_available,
@@ -45,7 +46,6 @@ __all__ = [
     "register_runner",
 ]
 
-RUNNERS = ("auto", "onnx", "torch", "int8")  # what --engine accepts: the one list of choices
 ENTRY_POINTS = "covidxr.runners"
 
 
