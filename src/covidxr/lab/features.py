@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from covidxr.lab.augment import AcquisitionAugment
 from covidxr.lab.cache import default_cache_dir
 from covidxr.lab.export import feature_engine
 from covidxr.lab.models import CovidxrNet
 from covidxr.runtime.batches import iterate_batches
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import file_sha256
-from covidxr.runtime.preprocess import AcquisitionAugment
 from covidxr.runtime.storage import atomic_path, stable_digest
 
 __all__ = ["AugmentedView", "FeatureCache", "backbone_features", "compute_features", "extract_features"]

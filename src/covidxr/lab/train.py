@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from covidxr import __version__
+from covidxr.lab.augment import AcquisitionAugment
 from covidxr.lab.cache import default_cache_dir
 from covidxr.lab.data import Dataset, load_datasets, split_by_patient
 from covidxr.lab.duplicates import crossing_pairs, near_duplicate_pairs, patient_groups
@@ -51,7 +52,6 @@ from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
 from covidxr.runtime.ood import MARGIN, QUANTILE, fit_guard
-from covidxr.runtime.preprocess import AcquisitionAugment
 from covidxr.runtime.runs import CONFIG_FILE, HEAD_FILE, HISTORY_FILE, INFO_FILE, OOD_FILE, SPLITS_FILE, RunInfo
 
 __all__ = ["cached_views", "calibrate", "checkpoint_matches", "make_splits", "train"]
