@@ -36,9 +36,10 @@ from covidxr.lab.train import checkpoint_matches
 from covidxr.runtime.engines import OnnxEngine, graph_sha256
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
 from covidxr.runtime.images import MAX_IMAGE_PIXELS, read_image
-from covidxr.runtime.inference import output_name, path_from_output_name, predict_to_file
+from covidxr.runtime.inference import output_name, path_from_output_name
 from covidxr.runtime.runners import make_engine
 from covidxr.runtime.runs import default_model_path, load_run
+from covidxr.runtime.writer import predict_to_file
 
 from .conftest import PROBABILITY_TOLERANCE, decision_margin
 from .conftest import run_cli as cli

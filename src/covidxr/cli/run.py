@@ -51,9 +51,10 @@ def _prediction_table(results: list[dict]) -> str:
 def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
     from covidxr.runtime.calibration import describe_operating_point
-    from covidxr.runtime.inference import expand_inputs, predict_files, predict_to_file
+    from covidxr.runtime.inference import expand_inputs, predict_files
     from covidxr.runtime.runners import make_engine
     from covidxr.runtime.runs import default_model_path, load_run
+    from covidxr.runtime.writer import predict_to_file
 
     loaded = load_run(run or default_model_path(), weights, weights_dir)
     runner = make_engine(loaded, engine, cache_dir, threads)
