@@ -343,7 +343,7 @@ def reproduce_command(
     seeds,
     external_dirs,
     no_external,
-    engine,
+    feature_engine,
     weights_dir,
     cache_dir,
 ):
@@ -351,7 +351,7 @@ def reproduce_command(
     from covidxr.lab.reproduce import DEFAULT_MODELS, DESIGN_VARIANTS, reproduce, reproduce_designs
 
     if design == "deconfounded":
-        config = _load_config(config_file, epochs=epochs, seed=seed, engine=engine)
+        config = _load_config(config_file, epochs=epochs, seed=seed, feature_engine=feature_engine)
         model = models or "efficientnet_lite0"
         if "," in model:
             raise CovidxrError("--design deconfounded compares designs on one backbone; pass a single --models name")
@@ -362,7 +362,7 @@ def reproduce_command(
     if len(data_dirs) > 1:
         raise CovidxrError("--design paper uses one dataset; pass several --data folders with --design deconfounded")
     data_dir = data_dirs[0]
-    config = _load_config(config_file, epochs=epochs, seed=seed, engine=engine)
+    config = _load_config(config_file, epochs=epochs, seed=seed, feature_engine=feature_engine)
     names = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
     try:
         seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None

@@ -79,8 +79,12 @@ cache_option = click.option(
 
 
 # What computes frozen features (train, reproduce: saved in the run's config; default: the config's).
-feature_engine_option = _config_option(
-    "--engine", help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch)."
+feature_engine_option = click.option(
+    "--engine",
+    "feature_engine",
+    type=_config_type("feature_engine"),
+    default=None,
+    help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch).",
 )
 
 

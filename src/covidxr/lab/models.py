@@ -231,7 +231,6 @@ def model_from_config(
         pipeline=config.pipeline(),
         decision=config.decision,
     )
-    model.engine = config.engine
     return model
 
 

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from covidxr.runtime.bundle import BUNDLED
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.plugins import entry_point
 from covidxr.runtime.storage import atomic_write
 
 __all__ = [
@@ -231,10 +233,12 @@ class LungSegmenter:
                 f"{self.graph}: SHA-256 {self.sha256[:16]}… does not match {sidecar.name} ({expected[:16]}…); "
                 "reinstall covidxr or rebuild the segmenter with scripts/train_segmenter.sh"
             )
+        self.torch_logits = None
         try:
             import onnxruntime
-        except ImportError:  # a dependency of the runtime install; say so where it was removed
-            raise CovidxrError("the lung segmenter needs onnxruntime: pip install onnxruntime") from None
+        except ImportError:  # as the classifier's ``auto`` engine does: torch where onnxruntime is missing
+            self.session, self.torch_logits = None, _torch_segmenter(self.graph.with_suffix(".safetensors"))
+            return
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -246,7 +250,10 @@ class LungSegmenter:
         """Lung probability per pixel of model-resolution uint8 inputs, N x size x size, in 1/255 steps
         (uint8: 255 = 1), the form the cache stores."""
         batch = np.stack([normalise(small) for small in smalls])[:, None]
-        logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
+        if self.session is None:
+            logits = self.torch_logits(batch)[:, 0]
+        else:
+            logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
         return np.rint(255.0 / (1.0 + np.exp(-logits))).astype(np.uint8)
 
     def _cache_path(self, small: np.ndarray, cache_dir: Path) -> Path:
@@ -290,6 +297,14 @@ class LungSegmenter:
         scaled = Image.fromarray(kept.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BILINEAR)
         mask = np.asarray(scaled) >= 128
         return LungFields(mask=mask, box=None if reason else _box(mask), area_fraction=area_fraction, reason=reason)
+
+
+def _torch_segmenter(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The segmenter in torch (the lab's entry point ``covidxr.lungs``), for a machine without onnxruntime."""
+    try:
+        return entry_point("covidxr.lungs", "torch")(weights)
+    except ImportError:
+        raise CovidxrError("the lung segmenter needs onnxruntime: pip install onnxruntime") from None
 
 
 _segmenter: LungSegmenter | None = None
