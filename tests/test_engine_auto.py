@@ -64,7 +64,11 @@ def test_auto_training_uses_onnxruntime_and_matches_torch(small_dataset: Path, t
     config = replace(TrainConfig(image_size=224), epochs=3)
     by_onnx = train(small_dataset, tmp_path / "onnx", config, cache_dir=tmp_path / "c1", progress=False)
     by_torch = train(
-        small_dataset, tmp_path / "torch", replace(config, engine="torch"), cache_dir=tmp_path / "c2", progress=False
+        small_dataset,
+        tmp_path / "torch",
+        replace(config, feature_engine="torch"),
+        cache_dir=tmp_path / "c2",
+        progress=False,
     )
     onnx_info, torch_info = (json.loads((run / "run.json").read_text()) for run in (by_onnx, by_torch))
     assert onnx_info["feature_engine"].startswith("onnxruntime ") and "threads" in onnx_info["feature_engine"]
@@ -79,7 +83,7 @@ def test_auto_training_uses_onnxruntime_and_matches_torch(small_dataset: Path, t
     assert len(onnx_loss) == 3 and np.abs(onnx_loss - torch_loss).max() < 1e-3
     # Evaluation of the run reuses its engine and its cache (no feature is recomputed by torch).
     run = load_run(by_onnx)
-    assert run_model(run).engine == "auto"
+    assert run.config.feature_engine == "auto"
     paths = [run_dataset(run).root / f for f in run.splits().query("split == 'train'")["filename"][:4]]
     cached = FeatureCache(run_model(run), tmp_path / "c1", engine="onnx")
     assert all(cached.get(file_sha256(p)) is not None for p in paths)
@@ -130,9 +134,8 @@ def test_unexportable_model_falls_back_to_torch_with_one_line(
     inputs = torch.stack([model.input_tensor(read_image(p)) for p in paths])
     assert np.abs(features - TorchEngine(model).features(inputs)).max() == 0
     # Asked for explicitly, the failure is an error, not a silent change of engine.
-    model.engine = "onnx"
     with pytest.raises(CovidxrError, match="could not be exported to ONNX"):
-        extract_features(model, paths, tmp_path / "other-cache", progress=False)
+        extract_features(model, paths, tmp_path / "other-cache", progress=False, engine="onnx")
 
 
 def test_threads_default_to_physical_cores_and_bad_settings_are_one_line(small_dataset: Path, tmp_path: Path) -> None:

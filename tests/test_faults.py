@@ -36,9 +36,10 @@ from covidxr.lab.train import checkpoint_matches
 from covidxr.runtime.engines import OnnxEngine, graph_sha256
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
 from covidxr.runtime.images import MAX_IMAGE_PIXELS, read_image
-from covidxr.runtime.inference import output_name, path_from_output_name, predict_to_file
+from covidxr.runtime.inference import output_name, path_from_output_name
 from covidxr.runtime.runners import make_engine
 from covidxr.runtime.runs import default_model_path, load_run
+from covidxr.runtime.writer import predict_to_file
 
 from .conftest import PROBABILITY_TOLERANCE, decision_margin
 from .conftest import run_cli as cli
@@ -321,9 +322,8 @@ def test_a_tampered_int8_graph_is_refused_not_used(run, runner, tmp_path: Path) 
 
 def test_a_tampered_feature_entry_is_recomputed_not_used(xrays, tmp_path: Path) -> None:
     model = run_model(load_run(default_model_path()))
-    model.engine = "torch"  # no export needed to check the cache
-    cache_dir = tmp_path / "cache"
-    clean, errors = compute_features(model, xrays[:2], cache_dir, progress=False)
+    cache_dir = tmp_path / "cache"  # torch: no export needed to check the cache
+    clean, errors = compute_features(model, xrays[:2], cache_dir, progress=False, engine="torch")
     assert not errors
     cache = FeatureCache(model, cache_dir, engine="torch")
     entries = [cache._path(covidxr.runtime.images.file_sha256(path)) for path in xrays[:2]]
@@ -333,7 +333,7 @@ def test_a_tampered_feature_entry_is_recomputed_not_used(xrays, tmp_path: Path) 
     data = bytearray(entries[1].read_bytes())
     data[-200:-196] = np.float32(123.0).tobytes()
     entries[1].write_bytes(bytes(data))
-    again, _ = compute_features(model, xrays[:2], cache_dir, progress=False)
+    again, _ = compute_features(model, xrays[:2], cache_dir, progress=False, engine="torch")
     np.testing.assert_allclose(again, clean, rtol=0, atol=1e-5)
     assert all(cache.get(covidxr.runtime.images.file_sha256(path)) is not None for path in xrays[:2])  # rebuilt
 

@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.inference import predict_to_file
 from covidxr.runtime.runs import load_run
+from covidxr.runtime.writer import predict_to_file
 
 from .conftest import run_cli
 

@@ -12,9 +12,10 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from covidxr.lab.augment import AcquisitionAugment
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
-from covidxr.runtime.preprocess import INTENSITY_METHODS, AcquisitionAugment, ImagePipeline
+from covidxr.runtime.preprocess import INTENSITY_METHODS, ImagePipeline
 from tests.conftest import ADULT_CONTROLS, CXR3
 
 LOW_CONTRAST = "images/ieee8023_16669_1_1.jpg"  # 512 x 427, grey-level standard deviation ~24

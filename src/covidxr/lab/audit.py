@@ -131,6 +131,7 @@ def variant_predictions(
     batch_size: int = 32,
     progress: bool = False,
     cache_dir: str | Path | None = None,
+    engine: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Predicted class indices for the lungs-hidden, border-only and common-format variant of every image.
 
@@ -148,7 +149,7 @@ def variant_predictions(
             images = [read_image(path) for path in paths[start : start + batch_size]]
             for name, make_input in variants.items():
                 inputs = torch.stack([make_input(img) for img in images])
-                features[name].append(backbone_features(model, inputs, cache_dir))
+                features[name].append(backbone_features(model, inputs, cache_dir, engine))
             bar.update(len(images))
     return {name: head_probabilities(model, np.concatenate(parts)).argmax(1) for name, parts in features.items()}
 
@@ -318,6 +319,7 @@ def source_probe_check(
     batch_size: int = 32,
     num_workers: int = 1,
     progress: bool = False,
+    engine: str = "auto",
 ) -> dict:
     """Can the frozen features tell the sources apart, overall and within a class, and is the source the label?"""
     frame = dataset.frame
@@ -337,9 +339,7 @@ def source_probe_check(
         counts = ", ".join(f"{source} {n}" for source, n in sources.items())
         reason = f"fewer than two sources with at least {MIN_IMAGES_PER_GROUP} images ({counts})"
         return {**common, "verdict": NOT_APPLICABLE, "summary": f"Source probe not applicable: {reason}."}
-    features = extract_features(
-        model, dataset.paths(), cache_dir, batch_size=batch_size, num_workers=num_workers, progress=progress
-    )
+    features = extract_features(model, dataset.paths(), cache_dir, batch_size, num_workers, progress, engine=engine)
     overall = attribute_probe(features, frame, "source", seed)
     if not overall["applicable"]:
         return {**common, "verdict": NOT_APPLICABLE, "summary": f"Source probe not applicable: {overall['reason']}."}
@@ -458,14 +458,13 @@ def run_audit(
 
     truth = np.array([labels.index(label) for label in frame["label"]])
     # The unchanged features come from the cache, so the unchanged accuracy is the one `evaluate` reports.
-    unchanged = extract_features(
-        model, paths, cache_dir, batch_size=batch_size, num_workers=num_workers, progress=progress
-    )
+    engine = run.config.feature_engine
+    unchanged = extract_features(model, paths, cache_dir, batch_size, num_workers, progress, engine=engine)
     predictions = {"unchanged": head_probabilities(model, unchanged).argmax(1)}
-    predictions |= variant_predictions(model, paths, batch_size, progress, cache_dir)
+    predictions |= variant_predictions(model, paths, batch_size, progress, cache_dir, engine)
     checks = {
         "lungs_hidden": lungs_hidden_check(truth, predictions, labels),
-        "source_probe": source_probe_check(model, dataset, cache_dir, seed, batch_size, num_workers, progress),
+        "source_probe": source_probe_check(model, dataset, cache_dir, seed, batch_size, num_workers, progress, engine),
         "resolution_format": resolution_format_check(truth, predictions["unchanged"], predictions["common_format"]),
     }
     verdict = overall_verdict(checks)

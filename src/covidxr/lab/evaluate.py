@@ -121,7 +121,8 @@ def evaluate_run(
         scope = f"{dataset.name} (external: all images)"
     frame = frame.reset_index(drop=True)
     extraction = (cache_dir, run.config.extract_batch_size, run.config.num_workers, progress)
-    features = extract_features(run_model(run), [root / f for f in frame["filename"]], *extraction)
+    engine = run.config.feature_engine
+    features = extract_features(run_model(run), [root / f for f in frame["filename"]], *extraction, engine=engine)
     uncalibrated = head_probabilities(run_model(run), features)
     probabilities = head_probabilities(run_model(run), features, run.temperature)
     threshold = run.covid_threshold
@@ -148,7 +149,7 @@ def evaluate_run(
     if data is not None:
         internal = run.splits().query("split == 'test'")
         internal_paths = [Path(run.info.data) / f for f in internal["filename"]]
-        internal_features = extract_features(run_model(run), internal_paths, *extraction)
+        internal_features = extract_features(run_model(run), internal_paths, *extraction, engine=engine)
         internal_probabilities = head_probabilities(run_model(run), internal_features, run.temperature)
         internal_predicted = decide(internal_probabilities, run.labels, threshold)
         internal_counts = {label: int((internal_predicted == k).sum()) for k, label in enumerate(run.labels)}

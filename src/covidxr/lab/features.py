@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from covidxr.lab.augment import AcquisitionAugment
 from covidxr.lab.cache import default_cache_dir
 from covidxr.lab.export import feature_engine
 from covidxr.lab.models import CovidxrNet
 from covidxr.runtime.batches import iterate_batches
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import file_sha256
-from covidxr.runtime.preprocess import AcquisitionAugment
 from covidxr.runtime.storage import atomic_path, stable_digest
 
 __all__ = ["AugmentedView", "FeatureCache", "backbone_features", "compute_features", "extract_features"]
@@ -63,7 +63,7 @@ class FeatureCache:
         engine: str | None = None,
     ):
         key = model.model_key() | ({"view": view.key()} if view else {})
-        engine = engine or feature_engine(model, model.engine, cache_dir).name  # default: what extraction uses
+        engine = engine or feature_engine(model, "auto", cache_dir).name  # default: what extraction uses
         if engine != "torch":  # absent for torch, so caches made before the engines existed stay valid
             key["engine"] = engine
         name = stable_digest(key)[:24]  # model_key_hash() + view
@@ -114,9 +114,12 @@ def _content_hash(digest: str, vector: np.ndarray) -> bytes:
     return hashlib.sha256(digest.encode() + np.ascontiguousarray(vector, dtype="<f4").tobytes()).digest()
 
 
-def backbone_features(model: CovidxrNet, inputs: torch.Tensor, cache_dir: str | Path | None = None) -> np.ndarray:
-    """Pooled features of a preprocessed batch, by the model's engine (``covidxr.lab.export.feature_engine``)."""
-    return feature_engine(model.eval(), model.engine, cache_dir).features(inputs)
+def backbone_features(
+    model: CovidxrNet, inputs: torch.Tensor, cache_dir: str | Path | None = None, engine: str = "auto"
+) -> np.ndarray:
+    """Pooled features of a preprocessed batch, by the requested feature engine (a run's ``feature_engine``;
+    ``covidxr.lab.export.feature_engine`` resolves it)."""
+    return feature_engine(model.eval(), engine, cache_dir).features(inputs)
 
 
 def compute_features(
@@ -127,6 +130,7 @@ def compute_features(
     num_workers: int = 1,
     progress: bool = True,
     view: AugmentedView | None = None,
+    engine: str = "auto",
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Features for every readable path (of its augmented ``view``, if given), from the cache where
     present; computes and caches the rest.
@@ -134,8 +138,8 @@ def compute_features(
     Returns the feature matrix (zero rows for unreadable files) and ``{index: error message}``.
     """
     paths = [Path(p) for p in paths]
-    engine = feature_engine(model.eval(), model.engine, cache_dir)
-    cache = FeatureCache(model, cache_dir, view, engine.name)
+    runner = feature_engine(model.eval(), engine, cache_dir)
+    cache = FeatureCache(model, cache_dir, view, runner.name)
     features = np.zeros((len(paths), cache.num_features), dtype=np.float32)
     digests: list[str | None] = []
     todo: list[int] = []
@@ -165,7 +169,7 @@ def compute_features(
             [digests[i] for i in todo],
         )
         for positions, inputs, batch_errors, _, _ in batches:
-            vectors = engine.features(inputs)
+            vectors = runner.features(inputs)
             for position, vector, error in zip(positions, vectors, batch_errors, strict=True):
                 index = todo[position]
                 if error:
@@ -184,13 +188,14 @@ def extract_features(
     num_workers: int = 1,
     progress: bool = True,
     view: AugmentedView | None = None,
+    engine: str = "auto",
 ) -> np.ndarray:
     """Features for every path; raises CovidxrError naming the first unreadable file.
 
     The error comes only after every readable image is cached, so fixing the bad file and
     rerunning redoes nothing.
     """
-    features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress, view)
+    features, errors = compute_features(model, paths, cache_dir, batch_size, num_workers, progress, view, engine)
     if errors:
         first = errors[min(errors)]
         more = f" (and {len(errors) - 1} more unreadable files)" if len(errors) > 1 else ""

@@ -117,7 +117,8 @@ class _Retraining:
         if self.split is not None:
             return front_maps(self.base, self.split, paths, config.extract_batch_size, config.num_workers, view)
         extraction = (self.cache_dir, config.extract_batch_size, config.num_workers, self.progress)
-        return torch.tensor(extract_features(run_model(self.run), paths, *extraction, view=view))
+        engine = self.run.config.feature_engine
+        return torch.tensor(extract_features(run_model(self.run), paths, *extraction, view=view, engine=engine))
 
     def train_without(self, frame: pd.DataFrame, inputs: torch.Tensor, keep: np.ndarray):
         """The run's protocol retrained on its own train/validation rows outside the held-out unit:
@@ -211,7 +212,9 @@ def leave_one_source_out(
     external_sets = []
     for folder in external:
         dataset = load_dataset(folder)
-        external_features = extract_features(run_model(run), dataset.paths(), *extraction, progress)
+        external_features = extract_features(
+            run_model(run), dataset.paths(), *extraction, progress, engine=run.config.feature_engine
+        )
         same_inputs = (
             torch.from_numpy(external_features.copy())
             if retraining.split is None

@@ -18,6 +18,7 @@ import math
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ __all__ = [
     "LungUNet",
     "SegmenterConfig",
     "bundle",
+    "torch_segmenter",
     "evaluate",
     "held_out_rows",
     "load_torch_model",
@@ -444,3 +446,15 @@ def bundle(run: str | Path) -> Path:
     for name in ARTIFACTS:
         shutil.copyfile(run / name, BUNDLED / name)
     return BUNDLED
+
+
+def torch_segmenter(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The segmenter's logits in torch from its safetensors (entry point ``covidxr.lungs``: the runtime's
+    segmenter where onnxruntime is missing): N x 1 x S x S float32 in, N x 1 x S x S logits out."""
+    model = load_torch_model(weights).eval()
+
+    def logits(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(batch)).numpy()
+
+    return logits

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from covidxr import __version__
+from covidxr.lab.augment import AcquisitionAugment
 from covidxr.lab.cache import default_cache_dir
 from covidxr.lab.data import Dataset, load_datasets, split_by_patient
 from covidxr.lab.duplicates import crossing_pairs, near_duplicate_pairs, patient_groups
@@ -51,7 +52,6 @@ from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
 from covidxr.runtime.ood import MARGIN, QUANTILE, fit_guard
-from covidxr.runtime.preprocess import AcquisitionAugment
 from covidxr.runtime.runs import CONFIG_FILE, HEAD_FILE, HISTORY_FILE, INFO_FILE, OOD_FILE, SPLITS_FILE, RunInfo
 
 __all__ = ["cached_views", "calibrate", "checkpoint_matches", "make_splits", "train"]
@@ -177,14 +177,15 @@ def _feature_sets(
     progress: bool,
 ) -> tuple[TensorSet, TensorSet]:
     """Training and validation sets of cached features (and cached augmented views of training images)."""
-    extraction = (cache_dir, config.extract_batch_size, config.num_workers)
+    extraction, engine = (cache_dir, config.extract_batch_size, config.num_workers), config.feature_engine
     views = cached_views(config)
     if not world.is_main:
         world.barrier()  # rank 0 fills the cache first; the others then only read it
     encoded = {
-        part: torch.from_numpy(extract_features(model, paths[part], *extraction, progress)) for part in ("train", "val")
+        part: torch.from_numpy(extract_features(model, paths[part], *extraction, progress, engine=engine))
+        for part in ("train", "val")
     }
-    extra = [extract_features(model, paths["train"], *extraction, progress, view) for view in views]
+    extra = [extract_features(model, paths["train"], *extraction, progress, view, engine) for view in views]
     if world.is_main:
         world.barrier()
     stacked = torch.from_numpy(np.stack(extra)) if views else None
@@ -339,8 +340,9 @@ def train(
     if backbone_parameters:
         fine_tuned = save_backbone(model, out / BACKBONE_FILE)
     extraction = (cache_dir, config.extract_batch_size, config.num_workers, progress)
-    val_features = torch.from_numpy(extract_features(model, paths["val"], *extraction))
-    guard = fit_guard(extract_features(model, paths["train"], *extraction), val_features.numpy())
+    engine = config.feature_engine
+    val_features = torch.from_numpy(extract_features(model, paths["val"], *extraction, engine=engine))
+    guard = fit_guard(extract_features(model, paths["train"], *extraction, engine=engine), val_features.numpy())
     guard.save(out / OOD_FILE)
     run_info = RunInfo(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -363,7 +365,7 @@ def train(
         domains={"column": config.domain_column, "values": domain_names},
         near_duplicates=near_duplicates,
         feature_engine=(
-            None if config.trains_on_images else feature_engine(model, config.engine, cache_dir).description
+            None if config.trains_on_images else feature_engine(model, config.feature_engine, cache_dir).description
         ),
         feature_cache=feature_cache,
         processes=world.world_size,

@@ -36,7 +36,8 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import check_dimensions, read_image
 from covidxr.runtime.inference import answer, predict_files
 from covidxr.runtime.ood import is_blank
-from covidxr.runtime.runners import entry_point, input_transform, make_engine
+from covidxr.runtime.plugins import entry_point
+from covidxr.runtime.runners import input_transform, make_engine
 from covidxr.runtime.runs import HEAD_FILE, Run, default_model_path, load_run
 
 __all__ = ["ImageLike", "METHODS", "Model", "load_model"]

@@ -19,6 +19,7 @@ from PIL import Image
 
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
+from covidxr.runtime.lungs import find_lungs
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.preprocess import InputTransform
 
@@ -51,9 +52,7 @@ def prepare(transform: InputTransform, image: Image.Image, check_lungs: bool = T
 
 def lungs_missing(image: Image.Image) -> str | None:
     """Why the bundled lung segmenter finds no plausible pair of lungs in ``image`` (None when it does)."""
-    from covidxr.runtime.lungs import lung_segmenter
-
-    return lung_segmenter().segment(np.asarray(image.convert("L"))).reason
+    return find_lungs(np.asarray(image.convert("L"))).reason
 
 
 def _item(

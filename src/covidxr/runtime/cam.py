@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.lungs import find_lungs
 from covidxr.runtime.preprocess import ImagePipeline
 
 __all__ = [
@@ -149,10 +150,7 @@ def lungs_on_input(
     if hand_mask is not None and not pipeline.crop_thorax and pipeline.lungs != "crop":
         scaled = Image.fromarray((hand_mask == 255).astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
         return np.asarray(scaled) >= 128
-    from covidxr.runtime.lungs import lung_segmenter
-
-    seen = np.asarray(pipeline.process(image).convert("L"))
-    found = lung_segmenter().segment(seen)
+    found = find_lungs(np.asarray(pipeline.process(image).convert("L")))
     if found.reason:
         return None
     scaled = Image.fromarray(found.mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)

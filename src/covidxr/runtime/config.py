@@ -73,7 +73,7 @@ CONSTRAINTS: dict[str, tuple[str, ...] | Range] = {
     "optimizer": OPTIMIZERS,
     "schedule": SCHEDULES,
     "precision": PRECISIONS,
-    "engine": ENGINES,
+    "feature_engine": ENGINES,
     "decision": DECISIONS,
     "intensity": INTENSITY_METHODS,
     "lungs": LUNG_MODES,
@@ -168,7 +168,7 @@ class TrainConfig:
     schedule: str = "none"
     precision: str = "fp32"
     # What computes frozen backbone features: auto (onnxruntime on a CPU where installed), torch or onnx.
-    engine: str = "auto"
+    feature_engine: str = "auto"
 
     def __post_init__(self) -> None:
         self.split_fractions = tuple(float(f) for f in self.split_fractions)
@@ -207,6 +207,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        if "engine" in data and "feature_engine" not in data:  # the key's name in configs saved before
+            data = {("feature_engine" if key == "engine" else key): value for key, value in data.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

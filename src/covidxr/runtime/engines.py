@@ -28,6 +28,7 @@ __all__ = [
     "ENGINES",
     "GRAPH_FILE",
     "OnnxEngine",
+    "RUNNERS",
     "TRAIN_EXTRA",
     "cpu_flags",
     "graph_sha256",
@@ -38,7 +39,8 @@ __all__ = [
     "torch_available",
 ]
 
-ENGINES = ("auto", "torch", "onnx")
+ENGINES = ("auto", "torch", "onnx")  # what computes frozen features for training (TrainConfig.feature_engine)
+RUNNERS = ("auto", "onnx", "torch", "int8")  # what predicts (--engine; covidxr.runtime.runners.make_engine)
 GRAPH_FILE = "model.onnx"  # a run's exported graph; its sidecar is model.json beside it
 TRAIN_EXTRA = "pip install 'covidxr[train]'"
 

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from covidxr.runtime.bundle import BUNDLED
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.plugins import entry_point
 from covidxr.runtime.storage import atomic_write
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "fill_holes",
     "label_components",
     "lung_reason",
+    "find_lungs",
     "lung_segmenter",
     "model_input",
     "normalise",
@@ -230,10 +233,12 @@ class LungSegmenter:
                 f"{self.graph}: SHA-256 {self.sha256[:16]}… does not match {sidecar.name} ({expected[:16]}…); "
                 "reinstall covidxr or rebuild the segmenter with scripts/train_segmenter.sh"
             )
+        self.torch_logits = None
         try:
             import onnxruntime
-        except ImportError:  # a dependency of the runtime install; say so where it was removed
-            raise CovidxrError("the lung segmenter needs onnxruntime: pip install onnxruntime") from None
+        except ImportError:  # as the classifier's ``auto`` engine does: torch where onnxruntime is missing
+            self.session, self.torch_logits = None, _torch_segmenter(self.graph.with_suffix(".safetensors"))
+            return
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -245,7 +250,10 @@ class LungSegmenter:
         """Lung probability per pixel of model-resolution uint8 inputs, N x size x size, in 1/255 steps
         (uint8: 255 = 1), the form the cache stores."""
         batch = np.stack([normalise(small) for small in smalls])[:, None]
-        logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
+        if self.session is None:
+            logits = self.torch_logits(batch)[:, 0]
+        else:
+            logits = self.session.run(None, {self.input_name: batch})[0][:, 0]
         return np.rint(255.0 / (1.0 + np.exp(-logits))).astype(np.uint8)
 
     def _cache_path(self, small: np.ndarray, cache_dir: Path) -> Path:
@@ -291,6 +299,14 @@ class LungSegmenter:
         return LungFields(mask=mask, box=None if reason else _box(mask), area_fraction=area_fraction, reason=reason)
 
 
+def _torch_segmenter(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The segmenter in torch (the lab's entry point ``covidxr.lungs``), for a machine without onnxruntime."""
+    try:
+        return entry_point("covidxr.lungs", "torch")(weights)
+    except ImportError:
+        raise CovidxrError("the lung segmenter needs onnxruntime: pip install onnxruntime") from None
+
+
 _segmenter: LungSegmenter | None = None
 _lock = threading.Lock()
 
@@ -302,3 +318,9 @@ def lung_segmenter() -> LungSegmenter:
         if _segmenter is None:
             _segmenter = LungSegmenter()
         return _segmenter
+
+
+def find_lungs(grey: np.ndarray, cache_dir: str | Path | None = None) -> LungFields:
+    """The lungs of a uint8 HxW image by the bundled segmenter: the runtime's one entry point to it
+    (preprocessing's lung crop, the lung check, Grad-CAM's lung share and ``covidxr segment`` call this)."""
+    return lung_segmenter().segment(grey, None if cache_dir is None else Path(cache_dir))

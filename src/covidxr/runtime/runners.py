@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +20,7 @@ from safetensors.numpy import load_file
 
 from covidxr.runtime.engines import (
     GRAPH_FILE,
+    RUNNERS,
     TRAIN_EXTRA,
     OnnxEngine,
     onnxruntime_available,
@@ -28,6 +28,7 @@ from covidxr.runtime.engines import (
     torch_available,
 )
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.plugins import entry_point
 from covidxr.runtime.preprocess import ImagePipeline, InputTransform, Preprocessing
 from covidxr.runtime.runs import HEAD_FILE, Run
 from covidxr.runtime.storage import hash_arrays
@@ -38,14 +39,12 @@ __all__ = [
     "Engine",
     "Runner",
     "check_run_graph",
-    "entry_point",
     "head_digest",
     "input_transform",
     "make_engine",
     "register_runner",
 ]
 
-RUNNERS = ("auto", "onnx", "torch", "int8")  # what --engine accepts: the one list of choices
 ENTRY_POINTS = "covidxr.runners"
 
 
@@ -72,15 +71,6 @@ def register_runner(name: str) -> Callable[[Runner], Runner]:
         return runner
 
     return add
-
-
-def entry_point(group: str, name: str) -> Callable:
-    """What the installed packages declare as ``name`` in the entry-point ``group`` (how the runtime reaches
-    the lab's code without importing it)."""
-    found = [point for point in entry_points(group=group) if point.name == name]
-    if not found:
-        raise CovidxrError(f"nothing named {name!r} is installed in the entry points {group}")
-    return found[0].load()
 
 
 def _runner(name: str) -> Runner:

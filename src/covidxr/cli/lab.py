@@ -1,129 +1,34 @@
-"""``covidxr`` command line: a thin layer over the Python API. Errors print as one line, exit code 1."""
+"""The lab's commands (training, evaluation, audits, exports, reports): each imports ``covidxr.lab`` only
+when it runs, so ``covidxr --help`` and the runtime's commands never load it."""
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from covidxr import DISCLAIMER, __version__
-from covidxr.runtime.config import CONSTRAINTS, TrainConfig
-from covidxr.runtime.engines import ENGINES, TRAIN_EXTRA
+from covidxr import DISCLAIMER
+from covidxr.cli.options import (
+    FriendlyGroup,
+    _config_option,
+    _existing_dir,
+    _path,
+    _progress,
+    cache_option,
+    cli,
+    feature_engine_option,
+    model_options,
+    weights_dir_option,
+    weights_options,
+)
+from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.errors import CovidxrError
 
-__all__ = ["cli", "main"]
-
-_path = click.Path(path_type=Path)
-# What `reproduce` evaluates every trained model on, besides its own test split, when it exists.
 DEFAULT_EXTERNAL = Path("../shared/data/adult-controls")
-_existing_dir = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
-def _config_type(name: str) -> click.ParamType:
-    """The click type of the training option ``name``, built from ``covidxr.runtime.config.CONSTRAINTS`` (the values
-    ``TrainConfig`` accepts), so the command line and the config never disagree."""
-    allowed = CONSTRAINTS[name]
-    if isinstance(allowed, tuple):
-        return click.Choice(allowed)
-    kind = click.IntRange if allowed.integer else click.FloatRange
-    return kind(allowed.low, allowed.high, min_open=allowed.low_open, max_open=allowed.high_open)
-
-
-def _config_option(flag: str, **kwargs):
-    """``--some-option`` of the TrainConfig field ``some_option``: its type from ``_config_type``, default None
-    (the config file's value)."""
-    return click.option(flag, type=_config_type(flag[2:].replace("-", "_")), default=None, **kwargs)
-
-
-# What the training install adds (pip install "covidxr[train]"); the runtime install has none of them.
-TRAIN_MODULES = {
-    "torch", "torchvision", "timm", "sklearn", "scipy", "skimage", "matplotlib", "pandas", "pytorch_grad_cam",
-    "imagehash", "onnx", "efficientnet_lite_pytorch", "cv2",
-}  # fmt: skip
-
-
-class FriendlyGroup(click.Group):
-    """Turns CovidxrError into click's one-line ``Error: …`` and a non-zero exit; a command that needs the
-    training install where only the runtime is installed says what to install, in one line."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except CovidxrError as exc:
-            raise click.ClickException(str(exc)) from None
-        except ModuleNotFoundError as exc:
-            if (exc.name or "").split(".")[0] not in TRAIN_MODULES:
-                raise
-            raise click.ClickException(
-                f"this command needs the training install ({exc.name} is missing): {TRAIN_EXTRA}"
-            ) from None
-
-
-weights_file_option = click.option(
-    "--weights", type=_path, default=None, help="Backbone weights file (.safetensors or .pth) in the registry's layout."
-)
-weights_dir_option = click.option(
-    "--weights-dir",
-    type=_path,
-    default=None,
-    envvar="COVIDXR_WEIGHTS_DIR",
-    help="Folder of <model>.safetensors / <model>.pth files [env: COVIDXR_WEIGHTS_DIR].",
-)
-cache_option = click.option(
-    "--cache-dir",
-    type=_path,
-    default=None,
-    envvar="COVIDXR_CACHE_DIR",
-    help="Feature cache folder [env: COVIDXR_CACHE_DIR; default ~/.cache/covidxr].",
-)
-
-
-# What computes frozen features (train, reproduce: saved in the run's config; default: the config's).
-feature_engine_option = _config_option(
-    "--engine", help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch)."
-)
-
-
-def prediction_engine_options(func):
-    """``--engine`` and ``--threads`` of the commands that predict (predict, serve)."""
-    engine = click.option(
-        "--engine",
-        type=click.Choice([*ENGINES, "int8"]),
-        default="auto",
-        show_default=True,
-        help="onnx: the model exported once to ONNX and run by onnxruntime; auto: onnx on a CPU where installed; "
-        "int8: the quantised graph `covidxr quantize` accepted.",
-    )
-    threads = click.option(
-        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the physical cores)."
-    )
-    return engine(threads(func))
-
-
-def weights_options(func):
-    return weights_dir_option(weights_file_option(func))
-
-
-def model_options(func):
-    return cache_option(weights_options(func))
-
-
-def _progress() -> bool:
-    return sys.stderr.isatty()
-
-
-@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="covidxr")
-def cli() -> None:
-    """covidxr: COVID-19 / NORMAL / PNEUMONIA chest X-ray classification (research use only)."""
-
-
-# ---------------------------------------------------------------------------------------------
 @cli.group(cls=FriendlyGroup)
 def data() -> None:
     """Build datasets from raw public sources and check them."""
@@ -300,89 +205,6 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
     )
 
 
-def _prediction_table(results: list[dict]) -> str:
-    """One aligned line per image: file name, label, p(COVID-19), and a flag (no answer, or the error)."""
-    rows = [("file", "label", "p(COVID-19)", "flag")]
-    for result in results:
-        name = Path(result["file"]).name
-        if "error" in result:
-            rows.append((name, "ERROR", "", result["error"]))
-        elif result["label"] is None:
-            rows.append(
-                (name, "-", f"{result['probabilities']['COVID-19']:.3f}", f"{result['no_answer_reason']}: no answer")
-            )
-        else:
-            rows.append((name, result["label"], f"{result['probabilities']['COVID-19']:.3f}", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    return "\n".join(
-        f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}".rstrip() for row in rows
-    )
-
-
-@cli.command("predict")
-# No readability check here: an unreadable file becomes its own error row and the others still run.
-@click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
-@click.option(
-    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@click.option(
-    "--out",
-    type=_path,
-    default=None,
-    help="Write one row per image to this .csv or .json, chunk by chunk (folders are searched recursively).",
-)
-@click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
-@click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
-@prediction_engine_options
-@model_options
-def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
-    """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
-    from covidxr.runtime.calibration import describe_operating_point
-    from covidxr.runtime.inference import expand_inputs, predict_files, predict_to_file
-    from covidxr.runtime.runners import make_engine
-    from covidxr.runtime.runs import default_model_path, load_run
-
-    loaded = load_run(run or default_model_path(), weights, weights_dir)
-    runner = make_engine(loaded, engine, cache_dir, threads)
-    if out is not None:
-        try:
-            rows, new = predict_to_file(
-                loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
-            )
-        except KeyboardInterrupt:
-            raise click.ClickException(f"interrupted; the finished rows are in {out}: rerun with --resume") from None
-        errors = [row for row in rows if row["error"]]
-        for row in errors:
-            click.echo(f"ERROR {row['error']}", err=True)
-        flagged = sum(bool(row["out_of_distribution"]) for row in rows)
-        labels = [row["label"] or "no answer" for row in rows if not row["error"]]
-        counts = dict(Counter(labels).most_common())
-        click.echo(
-            f"{len(rows)} image(s) → {out}: {', '.join(f'{k} {v}' for k, v in counts.items()) or 'none readable'}; "
-            f"{flagged} out-of-distribution; {len(errors)} unreadable "
-            f"({len(rows) - new} were already done)\n{DISCLAIMER}"
-        )
-        if errors:
-            raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
-        return
-    results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=runner)
-    if len(results) == 1 and "error" in results[0] and not as_json:
-        raise click.ClickException(results[0]["error"])  # one image that cannot be read: one line
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-    else:
-        click.echo(_prediction_table(results))
-        click.echo(
-            f"label: COVID-19 when p(COVID-19) reaches {loaded.covid_threshold:.3f} "
-            f"({describe_operating_point(loaded.info.threshold_record)}), otherwise "
-            "the more probable other class; full paths with --json or --out.\n" + DISCLAIMER
-        )
-    failures = sum("error" in r for r in results)
-    if failures:
-        raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
-
-
 @cli.command("export")
 @click.argument("run", type=_path)
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
@@ -429,46 +251,6 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
     )
 
 
-@cli.command("serve")
-@click.option(
-    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
-)
-@click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (the default: this machine only)."
-)
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@prediction_engine_options
-@click.option(
-    "--max-queue",
-    type=click.IntRange(1),
-    default=32,
-    show_default=True,
-    help="Requests that may wait for the model; one more gets HTTP 503 with Retry-After.",
-)
-@model_options
-def serve_command(run, host, port, engine, threads, max_queue, weights, weights_dir, cache_dir):
-    """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs)."""
-    from covidxr.runtime.api import Model
-    from covidxr.runtime.runs import default_model_path, load_run
-    from covidxr.runtime.serve import serve
-
-    model = Model(load_run(run or default_model_path(), weights, weights_dir), engine, cache_dir, threads)
-    click.echo(f"covidxr: serving {model.run.path.name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
-    serve(model, host, port, max_queue)
-
-
-@cli.command("model-card")
-@click.argument("run", type=_path, required=False)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
-def model_card_command(run, as_json):
-    """The model card of a run folder (default: the bundled model): data, confounders, metrics, audit, failures."""
-    from covidxr.runtime.card import model_card, render_model_card
-    from covidxr.runtime.runs import default_model_path
-
-    card = model_card(run or default_model_path())
-    click.echo(json.dumps(card, indent=2) if as_json else render_model_card(card))
-
-
 @cli.command("bundle")
 @click.argument("run", type=_path)
 @click.option("--dest", type=_path, default=None, help="Destination folder (default: the package's bundled/).")
@@ -482,48 +264,6 @@ def bundle_command(run, dest):
     bundled = bundle_run(run, dest or BUNDLED)
     graph = export_run_graph(load_run(bundled))
     click.echo(f"bundled {run} → {bundled} (graph {graph.name}, {graph.stat().st_size / 1e6:.1f} MB)")
-
-
-@cli.command("explain")
-@click.argument("images", type=_path, nargs=-1, required=True)
-@click.option(
-    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
-)
-@click.option(
-    "--method",
-    type=click.Choice(["gradcam", "gradcam++", "scorecam", "eigencam"]),
-    default="gradcam",
-    show_default=True,
-)
-@click.option(
-    "--out",
-    type=_path,
-    default=Path("explanations"),
-    show_default=True,
-    help="Folder for <image>.<method>.png (overlay) and .npy (raw map).",
-)
-@weights_options
-def explain_command(images, run, method, out, weights, weights_dir):
-    """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
-    from covidxr.runtime.api import load_model
-
-    model = load_model(run, weights=weights, weights_dir=weights_dir)
-    results = model.explain_files(images, out, method)
-    for result in results:
-        if "error" in result:
-            click.echo(f"{result['file']}: ERROR {result['error']}")
-        else:
-            share = result["lung_share"]
-            inside = "lungs not found" if share is None else f"{share:.0%} of the map inside the lungs"
-            which = "the label" if result["label"] else "the most probable class (no answer given)"
-            click.echo(
-                f"{result['file']}: map of {which}, {result['target']} (p={result['probability']:.3f}), "
-                f"{inside} → {result['overlay']}"
-            )
-    click.echo(DISCLAIMER)
-    failures = sum("error" in r for r in results)
-    if failures:
-        raise click.ClickException(f"{failures} of {len(results)} file(s) could not be explained")
 
 
 @cli.command("audit")
@@ -603,7 +343,7 @@ def reproduce_command(
     seeds,
     external_dirs,
     no_external,
-    engine,
+    feature_engine,
     weights_dir,
     cache_dir,
 ):
@@ -611,7 +351,7 @@ def reproduce_command(
     from covidxr.lab.reproduce import DEFAULT_MODELS, DESIGN_VARIANTS, reproduce, reproduce_designs
 
     if design == "deconfounded":
-        config = _load_config(config_file, epochs=epochs, seed=seed, engine=engine)
+        config = _load_config(config_file, epochs=epochs, seed=seed, feature_engine=feature_engine)
         model = models or "efficientnet_lite0"
         if "," in model:
             raise CovidxrError("--design deconfounded compares designs on one backbone; pass a single --models name")
@@ -622,7 +362,7 @@ def reproduce_command(
     if len(data_dirs) > 1:
         raise CovidxrError("--design paper uses one dataset; pass several --data folders with --design deconfounded")
     data_dir = data_dirs[0]
-    config = _load_config(config_file, epochs=epochs, seed=seed, engine=engine)
+    config = _load_config(config_file, epochs=epochs, seed=seed, feature_engine=feature_engine)
     names = tuple(m.strip() for m in models.split(",")) if models else DEFAULT_MODELS
     try:
         seed_list = tuple(int(s) for s in seeds.split(",")) if seeds else None
@@ -662,64 +402,6 @@ def reproduce_command(
         raise click.ClickException("no model could be trained: none has weights here")
 
 
-@cli.command("segment")
-@click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
-@click.option(
-    "--out", type=_path, required=True, help="Folder for <stem>_mask.png, <stem>_overlay.png and segment.csv."
-)
-def segment_command(images, out):
-    """Lung masks with the bundled segmenter (files or folders): a mask and an overlay per image, and
-    segment.csv; images without two plausible lungs get their reason; unreadable files an error (exit 1)."""
-    import csv
-
-    import numpy as np
-    from PIL import Image
-
-    from covidxr.runtime.images import read_image
-    from covidxr.runtime.inference import expand_inputs
-    from covidxr.runtime.lungs import lung_segmenter, overlay
-
-    table = out / "segment.csv"
-    if table.exists():
-        raise click.ClickException(f"{table} already exists; choose another --out or remove it")
-    files = expand_inputs(images)
-    segmenter = lung_segmenter()
-    out.mkdir(parents=True, exist_ok=True)
-    rows, stems = [], set()
-    for path in files:
-        row = {"file": str(path), "mask": "", "overlay": "", "area_fraction": "", "box": "", "reason": "", "error": ""}
-        try:
-            grey = np.asarray(read_image(path).convert("L"))
-            fields = segmenter.segment(grey)
-        except CovidxrError as exc:
-            row["error"] = str(exc)
-            click.echo(f"ERROR {exc}", err=True)
-        else:
-            stem = path.stem
-            while stem in stems:  # two files with one name in different folders
-                stem += "_"
-            stems.add(stem)
-            row["mask"], row["overlay"] = f"{stem}_mask.png", f"{stem}_overlay.png"
-            Image.fromarray(fields.mask.astype(np.uint8) * 255).save(out / row["mask"])
-            overlay(grey, fields).save(out / row["overlay"])
-            row["area_fraction"] = f"{fields.area_fraction:.4f}"
-            row["box"] = " ".join(map(str, fields.box)) if fields.box else ""
-            row["reason"] = fields.reason or ""
-            if fields.reason:
-                click.echo(f"{path}: out of distribution: {fields.reason}", err=True)
-        rows.append(row)
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["file", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
-    errors = sum(bool(row["error"]) for row in rows)
-    flagged = sum(bool(row["reason"]) for row in rows)
-    click.echo(f"{len(rows)} image(s) → {out}: {flagged} without two plausible lungs, {errors} unreadable")
-    click.echo(DISCLAIMER)
-    if errors:
-        raise click.ClickException(f"{errors} of {len(rows)} file(s) could not be read")
-
-
 @cli.command("train-segmenter")
 @click.option(
     "--masks", type=_existing_dir, required=True, help="Mask folder (metadata.csv: mask, image, patient_id, origin)."
@@ -743,22 +425,3 @@ def train_segmenter_command(masks, out, epochs, seed, threads, bundle_it):
         click.echo(f"held-out {group}: {m['images']} images, Dice mean {m['dice_mean']:.4f} (min {m['dice_min']:.4f})")
     if bundle_it:
         click.echo(f"bundled {out} → {bundle(out)}")
-
-
-def main() -> None:
-    """The ``covidxr`` command: library warnings (``logging.getLogger("covidxr")``) print as one line each."""
-    progress = logging.StreamHandler(sys.stdout)  # what a command reports as it goes (as print did)
-    progress.addFilter(lambda record: record.levelno < logging.WARNING)
-    progress.setFormatter(logging.Formatter("%(message)s"))
-    warnings = logging.StreamHandler(sys.stderr)
-    warnings.setLevel(logging.WARNING)
-    warnings.setFormatter(logging.Formatter("covidxr: %(message)s"))
-    library = logging.getLogger("covidxr")
-    library.handlers[:] = [progress, warnings]
-    library.setLevel(logging.INFO)
-    library.propagate = False
-    cli()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,203 @@
+"""The runtime's commands: predict, serve, explain, segment and model-card (no torch)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from covidxr import DISCLAIMER
+from covidxr.cli.options import _path, _progress, cli, model_options, prediction_engine_options, weights_options
+
+
+def _prediction_table(results: list[dict]) -> str:
+    """One aligned line per image: file name, label, p(COVID-19), and a flag (no answer, or the error)."""
+    rows = [("file", "label", "p(COVID-19)", "flag")]
+    for result in results:
+        name = Path(result["file"]).name
+        if "error" in result:
+            rows.append((name, "ERROR", "", result["error"]))
+        elif result["label"] is None:
+            rows.append(
+                (name, "-", f"{result['probabilities']['COVID-19']:.3f}", f"{result['no_answer_reason']}: no answer")
+            )
+        else:
+            rows.append((name, result["label"], f"{result['probabilities']['COVID-19']:.3f}", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(
+        f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}".rstrip() for row in rows
+    )
+
+
+@cli.command("predict")
+# No readability check here: an unreadable file becomes its own error row and the others still run.
+@click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
+@click.option(
+    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option(
+    "--out",
+    type=_path,
+    default=None,
+    help="Write one row per image to this .csv or .json, chunk by chunk (folders are searched recursively).",
+)
+@click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
+@click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
+@prediction_engine_options
+@model_options
+def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
+    """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
+    from covidxr.runtime.calibration import describe_operating_point
+    from covidxr.runtime.inference import expand_inputs, predict_files
+    from covidxr.runtime.runners import make_engine
+    from covidxr.runtime.runs import default_model_path, load_run
+    from covidxr.runtime.writer import predict_to_file
+
+    loaded = load_run(run or default_model_path(), weights, weights_dir)
+    runner = make_engine(loaded, engine, cache_dir, threads)
+    if out is not None:
+        try:
+            rows, new = predict_to_file(
+                loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
+            )
+        except KeyboardInterrupt:
+            raise click.ClickException(f"interrupted; the finished rows are in {out}: rerun with --resume") from None
+        errors = [row for row in rows if row["error"]]
+        for row in errors:
+            click.echo(f"ERROR {row['error']}", err=True)
+        flagged = sum(bool(row["out_of_distribution"]) for row in rows)
+        labels = [row["label"] or "no answer" for row in rows if not row["error"]]
+        counts = dict(Counter(labels).most_common())
+        click.echo(
+            f"{len(rows)} image(s) → {out}: {', '.join(f'{k} {v}' for k, v in counts.items()) or 'none readable'}; "
+            f"{flagged} out-of-distribution; {len(errors)} unreadable "
+            f"({len(rows) - new} were already done)\n{DISCLAIMER}"
+        )
+        if errors:
+            raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
+        return
+    results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=runner)
+    if len(results) == 1 and "error" in results[0] and not as_json:
+        raise click.ClickException(results[0]["error"])  # one image that cannot be read: one line
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        click.echo(_prediction_table(results))
+        click.echo(
+            f"label: COVID-19 when p(COVID-19) reaches {loaded.covid_threshold:.3f} "
+            f"({describe_operating_point(loaded.info.threshold_record)}), otherwise "
+            "the more probable other class; full paths with --json or --out.\n" + DISCLAIMER
+        )
+    failures = sum("error" in r for r in results)
+    if failures:
+        raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
+
+
+@cli.command("serve")
+@click.option(
+    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (the default: this machine only)."
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@prediction_engine_options
+@click.option(
+    "--max-queue",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Requests that may wait for the model; one more gets HTTP 503 with Retry-After.",
+)
+@model_options
+def serve_command(run, host, port, engine, threads, max_queue, weights, weights_dir, cache_dir):
+    """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs)."""
+    from covidxr.runtime.api import Model
+    from covidxr.runtime.runs import default_model_path, load_run
+    from covidxr.runtime.serve import serve
+
+    model = Model(load_run(run or default_model_path(), weights, weights_dir), engine, cache_dir, threads)
+    click.echo(f"covidxr: serving {model.run.path.name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
+    serve(model, host, port, max_queue)
+
+
+@cli.command("model-card")
+@click.argument("run", type=_path, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
+def model_card_command(run, as_json):
+    """The model card of a run folder (default: the bundled model): data, confounders, metrics, audit, failures."""
+    from covidxr.runtime.card import model_card, render_model_card
+    from covidxr.runtime.runs import default_model_path
+
+    card = model_card(run or default_model_path())
+    click.echo(json.dumps(card, indent=2) if as_json else render_model_card(card))
+
+
+@cli.command("explain")
+@click.argument("images", type=_path, nargs=-1, required=True)
+@click.option(
+    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
+)
+@click.option(
+    "--method",
+    type=click.Choice(["gradcam", "gradcam++", "scorecam", "eigencam"]),
+    default="gradcam",
+    show_default=True,
+)
+@click.option(
+    "--out",
+    type=_path,
+    default=Path("explanations"),
+    show_default=True,
+    help="Folder for <image>.<method>.png (overlay) and .npy (raw map).",
+)
+@weights_options
+def explain_command(images, run, method, out, weights, weights_dir):
+    """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
+    from covidxr.runtime.api import load_model
+
+    model = load_model(run, weights=weights, weights_dir=weights_dir)
+    results = model.explain_files(images, out, method)
+    for result in results:
+        if "error" in result:
+            click.echo(f"{result['file']}: ERROR {result['error']}")
+        else:
+            share = result["lung_share"]
+            inside = "lungs not found" if share is None else f"{share:.0%} of the map inside the lungs"
+            which = "the label" if result["label"] else "the most probable class (no answer given)"
+            click.echo(
+                f"{result['file']}: map of {which}, {result['target']} (p={result['probability']:.3f}), "
+                f"{inside} → {result['overlay']}"
+            )
+    click.echo(DISCLAIMER)
+    failures = sum("error" in r for r in results)
+    if failures:
+        raise click.ClickException(f"{failures} of {len(results)} file(s) could not be explained")
+
+
+@cli.command("segment")
+@click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
+@click.option(
+    "--out", type=_path, required=True, help="Folder for <stem>_mask.png, <stem>_overlay.png and segment.csv."
+)
+def segment_command(images, out):
+    """Lung masks with the bundled segmenter (files or folders): a mask and an overlay per image, and
+    segment.csv; images without two plausible lungs get their reason; unreadable files an error (exit 1)."""
+    from covidxr.runtime.inference import expand_inputs
+    from covidxr.runtime.segment import segment_files
+
+    rows = segment_files(expand_inputs(images), out)
+    for row in rows:
+        if row["error"]:
+            click.echo(f"ERROR {row['error']}", err=True)
+        elif row["reason"]:
+            click.echo(f"{row['file']}: out of distribution: {row['reason']}", err=True)
+    errors = sum(bool(row["error"]) for row in rows)
+    flagged = sum(bool(row["reason"]) for row in rows)
+    click.echo(f"{len(rows)} image(s) → {out}: {flagged} without two plausible lungs, {errors} unreadable")
+    click.echo(DISCLAIMER)
+    if errors:
+        raise click.ClickException(f"{errors} of {len(rows)} file(s) could not be read")
