@@ -19,6 +19,7 @@ from covidxr.lab.loop import TensorSet, Trainee, fit
 from covidxr.lab.metrics import compute_metrics, wilson_interval
 from covidxr.lab.models import create_model, run_model, to_input_tensor
 from covidxr.lab.train import make_splits, train
+from covidxr.runtime.bundle import BUNDLED
 from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
@@ -202,6 +203,16 @@ def test_config_round_trips_and_refuses_unknown_keys(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("epochs: 5\nlearning_rat: 0.1\n")
     with pytest.raises(CovidxrError, match="unknown key.*learning_rat"):
         TrainConfig.load(tmp_path / "bad.yaml")
+
+
+def test_a_config_saved_before_feature_engine_was_named_still_opens(tmp_path: Path) -> None:
+    """Configs written before the rename call the option ``engine`` (the bundled model's among them)."""
+    (tmp_path / "old.yaml").write_text("epochs: 5\nengine: torch\n")
+    assert TrainConfig.load(tmp_path / "old.yaml") == TrainConfig(epochs=5, feature_engine="torch")
+    assert "engine:" in (BUNDLED / "config.yaml").read_text()
+    assert TrainConfig.load(BUNDLED / "config.yaml").feature_engine == "auto"
+    TrainConfig(feature_engine="onnx").save(tmp_path / "new.yaml")
+    assert "feature_engine: onnx" in (tmp_path / "new.yaml").read_text()
 
 
 @pytest.mark.parametrize(

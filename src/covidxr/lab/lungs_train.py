@@ -40,12 +40,12 @@ __all__ = [
     "LungUNet",
     "SegmenterConfig",
     "bundle",
-    "torch_segmenter",
     "evaluate",
     "held_out_rows",
     "load_torch_model",
     "read_mask_table",
     "split_patients",
+    "torch_segmenter",
     "train_segmenter",
 ]
 
