@@ -29,10 +29,11 @@ def _config_type(name: str) -> click.ParamType:
     return kind(allowed.low, allowed.high, min_open=allowed.low_open, max_open=allowed.high_open)
 
 
-def _config_option(flag: str, **kwargs):
-    """``--some-option`` of the TrainConfig field ``some_option``: its type from ``_config_type``, default None
-    (the config file's value)."""
-    return click.option(flag, type=_config_type(flag[2:].replace("-", "_")), default=None, **kwargs)
+def _config_option(flag: str, field: str | None = None, **kwargs):
+    """``--some-option`` of the TrainConfig field ``some_option`` (or ``field``): its type from ``_config_type``,
+    default None (the config file's value)."""
+    field = field or flag[2:].replace("-", "_")
+    return click.option(flag, field, type=_config_type(field), default=None, **kwargs)
 
 
 # What the training install adds (pip install "covidxr[train]"); the runtime install has none of them.
@@ -79,11 +80,9 @@ cache_option = click.option(
 
 
 # What computes frozen features (train, reproduce: saved in the run's config; default: the config's).
-feature_engine_option = click.option(
+feature_engine_option = _config_option(
     "--engine",
     "feature_engine",
-    type=_config_type("feature_engine"),
-    default=None,
     help="What computes frozen features: auto (onnxruntime on a CPU where installed, else torch).",
 )
 
