@@ -28,11 +28,14 @@ __all__ = [
     "CovidVsRest",
     "DesignRow",
     "EvalCalibration",
+    "FittedCalibration",
     "Loso",
     "LosoUnit",
     "Metrics",
     "ModelSidecar",
+    "OperatingPoint",
     "Part",
+    "PooledRates",
     "Rates",
     "Record",
     "RunInfo",
@@ -102,8 +105,8 @@ def _part(cls: type[Part], value: Any) -> Any:
 
 
 def _parts(cls: type[Part], value: Any) -> dict[str, Any] | None:
-    """A JSON object of nested objects (per class, per source), each read as ``cls``."""
-    return {key: _part(cls, item) for key, item in value.items()} if isinstance(value, dict) else None
+    """A JSON object of nested objects (per class, per source), each read as ``cls`` (empty where damaged)."""
+    return {key: _part(cls, item) or cls() for key, item in value.items()} if isinstance(value, dict) else None
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,11 @@ class Record(Part):
         return super().from_dict(data, path)
 
     @classmethod
+    def new(cls, values: dict[str, Any]) -> Self:
+        """A record of the newest format from what a writer computed (nested objects as plain dicts)."""
+        return cls.from_dict({**values, "format": cls.FORMATS[-1]})
+
+    @classmethod
     def load(cls, path: str | Path) -> Self:
         """The record in the file at ``path``."""
         return cls.from_dict(read_json_file(path), path)
@@ -137,6 +145,38 @@ class Record(Part):
 # ---------------------------------------------------------------------------------------------------
 # run.json
 # ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperatingPoint(Part):
+    """The COVID-19 threshold a run chose on validation: its value, its rule and what it gave there."""
+
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"rule", "val_sensitivity", "val_specificity", "val_positives"})
+
+    value: float | None = None
+    rule: str | None = None  # youden; older runs: the highest cut-off reaching a target sensitivity
+    val_sensitivity: float | None = None
+    val_specificity: float | None = None
+    val_positives: int | None = None
+
+
+@dataclass(frozen=True)
+class FittedCalibration(Part):
+    """``run.json``'s ``calibration``: the temperature fitted on validation and the COVID-19 threshold."""
+
+    SPARSE: ClassVar[frozenset[str]] = frozenset(
+        {"method", "temperature", "val_ece_uncalibrated", "val_ece_calibrated", "covid_threshold"}
+    )
+
+    method: str | None = None
+    temperature: float | None = None
+    val_ece_uncalibrated: float | None = None
+    val_ece_calibrated: float | None = None
+    covid_threshold: OperatingPoint | None = None
+
+    @classmethod
+    def _read(cls, name: str, value: Any) -> Any:
+        return _part(OperatingPoint, value) if name == "covid_threshold" else value
 
 
 @dataclass(frozen=True)
@@ -209,6 +249,11 @@ class RunInfo:
     @property
     def covid_threshold(self) -> float:
         return float((self.threshold_record or {}).get("value", 0.5))
+
+    @property
+    def fitted(self) -> FittedCalibration:
+        """``calibration`` with attributes (empty for runs made before calibration existed)."""
+        return FittedCalibration.from_dict(self.calibration if isinstance(self.calibration, dict) else {})
 
     @property
     def design_summary(self) -> str:
@@ -456,7 +501,8 @@ class Audit(Record):
     @classmethod
     def _read(cls, name: str, value: Any) -> Any:
         if name == "checks":
-            return {k: _part(AuditCheck, v) or AuditCheck(rest={"value": v}) for k, v in (value or {}).items()}
+            checks = value.items() if isinstance(value, dict) else []
+            return {k: _part(AuditCheck, v) or AuditCheck(rest={"value": v}) for k, v in checks}
         return value
 
 
@@ -544,7 +590,7 @@ class Loso(Record):
     min_unit_images: int | None = None
     only_units: list[str] | None = None
     units: list[LosoUnit] = field(default_factory=list)
-    pooled: PooledRates = field(default_factory=PooledRates)
+    pooled: PooledRates | None = None  # None where no unit was held out yet (older files)
     within_site_auc: float | None = None
     within_site_auc_ci95: Interval = None
     within_site: WithinSite | None = None
@@ -554,7 +600,7 @@ class Loso(Record):
     def _read(cls, name: str, value: Any) -> Any:
         readers = {
             "units": lambda v: [LosoUnit.from_dict(u) for u in v or [] if isinstance(u, dict)],
-            "pooled": lambda v: _part(PooledRates, v) or PooledRates(),
+            "pooled": lambda v: _part(PooledRates, v) if v else None,
             "within_site": lambda v: _part(WithinSite, v) if v else None,
         }
         return readers[name](value) if name in readers else value
