@@ -46,6 +46,7 @@ from covidxr.lab.features import backbone_features, extract_features
 from covidxr.lab.models import CovidxrNet, StagedHead, head_probabilities, run_model, to_input_tensor
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
+from covidxr.runtime.records import Audit
 from covidxr.runtime.runs import Run, load_run
 
 __all__ = [
@@ -470,26 +471,28 @@ def run_audit(
     verdict = overall_verdict(checks)
     check_verdicts = ", ".join(f"{name} {check['verdict']}" for name, check in checks.items())
     masks = region_masks(model.image_size)
-    audit = {
-        "run": str(run.path.resolve()),
-        "model": run.config.model,
-        "data": str(dataset.root.resolve()),
-        "images": images,
-        "n_images": len(frame),
-        "geometry": {
-            "description": GEOMETRY_DESCRIPTION,
-            "lung_field": list(LUNG_FIELD),
-            "border_width": BORDER_WIDTH,
-            "input_size": model.image_size,
-            "area": {name: float(masks[name].mean()) for name in ("lung_field", "border")},
-        },
-        "checks": checks,
-        "verdict": verdict,
-        "summary": (
-            f"Shortcut audit of {run.config.model} on {len(frame)} images ({images}): {verdict} ({check_verdicts})."
-        ),
-        "disclaimer": DISCLAIMER,
-    }
+    audit = Audit.new(
+        {
+            "run": str(run.path.resolve()),
+            "model": run.config.model,
+            "data": str(dataset.root.resolve()),
+            "images": images,
+            "n_images": len(frame),
+            "geometry": {
+                "description": GEOMETRY_DESCRIPTION,
+                "lung_field": list(LUNG_FIELD),
+                "border_width": BORDER_WIDTH,
+                "input_size": model.image_size,
+                "area": {name: float(masks[name].mean()) for name in ("lung_field", "border")},
+            },
+            "checks": checks,
+            "verdict": verdict,
+            "summary": (
+                f"Shortcut audit of {run.config.model} on {len(frame)} images ({images}): {verdict} ({check_verdicts})."
+            ),
+            "disclaimer": DISCLAIMER,
+        }
+    ).to_dict()
     out = Path(out) if out else run.path
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(audit, indent=2))

@@ -36,6 +36,7 @@ from covidxr.runtime.calibration import POSITIVE, decide, expected_calibration_e
 from covidxr.runtime.cam import overlay
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
+from covidxr.runtime.records import Metrics
 from covidxr.runtime.runs import Run, load_run
 
 __all__ = ["LUNG_MASKS", "choose_examples", "evaluate_run", "explain_examples", "external_folder", "hand_masks"]
@@ -176,6 +177,7 @@ def evaluate_run(
         probs, overlays = explain_examples(run_model(run), images, shown)
         size = run_model(run).image_size
         plot_gradcam(run.labels, images, true_labels, probs, overlays, size, out / "gradcam.png")
+    metrics = Metrics.new(metrics).to_dict()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_predictions(frame, probabilities, run.labels, predicted, Path(root), out / "predictions.png", seed)
     acc = metrics["accuracy"]

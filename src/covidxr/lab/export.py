@@ -32,6 +32,7 @@ from covidxr.lab.cache import default_cache_dir
 from covidxr.lab.models import CovidxrNet, StagedHead, hash_state_dict, run_model
 from covidxr.runtime.engines import ENGINES, GRAPH_FILE, OnnxEngine, graph_sha256, onnxruntime_available
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.records import ModelSidecar
 from covidxr.runtime.runs import Run
 from covidxr.runtime.storage import atomic_path, stable_digest
 
@@ -147,15 +148,15 @@ def export_key(model: CovidxrNet, with_head: bool = True) -> dict:
 
 def backbone_sidecar(model: CovidxrNet) -> dict:
     """The sidecar of the backbone graph (features only, shared by every head on this backbone)."""
-    return {
-        "format": "covidxr-onnx-features-1",
-        "inputs": {"image": "float32 [batch, 3, size, size]: the output of covidxr's InputTransform"},
-        "outputs": {"features": "pooled backbone features"},
-        "image_size": model.image_size,
-        "pipeline": model.pipeline.to_dict(),
-        "normalisation": model.preprocessing.to_dict(),
-        "key": export_key(model, with_head=False),
-    }
+    return ModelSidecar(
+        format="covidxr-onnx-features-1",
+        inputs={"image": "float32 [batch, 3, size, size]: the output of covidxr's InputTransform"},
+        outputs={"features": "pooled backbone features"},
+        image_size=model.image_size,
+        pipeline=model.pipeline.to_dict(),
+        normalisation=model.preprocessing.to_dict(),
+        key=export_key(model, with_head=False),
+    ).to_dict()
 
 
 def sidecar(model: CovidxrNet, labels: list[str], temperature: float, covid_threshold: float) -> dict:
@@ -166,21 +167,21 @@ def sidecar(model: CovidxrNet, labels: list[str], temperature: float, covid_thre
     if cam_layer(model) is not None:
         outputs["activations"] = f"output of the Grad-CAM layer {model.spec.gradcam_layer} [batch, channels, h, w]"
         cam = {"layer": model.spec.gradcam_layer, "activation": model.spec.cam_activation}
-    return {
-        "format": "covidxr-onnx-1",
-        "model": model.spec.name,
-        "inputs": {"image": "float32 [batch, 3, size, size]: the output of covidxr's InputTransform"},
-        "outputs": outputs,
-        "cam": cam,
-        "image_size": model.image_size,
-        "pipeline": model.pipeline.to_dict(),
-        "normalisation": model.preprocessing.to_dict(),
-        "labels": labels,
-        "temperature": temperature,
-        "covid_threshold": covid_threshold,
-        "key": export_key(model),
-        "disclaimer": DISCLAIMER,
-    }
+    return ModelSidecar(
+        format="covidxr-onnx-1",
+        model=model.spec.name,
+        inputs={"image": "float32 [batch, 3, size, size]: the output of covidxr's InputTransform"},
+        outputs=outputs,
+        cam=cam,
+        image_size=model.image_size,
+        pipeline=model.pipeline.to_dict(),
+        normalisation=model.preprocessing.to_dict(),
+        labels=labels,
+        temperature=temperature,
+        covid_threshold=covid_threshold,
+        key=export_key(model),
+        disclaimer=DISCLAIMER,
+    ).to_dict()
 
 
 def export_onnx(model: CovidxrNet, path: str | Path, info: dict) -> Path:
@@ -224,8 +225,8 @@ def cached_export(model: CovidxrNet, info: dict, cache_dir: str | Path | None = 
     digest = stable_digest(key)[:24]
     path = Path(cache_dir or default_cache_dir()) / "onnx" / f"{digest}.onnx"
     try:
-        stored = json.loads(path.with_suffix(".json").read_text()) if path.is_file() else {}
-        valid = stored.get("key") == key and stored.get("sha256") == graph_sha256(path)
+        stored = ModelSidecar.load(path.with_suffix(".json")) if path.is_file() else None
+        valid = stored is not None and stored.key == key and stored.sha256 == graph_sha256(path)
         if valid:
             OnnxEngine(path, threads=1)  # loads, so a damaged file is caught here
     except (OSError, ValueError, KeyError, AttributeError, CovidxrError):

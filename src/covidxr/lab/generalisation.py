@@ -41,6 +41,7 @@ from covidxr.lab.models import CovidxrNet, head_probabilities, make_head, model_
 from covidxr.lab.train import cached_views, calibrate
 from covidxr.runtime.calibration import POSITIVE, softmax
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.records import Loso
 from covidxr.runtime.runs import Run, load_run
 
 __all__ = ["MIN_UNIT_IMAGES", "Unit", "WITHIN_SITE_PREDICTIONS", "holdout_units", "leave_one_source_out", "within_site"]
@@ -238,19 +239,21 @@ def leave_one_source_out(
     pooled_rows = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame()
     within = within_site(run, frame, features, external_sets, units, retrained, retraining)
     within_rows = within.pop("predictions")
-    result = {
-        "run": str(run.path.resolve()),
-        "model": run.config.model,
-        "design": run.info.design.get("summary", "the paper's protocol"),
-        "min_unit_images": min_images,
-        "only_units": None if only is None else list(only),
-        "units": records,
-        "pooled": _pooled(pooled_rows, run.config.seed),
-        "within_site_auc": within["pooled"].get("auc"),
-        "within_site_auc_ci95": within["pooled"].get("auc_ci95"),
-        "within_site": within,
-        "disclaimer": DISCLAIMER,
-    }
+    result = Loso.new(
+        {
+            "run": str(run.path.resolve()),
+            "model": run.config.model,
+            "design": run.info.design_summary,
+            "min_unit_images": min_images,
+            "only_units": None if only is None else list(only),
+            "units": records,
+            "pooled": _pooled(pooled_rows, run.config.seed),
+            "within_site_auc": within["pooled"].get("auc"),
+            "within_site_auc_ci95": within["pooled"].get("auc_ci95"),
+            "within_site": within,
+            "disclaimer": DISCLAIMER,
+        }
+    ).to_dict()
     pooled_rows.to_csv(run.path / "loso_predictions.csv", index=False)
     within_rows.to_csv(run.path / WITHIN_SITE_PREDICTIONS, index=False)
     (run.path / "loso.json").write_text(json.dumps(result, indent=2))

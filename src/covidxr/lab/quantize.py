@@ -30,6 +30,7 @@ from covidxr.runtime.calibration import POSITIVE, softmax
 from covidxr.runtime.engines import OnnxEngine, graph_sha256, int8_instructions
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.ood import MARGIN, QUANTILE
+from covidxr.runtime.records import ModelSidecar
 from covidxr.runtime.runs import Run
 
 __all__ = ["METHODS", "graph_paths", "int8_runner", "int8_path", "quantize_graph", "quantize_run"]
@@ -185,7 +186,7 @@ def quantize_run(
     chosen = sorted(rng.choice(len(train_paths), min(calibration_images, len(train_paths)), replace=False))
     calibration = _inputs(run, [train_paths[i] for i in chosen]) if method == "static" else None
     fp32_path, out = graph_paths(run, cache_dir)
-    fp32_info = json.loads(fp32_path.with_suffix(".json").read_text())
+    fp32_info = ModelSidecar.load(fp32_path.with_suffix(".json"))
     candidate = out.with_name(f"{out.stem}.{os.getpid()}.candidate.onnx")  # an accepted graph stays until replaced
     started = time.perf_counter()
     quantize_graph(fp32_path, candidate, calibration, method)
@@ -203,6 +204,7 @@ def quantize_run(
         drops["covid_auc"] = fp32["covid_auc"] - int8["covid_auc"]
     accepted = all(drop <= max_drop for drop in drops.values())
     report = {
+        "format": "covidxr-int8-1",
         "run": str(run.path),
         "method": method,
         "calibration_images": 0 if calibration is None else len(calibration),
@@ -222,7 +224,10 @@ def quantize_run(
         # out-of-distribution guard's threshold is chosen again, by its own rule, on int8 validation features.
         "ood_threshold": _int8_guard_threshold(run, int8["features"]),
         # What the runtime needs to feed the graph (as the fp32 graph's sidecar says).
-        **{key: fp32_info[key] for key in ("image_size", "pipeline", "normalisation", "labels")},
+        "image_size": fp32_info.image_size,
+        "pipeline": fp32_info.pipeline,
+        "normalisation": fp32_info.normalisation,
+        "labels": fp32_info.labels,
         "disclaimer": DISCLAIMER,
     }
     if not accepted:

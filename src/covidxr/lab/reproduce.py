@@ -25,6 +25,8 @@ from covidxr.lab.report import PAPER_RESULTS, write_designs_report, write_reprod
 from covidxr.lab.train import train
 from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.records import Audit, CovidVsRest, DesignRow, Loso, Metrics, PooledRates
+from covidxr.runtime.runs import load_run
 
 __all__ = ["DEFAULT_MODELS", "DESIGN_VARIANTS", "reproduce", "reproduce_designs", "seed_spread"]
 
@@ -219,49 +221,50 @@ FINE_TUNED_UNITS = ("kermany", "nih", "ieee8023: radiopaedia.org", "ieee8023: eu
 HELD_BACK: dict[str, tuple[str, ...]] = {"zscore-without-other": ("ieee8023-other",)}
 
 
-def _design_row(run_dir: Path, design: str, variant: str) -> dict:
+def _design_row(run_dir: Path, design: str, variant: str, wall_seconds: float) -> DesignRow:
     """One line of the designs table: internal numbers, audit verdicts and leave-one-source-out figures."""
-    info = json.loads((run_dir / "run.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    audit = json.loads((run_dir / "audit.json").read_text())
-    loso = json.loads((run_dir / "loso.json").read_text())
-    covid = metrics["covid_vs_rest"]
-    gradcam = metrics.get("explanations", {}).get("methods", {}).get("gradcam", {})
+    info = load_run(run_dir).info
+    metrics = Metrics.load(run_dir / "metrics.json")
+    audit = Audit.load(run_dir / "audit.json")
+    loso = Loso.load(run_dir / "loso.json")
+    covid = metrics.covid_vs_rest or CovidVsRest()
+    pooled = loso.pooled or PooledRates()
+    gradcam = (metrics.explanations or {}).get("methods", {}).get("gradcam", {})
     lungs = gradcam.get("lungs") or {}
     row = {
         "design": design,
         "variant": variant,
         "run": run_dir.name,
-        "description": info.get("design", {}).get("summary", "the paper's protocol"),
-        "datasets": " + ".join(Path(d).name for d in info.get("datasets", [info["data"]])),
-        "within_site_auc": loso.get("within_site_auc"),
-        "within_site_auc_ci95": loso.get("within_site_auc_ci95"),
-        "within_site_n": loso.get("within_site", {}).get("pooled", {}).get("n"),
+        "description": info.design_summary,
+        "datasets": " + ".join(Path(d).name for d in info.datasets),
+        "within_site_auc": loso.within_site_auc,
+        "within_site_auc_ci95": loso.within_site_auc_ci95,
+        "within_site_n": None if loso.within_site is None else loso.within_site.pooled.n,
         "gradcam_lung_share_covid_calls": lungs.get("covid_calls_share"),
         "gradcam_lung_share_covid_calls_n": lungs.get("covid_calls_n"),
         "gradcam_lung_share": lungs.get("share"),
         "lungs_uniform_share": lungs.get("uniform_share"),
-        "internal_accuracy": metrics["accuracy"],
-        "internal_accuracy_ci95": metrics["accuracy_ci95"],
-        "internal_n": metrics["n"],
-        "internal_covid_sensitivity": covid["sensitivity"],
-        "internal_covid_sensitivity_ci95": covid["sensitivity_ci95"],
-        "internal_covid_specificity": covid["specificity"],
-        "internal_covid_specificity_ci95": covid["specificity_ci95"],
-        "audit_verdict": audit["verdict"],
-        **{f"audit_{name}": check["verdict"] for name, check in audit["checks"].items()},
-        "loso_covid_sensitivity": loso["pooled"].get("covid_sensitivity"),
-        "loso_covid_sensitivity_ci95": loso["pooled"].get("covid_sensitivity_ci95"),
-        "loso_covid_n": loso["pooled"].get("n_covid"),
-        "loso_auc": loso["pooled"].get("covid_vs_rest_auc"),
-        "loso_auc_ci95": loso["pooled"].get("covid_vs_rest_auc_ci95"),
+        "internal_accuracy": metrics.accuracy,
+        "internal_accuracy_ci95": metrics.accuracy_ci95,
+        "internal_n": metrics.n,
+        "internal_covid_sensitivity": covid.sensitivity,
+        "internal_covid_sensitivity_ci95": covid.sensitivity_ci95,
+        "internal_covid_specificity": covid.specificity,
+        "internal_covid_specificity_ci95": covid.specificity_ci95,
+        "audit_verdict": audit.verdict,
+        **{f"audit_{name}": check.verdict for name, check in audit.checks.items()},
+        "loso_covid_sensitivity": pooled.covid_sensitivity,
+        "loso_covid_sensitivity_ci95": pooled.covid_sensitivity_ci95,
+        "loso_covid_n": pooled.n_covid,
+        "loso_auc": pooled.covid_vs_rest_auc,
+        "loso_auc_ci95": pooled.covid_vs_rest_auc_ci95,
     }
-    for unit in loso["units"]:
-        if unit["status"] == "evaluated" and unit.get("other_called_covid") is not None:
-            row[f"loso_called_covid[{unit['unit']}]"] = unit["other_called_covid"]
-            row[f"loso_called_covid[{unit['unit']}]_ci95"] = unit["other_called_covid_ci95"]
-            row[f"loso_called_covid[{unit['unit']}]_n"] = unit["n_other"]
-    return row
+    for unit in loso.units:
+        if unit.status == "evaluated" and unit.other_called_covid is not None:
+            row[f"loso_called_covid[{unit.unit}]"] = unit.other_called_covid
+            row[f"loso_called_covid[{unit.unit}]_ci95"] = unit.other_called_covid_ci95
+            row[f"loso_called_covid[{unit.unit}]_n"] = unit.n_other
+    return DesignRow.new({**row, "wall_seconds": wall_seconds})
 
 
 def _finish_run(
@@ -338,7 +341,7 @@ def reproduce_designs(
             train(folders, run_dir, run_config, weights_dir=weights_dir, cache_dir=cache_dir, progress=progress)
         # Grad-CAM and its checks for every design: where the maps fall (the lungs or not) is one of its figures.
         _finish_run(run_dir, external, weights_dir, cache_dir, progress, run_config.seed, True, min_unit_images)
-        rows.append({**_design_row(run_dir, design, variant), "wall_seconds": round(time.perf_counter() - started, 1)})
+        rows.append(_design_row(run_dir, design, variant, round(time.perf_counter() - started, 1)).to_dict())
         row = rows[-1]
         logger.info(
             f"{run_dir.name}: internal accuracy {row['internal_accuracy']:.1%}, audit {row['audit_verdict']}, "

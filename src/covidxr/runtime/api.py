@@ -13,7 +13,6 @@ Every result carries the research-use disclaimer. The command line is built on t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -235,9 +234,7 @@ class Model:
         """The elementwise step for ``covidxr.runtime.cam`` where this engine's graph holds the Grad-CAM activations."""
         if not isinstance(self.engine, OnnxEngine) or "activations" not in self.engine.outputs:
             return None
-        sidecar = self.engine.path.with_suffix(".json")
-        cam = (json.loads(sidecar.read_text()).get("cam") or {}) if sidecar.is_file() else {}
-        return cam.get("activation")
+        return self.engine.sidecar.cam_activation if self.engine.sidecar is not None else None
 
 
 def load_model(

@@ -16,6 +16,7 @@ import csv
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from covidxr import DISCLAIMER
@@ -23,7 +24,18 @@ from covidxr.runtime.calibration import describe_operating_point
 from covidxr.runtime.document import Block, Heading, Items, Text, render_html
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.formatting import dec, pct, with_ci
-from covidxr.runtime.runs import BUNDLED, INFO_FILE, RunInfo
+from covidxr.runtime.records import (
+    Audit,
+    CovidVsRest,
+    Loso,
+    Metrics,
+    OperatingPoint,
+    PooledRates,
+    Rates,
+    RunInfo,
+    read_json_file,
+)
+from covidxr.runtime.runs import BUNDLED, INFO_FILE
 
 BUNDLE_FILES = ("config.yaml", "head.safetensors", "ood.safetensors", "history.csv")
 EVIDENCE_FILES = ("metrics.json", "audit.json", "loso.json")  # copied without the training machine's paths
@@ -33,10 +45,6 @@ INTENDED_USE = (
     "PNEUMONIA); teaching; a baseline to beat. Not a medical device: never use it for diagnosis, triage or "
     "any decision about a patient."
 )
-
-
-def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -54,16 +62,17 @@ def _ci(value: float | None, interval: list | None) -> str:
 def model_card(run_dir: str | Path) -> dict:
     """The card of a run folder (or of the bundled model) as a dictionary."""
     folder = Path(run_dir)
-    data = _read(folder / INFO_FILE)
-    if data is None:
+    if not (folder / INFO_FILE).is_file():
         raise CovidxrError(f"{folder}: not a covidxr run folder (no {INFO_FILE})")
-    info = RunInfo.from_dict(data, folder / INFO_FILE)
-    metrics, audit, loso = (_read(folder / name) for name in ("metrics.json", "audit.json", "loso.json"))
-    threshold = info.threshold_record or {}
+    info = RunInfo.from_dict(read_json_file(folder / INFO_FILE), folder / INFO_FILE)
+    metrics = Metrics.load(folder / "metrics.json") if (folder / "metrics.json").is_file() else None
+    audit = Audit.load(folder / "audit.json") if (folder / "audit.json").is_file() else None
+    loso = Loso.load(folder / "loso.json") if (folder / "loso.json").is_file() else None
+    threshold = info.fitted.covid_threshold or OperatingPoint()
     card: dict = {
         "model": info.model["name"],
         "weights": {"kind": info.weights["kind"], "sha256": info.weights["sha256"]},
-        "design": info.design.get("summary", "the paper's protocol"),
+        "design": info.design_summary,
         "labels": info.labels,
         "training_data": {
             "datasets": [Path(d).name for d in info.datasets],
@@ -72,9 +81,9 @@ def model_card(run_dir: str | Path) -> dict:
         "calibration": {"temperature": info.temperature, "covid_threshold": info.covid_threshold},
         "operating_point": {
             "covid_threshold": info.covid_threshold,
-            "rule": describe_operating_point(threshold),
-            "val_sensitivity": threshold.get("val_sensitivity"),
-            "val_specificity": threshold.get("val_specificity"),
+            "rule": describe_operating_point(threshold.to_dict()),
+            "val_sensitivity": threshold.val_sensitivity,
+            "val_specificity": threshold.val_specificity,
             "decision": "COVID-19 when the calibrated COVID-19 probability reaches the threshold, otherwise the "
             "more probable of the other classes; no answer for an image unlike the training X-rays",
         },
@@ -82,29 +91,29 @@ def model_card(run_dir: str | Path) -> dict:
         "intended_use": INTENDED_USE,
         "disclaimer": DISCLAIMER,
     }
-    if metrics:
-        covid = metrics["covid_vs_rest"]
+    if metrics is not None:
+        covid = metrics.covid_vs_rest or CovidVsRest()
         card["test_metrics"] = {
-            "data": f"{' + '.join(card['training_data']['datasets'])}, {metrics['split']} split",
-            "n": metrics["n"],
-            "accuracy": metrics["accuracy"],
-            "accuracy_ci95": metrics["accuracy_ci95"],
-            "covid_sensitivity": covid["sensitivity"],
-            "covid_sensitivity_ci95": covid["sensitivity_ci95"],
-            "covid_specificity": covid["specificity"],
-            "covid_specificity_ci95": covid["specificity_ci95"],
-            "by_source": metrics.get("by_source"),
+            "data": f"{' + '.join(card['training_data']['datasets'])}, {metrics.split} split",
+            "n": metrics.n,
+            "accuracy": metrics.accuracy,
+            "accuracy_ci95": metrics.accuracy_ci95,
+            "covid_sensitivity": covid.sensitivity,
+            "covid_sensitivity_ci95": covid.sensitivity_ci95,
+            "covid_specificity": covid.specificity,
+            "covid_specificity_ci95": covid.specificity_ci95,
+            "by_source": _plain_rates(metrics.by_source),
         }
-    if audit:
-        card["audit"] = {"verdict": audit["verdict"], **{k: v["verdict"] for k, v in audit["checks"].items()}}
-        card["audit_summaries"] = {k: v["summary"] for k, v in audit["checks"].items()}
+    if audit is not None:
+        card["audit"] = {"verdict": audit.verdict, **{k: v.verdict for k, v in audit.checks.items()}}
+        card["audit_summaries"] = {k: v.summary for k, v in audit.checks.items()}
     card["within_site"] = _within_site(loso)
-    if loso:
+    if loso is not None:
         card["leave_one_source_out"] = {
-            "pooled": loso["pooled"],
+            "pooled": (loso.pooled or PooledRates()).to_dict(),
             "units": [
-                {k: u.get(k) for k in ("unit", "status", "n", "covid_sensitivity", "other_called_covid")}
-                for u in loso["units"]
+                {k: getattr(u, k) for k in ("unit", "status", "n", "covid_sensitivity", "other_called_covid")}
+                for u in loso.units
             ],
         }
     card["confounders"] = _confounders(folder)
@@ -112,22 +121,26 @@ def model_card(run_dir: str | Path) -> dict:
     return card
 
 
-def _within_site(loso: dict | None) -> dict:
+def _plain_rates(by_source: dict[str, Rates] | None) -> dict | None:
+    """The per-source rates as metrics.json holds them."""
+    return None if by_source is None else {source: rates.to_dict() for source, rates in by_source.items()}
+
+
+def _within_site(loso: Loso | None) -> dict:
     """The test the source cannot pass (``covidxr.lab.generalisation.within_site``), or why it was not run."""
-    within = (loso or {}).get("within_site")
-    if not within:
+    within = loso.within_site if loso is not None else None
+    if within is None:
         return {"auc": None, "note": "not measured: this run's leave-one-source-out predates the within-site test"}
-    pooled = within.get("pooled", {})
     return {
-        "auc": loso.get("within_site_auc"),
-        "auc_ci95": loso.get("within_site_auc_ci95"),
-        "n_covid": pooled.get("n_covid"),
-        "n_other": pooled.get("n_other"),
+        "auc": loso.within_site_auc,
+        "auc_ci95": loso.within_site_auc_ci95,
+        "n_covid": within.pooled.n_covid,
+        "n_other": within.pooled.n_other,
         "sites": [
-            {k: site.get(k) for k in ("site", "status", "n_covid", "n_other", "auc", "auc_ci95", "reason")}
-            for site in within.get("sites", [])
+            {k: getattr(site, k) for k in ("site", "status", "n_covid", "n_other", "auc", "auc_ci95", "reason")}
+            for site in within.sites
         ],
-        "what": within.get("what"),
+        "what": within.what,
     }
 
 
@@ -264,15 +277,18 @@ def bundle_run(run_dir: str | Path, dest: str | Path = BUNDLED) -> Path:
     if missing:
         raise CovidxrError(f"{run_dir}: cannot be bundled without {', '.join(missing)} (evaluate, audit, hold out)")
     dest.mkdir(parents=True, exist_ok=True)
-    info = json.loads((run_dir / "run.json").read_text())
-    fine_tuned = [info["fine_tuned_backbone"]["file"]] if info.get("fine_tuned_backbone") else []
+    info = RunInfo.from_dict(read_json_file(run_dir / INFO_FILE), run_dir / INFO_FILE)
+    fine_tuned = [info.fine_tuned_backbone["file"]] if info.fine_tuned_backbone else []
     for name in (*BUNDLE_FILES, *fine_tuned):  # a fine-tuned backbone ships with its head
         shutil.copy2(run_dir / name, dest / name)
-    info["weights"]["location"] = "pip package"  # no paths of the training machine in the package
-    info["data"] = Path(info["data"]).name
-    info["datasets"] = [Path(d).name for d in info.get("datasets", [])]
-    info["environment"].pop("command", None)
-    (dest / "run.json").write_text(json.dumps(info, indent=2))
+    info = replace(
+        info,
+        weights={**info.weights, "location": "pip package"},  # no paths of the training machine in the package
+        data=Path(info.data).name,
+        datasets=[Path(d).name for d in info.datasets],
+        environment={key: value for key, value in info.environment.items() if key != "command"},
+    )
+    (dest / INFO_FILE).write_text(json.dumps(info.to_dict(), indent=2))
     for name in EVIDENCE_FILES:
         text = (run_dir / name).read_text()
         evidence = json.loads(text)

@@ -18,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.records import ModelSidecar
 
 __all__ = [
     "ENGINES",
@@ -106,23 +108,24 @@ def graph_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_sidecar(path: str | Path) -> dict:
+def read_sidecar(path: str | Path) -> ModelSidecar:
     """The JSON sidecar of the graph at ``path``, after checking the graph's bytes against the SHA-256 it
     records: an altered, truncated or swapped graph is refused with one line, never run."""
     path = Path(path)
+    where = path.with_suffix(".json")
     try:
-        info = json.loads(path.with_suffix(".json").read_text())
-        recorded = info["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        why = type(exc).__name__
-        raise CovidxrError(f"{path.with_suffix('.json')}: missing or damaged graph sidecar ({why})") from None
+        info = ModelSidecar.from_dict(json.loads(where.read_text()), where)
+    except (OSError, ValueError) as exc:
+        raise CovidxrError(f"{where}: missing or damaged graph sidecar ({type(exc).__name__})") from None
+    if not isinstance(info.sha256, str):
+        raise CovidxrError(f"{where}: missing or damaged graph sidecar (no sha256)")
     try:
         actual = graph_sha256(path)
     except OSError as exc:
         raise CovidxrError(f"{path}: cannot read the graph ({exc.strerror or type(exc).__name__})") from None
-    if actual != recorded:
+    if actual != info.sha256:
         raise CovidxrError(
-            f"{path}: the graph fails its hash check (SHA-256 {actual[:12]}, its sidecar records {recorded[:12]}); "
+            f"{path}: the graph fails its hash check (SHA-256 {actual[:12]}, its sidecar records {info.sha256[:12]}); "
             "it was altered or damaged: restore it (reinstall covidxr, or rerun covidxr export)"
         )
     return info
@@ -159,6 +162,13 @@ class OnnxEngine:
         # The out-of-distribution threshold for this graph's features where it differs from the run's (int8).
         self.ood_threshold: float | None = None
         self.description = f"onnxruntime {onnxruntime.__version__} (CPU, {options.intra_op_num_threads} threads)"
+
+    @cached_property
+    def sidecar(self) -> ModelSidecar | None:
+        """The graph's sidecar (``<graph>.json``: its input size, pipeline, normalisation, Grad-CAM step), read
+        once per engine; None for a graph without one."""
+        path = self.path.with_suffix(".json")
+        return ModelSidecar.load(path) if path.is_file() else None
 
     def _run(self, names: list[str], inputs: np.ndarray) -> list[np.ndarray]:
         return self.session.run(names, {"image": np.ascontiguousarray(np.asarray(inputs, dtype=np.float32))})

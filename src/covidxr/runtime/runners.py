@@ -10,7 +10,6 @@ refused in one line naming the extra. Another package can add a runner the same 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +29,7 @@ from covidxr.runtime.engines import (
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.plugins import entry_point
 from covidxr.runtime.preprocess import ImagePipeline, InputTransform, Preprocessing
+from covidxr.runtime.records import ModelSidecar
 from covidxr.runtime.runs import HEAD_FILE, Run
 from covidxr.runtime.storage import hash_arrays
 
@@ -121,12 +121,11 @@ def head_digest(run: Run) -> str:
     return hash_arrays(load_file(str(run.path / HEAD_FILE)))
 
 
-def check_run_graph(run: Run) -> dict:
+def check_run_graph(run: Run) -> ModelSidecar:
     """The sidecar of the run's graph, after checking that the graph is intact (its SHA-256) and was
     exported from this run (its head and its model key): a stale or altered graph is one line, never used."""
     info = read_sidecar(run.graph)
-    key = info.get("key", {})
-    if key.get("head_sha256") != head_digest(run) or key.get("model_key") != run.info.model_key:
+    if info.key.get("head_sha256") != head_digest(run) or info.key.get("model_key") != run.info.model_key:
         raise CovidxrError(
             f"{run.graph}: was exported from another head or backbone than this run's; "
             f"export it again (`covidxr export {run.path}`) or delete it"
@@ -138,12 +137,11 @@ def input_transform(run: Run, engine: Engine) -> InputTransform:
     """What turns a decoded image into the engine's input: for a graph, what its sidecar records (so no
     torch is needed; the graph itself was checked against the sidecar before the engine was made); other
     engines carry their own (the torch engine: its model's)."""
-    sidecar_path = engine.path.with_suffix(".json") if isinstance(engine, OnnxEngine) else None
-    if sidecar_path is not None and sidecar_path.is_file():
-        info = json.loads(sidecar_path.read_text())
+    info = engine.sidecar if isinstance(engine, OnnxEngine) else None
+    if info is not None:
         return InputTransform(
-            int(info["image_size"]),
-            Preprocessing.from_dict(info["normalisation"]),
-            ImagePipeline.from_dict(info["pipeline"]),
+            int(info.image_size),
+            Preprocessing.from_dict(info.normalisation),
+            ImagePipeline.from_dict(info.pipeline),
         )
     return engine.input_transform

@@ -9,8 +9,7 @@ and numpy; the torch model is built by the lab (``covidxr.lab.models.run_model``
 from __future__ import annotations
 
 import csv
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.engines import GRAPH_FILE
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.ood import OODGuard
+from covidxr.runtime.records import RUN_FORMAT, RunInfo, read_json_file
 
 __all__ = [
     "BUNDLED",
@@ -43,7 +43,6 @@ HEAD_FILE = "head.safetensors"
 OOD_FILE = "ood.safetensors"
 SPLITS_FILE = "splits.csv"
 HISTORY_FILE = "history.csv"
-RUN_FORMAT = "covidxr-run-2"
 
 
 def default_model_path() -> Path:
@@ -51,69 +50,6 @@ def default_model_path() -> Path:
     if not (BUNDLED / INFO_FILE).is_file():
         raise CovidxrError("this installation has no bundled model; pass a run folder (--model RUN)")
     return BUNDLED
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """``run.json``: how a run was made and what it needs at prediction time.
-
-    ``covidxr-run-2`` adds the ``format`` field; folders written before it (format 1) are read by
-    ``from_dict``, the one place that knows their defaults."""
-
-    labels: list[str]
-    model: dict
-    weights: dict  # kind, location, sha256, preprocessing of the pretrained backbone weights
-    model_key: dict
-    data: str
-    datasets: list[str]
-    calibration: dict = field(default_factory=dict)  # temperature, covid_threshold {value, rule, ...}
-    out_of_distribution: dict | None = None
-    fine_tuned_backbone: dict | None = None
-    design: dict = field(default_factory=dict)
-    split_sizes: dict = field(default_factory=dict)
-    domains: dict | None = None
-    near_duplicates: dict | None = None
-    feature_engine: str | None = None
-    feature_cache: dict | None = None
-    processes: int = 1
-    best_epoch: int | None = None
-    epochs_run: int | None = None
-    stopped_early: bool = False
-    resumed_after_epoch: int | None = None
-    seconds: dict = field(default_factory=dict)
-    environment: dict = field(default_factory=dict)
-    created: str = ""
-    format: str = RUN_FORMAT
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str | Path = INFO_FILE) -> RunInfo:
-        """Read any format covidxr wrote; a missing required field is one line naming the file."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values.setdefault("format", "covidxr-run-1")
-        if "data" in values:
-            values.setdefault("datasets", [values["data"]])  # format 1 before several folders could be merged
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise CovidxrError(f"{where}: not a covidxr run record ({exc})") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def temperature(self) -> float:
-        """The validation-fitted temperature (1.0 for runs made before calibration existed)."""
-        return float(self.calibration.get("temperature", 1.0))
-
-    @property
-    def threshold_record(self) -> dict | None:
-        """The stored COVID-19 operating threshold (value, rule, validation figures), if any."""
-        return self.calibration.get("covid_threshold")
-
-    @property
-    def covid_threshold(self) -> float:
-        return float((self.threshold_record or {}).get("value", 0.5))
 
 
 @dataclass
@@ -183,10 +119,7 @@ def load_run(path: str | Path, weights: str | Path | None = None, weights_dir: s
     for name in (INFO_FILE, CONFIG_FILE, HEAD_FILE):
         if not (path / name).is_file():
             raise CovidxrError(f"{path}: not a covidxr run folder (no {name})")
-    try:
-        data = json.loads((path / INFO_FILE).read_text())
-    except json.JSONDecodeError as exc:
-        raise CovidxrError(f"{path / INFO_FILE}: damaged ({exc})") from None
+    data = read_json_file(path / INFO_FILE)
     if not isinstance(data, dict):
         raise CovidxrError(f"{path / INFO_FILE}: damaged (not a JSON object)")
     info = RunInfo.from_dict(data, path / INFO_FILE)

@@ -3,8 +3,9 @@
 
 One module per job: ``document`` (the blocks and their Markdown/HTML rendering), ``formatting`` (how
 numbers are written), ``reading`` (what a run folder holds), ``limitations``, ``checks`` (explanation
-checks and shortcut audit), ``holdout`` (rates on unseen sources and datasets), ``paper``, and the three
-reports ``run``, ``reproduce`` and ``designs``.
+checks and shortcut audit), ``holdout`` (rates on unseen sources and datasets), ``paper``, ``design_runs`` (the
+runs of a designs folder, scored against the validity targets), and the three reports ``run``, ``reproduce`` and
+``designs``.
 
 The reports read pandas tables; the model card only needs ``document`` and ``formatting``. So the report
 modules are imported on first use of their names here: ``import covidxr.runtime.formatting`` stays free of
@@ -32,9 +33,7 @@ from covidxr.runtime.document import (
 )
 
 if TYPE_CHECKING:
-    from covidxr.lab.report.designs import (
-        MAX_HELD_OUT_ADULT_CALLED_COVID,
-        TARGET_HELD_OUT_SENSITIVITY,
+    from covidxr.lab.report.design_runs import (
         VALIDITY_TARGETS,
         Design,
         above_chance_within_site,
@@ -42,6 +41,10 @@ if TYPE_CHECKING:
         shortfall,
         targets_met,
         validity_figures,
+    )
+    from covidxr.lab.report.designs import (
+        MAX_HELD_OUT_ADULT_CALLED_COVID,
+        TARGET_HELD_OUT_SENSITIVITY,
         write_designs_report,
     )
     from covidxr.lab.report.limitations import confounding
@@ -57,15 +60,15 @@ _LAZY = {
     "PAPER_RESULTS": "paper",
     "write_reproduce_report": "reproduce",
     "confounding": "limitations",
-    "Design": "designs",
+    "Design": "design_runs",
     "MAX_HELD_OUT_ADULT_CALLED_COVID": "designs",
     "TARGET_HELD_OUT_SENSITIVITY": "designs",
-    "VALIDITY_TARGETS": "designs",
-    "above_chance_within_site": "designs",
-    "best_design": "designs",
-    "shortfall": "designs",
-    "targets_met": "designs",
-    "validity_figures": "designs",
+    "VALIDITY_TARGETS": "design_runs",
+    "above_chance_within_site": "design_runs",
+    "best_design": "design_runs",
+    "shortfall": "design_runs",
+    "targets_met": "design_runs",
+    "validity_figures": "design_runs",
     "write_designs_report": "designs",
 }
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covidxr.lab.report.reading import mapping, read_json
+from covidxr.lab.report.reading import read_record
 from covidxr.runtime.document import Block, Details, Items, Text
 from covidxr.runtime.formatting import num, pct, spaced
+from covidxr.runtime.records import Audit, AuditCheck, Metrics
 
 # The checks `covidxr audit` writes into audit.json, in its order; unknown checks are shown after them.
 AUDIT_CHECKS = ("lungs_hidden", "source_probe", "resolution_format")
@@ -47,9 +48,9 @@ def _explanation_sentence(values: dict) -> str:
     return "no flag recorded."
 
 
-def explanation_blocks(metrics: dict) -> list[Block]:
+def explanation_blocks(metrics: Metrics) -> list[Block]:
     """Per method: its verdict and what it means in one sentence, the key figures, the raw numbers folded."""
-    explanations = metrics.get("explanations")
+    explanations = metrics.explanations
     if not explanations:
         return [Text("Explanation checks: not computed.")]
     blocks: list[Block] = []
@@ -89,26 +90,26 @@ def _figure(key: str, value: object) -> str:
     return f"{spaced(key)} {pct(value) if rate else num(value)}"
 
 
-def _key_figures(check: dict, keys: tuple[str, ...] = ()) -> list[str]:
+def _key_figures(figures: dict, keys: tuple[str, ...] = ()) -> list[str]:
     """The named figures of a check, or for a check covidxr does not know its first four plain numbers."""
-    plain = [k for k, v in check.items() if isinstance(v, int | float | bool) and k not in {"verdict", "summary"}]
-    chosen = [k for k in keys if k in check] or plain[:4]
-    return [_figure(k, check[k]) for k in chosen]
+    plain = [k for k, v in figures.items() if isinstance(v, int | float | bool)]
+    chosen = [k for k in keys if k in figures] or plain[:4]
+    return [_figure(k, figures[k]) for k in chosen]
 
 
-def _shown_verdict(check: dict) -> str:
+def _shown_verdict(check: AuditCheck) -> str:
     """The verdict, except that a "pass" whose own sentence calls the test weak is shown as inconclusive."""
-    verdict = str(check.get("verdict", "n/a"))
-    if verdict == "pass" and "weak" in str(check.get("summary", "")).lower():
+    verdict = "n/a" if check.verdict is None else str(check.verdict)
+    if verdict == "pass" and "weak" in str(check.summary or "").lower():
         return "inconclusive (a weak test; see the sentence)"
     return verdict
 
 
-def _check_blocks(name: str, check: dict, keys: tuple[str, ...] = ()) -> list[Block]:
+def _check_blocks(name: str, check: AuditCheck, keys: tuple[str, ...] = ()) -> list[Block]:
     """One check: its verdict and sentence, 3-5 key figures, and every raw number folded away."""
-    sentence = str(check.get("summary") or "")
-    figures = _key_figures(check, keys)
-    raw = _flatten({k: v for k, v in check.items() if k not in {"verdict", "summary"}})
+    sentence = str(check.summary or "")
+    figures = _key_figures(check.figures, keys)
+    raw = _flatten(check.figures)
     blocks: list[Block] = [
         Text(f"{spaced(name)}: {_shown_verdict(check)}." + (f" {sentence}" if sentence else ""), warning=False)
     ]
@@ -123,26 +124,29 @@ def audit_blocks(candidates: list[Path], command: str) -> list[Block]:
     """The first audit.json among ``candidates``: the overall verdict, then per check a sentence, its key
     figures and its raw numbers folded away; or how to make one."""
     path = next((c / "audit.json" for c in candidates if (c / "audit.json").is_file()), None)
-    audit = read_json(path) if path else None
+    audit = read_record(Audit, path) if path else None
     if audit is None:
         damaged = f" ({path} is damaged)" if path else ""
         return [Text(f"No shortcut audit yet{damaged}: run `{command}`.")]
-    verdict = str(audit.get("verdict") or "not recorded")
+    verdict = str(audit.verdict or "not recorded")
+    summary = "" if audit.summary is None else audit.summary
     blocks: list[Block] = [
-        Text(f"Overall verdict: {verdict}. {audit.get('summary', '')}".strip(), warning=verdict in {"fail", "warning"})
+        Text(f"Overall verdict: {verdict}. {summary}".strip(), warning=verdict in {"fail", "warning"})
     ]
-    checks = mapping(audit, "checks")
+    checks = audit.checks
     names = [name for name in AUDIT_CHECKS if name in checks] + [name for name in checks if name not in AUDIT_CHECKS]
     for name in names:
-        check = checks[name] if isinstance(checks[name], dict) else {"value": checks[name]}
-        blocks += _check_blocks(name, check, AUDIT_KEY_FIGURES.get(name, ()))
+        blocks += _check_blocks(name, checks[name], AUDIT_KEY_FIGURES.get(name, ()))
     if not names:
         blocks.append(Text("The audit lists no check."))
     facts = [f"from: {path}"]
-    facts += [f"{spaced(k)}: {num(audit[k])}" for k in ("model", "images", "n_images") if k in audit]
-    geometry = audit.get("geometry")
-    if isinstance(geometry, dict):
-        facts += [f"geometry {key}: {num(value)}" for key, value in _flatten(geometry).items()]
+    facts += [
+        f"{spaced(k)}: {num(getattr(audit, k))}"
+        for k in ("model", "images", "n_images")
+        if getattr(audit, k) is not None
+    ]
+    if isinstance(audit.geometry, dict):
+        facts += [f"geometry {key}: {num(value)}" for key, value in _flatten(audit.geometry).items()]
     blocks.append(Details("where these numbers come from", facts))
     return blocks
 
@@ -150,9 +154,9 @@ def audit_blocks(candidates: list[Path], command: str) -> list[Block]:
 def audit_line(candidates: list[Path], command: str) -> str:
     """The audit's overall and per-check verdicts in one bottom-line sentence, or how to run it."""
     path = next((c / "audit.json" for c in candidates if (c / "audit.json").is_file()), None)
-    audit = read_json(path) if path else None
+    audit = read_record(Audit, path) if path else None
     if audit is None:
         return f"Shortcut audit: not run yet (`{command}`)."
-    checks = mapping(audit, "checks")
-    shown = ", ".join(f"{spaced(k)} {_shown_verdict(v)}" for k, v in checks.items() if isinstance(v, dict))
-    return f"Shortcut audit: {audit.get('verdict', 'not recorded')}" + (f" ({shown})." if shown else ".")
+    shown = ", ".join(f"{spaced(k)} {_shown_verdict(v)}" for k, v in audit.checks.items())
+    verdict = "not recorded" if audit.verdict is None else audit.verdict
+    return f"Shortcut audit: {verdict}" + (f" ({shown})." if shown else ".")

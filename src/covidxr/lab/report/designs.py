@@ -6,14 +6,22 @@ leave-one-source-out figures, sets them against the validity targets, and names 
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from covidxr import DISCLAIMER
 from covidxr.lab.report.checks import AUDIT_CHECKS
+from covidxr.lab.report.design_runs import (
+    VALIDITY_TARGETS,
+    Design,
+    best_design,
+    read_designs,
+    shortfall,
+    targets_met,
+    unit_of_source,
+    validity_figures,
+)
 from covidxr.lab.report.holdout import (
     CALLED_BY_ARGMAX,
     by_source_table,
@@ -22,11 +30,12 @@ from covidxr.lab.report.holdout import (
     units_with_every_covid,
 )
 from covidxr.lab.report.limitations import scope_sentences
-from covidxr.lab.report.reading import mapping, read_json, read_splits, run_info
 from covidxr.lab.report.run import config_blocks, write_run_report
 from covidxr.runtime.document import Block, Figure, Heading, Items, Links, Table, Text, write_report
-from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.formatting import ci_range, counted, cutoff, missing, num, pct, rate_n, spaced, with_ci
+from covidxr.runtime.records import CovidVsRest, LosoUnit, Metrics, RunInfo
+
+__all__ = ["DESIGNS_FIGURE", "MAX_HELD_OUT_ADULT_CALLED_COVID", "TARGET_HELD_OUT_SENSITIVITY", "write_designs_report"]
 
 # The bar a design would have to clear on held-out sources (point estimates): find COVID-19 at a new
 # hospital without calling adult non-COVID images COVID-19.
@@ -41,62 +50,6 @@ TEXT_MINED_LABELS = {
 }
 
 
-@dataclass
-class Design:
-    """One row of designs.json with what its run folder holds (None where a file is missing or damaged)."""
-
-    row: dict
-    folder: Path
-    info: dict
-    metrics: dict | None
-    audit: dict | None
-    loso: dict | None
-    splits: pd.DataFrame | None
-
-    @property
-    def name(self) -> str:
-        return str(self.row.get("run") or self.folder.name)
-
-    @property
-    def description(self) -> str:
-        return str(self.row.get("description") or "n/a")
-
-    @property
-    def trained_on(self) -> str:
-        scope = "first dataset only" if self.row.get("design") == "paper" else "every dataset merged"
-        return f"{self.row.get('datasets', 'n/a')} ({scope})"
-
-    @property
-    def units(self) -> list[dict]:
-        return [u for u in (self.loso or {}).get("units") or [] if isinstance(u, dict)]
-
-    @property
-    def pooled(self) -> dict:
-        return (self.loso or {}).get("pooled") or {}
-
-
-def _read_designs(out: Path) -> list[Design]:
-    path = out / "designs.json"
-    rows = json.loads(path.read_text()) if path.is_file() else None
-    if not isinstance(rows, list):
-        raise CovidxrError(f"{out}: no designs.json; run `covidxr reproduce --design deconfounded` first")
-    designs = []
-    for row in rows:
-        folder = out / str(row.get("run"))
-        designs.append(
-            Design(
-                row,
-                folder,
-                run_info(folder if (folder / "run.json").is_file() else None),
-                read_json(folder / "metrics.json"),
-                read_json(folder / "audit.json"),
-                read_json(folder / "loso.json"),
-                read_splits(folder),
-            )
-        )
-    return designs
-
-
 def _adult_sources(designs: list[Design]) -> list[str]:
     """Sources of non-COVID images most of whose non-COVID images of known age are adults, over every run's rows."""
     frames = [d.splits for d in designs if d.splits is not None and "age_group" in d.splits.columns]
@@ -109,17 +62,17 @@ def _adult_sources(designs: list[Design]) -> list[str]:
     return sorted(adult[adult > 0.5].index)
 
 
-def _unit_sources(unit: dict) -> set[str]:
-    return {s.strip() for s in str(unit.get("source", "")).split(",") if s.strip()}
+def _unit_sources(unit: LosoUnit) -> set[str]:
+    return {s.strip() for s in str(unit.source or "").split(",") if s.strip()}
 
 
-def _adult_units(design: Design, adult: list[str]) -> list[dict]:
+def _adult_units(design: Design, adult: list[str]) -> list[LosoUnit]:
     """Evaluated held-out units of non-COVID images whose sources are all adult sources."""
     return [
         u
         for u in design.units
-        if u.get("status") == "evaluated"
-        and not missing(u.get("other_called_covid"))
+        if u.status == "evaluated"
+        and not missing(u.other_called_covid)
         and _unit_sources(u)
         and _unit_sources(u) <= set(adult)
     ]
@@ -127,113 +80,32 @@ def _adult_units(design: Design, adult: list[str]) -> list[dict]:
 
 def _non_covid_units(designs: list[Design]) -> list[str]:
     """Names of held-out units with non-COVID images in any run, in order of first appearance."""
-    names = [str(u.get("unit")) for d in designs for u in d.units if (u.get("n_other") or 0) > 0]
+    names = [str(u.unit) for d in designs for u in d.units if (u.n_other or 0) > 0]
     return list(dict.fromkeys(names))
 
 
-def _unit_called(unit: dict) -> str:
-    return rate_n(unit.get("other_called_covid"), unit.get("other_called_covid_ci95"), unit.get("n_other"))
+def _unit_called(unit: LosoUnit) -> str:
+    return rate_n(unit.other_called_covid, unit.other_called_covid_ci95, unit.n_other)
 
 
 def _pooled_sensitivity(design: Design) -> str:
     pooled = design.pooled
-    return rate_n(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95"), pooled.get("n_covid"))
-
-
-# Issue 17's targets for a model that learns the disease, not the collection (held-out figures).
-VALIDITY_TARGETS = {
-    "within_site_auc": 0.80,
-    "loso_auc": 0.75,
-    "nih_called_covid": 0.20,
-    "kermany_called_covid": 0.20,
-    "covid_sensitivity": 0.80,
-    "lung_share": 0.6,
-}
-
-
-def _unit_of_source(d: Design, source: str) -> dict | None:
-    """The evaluated held-out unit that is ``source`` as a whole (retrained without it, or external)."""
-    for unit in d.units:
-        if unit.get("status") == "evaluated" and unit.get("source") == source and unit.get("n_other"):
-            return unit
-    return None
-
-
-def validity_figures(d: Design) -> dict[str, float | None]:
-    """The held-out figures the validity targets name, for one design (None where not measured)."""
-    figures: dict[str, float | None] = {
-        "within_site_auc": d.row.get("within_site_auc"),
-        "loso_auc": d.pooled.get("covid_vs_rest_auc"),
-        "covid_sensitivity": d.pooled.get("covid_sensitivity"),
-        "lung_share": d.row.get("gradcam_lung_share_covid_calls"),
-    }
-    for source in ("nih", "kermany"):
-        unit = _unit_of_source(d, source)
-        figures[f"{source}_called_covid"] = None if unit is None else unit.get("other_called_covid")
-    return figures
-
-
-def targets_met(figures: dict[str, float | None]) -> int:
-    """How many validity targets a design's figures meet (a figure not measured meets none)."""
-    met = 0
-    for name, target in VALIDITY_TARGETS.items():
-        value = figures.get(name)
-        if value is not None and (value <= target if name.endswith("called_covid") else value >= target):
-            met += 1
-    return met
-
-
-def shortfall(figures: dict[str, float | None]) -> float:
-    """How far a design's figures fall short of the validity targets, summed over the six (AUCs and shares on
-    the same 0-1 scale; a target met adds 0, a figure not measured adds its whole target)."""
-    total = 0.0
-    for name, target in VALIDITY_TARGETS.items():
-        value = figures.get(name)
-        if name.endswith("called_covid"):
-            total += 1.0 - target if value is None else max(0.0, value - target)
-        else:
-            total += target if value is None else max(0.0, target - value)
-    return total
-
-
-def above_chance_within_site(d: Design) -> bool:
-    """Whether the within-site AUC's 95% interval lies above 0.5: the design tells COVID-19 from other
-    pneumonia at sites it never saw better than chance."""
-    interval = d.row.get("within_site_auc_ci95")
-    return bool(interval) and interval[0] > 0.5
-
-
-def best_design(designs: list[Design]) -> Design | None:
-    """The design to ship, by held-out figures only (never internal accuracy): among the designs that pass
-    the within-site test above chance (all designs if none does), the smallest total shortfall from the
-    validity targets, then the higher within-site AUC."""
-
-    def key(d: Design) -> tuple:
-        figures = validity_figures(d)
-        return (shortfall(figures), -(figures["within_site_auc"] or 0.0))
-
-    measured = [d for d in designs if d.loso is not None and d.row.get("design") != "paper"]
-    candidates = [d for d in measured if above_chance_within_site(d)] or measured
-    return min(candidates, key=key) if candidates else None
+    return rate_n(pooled.covid_sensitivity, pooled.covid_sensitivity_ci95, pooled.n_covid)
 
 
 def _validity_table(designs: list[Design]) -> Table:
     """One row per design with every figure of the validity targets, each with its interval."""
     rows = []
     for d in designs:
-        within = with_ci(d.row.get("within_site_auc"), d.row.get("within_site_auc_ci95"), False)
-        within += f", n={d.row['within_site_n']}" if d.row.get("within_site_n") else ""
-        auc = with_ci(d.pooled.get("covid_vs_rest_auc"), d.pooled.get("covid_vs_rest_auc_ci95"), False)
+        within = with_ci(d.row.within_site_auc, d.row.within_site_auc_ci95, False)
+        within += f", n={d.row.within_site_n}" if d.row.within_site_n else ""
+        auc = with_ci(d.pooled.covid_vs_rest_auc, d.pooled.covid_vs_rest_auc_ci95, False)
         called = []
         for source in ("nih", "kermany"):
-            unit = _unit_of_source(d, source)
-            called.append(
-                "n/a"
-                if unit is None
-                else rate_n(unit.get("other_called_covid"), unit.get("other_called_covid_ci95"), unit.get("n_other"))
-            )
-        share = d.row.get("gradcam_lung_share_covid_calls")
-        lungs = "n/a" if share is None else f"{share:.2f} (n={d.row.get('gradcam_lung_share_covid_calls_n')})"
+            unit = unit_of_source(d, source)
+            called.append("n/a" if unit is None else _unit_called(unit))
+        share = d.row.gradcam_lung_share_covid_calls
+        lungs = "n/a" if share is None else f"{share:.2f} (n={d.row.gradcam_lung_share_covid_calls_n})"
         figures = validity_figures(d)
         met = f"{targets_met(figures)} of {len(VALIDITY_TARGETS)}; shortfall {shortfall(figures):.2f}"
         rows.append([d.name, d.description, within, auc, *called, _pooled_sensitivity(d), lungs, met])
@@ -283,17 +155,17 @@ def _loso_overview_table(designs: list[Design], units: list[str]) -> Table:
         if d.loso is None:
             rows.append([d.name, d.trained_on, d.description, "no loso.json", *["n/a"] * (len(units) + 1)])
             continue
-        by_name = {str(u.get("unit")): u for u in d.units}
+        by_name = {str(u.unit): u for u in d.units}
         cells = []
         for name in units:
             unit = by_name.get(name)
             if unit is None:
                 cells.append("n/a (not a unit of this run)")
-            elif unit.get("status") != "evaluated":
+            elif unit.status != "evaluated":
                 cells.append("n/a (skipped)")
             else:
                 cells.append(_unit_called(unit))
-        auc = with_ci(d.pooled.get("covid_vs_rest_auc"), d.pooled.get("covid_vs_rest_auc_ci95"), False)
+        auc = with_ci(d.pooled.covid_vs_rest_auc, d.pooled.covid_vs_rest_auc_ci95, False)
         rows.append([d.name, d.trained_on, d.description, _pooled_sensitivity(d), *cells, auc])
     header = [
         "run",
@@ -315,10 +187,10 @@ def _loso_findings(designs: list[Design], adult: list[str]) -> list[str]:
             "No run has held-out non-COVID images from an adult source (sources whose non-COVID images of known "
             f"age are mostly adults: {named}), so the false-COVID rate on adult controls is not measured here."
         ]
-    lowest = min(u["other_called_covid"] for _, u in candidates)
-    best = [(d, u) for d, u in candidates if u["other_called_covid"] == lowest]
+    lowest = min(u.other_called_covid for _, u in candidates)
+    best = [(d, u) for d, u in candidates if u.other_called_covid == lowest]
     described = "; ".join(
-        f"{d.name} ({d.trained_on}; {d.description}) called {_unit_called(u)} of held-out {u.get('unit')} "
+        f"{d.name} ({d.trained_on}; {d.description}) called {_unit_called(u)} of held-out {u.unit} "
         f"COVID-19, with a held-out COVID-19 sensitivity of {_pooled_sensitivity(d)}"
         for d, u in best
     )
@@ -335,9 +207,9 @@ def _loso_findings(designs: list[Design], adult: list[str]) -> list[str]:
         d.name
         for d in designs
         if _adult_units(d, adult)
-        and not missing(d.pooled.get("covid_sensitivity"))
-        and d.pooled["covid_sensitivity"] >= TARGET_HELD_OUT_SENSITIVITY
-        and all(u["other_called_covid"] <= MAX_HELD_OUT_ADULT_CALLED_COVID for u in _adult_units(d, adult))
+        and not missing(d.pooled.covid_sensitivity)
+        and d.pooled.covid_sensitivity >= TARGET_HELD_OUT_SENSITIVITY
+        and all(u.other_called_covid <= MAX_HELD_OUT_ADULT_CALLED_COVID for u in _adult_units(d, adult))
     ]
     findings.append(
         f"Runs that kept a {bar}: {', '.join(passed)}."
@@ -349,7 +221,7 @@ def _loso_findings(designs: list[Design], adult: list[str]) -> list[str]:
 
 
 def _whole_class_units(designs: list[Design]) -> list[str]:
-    return [f"{unit} in {d.name}" for d in designs for unit in units_with_every_covid(d.loso or {}, d.splits)]
+    return [f"{unit} in {d.name}" for d in designs for unit in units_with_every_covid(d.loso, d.splits)]
 
 
 def _designs_figure(out: Path, designs: list[Design], adult: list[str]) -> list[Block]:
@@ -360,7 +232,7 @@ def _designs_figure(out: Path, designs: list[Design], adult: list[str]) -> list[
 
     points = []
     for d in designs:
-        sensitivity = d.pooled.get("covid_sensitivity")
+        sensitivity = d.pooled.covid_sensitivity
         for u in _adult_units(d, adult):
             if not missing(sensitivity):
                 points.append((d, u, sensitivity))
@@ -384,15 +256,15 @@ def _designs_figure(out: Path, designs: list[Design], adult: list[str]) -> list[
         )
     )
     for d, u, sensitivity in points:
-        x = u["other_called_covid"]
+        x = u.other_called_covid
         ax.errorbar(
             x,
             sensitivity,
-            xerr=[[v] for v in error(x, u.get("other_called_covid_ci95"))],
-            yerr=[[v] for v in error(sensitivity, d.pooled.get("covid_sensitivity_ci95"))],
-            fmt="s" if d.row.get("design") == "paper" else "o",
+            xerr=[[v] for v in error(x, u.other_called_covid_ci95)],
+            yerr=[[v] for v in error(sensitivity, d.pooled.covid_sensitivity_ci95)],
+            fmt="s" if d.row.design == "paper" else "o",
             capsize=3,
-            label=f"{d.name}: held-out {u.get('unit')}",
+            label=f"{d.name}: held-out {u.unit}",
         )
     ax.set(
         xlabel=f"held-out adult non-COVID images ({', '.join(adult)}) called COVID-19",
@@ -415,17 +287,17 @@ def _designs_figure(out: Path, designs: list[Design], adult: list[str]) -> list[
 def _internal_table(designs: list[Design]) -> Table:
     rows = []
     for d in designs:
-        m = d.metrics or {}
-        covid = mapping(m, "covid_vs_rest")
+        m = d.metrics or Metrics()
+        covid = m.covid_vs_rest or CovidVsRest()
         rows.append(
             [
                 d.name,
                 d.trained_on,
-                num(m.get("n")),
-                with_ci(m.get("accuracy"), m.get("accuracy_ci95")),
-                with_ci(covid.get("sensitivity"), covid.get("sensitivity_ci95")),
-                with_ci(covid.get("specificity"), covid.get("specificity_ci95")),
-                cutoff(covid.get("threshold")),
+                num(m.n),
+                with_ci(m.accuracy, m.accuracy_ci95),
+                with_ci(covid.sensitivity, covid.sensitivity_ci95),
+                with_ci(covid.specificity, covid.specificity_ci95),
+                cutoff(covid.threshold),
             ]
         )
     header = [
@@ -444,7 +316,7 @@ def _audit_verdict_blocks(designs: list[Design]) -> list[Block]:
     """Overall and per-check verdicts, one row per run, then each check's summary."""
     checks = list(AUDIT_CHECKS)
     for d in designs:
-        for name in (d.audit or {}).get("checks") or {}:
+        for name in d.audit.checks if d.audit is not None else {}:
             if name not in checks:
                 checks.append(name)
     verdicts, summaries = [], []
@@ -452,14 +324,13 @@ def _audit_verdict_blocks(designs: list[Design]) -> list[Block]:
         if d.audit is None:
             verdicts.append([d.name, "no audit.json", *["n/a"] * len(checks)])
             continue
-        found = mapping(d.audit, "checks")
-        found = {name: check for name, check in found.items() if isinstance(check, dict)}
-        overall = str(d.audit.get("verdict") or "n/a")
-        verdicts.append([d.name, overall, *(str(found.get(c, {}).get("verdict") or "n/a") for c in checks)])
-        if d.audit.get("summary"):
-            summaries.append([d.name, "overall", overall, str(d.audit["summary"])])
+        found = d.audit.checks
+        overall = str(d.audit.verdict or "n/a")
+        verdicts.append([d.name, overall, *(str(found[c].verdict or "n/a") if c in found else "n/a" for c in checks)])
+        if d.audit.summary:
+            summaries.append([d.name, "overall", overall, str(d.audit.summary)])
         summaries += [
-            [d.name, spaced(c), str(found[c].get("verdict") or "n/a"), str(found[c].get("summary") or "n/a")]
+            [d.name, spaced(c), str(found[c].verdict or "n/a"), str(found[c].summary or "n/a")]
             for c in checks
             if c in found
         ]
@@ -469,9 +340,9 @@ def _audit_verdict_blocks(designs: list[Design]) -> list[Block]:
     ]
 
 
-def _split_by_source(info: dict) -> str:
+def _split_by_source(info: RunInfo | None) -> str:
     parts = []
-    for part, sizes in (info.get("split_sizes") or {}).items():
+    for part, sizes in (info.split_sizes if info is not None else {}).items():
         by_source = sizes.get("by_source") if isinstance(sizes, dict) else None
         if isinstance(by_source, dict):
             parts.append(f"{part}: " + ", ".join(f"{source} {num(n)}" for source, n in by_source.items()))
@@ -481,16 +352,17 @@ def _split_by_source(info: dict) -> str:
 def _made_blocks(out: Path, designs: list[Design]) -> list[Block]:
     rows = []
     for d in designs:
-        datasets = d.info.get("datasets") or ([d.info["data"]] if d.info.get("data") else [])
+        datasets = d.info.datasets if d.info is not None else []
+        summary = d.info.design.get("summary") if d.info is not None else None
         rows.append(
             [
                 d.name,
-                str(d.row.get("design", "n/a")),
+                "n/a" if d.row.design is None else str(d.row.design),
                 "; ".join(str(x) for x in datasets) or "n/a",
-                str((d.info.get("design") or {}).get("summary") or d.description),
+                str(summary or d.description),
                 _split_by_source(d.info),
-                str(d.info.get("feature_cache") or "n/a"),
-                num(d.row.get("wall_seconds")),
+                str((d.info.feature_cache if d.info is not None else None) or "n/a"),
+                num(d.row.wall_seconds),
             ]
         )
     header = ["run", "design", "datasets", "design summary", "images per split and source", "feature cache", "seconds"]
@@ -510,7 +382,7 @@ def _designs_limitations(designs: list[Design]) -> list[str]:
     frames = [d.splits for d in designs if d.splits is not None]
     rows = pd.concat(frames).drop_duplicates("filename") if frames else pd.DataFrame(columns=["label", "source"])
     covid_sources = sorted(rows.loc[rows["label"] == "COVID-19", "source"].astype(str).unique())
-    covid_units = sorted({str(u.get("unit")) for d in designs for u in d.units if (u.get("n_covid") or 0) > 0})
+    covid_units = sorted({str(u.unit) for d in designs for u in d.units if (u.n_covid or 0) > 0})
     notes = []
     if len(covid_sources) == 1 and set(covid_units) - set(covid_sources):
         notes.append(
@@ -527,14 +399,7 @@ def _designs_limitations(designs: list[Design]) -> list[str]:
         notes.append(
             f"COVID-19 images come from {', '.join(covid_sources)}; held-out COVID-19 units: {', '.join(covid_units)}."
         )
-    mixed = sorted(
-        {
-            str(u.get("unit"))
-            for d in designs
-            for u in d.units
-            if (u.get("n_covid") or 0) > 0 and (u.get("n_other") or 0) > 0
-        }
-    )
+    mixed = sorted({str(u.unit) for d in designs for u in d.units if (u.n_covid or 0) > 0 and (u.n_other or 0) > 0})
     notes.append(
         f"Held-out units with both COVID-19 and non-COVID images: {', '.join(mixed)}."
         if mixed
@@ -542,23 +407,16 @@ def _designs_limitations(designs: list[Design]) -> list[str]:
         "COVID-19-versus-rest AUC pools units, each predicted by its own retrained model (or the run's own model for "
         "data it never trained on), and partly measures how the units differ rather than how one model ranks images."
     )
-    pooled = sorted(
-        {
-            f"{u.get('unit')} ({num(u.get('n'))} images)"
-            for d in designs
-            for u in d.units
-            if "other sites" in str(u.get("unit"))
-        }
-    )
+    pooled = sorted({f"{u.unit} ({num(u.n)} images)" for d in designs for u in d.units if "other sites" in str(u.unit)})
     if pooled:
-        minimum = next((d.loso.get("min_unit_images") for d in designs if d.loso), None)
+        minimum = next((d.loso.min_unit_images for d in designs if d.loso), None)
         notes.append(
             f"Sites with fewer than {num(minimum)} images are held out together, so one result mixes several sites: "
             f"{'; '.join(pooled)}."
         )
     sources = set(rows["source"].astype(str)) | {s for d in designs for u in d.units for s in _unit_sources(u)}
     notes += [text for source, text in TEXT_MINED_LABELS.items() if source in sources]
-    sizes = [u.get("n") for d in designs for u in d.units if u.get("status") == "evaluated" and not missing(u.get("n"))]
+    sizes = [u.n for d in designs for u in d.units if u.status == "evaluated" and not missing(u.n)]
     if sizes:
         notes.append(
             f"The smallest evaluated held-out unit has {counted(int(min(sizes)), 'image')}; Wilson intervals treat "
@@ -576,14 +434,14 @@ def write_designs_report(out: str | Path) -> tuple[Path, Path]:
     written again first, so that it shows the run's loso.json (written after the run's first report).
     """
     out = Path(out)
-    designs = _read_designs(out)
+    designs = read_designs(out)
     for d in designs:
         if d.metrics is not None:
             write_run_report(d.folder)
     adult = _adult_sources(designs)
-    paper = next((d for d in designs if d.row.get("design") == "paper"), designs[0] if designs else None)
+    paper = next((d for d in designs if d.row.design == "paper"), designs[0] if designs else None)
     confounded = (
-        scope_sentences(f"data of the {paper.name} run ({paper.row.get('datasets')})", paper.splits)
+        scope_sentences(f"data of the {paper.name} run ({paper.row.datasets})", paper.splits)
         if paper is not None and paper.splits is not None
         else ["The paper's data was not found: no confounding computed."]
     )
@@ -635,12 +493,10 @@ def write_designs_report(out: str | Path) -> tuple[Path, Path]:
         _internal_table(designs),
     ]
     for d in designs:
-        by_source = (d.metrics or {}).get("by_source")
+        by_source = d.metrics.by_source if d.metrics is not None else None
         blocks += [Heading(3, f"{d.name}: by source")]
         blocks.append(
-            by_source_table(by_source)
-            if isinstance(by_source, dict)
-            else Text("Not computed: no by_source in metrics.json.")
+            by_source_table(by_source) if by_source is not None else Text("Not computed: no by_source in metrics.json.")
         )
     blocks += [
         Heading(2, "Shortcut audit"),

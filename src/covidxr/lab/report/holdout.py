@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from covidxr.lab.report.reading import externals
 from covidxr.runtime.document import Block, Items, Table, Text
 from covidxr.runtime.formatting import counted, dec, missing, num, pct, with_ci
+from covidxr.runtime.records import CovidVsRest, Loso, Metrics, PooledRates, Rates
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -27,81 +28,77 @@ CALLED_BY_LABEL = (
 )
 
 
-def _image_counts(rates: dict) -> str:
+def _image_counts(rates: Rates) -> str:
     """ "30 (0 COVID-19, 30 other)" """
-    if missing(rates.get("n_covid")):
-        return num(rates.get("n"))
-    return f"{num(rates.get('n'))} ({num(rates.get('n_covid'))} COVID-19, {num(rates.get('n_other'))} other)"
+    if missing(rates.n_covid):
+        return num(rates.n)
+    return f"{num(rates.n)} ({num(rates.n_covid)} COVID-19, {num(rates.n_other)} other)"
 
 
-def _rate_cells(rates: dict) -> list[str]:
+def _rate_cells(rates: Rates) -> list[str]:
     """Accuracy, COVID-19 sensitivity and the share of other images called COVID-19, each with its interval."""
     return [
-        with_ci(rates.get("accuracy"), rates.get("accuracy_ci95")),
-        with_ci(rates.get("covid_sensitivity"), rates.get("covid_sensitivity_ci95")),
-        with_ci(rates.get("other_called_covid"), rates.get("other_called_covid_ci95")),
+        with_ci(rates.accuracy, rates.accuracy_ci95),
+        with_ci(rates.covid_sensitivity, rates.covid_sensitivity_ci95),
+        with_ci(rates.other_called_covid, rates.other_called_covid_ci95),
     ]
 
 
 RATE_HEADER = ["accuracy (95% CI)", "COVID-19 sensitivity (95% CI)", "non-COVID images called COVID-19 (95% CI)"]
 
 
-def by_source_table(by_source: dict) -> Table:
+def by_source_table(by_source: dict[str, Rates]) -> Table:
     """metrics.json "by_source": one row per source of the evaluated images."""
     rows = [[str(source), _image_counts(rates), *_rate_cells(rates)] for source, rates in by_source.items()]
     return Table(["source", "images", *RATE_HEADER], rows)
 
 
-def loso_unit_table(loso: dict) -> Table:
+def loso_unit_table(loso: Loso) -> Table:
     """loso.json "units": one row per held-out unit, evaluated or skipped with the reason."""
     rows = []
-    for unit in loso.get("units") or []:
-        status = str(unit.get("status", "n/a"))
-        if unit.get("reason"):
-            status += f": {unit['reason']}"
-        rows.append(
-            [str(unit.get("unit")), str(unit.get("kind", "n/a")), _image_counts(unit), status, *_rate_cells(unit)]
-        )
+    for unit in loso.units:
+        status = "n/a" if unit.status is None else str(unit.status)
+        if unit.reason:
+            status += f": {unit.reason}"
+        kind = "n/a" if unit.kind is None else str(unit.kind)
+        rows.append([str(unit.unit), kind, _image_counts(unit), status, *_rate_cells(unit)])
     return Table(["held-out unit", "how it was held out", "images", "status", *RATE_HEADER], rows)
 
 
-def _pooled_loso_table(pooled: dict) -> Table:
+def _pooled_loso_table(pooled: PooledRates) -> Table:
     rows = [
         [
             "held-out COVID-19 images called COVID-19 (sensitivity)",
-            with_ci(pooled.get("covid_sensitivity"), pooled.get("covid_sensitivity_ci95")),
-            num(pooled.get("n_covid")),
+            with_ci(pooled.covid_sensitivity, pooled.covid_sensitivity_ci95),
+            num(pooled.n_covid),
         ],
         [
             "held-out non-COVID images called COVID-19",
-            with_ci(pooled.get("other_called_covid"), pooled.get("other_called_covid_ci95")),
-            num(pooled.get("n_other")),
+            with_ci(pooled.other_called_covid, pooled.other_called_covid_ci95),
+            num(pooled.n_other),
         ],
         [
             "accuracy (three classes)",
-            with_ci(pooled.get("accuracy"), pooled.get("accuracy_ci95")),
-            num(pooled.get("n")),
+            with_ci(pooled.accuracy, pooled.accuracy_ci95),
+            num(pooled.n),
         ],
         [
             "COVID-19-versus-rest AUC (patient bootstrap)",
-            with_ci(pooled.get("covid_vs_rest_auc"), pooled.get("covid_vs_rest_auc_ci95"), False),
-            num(pooled.get("n")),
+            with_ci(pooled.covid_vs_rest_auc, pooled.covid_vs_rest_auc_ci95, False),
+            num(pooled.n),
         ],
     ]
     return Table(["pooled over every held-out unit", "value (95% CI)", "images"], rows)
 
 
-def units_with_every_covid(loso: dict, splits: pd.DataFrame | None) -> list[str]:
+def units_with_every_covid(loso: Loso | None, splits: pd.DataFrame | None) -> list[str]:
     """Held-out units, retrained without, that hold every COVID-19 image of the run's data: the model
     retrained without them never saw COVID-19, so its sensitivity there is zero by construction."""
     total = 0 if splits is None else int((splits["label"] == "COVID-19").sum())
     return [
-        f"{unit.get('unit')} ({counted(total, 'COVID-19 image')})"
-        for unit in loso.get("units") or []
-        if total
-        and unit.get("status") == "evaluated"
-        and unit.get("n_covid") == total
-        and unit.get("kind") != "never in this run's data"
+        f"{unit.unit} ({counted(total, 'COVID-19 image')})"
+        for unit in (loso.units if loso is not None else [])
+        if total and unit.status == "evaluated" and unit.n_covid == total and unit.kind != "never in this run's data"
     ]
 
 
@@ -114,17 +111,17 @@ def every_covid_note(units: list[str]) -> str:
     )
 
 
-def loso_blocks(loso: dict, path: Path, splits: pd.DataFrame | None) -> list[Block]:
+def loso_blocks(loso: Loso, path: Path, splits: pd.DataFrame | None) -> list[Block]:
     """The pooled held-out rates and the per-unit table of one run's loso.json."""
     whole = units_with_every_covid(loso, splits)
     return [
         Text(
             "Each unit (a source, or for a many-site source a publishing site; sites with fewer than "
-            f"{num(loso.get('min_unit_images'))} images together) was removed from training, the run's protocol "
+            f"{num(loso.min_unit_images)} images together) was removed from training, the run's protocol "
             "retrained on the rest and tested on the unit's images; a dataset the run never trained on is a unit "
             f"of the run's own model. From {path}."
         ),
-        _pooled_loso_table(loso.get("pooled") or {}),
+        _pooled_loso_table(loso.pooled or PooledRates()),
         loso_unit_table(loso),
         Items(
             [
@@ -137,30 +134,30 @@ def loso_blocks(loso: dict, path: Path, splits: pd.DataFrame | None) -> list[Blo
     ]
 
 
-def external_line(name: str, metrics: dict) -> str:
+def external_line(name: str, metrics: Metrics) -> str:
     """One sentence on an evaluation of data the model never saw."""
-    covid = metrics.get("covid_vs_rest") or {}
-    parts = [f"accuracy {with_ci(metrics.get('accuracy'), metrics.get('accuracy_ci95'))}"]
-    if covid.get("auc") is not None:
-        parts.append(f"COVID-19-versus-rest AUC {dec(covid['auc'])}")
-    if covid.get("n_covid"):
-        parts.append(f"COVID-19 sensitivity {with_ci(covid.get('sensitivity'), covid.get('sensitivity_ci95'))}")
-    if covid.get("n_other"):
-        called = 1 - covid["specificity"] if covid.get("specificity") is not None else None
-        parts.append(f"non-COVID images called COVID-19 {pct(called)} of {covid['n_other']}")
-    n = counted(int(metrics.get("n") or 0), "image")
+    covid = metrics.covid_vs_rest or CovidVsRest()
+    parts = [f"accuracy {with_ci(metrics.accuracy, metrics.accuracy_ci95)}"]
+    if covid.auc is not None:
+        parts.append(f"COVID-19-versus-rest AUC {dec(covid.auc)}")
+    if covid.n_covid:
+        parts.append(f"COVID-19 sensitivity {with_ci(covid.sensitivity, covid.sensitivity_ci95)}")
+    if covid.n_other:
+        called = 1 - covid.specificity if covid.specificity is not None else None
+        parts.append(f"non-COVID images called COVID-19 {pct(called)} of {covid.n_other}")
+    n = counted(int(metrics.n or 0), "image")
     return f"On {name} ({n}, never seen in training): " + "; ".join(parts) + "."
 
 
-def generalisation_lines(run: Path | None, loso: dict | None, command: str) -> list[str]:
+def generalisation_lines(run: Path | None, loso: Loso | None, command: str) -> list[str]:
     """How the model fares on data it never saw: other datasets, and every source held out in turn."""
     lines = [external_line(name, metrics) for name, metrics in externals(run).items()]
-    pooled = (loso or {}).get("pooled") or {}
-    if pooled:
+    pooled = loso.pooled if loso is not None else None
+    if pooled is not None:
         lines.append(
             "Leave-one-source-out (each source held out of training in turn): COVID-19 sensitivity "
-            f"{with_ci(pooled.get('covid_sensitivity'), pooled.get('covid_sensitivity_ci95'))}, non-COVID images "
-            f"called COVID-19 {with_ci(pooled.get('other_called_covid'), pooled.get('other_called_covid_ci95'))}, "
-            f"pooled COVID-19-versus-rest AUC {dec(pooled.get('covid_vs_rest_auc'))}."
+            f"{with_ci(pooled.covid_sensitivity, pooled.covid_sensitivity_ci95)}, non-COVID images "
+            f"called COVID-19 {with_ci(pooled.other_called_covid, pooled.other_called_covid_ci95)}, "
+            f"pooled COVID-19-versus-rest AUC {dec(pooled.covid_vs_rest_auc)}."
         )
     return lines or [f"On data it never saw: not measured yet (`{command}`); internal test figures do not travel."]

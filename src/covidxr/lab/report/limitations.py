@@ -16,6 +16,7 @@ from covidxr.lab.report.reading import read_splits, run_info, same_path
 from covidxr.runtime.document import Block, Items, Table, Text
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.formatting import counted, either, missing
+from covidxr.runtime.records import Metrics
 
 # Columns whose values may coincide with the label: (column, noun, verb, the verb's part kept after
 # the first clause, plural) -- "every A image comes from x and every B image from y".
@@ -120,9 +121,9 @@ def scope_sentences(name: str, frame: pd.DataFrame) -> list[str]:
     return sentences or [f"In the {name}, no {nouns} coincides with a class."]
 
 
-def _size_sentences(metrics: dict, evaluated: pd.DataFrame) -> list[str]:
+def _size_sentences(metrics: Metrics, evaluated: pd.DataFrame) -> list[str]:
     sizes = evaluated["label"].value_counts()
-    low, high = metrics.get("accuracy_ci95") or [None, None]
+    low, high = metrics.accuracy_ci95 or [None, None]
     width = (
         ""
         if missing(low) or missing(high)
@@ -160,25 +161,25 @@ def _patient_sentences(evaluated: pd.DataFrame, training: pd.DataFrame) -> list[
     return sentences
 
 
-def limitation_blocks(metrics: dict, run: Path | None) -> list[Block]:
+def limitation_blocks(metrics: Metrics, run: Path | None) -> list[Block]:
     """Sources, age groups, sizes and patient overlap of the evaluated rows and of the training split."""
     splits = read_splits(run)
     if splits is None:
         return [Text("Not computed: the run's splits.csv was not found.")]
     info = run_info(run)
     # A run on several folders records their common parent as its data: read the folders themselves.
-    roots = info.get("datasets") if same_path(metrics.get("data"), info.get("data")) else None
+    roots = info.datasets if info is not None and same_path(metrics.data, info.data) else None
     try:
-        dataset = load_datasets(roots) if roots else load_dataset(metrics["data"])
+        dataset = load_datasets(roots) if roots else load_dataset(metrics.data)
     except CovidxrError as exc:
         return [Text(f"Not computed: {exc}.")]
     evaluated, name = dataset.frame, dataset.name
-    if metrics.get("split") == "all":
+    if metrics.split == "all":
         scope = f"evaluated rows (all images of {name})"
     else:
-        chosen = set(splits.loc[splits["split"] == metrics.get("split"), "filename"])
+        chosen = set(splits.loc[splits["split"] == metrics.split, "filename"])
         evaluated = evaluated[evaluated["filename"].isin(chosen)]
-        scope = f"evaluated rows ({metrics.get('split')} split of {name})"
+        scope = f"evaluated rows ({metrics.split} split of {name})"
     training = splits[splits["split"] == "train"]
     return [
         Text(f"The {scope}:"),

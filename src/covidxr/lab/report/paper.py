@@ -6,6 +6,7 @@ from pathlib import Path
 
 from covidxr.runtime.document import Block, Figure, Table, Text
 from covidxr.runtime.formatting import ci_range, counted, pct, with_ci
+from covidxr.runtime.records import Metrics
 
 # Soares & Soares (2020), test set of 75 images split at random from 375.
 PAPER_RESULTS = {
@@ -22,9 +23,9 @@ FIGURES = (
 )
 
 
-def paper_blocks(metrics: dict) -> list[Block]:
+def paper_blocks(metrics: Metrics) -> list[Block]:
     """The paper's accuracies beside this evaluation's, with its intervals and how each test set was drawn."""
-    model = metrics.get("model")
+    model = metrics.model
     rows = [
         [
             f"{row['paper_model']} (paper)",
@@ -36,13 +37,13 @@ def paper_blocks(metrics: dict) -> list[Block]:
         ]
         for row in PAPER_RESULTS.values()
     ]
-    same = PAPER_RESULTS.get(model, {}).get("paper_model")
+    same = PAPER_RESULTS[model]["paper_model"] if model in PAPER_RESULTS else None
     name = f"{model} (covidxr; the paper's {same} backbone)" if same else f"{model} (covidxr; not in the paper)"
-    data = Path(str(metrics.get("data"))).name
-    drawn = f"every image of {data}" if metrics.get("split") == "all" else f"by patient ({metrics.get('split')} split)"
-    wilson = ci_range(metrics.get("accuracy_ci95")) or "n/a"
-    boot = ci_range(metrics.get("accuracy_bootstrap_ci95")) or "not computed"
-    rows.append([name, pct(metrics.get("accuracy")), wilson, boot, str(metrics.get("n")), drawn])
+    data = Path(str(metrics.data)).name
+    drawn = f"every image of {data}" if metrics.split == "all" else f"by patient ({metrics.split} split)"
+    wilson = ci_range(metrics.accuracy_ci95) or "n/a"
+    boot = ci_range(metrics.accuracy_bootstrap_ci95) or "not computed"
+    rows.append([name, pct(metrics.accuracy), wilson, boot, str(metrics.n), drawn])
     return [
         Table(["model", "test accuracy", "95% CI (Wilson)", "95% CI (patient bootstrap)", "n test", "test set"], rows),
         Text(
@@ -66,12 +67,12 @@ def figure_blocks(folder: Path, base: Path, model: str, prefix: str = "") -> lis
     return blocks
 
 
-def paper_line(metrics: dict) -> str:
+def paper_line(metrics: Metrics) -> str:
     """The paper's figure for this backbone against ours (or the paper's best, for a backbone it did not use)."""
-    model = str(metrics.get("model"))
+    model = str(metrics.model)
     ours = (
-        f"{with_ci(metrics.get('accuracy'), metrics.get('accuracy_ci95'), label='95% CI ')} on "
-        f"{counted(int(metrics.get('n') or 0), 'image')} ({metrics.get('split')} split, by patient)"
+        f"{with_ci(metrics.accuracy, metrics.accuracy_ci95, label='95% CI ')} on "
+        f"{counted(int(metrics.n or 0), 'image')} ({metrics.split} split, by patient)"
     )
     paper = PAPER_RESULTS.get(model)
     if paper:

@@ -14,14 +14,17 @@ from covidxr.lab.report.checks import audit_blocks, audit_line, explanation_bloc
 from covidxr.lab.report.holdout import external_line, generalisation_lines
 from covidxr.lab.report.limitations import limitation_blocks
 from covidxr.lab.report.paper import figure_blocks, paper_line
-from covidxr.lab.report.reading import externals, read_json, read_metrics, read_splits, run_info
+from covidxr.lab.report.reading import externals, read_metrics, read_record, read_splits, run_info
 from covidxr.lab.report.run import calibration_blocks, config_blocks, covid_blocks, metrics_blocks, split_table
 from covidxr.runtime.document import Block, Heading, Items, Links, Table, Text, Verdict, write_report
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.formatting import ci_range, dec, mean_sd, missing, num, pct, with_ci
+from covidxr.runtime.records import Metrics
+
+__all__ = ["write_reproduce_report"]
 
 
-def _results_table(rows: list[dict], metrics: dict[str, dict]) -> Table:
+def _results_table(rows: list[dict], metrics: dict[str, Metrics]) -> Table:
     """One row per model; the covidxr numbers are its first seed's run, each with its 95% interval."""
     cells = []
     for row in rows:
@@ -29,8 +32,7 @@ def _results_table(rows: list[dict], metrics: dict[str, dict]) -> Table:
         paper_cell = f"{pct(paper)} (n={row.get('paper_n')})" if paper is not None else "not in the paper"
         if row.get("status") != "trained":
             continue  # folded into one line under the table
-        m = metrics.get(str(row.get("model")), {})
-        covid = (m.get("per_class") or {}).get("COVID-19", {})
+        m = metrics.get(str(row.get("model"))) or Metrics()
         wilson = [row.get("accuracy_ci95_low"), row.get("accuracy_ci95_high")]
         cells.append(
             [
@@ -38,10 +40,10 @@ def _results_table(rows: list[dict], metrics: dict[str, dict]) -> Table:
                 str(row.get("paper_model")),
                 paper_cell,
                 with_ci(row.get("accuracy"), wilson, label="95% CI "),
-                ci_range(m.get("accuracy_bootstrap_ci95")) or "not computed",
+                ci_range(m.accuracy_bootstrap_ci95) or "not computed",
                 f"{row.get('correct')} / {row.get('n_test')}",
-                with_ci(row.get("macro_auc"), m.get("macro_auc_ci95"), False),
-                with_ci(row.get("covid_sensitivity"), covid.get("sensitivity_ci95")),
+                with_ci(row.get("macro_auc"), m.macro_auc_ci95, False),
+                with_ci(row.get("covid_sensitivity"), m.covid_class.sensitivity_ci95),
                 "trained",
             ]
         )
@@ -87,7 +89,8 @@ def _seed_blocks(folder: Path, rows: list[dict]) -> list[Block]:
     if not any(_several_seeds(row) for row in trained):
         config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
         seed = (config or {}).get("seed", "from the configuration")
-        data = next((run_info(folder / str(r.get("model"))).get("data") for r in trained), None) or "DATA"
+        first = run_info(folder / str(trained[0].get("model"))) if trained else None
+        data = (first.data if first is not None else None) or "DATA"
         return [
             Text(
                 f"One seed was run (seed {seed}): every number above comes from one patient split and one training "
@@ -129,19 +132,18 @@ def _seed_blocks(folder: Path, rows: list[dict]) -> list[Block]:
     per_seed = folder / "seeds.csv"
     if per_seed.is_file():
         table = []
-        for r in pd.read_csv(per_seed).to_dict("records"):
-            m = read_json(folder / str(r.get("run")) / "metrics.json") or {}
-            covid = (m.get("per_class") or {}).get("COVID-19", {})
-            wilson = [r.get("accuracy_ci95_low"), r.get("accuracy_ci95_high")]
+        for r in pd.read_csv(per_seed).to_dict("records"):  # every column of seeds.csv is in every row
+            m = read_record(Metrics, folder / str(r["run"]) / "metrics.json") or Metrics()
+            wilson = [r["accuracy_ci95_low"], r["accuracy_ci95_high"]]
             table.append(
                 [
-                    str(r.get("model")),
-                    num(r.get("seed")),
-                    str(r.get("run")),
-                    with_ci(r.get("accuracy"), wilson, label="95% CI "),
-                    f"{num(r.get('correct'))} / {num(r.get('n_test'))}",
-                    with_ci(r.get("macro_auc"), m.get("macro_auc_ci95"), False),
-                    with_ci(r.get("covid_sensitivity"), covid.get("sensitivity_ci95")),
+                    str(r["model"]),
+                    num(r["seed"]),
+                    str(r["run"]),
+                    with_ci(r["accuracy"], wilson, label="95% CI "),
+                    f"{num(r['correct'])} / {num(r['n_test'])}",
+                    with_ci(r["macro_auc"], m.macro_auc_ci95, False),
+                    with_ci(r["covid_sensitivity"], m.covid_class.sensitivity_ci95),
                 ]
             )
         header = [

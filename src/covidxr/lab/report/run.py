@@ -7,7 +7,6 @@ COVID-19 versus the rest, calibration, configuration, split) are reused per mode
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,9 +28,8 @@ from covidxr.lab.report.paper import figure_blocks, paper_blocks, paper_line
 from covidxr.lab.report.reading import (
     externals,
     is_external,
-    mapping,
-    read_json,
     read_metrics,
+    read_record,
     read_splits,
     run_folder,
     run_info,
@@ -39,6 +37,7 @@ from covidxr.lab.report.reading import (
 from covidxr.runtime.calibration import ECE_BINS, describe_operating_point
 from covidxr.runtime.document import Block, Figure, Heading, Items, Links, Table, Text, Verdict, write_report
 from covidxr.runtime.formatting import ci_range, counted, cutoff, dec, missing, num, pct, with_ci
+from covidxr.runtime.records import ClassRates, ClassShift, EvalCalibration, FittedCalibration, Loso, Metrics, RunInfo
 
 # Not one of the paper's figures: evaluate's reliability diagram, shown in the Calibration section.
 CALIBRATION_FIGURE = (
@@ -52,20 +51,19 @@ FEW_VAL_POSITIVES = 20
 FEW_IMAGES = 100
 
 
-def _run_blocks(metrics: dict, run: Path | None) -> list[Block]:
-    if run is None:
-        return [Text(f"Run folder {metrics.get('run')} not found: configuration and split are not shown.")]
-    info = json.loads((run / "run.json").read_text())
-    weights = info.get("weights", {})
+def _run_blocks(metrics: Metrics, run: Path | None, info: RunInfo | None) -> list[Block]:
+    if run is None or info is None:
+        return [Text(f"Run folder {metrics.run} not found: configuration and split are not shown.")]
+    weights = {"kind": None, "location": None, "sha256": None, **info.weights}
     rows = [
-        ["model", str(metrics.get("model"))],
+        ["model", str(metrics.model)],
         ["run folder", str(run.resolve())],
-        ["trained on", str(info.get("data"))],
-        ["evaluated on", f"{metrics.get('data')} ({metrics.get('split')} split)"],
-        ["backbone weights", f"{weights.get('kind')}: {weights.get('location')} (sha256 {weights.get('sha256')})"],
-        ["best epoch (lowest validation loss)", str(info.get("best_epoch"))],
-        ["created", str(info.get("created"))],
-        ["covidxr", str(mapping(info, "environment").get("covidxr"))],
+        ["trained on", str(info.data)],
+        ["evaluated on", f"{metrics.data} ({metrics.split} split)"],
+        ["backbone weights", f"{weights['kind']}: {weights['location']} (sha256 {weights['sha256']})"],
+        ["best epoch (lowest validation loss)", str(info.best_epoch)],
+        ["created", str(info.created)],
+        ["covidxr", str(info.environment.get("covidxr"))],
     ]
     return [Table(["item", "value"], rows)]
 
@@ -92,46 +90,46 @@ def split_table(splits: pd.DataFrame) -> Table:
     return Table(["split", *(f"{label} images / patients" for label in labels), "all images / patients"], rows)
 
 
-def _bootstrap_note(metrics: dict) -> str:
-    boot = metrics.get("bootstrap")
-    if not isinstance(boot, dict):
+def _bootstrap_note(metrics: Metrics) -> str:
+    boot = metrics.bootstrap
+    if boot is None:
         return (
             "This metrics.json has no bootstrap intervals (it predates them): only accuracy has an interval, "
             "the Wilson one. Run `covidxr evaluate` again for intervals on every rate."
         )
     return (
-        f"Intervals are 95% percentile intervals from a {boot.get('unit', 'patient')}-level bootstrap: "
-        f"{num(boot.get('replicates'))} replicates, each drawing the {num(boot.get('patients'))} patients with "
-        f"replacement and keeping all images of a drawn patient (seed {num(boot.get('seed'))}), because images of "
+        f"Intervals are 95% percentile intervals from a {boot.unit or 'patient'}-level bootstrap: "
+        f"{num(boot.replicates)} replicates, each drawing the {num(boot.patients)} patients with "
+        f"replacement and keeping all images of a drawn patient (seed {num(boot.seed)}), because images of "
         "one patient are not independent. Accuracy also gets the Wilson interval, which treats images as "
         "independent. PPV and F1 have no interval."
     )
 
 
-def _zero_width(metrics: dict) -> bool:
-    intervals = [metrics.get("accuracy_bootstrap_ci95"), metrics.get("macro_auc_ci95")]
-    for m in (metrics.get("per_class") or {}).values():
-        intervals += [m.get(f"{rate}_ci95") for rate in ("sensitivity", "specificity", "auc")]
+def _zero_width(metrics: Metrics) -> bool:
+    intervals = [metrics.accuracy_bootstrap_ci95, metrics.macro_auc_ci95]
+    for m in metrics.per_class.values():
+        intervals += [m.sensitivity_ci95, m.specificity_ci95, m.auc_ci95]
     return any(ci_range(ci) is not None and ci[0] == ci[1] for ci in intervals)
 
 
-def metrics_blocks(metrics: dict) -> list[Block]:
+def metrics_blocks(metrics: Metrics) -> list[Block]:
     """Headline numbers and per-class rates, each with its 95% interval, and the confusion matrix."""
-    boot = mapping(metrics, "bootstrap")
-    accuracy, wilson = metrics.get("accuracy"), metrics.get("accuracy_ci95")
-    patients = f" of {num(boot.get('patients'))} patients" if boot else ""
+    boot = metrics.bootstrap
+    accuracy, wilson = metrics.accuracy, metrics.accuracy_ci95
+    patients = f" of {num(boot.patients)} patients" if boot else ""
     intervals = [f"95% CI {ci_range(wilson) or 'n/a'}, Wilson"]
     if boot:
-        intervals.append(f"95% CI {ci_range(metrics.get('accuracy_bootstrap_ci95')) or 'n/a'}, patient bootstrap")
-    auc = metrics.get("macro_auc")
+        intervals.append(f"95% CI {ci_range(metrics.accuracy_bootstrap_ci95) or 'n/a'}, patient bootstrap")
+    auc = metrics.macro_auc
     summary = (
-        f"Evaluated on {metrics.get('data')} ({metrics.get('split')} split): n = {metrics.get('n')} images{patients}. "
+        f"Evaluated on {metrics.data} ({metrics.split} split): n = {metrics.n} images{patients}. "
         f"Accuracy {pct(accuracy)}" + ("" if missing(accuracy) else f" ({'; '.join(intervals)})") + ", "
-        f"{metrics.get('correct')} of {metrics.get('n')} correct. Macro one-vs-rest AUC "
-        + (with_ci(auc, metrics.get("macro_auc_ci95"), False, "95% CI ") if boot else dec(auc))
+        f"{metrics.correct} of {metrics.n} correct. Macro one-vs-rest AUC "
+        + (with_ci(auc, metrics.macro_auc_ci95, False, "95% CI ") if boot else dec(auc))
         + "."
     )
-    replicates = f", {num(boot.get('replicates'))} replicates" if boot else ""
+    replicates = f", {num(boot.replicates)} replicates" if boot else ""
     headline = [
         ["accuracy", with_ci(accuracy, wilson, label="95% CI "), "Wilson score interval (images as independent)"],
     ]
@@ -139,39 +137,40 @@ def metrics_blocks(metrics: dict) -> list[Block]:
         headline += [
             [
                 "accuracy",
-                with_ci(accuracy, metrics.get("accuracy_bootstrap_ci95"), label="95% CI "),
+                with_ci(accuracy, metrics.accuracy_bootstrap_ci95, label="95% CI "),
                 f"patient-level bootstrap{replicates}",
             ],
             [
                 "macro one-vs-rest AUC",
-                with_ci(metrics.get("macro_auc"), metrics.get("macro_auc_ci95"), False, "95% CI "),
+                with_ci(metrics.macro_auc, metrics.macro_auc_ci95, False, "95% CI "),
                 f"patient-level bootstrap{replicates}",
             ],
         ]
     else:
-        headline.append(["macro one-vs-rest AUC", dec(metrics.get("macro_auc")), "no interval computed"])
+        headline.append(["macro one-vs-rest AUC", dec(metrics.macro_auc), "no interval computed"])
 
-    def rate(m: dict, key: str, percent: bool = True) -> str:
+    def rate(m: ClassRates, key: str, percent: bool = True) -> str:
         if not boot:
-            return pct(m.get(key)) if percent else dec(m.get(key))
-        return with_ci(m.get(key), m.get(f"{key}_ci95"), percent)
+            return pct(getattr(m, key)) if percent else dec(getattr(m, key))
+        return with_ci(getattr(m, key), getattr(m, f"{key}_ci95"), percent)
 
     per_class = [
         [
             label,
-            str(m.get("n")),
+            str(m.n),
             rate(m, "sensitivity"),
             rate(m, "specificity"),
-            pct(m.get("ppv")),
-            dec(m.get("f1")),
+            pct(m.ppv),
+            dec(m.f1),
             rate(m, "auc", percent=False),
         ]
-        for label, m in (metrics.get("per_class") or {}).items()
+        for label, m in metrics.per_class.items()
     ]
     ci = " (95% CI)" if boot else ""
-    confusion = metrics.get("confusion_matrix", {})
-    labels = confusion.get("labels", [])
-    matrix = [[label, *(str(v) for v in row)] for label, row in zip(labels, confusion.get("matrix", []), strict=True)]
+    labels = metrics.confusion_matrix.labels
+    matrix = [
+        [label, *(str(v) for v in row)] for label, row in zip(labels, metrics.confusion_matrix.matrix, strict=True)
+    ]
     notes = [_bootstrap_note(metrics)]
     if boot and _zero_width(metrics):
         notes.append(
@@ -188,23 +187,22 @@ def metrics_blocks(metrics: dict) -> list[Block]:
     ]
 
 
-def covid_blocks(metrics: dict) -> list[Block]:
+def covid_blocks(metrics: Metrics) -> list[Block]:
     """COVID-19 against everything else at the run's validation-chosen threshold."""
-    covid = metrics.get("covid_vs_rest")
-    if not isinstance(covid, dict):
+    covid = metrics.covid_vs_rest
+    if covid is None:
         return [Text("Not computed: this metrics.json predates the COVID-19 threshold; run `covidxr evaluate` again.")]
-    n_covid, n_other = int(covid.get("n_covid") or 0), int(covid.get("n_other") or 0)
-    sensitivity, specificity = covid.get("sensitivity"), covid.get("specificity")
-    share = covid.get("called_covid_share")
+    n_covid, n_other = int(covid.n_covid or 0), int(covid.n_other or 0)
+    share = covid.called_covid_share
 
     row = [
-        cutoff(covid.get("threshold")),
+        cutoff(covid.threshold),
         str(n_covid),
         str(n_other),
-        dec(covid.get("auc")),
-        with_ci(sensitivity, covid.get("sensitivity_ci95")),
-        with_ci(specificity, covid.get("specificity_ci95")),
-        with_ci(share, covid.get("called_covid_share_ci95")),
+        dec(covid.auc),
+        with_ci(covid.sensitivity, covid.sensitivity_ci95),
+        with_ci(covid.specificity, covid.specificity_ci95),
+        with_ci(share, covid.called_covid_share_ci95),
     ]
     header = [
         "threshold on p(COVID-19)",
@@ -235,29 +233,26 @@ def _true_shares(labels: list[str], counts: dict[str, int]) -> dict[str, float]:
     return {label: counts.get(label, 0) / total for label in labels} if total else {}
 
 
-def _travel_blocks(metrics: dict, info: dict, splits: pd.DataFrame | None, external: bool) -> list[Block]:
+def _travel_blocks(
+    metrics: Metrics, shift: ClassShift, info: RunInfo | None, splits: pd.DataFrame | None, external: bool
+) -> list[Block]:
     """The predicted-class mix on this data against the mix on the run's internal test set."""
-    shift = metrics["predicted_class_shift"]
-    internal, here = shift.get("internal_test") or {}, shift.get("this_data") or {}
-    difference = shift.get("difference") or {}
+    internal, here, difference = shift.internal_test, shift.this_data, shift.difference
     labels = list(dict.fromkeys([*internal, *here]))
-    confusion = metrics.get("confusion_matrix") or {}
+    confusion = metrics.confusion_matrix
     true_here = _true_shares(
-        labels,
-        {label: sum(row) for label, row in zip(confusion.get("labels", []), confusion.get("matrix", []), strict=False)},
+        labels, {label: sum(row) for label, row in zip(confusion.labels, confusion.matrix, strict=False)}
     )
     true_internal: dict[str, float] = {}
     if splits is not None:
         test = splits.loc[splits["split"] == "test", "label"]
         true_internal = _true_shares(labels, test.value_counts().to_dict())
+    columns = [true_internal, internal, true_here, here]  # a class missing from one of them is n/a there
     rows = [
         [
             label,
-            pct(true_internal.get(label)),
-            pct(internal.get(label)),
-            pct(true_here.get(label)),
-            pct(here.get(label)),
-            "n/a" if missing(difference.get(label)) else f"{100 * difference[label]:+.1f} points",
+            *(pct(column.get(label)) for column in columns),
+            f"{100 * difference[label]:+.1f} points" if not missing(difference.get(label)) else "n/a",
         ]
         for label in labels
     ]
@@ -269,17 +264,17 @@ def _travel_blocks(metrics: dict, info: dict, splits: pd.DataFrame | None, exter
         "this data: predicted share",
         "change in predicted share",
     ]
-    trained_on = Path(str(info.get("data"))).name if info.get("data") else "its training data"
+    trained_on = Path(str(info.data)).name if info is not None and info.data else "its training data"
     lead = (
         f"External evaluation: the model was trained on {trained_on} and is evaluated on every image of "
-        f"{Path(str(metrics.get('data'))).name}, which it has never seen. Numbers from its internal test set do "
+        f"{Path(str(metrics.data)).name}, which it has never seen. Numbers from its internal test set do "
         "not carry over; this is how its predictions moved."
         if external
         else "The predicted-class mix here against the mix on the run's internal test set."
     )
-    tv = shift.get("total_variation")
+    tv = shift.total_variation
     n_internal = None if splits is None else int((splits["split"] == "test").sum())
-    n_here = int(metrics.get("n") or 0)
+    n_here = int(metrics.n or 0)
     few = min(n_here, n_internal if n_internal is not None else n_here) < FEW_IMAGES
     sentences = [
         f"Total variation distance between the two predicted-class mixes: {dec(tv)} (0: the same mix; 1: no "
@@ -309,20 +304,20 @@ def _ece_change(before: object, after: object, where: str) -> str:
 
 
 def calibration_blocks(
-    metrics: dict, info: dict, folder: Path, base: Path, model: str, prefix: str = ""
+    metrics: Metrics, info: RunInfo | None, folder: Path, base: Path, model: str, prefix: str = ""
 ) -> list[Block]:
     """Temperature, ECE before and after on validation and on the evaluated images, the COVID-19 threshold."""
-    fitted = mapping(info, "calibration")
-    here = mapping(metrics, "calibration")
-    if not fitted and not here:
+    if not (info is not None and info.calibration) and metrics.calibration is None:
         return [
             Text(
                 "No calibration recorded in run.json or metrics.json: a run made before temperature scaling uses "
                 "its raw probabilities (temperature 1) and a COVID-19 threshold of 0.5."
             )
         ]
-    temperature = fitted.get("temperature", here.get("temperature"))
-    val = (info.get("split_sizes") or {}).get("val") or {}
+    fitted = info.fitted if info is not None else FittedCalibration()
+    here = metrics.calibration or EvalCalibration()
+    temperature = here.temperature if fitted.temperature is None else fitted.temperature
+    val = info.split_sizes.get("val") if info is not None else None
     known = isinstance(val, dict) and {"images", "patients"} <= set(val)
     val_size = f" ({counted(val['images'], 'image')} of {counted(val['patients'], 'patient')})" if known else ""
     blocks: list[Block] = []
@@ -338,43 +333,43 @@ def calibration_blocks(
         )
         blocks.append(
             Text(
-                f"Temperature T = {cutoff(temperature)}, fitted by {fitted.get('method', 'temperature scaling')}"
+                f"Temperature T = {cutoff(temperature)}, fitted by {fitted.method or 'temperature scaling'}"
                 f"{val_size} by minimising its negative log-likelihood; every probability in this report is "
                 f"softmax(logits / T). {direction}. Scaling by one temperature never changes the predicted class."
             )
         )
-    data = Path(str(metrics.get("data"))).name
-    evaluated = f"evaluated images ({data}, {metrics.get('split')} split, n = {metrics.get('n')})"
+    data = Path(str(metrics.data)).name
+    evaluated = f"evaluated images ({data}, {metrics.split} split, n = {metrics.n})"
     rows = [
         [
             "validation split (where T was fitted)",
-            dec(fitted.get("val_ece_uncalibrated")),
-            dec(fitted.get("val_ece_calibrated")),
+            dec(fitted.val_ece_uncalibrated),
+            dec(fitted.val_ece_calibrated),
         ],
-        [evaluated, dec(here.get("ece_uncalibrated")), dec(here.get("ece_calibrated"))],
+        [evaluated, dec(here.ece_uncalibrated), dec(here.ece_calibrated)],
     ]
     blocks.append(Table(["images", "ECE before (T = 1)", f"ECE after (T = {cutoff(temperature)})"], rows))
     notes = [
         f"ECE: expected calibration error, the mean gap between confidence and accuracy over {ECE_BINS} "
         "equal-width confidence bins (0 is perfect); on few images it is itself very noisy.",
-        _ece_change(fitted.get("val_ece_uncalibrated"), fitted.get("val_ece_calibrated"), "the validation split"),
-        _ece_change(here.get("ece_uncalibrated"), here.get("ece_calibrated"), "the evaluated images"),
+        _ece_change(fitted.val_ece_uncalibrated, fitted.val_ece_calibrated, "the validation split"),
+        _ece_change(here.ece_uncalibrated, here.ece_calibrated, "the evaluated images"),
     ]
-    threshold = fitted.get("covid_threshold") if isinstance(fitted.get("covid_threshold"), dict) else None
+    threshold = fitted.covid_threshold
     if threshold is None:
         notes.append("COVID-19 threshold: not recorded in run.json.")
-    elif not threshold.get("val_positives"):
+    elif not threshold.val_positives:
         notes.append(
-            f"COVID-19 threshold {cutoff(threshold.get('value'))}: the validation split had no COVID-19 image, "
+            f"COVID-19 threshold {cutoff(threshold.value)}: the validation split had no COVID-19 image, "
             "so this is the default, not a chosen operating point."
         )
     else:
-        value, positives = threshold.get("value"), int(threshold["val_positives"])
+        value, positives = threshold.value, int(threshold.val_positives)
         rough = "; with so few positives the cut-off is a rough choice" if positives < FEW_VAL_POSITIVES else ""
         notes.append(
             f"Operating point: COVID-19 threshold {cutoff(value)} on the temperature-scaled COVID-19 "
-            f"probability, {describe_operating_point(threshold)}: there it gave sensitivity "
-            f"{pct(threshold.get('val_sensitivity'))} and specificity {pct(threshold.get('val_specificity'))}, on "
+            f"probability, {describe_operating_point(threshold.to_dict())}: there it gave sensitivity "
+            f"{pct(threshold.val_sensitivity)} and specificity {pct(threshold.val_specificity)}, on "
             f"{counted(positives, 'COVID-19 image')}{rough}. It is the decision: an image is labelled COVID-19 when "
             "its probability reaches it, otherwise the more probable other class (every label in this report)."
         )
@@ -401,26 +396,27 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
     run = run_folder(folder, metrics)
     splits = read_splits(run)
     info = run_info(run)
-    model = str(metrics.get("model"))
+    model = str(metrics.model)
     external = is_external(metrics, info)
     travels: list[Block] = []
-    if "predicted_class_shift" in metrics:
-        travels = [Heading(2, "How the model travels"), *_travel_blocks(metrics, info, splits, external)]
+    if metrics.predicted_class_shift is not None:
+        shift = metrics.predicted_class_shift
+        travels = [Heading(2, "How the model travels"), *_travel_blocks(metrics, shift, info, splits, external)]
     sources: list[Block] = []
-    if isinstance(metrics.get("by_source"), dict):
+    if metrics.by_source is not None:
         sources = [
             Heading(2, "By source"),
-            by_source_table(metrics["by_source"]),
+            by_source_table(metrics.by_source),
             Items([CALLED_BY_LABEL]),
         ]
     loso_path = next((c / "loso.json" for c in [folder, *([run] if run else [])] if (c / "loso.json").is_file()), None)
-    loso = read_json(loso_path) if loso_path else None
+    loso = read_record(Loso, loso_path) if loso_path else None
     if loso is not None:
         sources += [Heading(2, "Leave-one-source-out"), *loso_blocks(loso, loso_path, splits)]
     audit_folders = list(dict.fromkeys([folder, *([run] if run else [])]))
     audit_command = f"covidxr audit {run or 'RUN'}"
     never_seen = (
-        [external_line(Path(str(metrics.get("data"))).name, metrics)]
+        [external_line(Path(str(metrics.data)).name, metrics)]
         if external
         else generalisation_lines(run, loso, f"covidxr evaluate {run or 'RUN'} --data OTHER")
     )
@@ -462,10 +458,10 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
         Heading(2, "Limitations"),
         *limitation_blocks(metrics, run),
         Heading(2, "Appendix: run"),
-        *_run_blocks(metrics, run),
+        *_run_blocks(metrics, run, info),
         Heading(2, "Appendix: configuration"),
         *(config_blocks(run / "config.yaml") if run else [Text("Missing: the run's config.yaml.")]),
         Heading(2, "Appendix: split"),
         split_table(splits) if splits is not None else Text("Missing: the run's splits.csv."),
     ]
-    return write_report(folder, f"covidxr report: {metrics.get('model')}", blocks)
+    return write_report(folder, f"covidxr report: {metrics.model}", blocks)
