@@ -262,7 +262,9 @@ def test_the_command_line_accepts_exactly_what_the_config_accepts() -> None:
     train_types = {p.name: p.type for p in train_command.params}
     for name in set(CONSTRAINTS) & set(train_types):
         assert repr(train_types[name]) == repr(_config_type(name)), name
-    assert {"learning_rate", "epochs", "image_size", "unfreeze_blocks", "intensity", "feature_engine"} <= set(train_types)
+    assert {"learning_rate", "epochs", "image_size", "unfreeze_blocks", "intensity", "feature_engine"} <= set(
+        train_types
+    )
 
 
 def test_a_split_never_separates_near_duplicates_unless_told(cxr3: Path, cxr3_meta, tmp_path: Path) -> None:
