@@ -139,7 +139,8 @@ def test_the_held_out_false_covid_rate_lies_in_the_calibrated_interval(
     low, high = 1 - predicted.high, 1 - predicted.low  # the false-COVID rate the calibration predicts
     print(
         f"\nheld-out NIH half: false COVID-19 {calls}/{n} = {rate:.1%} with --site "
-        f"(calibration predicted {1 - predicted.value:.1%}, 95% CI {low:.1%}–{high:.1%}); "
+        f"(calibration predicted {1 - predicted.value:.1%}, 95% CI {low:.1%}–{high:.1%}, from "
+        f"{predicted.n - predicted.successes}/{predicted.n} at threshold {site.covid_threshold:.4f}); "
         f"{own_calls}/{own_n} = {own_rate:.1%} with the model's own threshold "
         f"(95% CI {1 - clopper_pearson(own_n - own_calls, own_n)[1]:.1%}–"
         f"{1 - clopper_pearson(own_n - own_calls, own_n)[0]:.1%})"
@@ -149,6 +150,22 @@ def test_the_held_out_false_covid_rate_lies_in_the_calibrated_interval(
     assert set(held_out["site"]["site"]) == {str(calibrated[0])}
     assert np.allclose(held_out["site"]["covid_threshold"], site.covid_threshold)
     assert set(held_out["own"]["site"]) == {""}
+
+
+def test_calibrate_for_sensitivity_on_covid_images(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path: Path) -> None:
+    """--sensitivity on a small mixed site: the target reached on its COVID-19 images, both rates recorded,
+    and the one line that says how far 25 images are from a ±2% interval."""
+    rows = pd.concat([cxr3_meta[cxr3_meta["label"] == label].head(25) for label in ("COVID-19", "NORMAL")])
+    data = linked_dataset(tmp_path / "mixed", cxr3, rows[["filename", "label"]])
+    out = tmp_path / "site.json"
+    result = run("calibrate", data, "--sensitivity", "0.9", "--out", out)
+    assert result.returncode == 0, result.stderr
+    site = load_site(out, load_run(default_model_path()))
+    assert site.site == "mixed" and site.target == {"metric": "sensitivity", "value": 0.9}
+    sensitivity = site.achieved["sensitivity"]
+    assert sensitivity.value >= 0.9 and sensitivity.n == site.counts["COVID-19"] and "specificity" in site.achieved
+    assert "COVID-19 images give a sensitivity interval of ±" in result.stdout and "needs about" in result.stdout
+    assert f"calibrated at mixed on {site.images} local images: sensitivity " in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,11 +204,13 @@ def test_predict_the_python_api_and_the_service_give_the_same_calibrated_answer(
     try:
         response = httpx.post(f"{server.url}/api/predict", files={"file": (image.name, image.read_bytes())}, timeout=60)
         health = httpx.get(f"{server.url}/healthz", timeout=10).json()
+        card = httpx.get(f"{server.url}/api/model", timeout=10).json()
     finally:
         server.stop()
     assert response.status_code == 200, response.text
     from_service = response.json()
     assert health["site"] == str(site_path) and health["covid_threshold"] == site.covid_threshold
+    assert card["site"]["site"] == "NIH half A" and card["site"]["covid_threshold"] == site.covid_threshold
 
     for answer in (from_cli, from_api, from_service):
         assert answer["label"] != "COVID-19" and answer["label"] == from_api["label"], answer

@@ -407,8 +407,10 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
 
     @app.get("/api/model")
     async def model_info() -> dict:
-        """The model card: training data, confounders, metrics with intervals, audit, failure modes."""
-        return {"model": identity, **card}
+        """The model card: training data, confounders, metrics with intervals, audit, failure modes; and the
+        site calibration whose threshold decides, where the service runs with one (``serve --site``)."""
+        site = None if model.run.site is None else {"file": model.run.site.path, **model.run.site.to_dict()}
+        return {"model": identity, **card, "site": site}
 
     @app.get("/model-card", response_class=HTMLResponse, include_in_schema=False)
     async def model_card_page() -> HTMLResponse:
