@@ -20,6 +20,7 @@ from covidxr.cli.options import (
     cli,
     feature_engine_option,
     model_options,
+    prediction_engine_options,
     weights_dir_option,
     weights_options,
 )
@@ -203,6 +204,59 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
         f"{metrics['model']} on {metrics['data']} ({metrics['split']}): accuracy {metrics['accuracy']:.1%} "
         f"(95% CI {low:.1%}-{high:.1%}), n={metrics['n']}; written to {out or run}"
     )
+
+
+@cli.command("calibrate")
+@click.argument("data", type=_path)
+@click.option(
+    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
+)
+@click.option(
+    "--specificity",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Target share of local non-COVID images not called COVID-19 (e.g. 0.95).",
+)
+@click.option(
+    "--sensitivity",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Target share of local COVID-19 images called COVID-19.",
+)
+@click.option("--out", type=_path, required=True, help="The site file to write (e.g. site.json).")
+@click.option("--site-name", default=None, help="The site's name in the file and the answers (default: DATA's name).")
+@prediction_engine_options
+@model_options
+def calibrate_command(
+    data, run, specificity, sensitivity, out, site_name, engine, threads, weights, weights_dir, cache_dir
+):
+    """Set the COVID-19 operating point on a site's own labelled images (DATA: metadata.csv with filename,label)
+    and write it to --out for `predict --site` / `serve --site`; prints the local rates with exact 95% intervals."""
+    from covidxr.lab.site import calibrate_site
+    from covidxr.runtime.runs import default_model_path, load_run
+    from covidxr.runtime.site import describe_site
+
+    if (specificity is None) == (sensitivity is None):
+        raise CovidxrError("give one target: --specificity S or --sensitivity S")
+    metric, target = ("specificity", specificity) if specificity is not None else ("sensitivity", sensitivity)
+    if out.suffix != ".json":
+        raise CovidxrError(f"{out}: --out must end in .json")
+    loaded = load_run(run or default_model_path(), weights, weights_dir)
+    site = calibrate_site(loaded, data, metric, target, site_name, engine, cache_dir, threads, progress=_progress())
+    site.save(out)
+    counts = ", ".join(f"{label} {n}" for label, n in site.counts.items())
+    click.echo(f"{describe_site(site)}")
+    click.echo(
+        f"COVID-19 threshold {site.covid_threshold:.4f} for {metric} {target:.0%} "
+        f"(the model's own: {site.run_threshold:.4f}); images given an answer: {counts}; "
+        f"{site.inputs['unanswered']} of {site.inputs['images']} given none (not counted)"
+    )
+    for name, rate in site.achieved.items():
+        click.echo(f"local {name}: {rate} (exact 95% interval, n={rate.n})")
+    if site.note:
+        click.echo(site.note)
+    click.echo(f"wrote {out}: use it with `covidxr predict --site {out}` or `covidxr serve --site {out}`")
+    click.echo(DISCLAIMER)
 
 
 @cli.command("export")

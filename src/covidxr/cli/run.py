@@ -31,6 +31,14 @@ def _prediction_table(results: list[dict]) -> str:
     )
 
 
+site_option = click.option(
+    "--site",
+    type=_path,
+    default=None,
+    help="site.json from `covidxr calibrate` for this model: its COVID-19 threshold decides instead of the model's.",
+)
+
+
 @cli.command("predict")
 # No readability check here: an unreadable file becomes its own error row and the others still run.
 @click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
@@ -46,17 +54,21 @@ def _prediction_table(results: list[dict]) -> str:
 )
 @click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
+@site_option
 @prediction_engine_options
 @model_options
-def predict_command(images, run, as_json, out, resume, chunk_size, engine, threads, weights, weights_dir, cache_dir):
+def predict_command(
+    images, run, as_json, out, resume, chunk_size, site, engine, threads, weights, weights_dir, cache_dir
+):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
     from covidxr.runtime.calibration import describe_operating_point
     from covidxr.runtime.inference import expand_inputs, predict_files
     from covidxr.runtime.runners import make_engine
     from covidxr.runtime.runs import default_model_path, load_run
+    from covidxr.runtime.site import describe_site, with_site
     from covidxr.runtime.writer import predict_to_file
 
-    loaded = load_run(run or default_model_path(), weights, weights_dir)
+    loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
     runner = make_engine(loaded, engine, cache_dir, threads)
     if out is not None:
         try:
@@ -86,9 +98,12 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
         click.echo(json.dumps(results, indent=2))
     else:
         click.echo(_prediction_table(results))
+        if loaded.site is None:
+            rule = describe_operating_point(loaded.info.threshold_record)
+        else:
+            rule = f"{describe_site(loaded.site)}; site file {loaded.site.path}"
         click.echo(
-            f"label: COVID-19 when p(COVID-19) reaches {loaded.covid_threshold:.3f} "
-            f"({describe_operating_point(loaded.info.threshold_record)}), otherwise "
+            f"label: COVID-19 when p(COVID-19) reaches {loaded.covid_threshold:.3f} ({rule}), otherwise "
             "the more probable other class; full paths with --json or --out.\n" + DISCLAIMER
         )
     failures = sum("error" in r for r in results)
@@ -112,14 +127,23 @@ def predict_command(images, run, as_json, out, resume, chunk_size, engine, threa
     show_default=True,
     help="Requests that may wait for the model; one more gets HTTP 503 with Retry-After.",
 )
+@site_option
 @model_options
-def serve_command(run, host, port, engine, threads, max_queue, weights, weights_dir, cache_dir):
+def serve_command(run, host, port, engine, threads, max_queue, site, weights, weights_dir, cache_dir):
     """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs)."""
     from covidxr.runtime.api import Model
     from covidxr.runtime.runs import default_model_path, load_run
     from covidxr.runtime.serve import serve
+    from covidxr.runtime.site import describe_site, with_site
 
-    model = Model(load_run(run or default_model_path(), weights, weights_dir), engine, cache_dir, threads)
+    model = Model(
+        with_site(load_run(run or default_model_path(), weights, weights_dir), site), engine, cache_dir, threads
+    )
+    if model.run.site is not None:
+        click.echo(
+            f"covidxr: {describe_site(model.run.site)} ({site}): COVID-19 threshold {model.run.covid_threshold:.3f}",
+            err=True,
+        )
     click.echo(f"covidxr: serving {model.run.path.name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
     serve(model, host, port, max_queue)
 

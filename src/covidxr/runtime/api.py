@@ -38,6 +38,7 @@ from covidxr.runtime.ood import is_blank
 from covidxr.runtime.plugins import entry_point
 from covidxr.runtime.runners import input_transform, make_engine
 from covidxr.runtime.runs import HEAD_FILE, Run, default_model_path, load_run
+from covidxr.runtime.site import SiteCalibration, with_site
 
 __all__ = ["ImageLike", "METHODS", "Model", "load_model"]
 
@@ -81,7 +82,8 @@ class Model:
         return (
             f"covidxr.Model(backbone={self.run.info.model['name']!r}, run={self.run.path.name!r}, "
             f"labels={self.labels}, "
-            f"covid_threshold={self.run.covid_threshold:.3f}, engine={engine!r})"
+            f"covid_threshold={self.run.covid_threshold:.3f}, "
+            f"site={None if self.run.site is None else self.run.site.site!r}, engine={engine!r})"
         )
 
     @property
@@ -244,17 +246,20 @@ def load_model(
     threads: int | None = None,
     weights: str | Path | None = None,
     weights_dir: str | Path | None = None,
+    site: str | Path | SiteCalibration | None = None,
 ) -> Model:
     """A trained model from a run folder (``covidxr train`` / ``reproduce`` output), or with no path
     the model bundled with the package (see its card: ``covidxr model-card``).
 
     ``engine``: ``auto`` (onnxruntime on a CPU where it is installed, else torch), ``torch`` or ``onnx``;
     ``threads``: onnxruntime's intra-op threads (default: the physical cores); ``weights`` /
-    ``weights_dir``: where the backbone's weights are, where the torch model is needed.
+    ``weights_dir``: where the backbone's weights are, where the torch model is needed; ``site``: a
+    ``site.json`` made by ``covidxr calibrate`` for this model, whose COVID-19 threshold then decides
+    instead of the run's (each result names it in ``site``).
 
     >>> model = covidxr.load_model()                 # or load_model("runs/lite0")
     >>> model.predict("chest.png")["label"]
     'NORMAL'
     """
     run = load_run(path if path is not None else default_model_path(), weights, weights_dir)
-    return Model(run, engine, cache_dir, threads)
+    return Model(with_site(run, site), engine, cache_dir, threads)

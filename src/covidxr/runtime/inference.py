@@ -54,10 +54,13 @@ def answer(
     agrees with ``covid_positive``. An image the out-of-distribution guard flags, a nearly uniform one
     (``blank``), or one with a caller's reason (``reasons``, one per image, e.g. lungs not found) gets
     no answer: ``label`` and ``covid_positive`` are ``None`` and ``no_answer_reason`` says why; its
-    probabilities stay, for research. ``out_of_distribution`` is ``None`` for runs made before the guard.
+    probabilities stay, for research. ``covid_threshold`` is the threshold that decided and ``site`` the site
+    file it came from (``None``: the run's own, chosen on its validation split). ``out_of_distribution`` is
+    ``None`` for runs made before the guard.
     ``ood_threshold`` replaces the guard's own where an engine's features need another (int8).
     """
     labels, covid, threshold = run.labels, run.labels.index(POSITIVE), run.covid_threshold
+    site = None if run.site is None else run.site.path or run.site.site
     probabilities = softmax(logits.astype(np.float64), run.temperature)
     decisions = decide(probabilities, labels, threshold)
     guard = run.ood_guard
@@ -74,6 +77,7 @@ def answer(
                 "no_answer_reason": None if answered else "; ".join(why),
                 "probabilities": {label: float(v) for label, v in zip(labels, p, strict=True)},
                 "covid_threshold": threshold,
+                "site": site,
                 "covid_positive": bool(decision == covid) if answered else None,
                 "out_of_distribution": True if given else None if guard is None else bool(unlike or flat),
                 "ood_score": None if score is None else float(score),

@@ -12,7 +12,7 @@ import csv
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from covidxr.runtime.bundle import BUNDLED
 from covidxr.runtime.config import TrainConfig
@@ -20,6 +20,9 @@ from covidxr.runtime.engines import GRAPH_FILE
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.ood import OODGuard
 from covidxr.runtime.records import RUN_FORMAT, RunInfo, read_json_file
+
+if TYPE_CHECKING:
+    from covidxr.runtime.site import SiteCalibration
 
 __all__ = [
     "BUNDLED",
@@ -65,6 +68,7 @@ class Run:
     weights: str | Path | None = None
     weights_dir: str | Path | None = None
     _model: Any = field(default=None, repr=False)
+    site: SiteCalibration | None = None  # a site's own operating point (``covidxr.runtime.site.with_site``)
 
     @cached_property
     def config(self) -> TrainConfig:
@@ -82,7 +86,8 @@ class Run:
 
     @property
     def covid_threshold(self) -> float:
-        return self.info.covid_threshold
+        """The COVID-19 operating threshold that decides: the site's where one is applied, else the run's."""
+        return self.site.covid_threshold if self.site is not None else self.info.covid_threshold
 
     @cached_property
     def ood_guard(self) -> OODGuard | None:

@@ -237,6 +237,7 @@ def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: b
         "probabilities": result["probabilities"],
         "covid_positive": result["covid_positive"],
         "covid_threshold": result["covid_threshold"],
+        "site": result["site"],
         "out_of_distribution": result["out_of_distribution"],
         "ood_score": result["ood_score"],
         "image": dict(zip(("width", "height"), image.info.get(FULL_SIZE, image.size), strict=True)),
@@ -406,8 +407,10 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
 
     @app.get("/api/model")
     async def model_info() -> dict:
-        """The model card: training data, confounders, metrics with intervals, audit, failure modes."""
-        return {"model": identity, **card}
+        """The model card: training data, confounders, metrics with intervals, audit, failure modes; and the
+        site calibration whose threshold decides, where the service runs with one (``serve --site``)."""
+        site = None if model.run.site is None else {"file": model.run.site.path, **model.run.site.to_dict()}
+        return {"model": identity, **card, "site": site}
 
     @app.get("/model-card", response_class=HTMLResponse, include_in_schema=False)
     async def model_card_page() -> HTMLResponse:
@@ -416,7 +419,14 @@ def create_app(model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_U
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "model": identity, "waiting": queue.waiting, "recent_batch_sizes": batcher.batch_sizes}
+        return {
+            "status": "ok",
+            "model": identity,
+            "site": None if model.run.site is None else model.run.site.path,
+            "covid_threshold": model.run.covid_threshold,
+            "waiting": queue.waiting,
+            "recent_batch_sizes": batcher.batch_sizes,
+        }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:

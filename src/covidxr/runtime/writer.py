@@ -43,6 +43,8 @@ def _flat_row(result: dict, labels: Sequence[str]) -> dict:
         "no_answer_reason": result.get("no_answer_reason") or "",
         **{f"p_{label}": probabilities.get(label) for label in labels},
         "covid_positive": result.get("covid_positive"),
+        "covid_threshold": result.get("covid_threshold"),
+        "site": result.get("site") or "",
         "out_of_distribution": result.get("out_of_distribution"),
         "ood_score": result.get("ood_score"),
         "error": result.get("error", ""),
@@ -51,14 +53,18 @@ def _flat_row(result: dict, labels: Sequence[str]) -> dict:
 
 def model_identity(run: Run, runner: Engine) -> str:
     """Which model and engine made a prediction: backbone, run folder name, head hash, engine and the
-    hash of the preprocessing key (weights, normalisation, input size, image pipeline). An output file
+    hash of the preprocessing key (weights, normalisation, input size, image pipeline), and of the site file whose
+    threshold decides, where one is applied. An output file
     records it on every row, and ``--resume`` refuses to mix two models' rows in one file."""
     engine = runner.name
     if isinstance(runner, OnnxEngine) and runner.path.stem.endswith("-int8"):
         engine = "int8"
     head = head_digest(run)[:12]
     preprocessing = stable_digest(run.info.model_key)[:12]
-    return f"{run.info.model['name']} run={run.path.name} head={head} engine={engine} preprocessing={preprocessing}"
+    identity = f"{run.info.model['name']} run={run.path.name} head={head} engine={engine} preprocessing={preprocessing}"
+    if run.site is not None:  # another operating point: its rows are not mixed with the run's own
+        identity += f" site={stable_digest(run.site.to_dict())[:12]}"
+    return identity
 
 
 def _read_done(out: Path, columns: list[str], identity: str) -> list[dict]:
@@ -75,7 +81,7 @@ def _read_done(out: Path, columns: list[str], identity: str) -> list[dict]:
     if others:
         raise CovidxrError(
             f"{out}: made by another model or engine ({others[0]}), not this one ({identity}); "
-            "resume with the same --model and --engine, or choose another --out"
+            "resume with the same --model, --engine and --site, or choose another --out"
         )
     if out.suffix == ".csv" and keep < out.stat().st_size:
         logger.warning("%s: cut an incomplete last row (an interrupted write); its image is predicted again", out)
@@ -138,7 +144,7 @@ def _typed(row: dict[str, str]) -> dict:
     an empty cell as None (the file and text columns stay strings)."""
     typed: dict = {}
     for key, value in row.items():
-        if key.startswith("p_") or key == "ood_score":
+        if key.startswith("p_") or key in {"ood_score", "covid_threshold"}:
             typed[key] = float(value) if value else None
         elif key in {"covid_positive", "out_of_distribution"}:
             typed[key] = {"True": True, "False": False}.get(value)

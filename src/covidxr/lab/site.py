@@ -1,0 +1,229 @@
+"""``covidxr calibrate``: a hospital sets the model's operating point on its own labelled images (issue 23).
+
+The site's images are predicted exactly as ``covidxr predict`` predicts them (``make_engine`` and
+``predict_files``); then the COVID-19 threshold is chosen so that the target holds on them:
+
+- ``specificity S``: the lowest threshold at which at most ``1 - S`` of the local non-COVID images are
+  called COVID-19 (placed midway to the next higher score, not on an image's own score);
+- ``sensitivity S``: the highest threshold at which at least ``S`` of the local COVID-19 images are.
+
+Only images that get an answer count (an image the out-of-distribution guard or the lung check turns away
+is never called COVID-19, whatever the threshold); they are counted in ``inputs``. The rates reached are
+recorded with exact Clopper–Pearson 95% intervals (``scipy.stats.beta``) and their n; where the interval is
+wider than ``PRECISION`` either side, one line says how many images a ±2% interval would need.
+
+Calibration moves the operating point; it cannot make the model rank cases it cannot tell apart: the
+sensitivity that remains at the chosen specificity is what the model's ranking allows at this site.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import beta
+
+from covidxr.lab.labels import LABELS, canonical_label
+from covidxr.runtime.calibration import POSITIVE
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.inference import predict_files
+from covidxr.runtime.runners import make_engine
+from covidxr.runtime.runs import Run
+from covidxr.runtime.site import METRICS, Rate, SiteCalibration, model_record
+
+__all__ = [
+    "CONFIDENCE",
+    "MIN_IMAGES",
+    "PRECISION",
+    "QUANTILES",
+    "calibrate_site",
+    "choose_site_threshold",
+    "clopper_pearson",
+    "images_needed",
+    "read_site_data",
+    "site_rate",
+]
+
+CONFIDENCE = 0.95
+MIN_IMAGES = 20  # of the class the target is measured on: fewer is refused
+PRECISION = 0.02  # half-width of the interval that a target is "supported" at
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+def clopper_pearson(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The exact (Clopper–Pearson) two-sided interval of a binomial share ``successes / n``."""
+    alpha = 1 - confidence
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return low, high
+
+
+def site_rate(successes: int, n: int) -> Rate:
+    low, high = clopper_pearson(successes, n)
+    return Rate(successes / n, low, high, successes, n)
+
+
+def _half_width(rate: float, n: int) -> float:
+    low, high = clopper_pearson(round(rate * n), n)
+    return (high - low) / 2
+
+
+def images_needed(rate: float, half_width: float = PRECISION) -> int:
+    """About how many images give a Clopper–Pearson interval no wider than ``±half_width`` at ``rate``
+    (the smallest such n, found by bisection; rounded up to ten)."""
+    low, high = 1, 1
+    while _half_width(rate, high) > half_width:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if _half_width(rate, middle) <= half_width else (middle, high)
+    return int(math.ceil(high / 10) * 10)
+
+
+def choose_site_threshold(covid_probability: np.ndarray, metric: str, target: float) -> float:
+    """The threshold on p(COVID-19) that reaches ``target`` on the given images: the non-COVID images'
+    scores for ``specificity`` (at most ``1 - target`` at or above it), the COVID-19 images' for
+    ``sensitivity`` (at least ``target`` at or above it). It lies midway between two neighbouring scores."""
+    scores = np.sort(np.asarray(covid_probability, dtype=np.float64))[::-1]  # high to low
+    n = len(scores)
+    if metric == "specificity":
+        allowed = int(math.floor((1 - target) * n + 1e-9))  # false COVID-19 calls the target allows
+        if allowed >= n:
+            return 0.0
+        below = scores[allowed]  # the highest score that must not be called
+        above = scores[scores > below]
+        if len(above):
+            return float((below + above.min()) / 2)
+        return float(min((below + 1.0) / 2, 1.0)) if below < 1.0 else 1.0
+    if metric == "sensitivity":
+        needed = int(math.ceil(target * n - 1e-9))  # COVID-19 images that must be called
+        if needed <= 0:
+            return 1.0
+        lowest = scores[needed - 1]  # the lowest score that must be called
+        under = scores[scores < lowest]
+        return float((lowest + under.max()) / 2) if len(under) else float(lowest / 2)
+    raise CovidxrError(f"target must be one of {', '.join(METRICS)}, not {metric!r}")
+
+
+def read_site_data(root: str | Path) -> tuple[list[Path], list[str]]:
+    """A site's dataset folder: ``metadata.csv`` with at least ``filename`` and ``label`` (one of the
+    classes, any spelling covidxr knows); its image paths and canonical labels."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CovidxrError(f"{root}: dataset folder not found")
+    metadata = root / "metadata.csv"
+    if not metadata.is_file():
+        raise CovidxrError(f"{root}: no metadata.csv (a table with at least the columns filename,label)")
+    try:
+        frame = pd.read_csv(metadata, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise CovidxrError(f"{metadata}: not a readable CSV table ({type(exc).__name__})") from None
+    missing = [column for column in ("filename", "label") if column not in frame.columns]
+    if missing:
+        raise CovidxrError(f"{metadata}: missing column(s) {', '.join(missing)}")
+    if frame.empty:
+        raise CovidxrError(f"{metadata}: has no rows")
+    labels = [canonical_label(value) for value in frame["label"]]
+    for index, (value, label) in enumerate(zip(frame["label"], labels, strict=True)):
+        if label is None:
+            raise CovidxrError(
+                f"{metadata} row {index + 2}: unknown label {value!r} (expected one of {', '.join(LABELS)})"
+            )
+    for index, name in enumerate(frame["filename"]):
+        if not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CovidxrError(f"{metadata} row {index + 2}: filename must be a path inside {root}")
+    return [root / name for name in frame["filename"]], labels
+
+
+def _needed_class(metric: str) -> str:
+    return "non-COVID" if metric == "specificity" else POSITIVE
+
+
+def _check_enough(root: Path, metric: str, count: int, what: str = "") -> None:
+    flag, kind = f"--{metric}", _needed_class(metric)
+    if count == 0:
+        raise CovidxrError(f"{root}: no {kind} image{what}; {flag} is measured on {kind} images, so it needs some")
+    if count < MIN_IMAGES:
+        raise CovidxrError(
+            f"{root}: only {count} {kind} image(s){what}; {flag} needs at least {MIN_IMAGES} "
+            f"(and about {images_needed(0.95)} for a ±{PRECISION:.0%} interval at 95%)"
+        )
+
+
+def _quantiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {f"{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES), strict=True)}
+
+
+def calibrate_site(
+    run: Run,
+    data: str | Path,
+    metric: str,
+    target: float,
+    site_name: str | None = None,
+    engine: str = "auto",
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> SiteCalibration:
+    """Predict the site's labelled images with ``run`` (as ``covidxr predict`` does) and choose the COVID-19
+    threshold that reaches ``target`` ``metric`` on them; the record to save as ``site.json``."""
+    if metric not in METRICS:
+        raise CovidxrError(f"target must be one of {', '.join(METRICS)}, not {metric!r}")
+    if not 0 < target < 1:
+        raise CovidxrError(f"the target {metric} must lie between 0 and 1 (exclusive), not {target}")
+    root = Path(data)
+    paths, labels = read_site_data(root)
+    is_covid = np.array([label == POSITIVE for label in labels])
+    needed = ~is_covid if metric == "specificity" else is_covid
+    _check_enough(root, metric, int(needed.sum()))
+
+    runner = make_engine(run, engine, cache_dir, threads)
+    results = predict_files(run, paths, cache_dir, progress=progress, engine=runner)
+    errors = [result["error"] for result in results if "error" in result]
+    if errors:
+        raise CovidxrError(f"{errors[0]} ({len(errors)} of {len(paths)} image(s) unreadable; fix or remove their rows)")
+    answered = np.array([result["label"] is not None for result in results])
+    p_covid = np.array([result["probabilities"][POSITIVE] for result in results])
+    _check_enough(root, metric, int((needed & answered).sum()), " given an answer by the model")
+
+    threshold = choose_site_threshold(p_covid[needed & answered], metric, target)
+    called = p_covid >= threshold
+    achieved = {}
+    negatives, positives = ~is_covid & answered, is_covid & answered
+    if negatives.any():
+        achieved["specificity"] = site_rate(int((~called & negatives).sum()), int(negatives.sum()))
+    if positives.any():
+        achieved["sensitivity"] = site_rate(int((called & positives).sum()), int(positives.sum()))
+    measured = achieved[metric]
+    half_width = (measured.high - measured.low) / 2
+    note = None
+    if half_width > PRECISION:
+        note = (
+            f"{measured.n} {_needed_class(metric)} images give a {metric} interval of ±{half_width:.1%}; "
+            f"{target:.0%} ± {PRECISION:.0%} needs about {images_needed(target)}"
+        )
+    scores = [result["ood_score"] for result in results if result["ood_score"] is not None]
+    return SiteCalibration(
+        site=site_name or root.resolve().name,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=model_record(run),
+        counts=dict(sorted(Counter(label for label, ok in zip(labels, answered, strict=True) if ok).items())),
+        target={"metric": metric, "value": float(target)},
+        covid_threshold=threshold,
+        run_threshold=run.info.covid_threshold,
+        achieved=achieved,
+        inputs={
+            "images": len(results),
+            "unanswered": int((~answered).sum()),
+            "p_covid_quantiles": _quantiles(p_covid.tolist()),
+            "ood_score_quantiles": _quantiles(scores),
+        },
+        note=note,
+        confidence=CONFIDENCE,
+    )
