@@ -22,7 +22,7 @@ from covidxr.runtime.ood import OODGuard
 from covidxr.runtime.records import RUN_FORMAT, RunInfo, read_json_file
 
 if TYPE_CHECKING:
-    from covidxr.runtime.site import SiteCalibration
+    from covidxr.runtime.records.site import SiteCalibration
 
 __all__ = [
     "BUNDLED",

@@ -1,0 +1,122 @@
+"""``site.json``: a hospital's own operating point, as ``covidxr calibrate`` records it (``covidxr.runtime.site``
+reads it for a model and applies it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.storage import atomic_write
+
+__all__ = ["METRICS", "SITE_FORMAT", "Rate", "SiteCalibration"]
+
+SITE_FORMAT = "covidxr-site-1"
+_PREFIX = "covidxr-site-"
+METRICS = ("specificity", "sensitivity")
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A share measured on local images: ``successes`` of ``n``, and its exact 95% interval."""
+
+    value: float
+    low: float
+    high: float
+    successes: int
+    n: int
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> Rate:
+        if not isinstance(data, dict):
+            raise CovidxrError(f"{where}: damaged (a rate is not a JSON object)")
+        try:
+            rate = cls(
+                float(data["value"]), float(data["low"]), float(data["high"]), int(data["successes"]), int(data["n"])
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CovidxrError(f"{where}: damaged (a rate lacks or mistypes {exc})") from None
+        if not (0 <= rate.low <= rate.value <= rate.high <= 1 and 0 <= rate.successes <= rate.n):
+            raise CovidxrError(f"{where}: damaged (a rate outside [0, 1] or its interval)")
+        return rate
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.value:.1%} ({self.low:.1%}–{self.high:.1%}, {self.successes}/{self.n})"
+
+
+@dataclass(frozen=True)
+class SiteCalibration:
+    """``site.json``: the COVID-19 threshold a site chose on its own images, for one model.
+
+    ``model``: backbone name, run folder name, ``head_sha256`` (``covidxr.runtime.runners.head_digest``) and
+    ``model_key``; ``counts``: answered local images per class; ``target``: ``{"metric", "value"}``;
+    ``achieved``: each measured rate with its interval; ``inputs``: image count and quantiles of p(COVID-19)
+    and of the OOD score, for monitoring. ``path`` is where it was read from (not written)."""
+
+    site: str
+    created: str
+    model: dict
+    counts: dict[str, int]
+    target: dict
+    covid_threshold: float
+    run_threshold: float
+    achieved: dict[str, Rate]
+    inputs: dict
+    note: str | None = None
+    confidence: float = 0.95
+    format: str = SITE_FORMAT
+    path: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | Path = "site.json") -> SiteCalibration:
+        """Read a record this or an older covidxr wrote; anything else is one line naming ``where``."""
+        where = str(where)
+        if not isinstance(data, dict):
+            raise CovidxrError(f"{where}: not a covidxr site file (not a JSON object)")
+        version = str(data.get("format", ""))
+        if not version.startswith(_PREFIX) or not version.removeprefix(_PREFIX).isdigit():
+            raise CovidxrError(f"{where}: not a covidxr site file (format {version or 'missing'})")
+        if int(version.removeprefix(_PREFIX)) > int(SITE_FORMAT.removeprefix(_PREFIX)):
+            raise CovidxrError(f"{where}: written by a newer covidxr (format {version}); upgrade covidxr to use it")
+        known = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["achieved"] = {k: Rate.from_dict(v, where) for k, v in dict(values["achieved"]).items()}
+            values["covid_threshold"] = float(values["covid_threshold"])
+            values["run_threshold"] = float(values["run_threshold"])
+            record = cls(**values, path=where)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CovidxrError(f"{where}: damaged or incomplete site file ({type(exc).__name__}: {exc})") from None
+        threshold = record.covid_threshold
+        if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise CovidxrError(f"{where}: damaged (COVID-19 threshold {threshold} outside [0, 1])")
+        model = record.model
+        if not isinstance(model, dict) or not isinstance(model.get("head_sha256"), str) or "model_key" not in model:
+            raise CovidxrError(f"{where}: damaged (no model identity: head_sha256 and model_key)")
+        if not isinstance(record.target, dict) or record.target.get("metric") not in METRICS:
+            raise CovidxrError(f"{where}: damaged (no target metric: one of {', '.join(METRICS)})")
+        return record
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("path")
+        return data
+
+    def save(self, path: str | Path) -> Path:
+        """Written atomically: a reader sees the old file or the whole new one, never part of one."""
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n", sync=True)
+
+    @property
+    def images(self) -> int:
+        return int(sum(self.counts.values()))
+
+    @property
+    def metric(self) -> str:
+        return str(self.target["metric"])
