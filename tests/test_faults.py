@@ -228,7 +228,7 @@ def test_resume_with_another_model_or_engine_is_refused(run, runner, xrays, tmp_
         ]:
             with pytest.raises(CovidxrError, match=f"{out.name}: made by another model or engine .*{what}") as error:
                 predict_to_file(model, xrays[:3], out, resume=True, progress=False, engine=engine or "auto")
-            assert "resume with the same --model and --engine" in str(error.value)
+            assert "resume with the same --model, --engine and --site" in str(error.value)
             assert out.read_bytes() == before
     assert json.loads((tmp_path / "p.json").read_text())["model"].startswith("efficientnet_lite0 run=bundled head=")
     assert table(tmp_path / "p.csv")["model"].str.contains("engine=onnx").all()
