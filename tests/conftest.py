@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 import pytest
 from benchmarks.machine import linked_dataset, small_subset  # one copy, shared with the benchmarks
@@ -68,6 +69,18 @@ def run_cli(
     command = [*prefix, *program, *map(str, args)]
     environment = os.environ.copy() if env is None else env
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, **kwargs)
+
+
+def nih_halves(root: Path) -> tuple[Path, Path]:
+    """The 810 NIH adult controls split by patient into two dataset folders of symlinks under ``root`` (no
+    patient in both): a site's calibration half and its held-out half (``test_site``, ``test_monitor``)."""
+    meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    patients = np.array(sorted(meta["patient_id"].unique()))
+    first = set(np.random.default_rng(23).permutation(patients)[: len(patients) // 2])
+    in_first = meta["patient_id"].isin(first)
+    calibration = linked_dataset(root / "calibration", ADULT_CONTROLS, meta[in_first])
+    held_out = linked_dataset(root / "held-out", ADULT_CONTROLS, meta[~in_first])
+    return calibration, held_out
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The runtime's commands: predict, serve, explain, segment and model-card (no torch)."""
+"""The runtime's commands: predict, serve, explain, segment, model-card and monitor (no torch)."""
 
 from __future__ import annotations
 
@@ -225,3 +225,44 @@ def segment_command(images, out):
     click.echo(DISCLAIMER)
     if errors:
         raise click.ClickException(f"{errors} of {len(rows)} file(s) could not be read")
+
+
+@cli.command("monitor")
+@click.argument("predictions", type=_path, nargs=-1, required=True)
+@click.option("--site", type=_path, required=True, help="site.json from `covidxr calibrate` for the same model.")
+@click.option("--window", type=click.IntRange(4), default=500, show_default=True, help="Consecutive images per window.")
+@click.option(
+    "--out",
+    type=_path,
+    default=Path("monitor"),
+    show_default=True,
+    help="Folder for monitor.json (figures per window, rules, verdict) and monitor.png.",
+)
+def monitor_command(predictions, site, window, out):
+    """Drift: compare windows of `predict --out` files (CSV or JSON, in order, one model) with the site's
+    calibration images (PSI and KS of p(COVID-19), OOD and no-answer rates, share called COVID-19).
+    Exit 2 on an alarm, 1 on an error, 0 when every window is within the limits."""
+    from covidxr.runtime.monitor import describe_window, monitor_predictions, write_monitor
+
+    report = monitor_predictions(predictions, site, window)
+    click.echo(f"monitoring {report.model} against {report.site} ({site}); windows of {window} images")
+    for item in report.windows:
+        click.echo(describe_window(item, report.calibration))
+    if report.skipped:
+        click.echo(report.skipped)
+    if report.unreadable:
+        click.echo(f"{report.unreadable} unreadable image(s) (error rows) left out")
+    record, figure = write_monitor(report, out)
+    click.echo(f"wrote {record} and {figure}")
+    click.echo(DISCLAIMER)
+    alarmed = [w for w in report.windows if w.alarms]
+    if alarmed:
+        first = alarmed[0]
+        click.echo(
+            f"ALARM: drift in {len(alarmed)} of {len(report.windows)} window(s) (first: window {first.index}, "
+            f"{'; '.join(first.alarms)}): the images no longer look like the calibration images; check the "
+            "scanner, protocol, population and pipeline, and recalibrate with `covidxr calibrate` before trusting "
+            "the answers"
+        )
+        click.get_current_context().exit(2)
+    click.echo(f"OK: all {len(report.windows)} window(s) within the calibration's limits")

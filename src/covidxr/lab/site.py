@@ -12,6 +12,10 @@ is never called COVID-19, whatever the threshold); they are counted in ``inputs`
 recorded with exact Clopper–Pearson 95% intervals (``scipy.stats.beta``) and their n; where the interval is
 wider than ``PRECISION`` either side, one line says how many images a ±2% interval would need.
 
+For ``covidxr monitor``, ``inputs`` also keeps every calibration image's p(COVID-19) and OOD score (sorted,
+rounded to 5 decimals), the share flagged out of distribution, the share given no answer, and the share of
+the answered images called COVID-19 at the site threshold.
+
 Calibration moves the operating point; it cannot make the model rank cases it cannot tell apart: the
 sensitivity that remains at the chosen specificity is what the model's ranking allows at this site.
 """
@@ -51,6 +55,7 @@ __all__ = [
 CONFIDENCE = 0.95
 MIN_IMAGES = 20  # of the class the target is measured on: fewer is refused
 PRECISION = 0.02  # half-width of the interval that a target is "supported" at
+DECIMALS = 5  # the p(COVID-19) values and OOD scores kept in site.json for monitoring
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
@@ -160,6 +165,10 @@ def _quantiles(values: list[float]) -> dict[str, float] | None:
     return {f"{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES), strict=True)}
 
 
+def _sorted_values(values: list[float]) -> list[float]:
+    return sorted(round(float(value), DECIMALS) for value in values)
+
+
 def calibrate_site(
     run: Run,
     data: str | Path,
@@ -209,6 +218,7 @@ def calibrate_site(
             f"{target:.0%} ± {PRECISION:.0%} needs about {images_needed(target)}"
         )
     scores = [result["ood_score"] for result in results if result["ood_score"] is not None]
+    flagged = [bool(result["out_of_distribution"]) for result in results]
     return SiteCalibration(
         site=site_name or root.resolve().name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -223,6 +233,12 @@ def calibrate_site(
             "unanswered": int((~answered).sum()),
             "p_covid_quantiles": _quantiles(p_covid.tolist()),
             "ood_score_quantiles": _quantiles(scores),
+            # What ``covidxr monitor`` compares later windows of predictions with (issue 23 part 4).
+            "p_covid": _sorted_values(p_covid.tolist()),
+            "ood_scores": _sorted_values(scores),
+            "ood_rate": float(np.mean(flagged)),
+            "no_answer_rate": float((~answered).mean()),
+            "covid_share": float((called & answered).sum() / answered.sum()),
         },
         note=note,
         confidence=CONFIDENCE,

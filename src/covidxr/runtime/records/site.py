@@ -58,7 +58,10 @@ class SiteCalibration:
     ``model``: backbone name, run folder name, ``head_sha256`` (``covidxr.runtime.runners.head_digest``) and
     ``model_key``; ``counts``: answered local images per class; ``target``: ``{"metric", "value"}``;
     ``achieved``: each measured rate with its interval; ``inputs``: image count and quantiles of p(COVID-19)
-    and of the OOD score, for monitoring. ``path`` is where it was read from (not written)."""
+    and of the OOD score, and, for ``covidxr monitor`` (files written since issue 23 part 4; older ones lack
+    them), ``p_covid`` and ``ood_scores`` (every image's value, sorted, 5 decimals), ``ood_rate``,
+    ``no_answer_rate`` and ``covid_share`` (answered images called COVID-19 at the site threshold).
+    ``path`` is where it was read from (not written)."""
 
     site: str
     created: str

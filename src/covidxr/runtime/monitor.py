@@ -1,0 +1,530 @@
+"""``covidxr monitor``: do a site's incoming images still look like the images it was calibrated on?
+(issue 23 part 4; runtime layer: numpy and Pillow only, no scipy or matplotlib).
+
+It reads prediction files written by ``covidxr predict --out`` (CSV or JSON, one or several, in order), all
+from one model, and the site file of that model (``covidxr calibrate``, which keeps every calibration image's
+p(COVID-19) and OOD score). The rows are split into consecutive windows of ``window`` images (unreadable
+images are left out; a last partial window is kept only if it holds at least a quarter of a window). Each
+window is compared with the calibration images on:
+
+- the **OOD rate** (share flagged out of distribution) and the **no-answer rate** (share given no answer);
+- the **p(COVID-19) distribution**: the population stability index (PSI) over ten bins cut at the
+  calibration deciles, and the two-sample Kolmogorov–Smirnov statistic D with its asymptotic p-value
+  (Kolmogorov's limiting distribution at ``(√n_e + 0.12 + 0.11/√n_e)·D``, Stephens' small-sample
+  correction, n_e = n₁n₂/(n₁+n₂); within a few per cent of ``scipy.stats.ks_2samp(method="asymp")``);
+- the **share called COVID-19** at the site threshold (among the images given an answer; reported, no rule).
+
+A window raises an alarm when any of these rules holds (``RULES``):
+
+- PSI ≥ 0.25 (the usual "major shift" limit);
+- KS p < 0.001 **and** KS D ≥ 0.1 (a shift that is both unlikely by chance and large enough to matter);
+- the OOD rate, or the no-answer rate, more than 10 percentage points above calibration's.
+
+``covidxr monitor`` prints one line per window and exits 2 on any alarm (1 on an error, 0 otherwise), and
+writes ``monitor.json`` (``MonitorReport``) and ``monitor.png`` (PSI and OOD rate per window).
+
+An alarm says the inputs changed (scanner, protocol, population, pipeline), not that the answers are wrong;
+no alarm does not prove they are right: the monitor sees no labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from covidxr import DISCLAIMER
+from covidxr.runtime.calibration import POSITIVE
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.records.monitor import MonitorFigures, MonitorReport, MonitorWindow
+from covidxr.runtime.site import SiteCalibration, load_site
+from covidxr.runtime.storage import atomic_write, stable_digest
+
+__all__ = [
+    "DECIMALS",
+    "MIN_WINDOW_SHARE",
+    "RULES",
+    "describe_window",
+    "draw_monitor",
+    "ks_two_sample",
+    "kolmogorov_sf",
+    "monitor_predictions",
+    "psi",
+    "read_predictions",
+    "write_monitor",
+]
+
+logger = logging.getLogger(__name__)
+
+RULES = {
+    "psi": 0.25,  # alarm at PSI >= this
+    "ks_pvalue": 0.001,  # alarm at KS p < this ...
+    "ks_statistic": 0.1,  # ... with KS D >= this
+    "ood_rate_rise": 0.10,  # alarm when the OOD rate is more than this above calibration's
+    "no_answer_rate_rise": 0.10,  # the same for the no-answer rate
+}
+MIN_WINDOW_SHARE = 0.25  # a last partial window is kept when it holds at least this share of a window
+DECIMALS = 5  # p(COVID-19) is compared at the precision site.json keeps
+PSI_FLOOR = 1e-4  # an empty bin counts as this share (PSI is infinite otherwise)
+P_COLUMN = f"p_{POSITIVE}"
+REQUIRED = ("file", "label", P_COLUMN, "out_of_distribution", "error", "model")
+
+
+@dataclass(frozen=True)
+class _Row:
+    p_covid: float | None
+    answered: bool
+    ood: bool
+    threshold: float | None
+    error: bool
+
+
+# ---------------------------------------------------------------------------------------------------
+# Statistics (numpy only)
+# ---------------------------------------------------------------------------------------------------
+
+
+def kolmogorov_sf(x: float) -> float:
+    """P(K > x) for Kolmogorov's limiting distribution (``scipy.stats.kstwobign.sf``): the alternating series
+    2 Σ (-1)^(k-1) exp(-2k²x²) for x ≥ 1, one minus the Jacobi-theta form of the CDF below 1 (both converge
+    in a few terms there)."""
+    if x <= 0:
+        return 1.0
+    k = np.arange(1, 101, dtype=np.float64)
+    if x < 1.0:
+        cdf = math.sqrt(2 * math.pi) / x * np.sum(np.exp(-((2 * k - 1) ** 2) * math.pi**2 / (8 * x * x)))
+        return float(min(max(1.0 - cdf, 0.0), 1.0))
+    sf = 2 * np.sum((-1) ** (k - 1) * np.exp(-2 * k * k * x * x))
+    return float(min(max(sf, 0.0), 1.0))
+
+
+def ks_two_sample(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """The two-sample Kolmogorov–Smirnov statistic D (largest gap between the two empirical CDFs, as
+    ``scipy.stats.ks_2samp``) and its asymptotic two-sided p-value, with Stephens' small-sample correction."""
+    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    if not len(a) or not len(b):
+        raise ValueError("ks_two_sample needs two non-empty samples")
+    both = np.concatenate([a, b])
+    gap = np.searchsorted(a, both, side="right") / len(a) - np.searchsorted(b, both, side="right") / len(b)
+    d = float(np.max(np.abs(gap)))
+    en = math.sqrt(len(a) * len(b) / (len(a) + len(b)))
+    return d, kolmogorov_sf((en + 0.12 + 0.11 / en) * d)
+
+
+def psi(reference: Sequence[float] | np.ndarray, current: Sequence[float] | np.ndarray, bins: int = 10) -> float:
+    """Population stability index of ``current`` against ``reference``: Σ (a − e)·ln(a / e) over bins cut at
+    the reference's quantiles (deciles by default; tied cut points merged), each share floored at
+    ``PSI_FLOOR``."""
+    reference, current = np.asarray(reference, dtype=np.float64), np.asarray(current, dtype=np.float64)
+    edges = np.unique(np.quantile(reference, np.arange(1, bins) / bins))
+    expected = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1)
+    actual = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1)
+    e = np.maximum(expected / len(reference), PSI_FLOOR)
+    a = np.maximum(actual / len(current), PSI_FLOOR)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading predictions and the site file
+# ---------------------------------------------------------------------------------------------------
+
+
+def _make_row(path: Path, number: int, row: dict) -> _Row:
+    """One prediction row checked and typed; anything damaged is one line naming the file and row."""
+    where = f"{path} row {number}"
+    if not str(row.get("file") or "") or not str(row.get("model") or ""):
+        raise CovidxrError(f"{where}: damaged (no file or no model)")
+    if str(row.get("error") or ""):
+        return _Row(None, False, False, None, True)
+    try:
+        p = float(row[P_COLUMN])
+        threshold = row.get("covid_threshold")
+        threshold = float(threshold) if threshold not in (None, "") else None
+    except (TypeError, ValueError):
+        raise CovidxrError(f"{where}: damaged ({P_COLUMN} or covid_threshold is not a number)") from None
+    if not (math.isfinite(p) and 0.0 <= p <= 1.0):
+        raise CovidxrError(f"{where}: damaged ({P_COLUMN} {p} outside [0, 1])")
+    flag = row.get("out_of_distribution")
+    if flag not in (True, False, None, "True", "False", ""):
+        raise CovidxrError(f"{where}: damaged (out_of_distribution {flag!r} is not True, False or empty)")
+    return _Row(p, bool(row.get("label")), flag in (True, "True"), threshold, False)
+
+
+def _csv_rows(path: Path, text: str) -> list[dict]:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        records = list(reader)
+    except csv.Error as exc:
+        raise CovidxrError(f"{path}: damaged (malformed CSV: {exc})") from None
+    if not records:
+        raise CovidxrError(f"{path}: empty (no header, no rows); write predictions with `covidxr predict --out`")
+    header = records[0]
+    missing = [column for column in REQUIRED if column not in header]
+    if missing:
+        raise CovidxrError(
+            f"{path}: not a covidxr predictions file (no column {', '.join(missing)}); "
+            "write one with `covidxr predict DIR --out FILE.csv`"
+        )
+    rows = []
+    for number, record in enumerate(records[1:], start=2):
+        if len(record) != len(header):
+            raise CovidxrError(f"{path} row {number}: damaged ({len(record)} fields, the header has {len(header)})")
+        rows.append(dict(zip(header, record, strict=True)))
+    return rows
+
+
+def _json_rows(path: Path, text: str) -> list[dict]:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise CovidxrError(f"{path}: damaged (not complete JSON: {exc})") from None
+    rows = data.get("predictions") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise CovidxrError(
+            f"{path}: not a covidxr predictions file (no list of predictions); "
+            "write one with `covidxr predict DIR --out FILE.json`"
+        )
+    for number, row in enumerate(rows, start=1):
+        missing = [column for column in REQUIRED if column not in row]
+        if missing:
+            raise CovidxrError(f"{path} row {number}: damaged (no {', '.join(missing)})")
+    return rows
+
+
+def read_predictions(paths: Sequence[str | Path]) -> tuple[list[_Row], str]:
+    """The rows of ``predict --out`` files, in order, and the one model that made them all; an unreadable,
+    empty or damaged file, or rows from a second model, is refused in one line naming the file and row."""
+    rows: list[_Row] = []
+    model: str | None = None
+    first_at = ""
+    for path in map(Path, paths):
+        if path.suffix not in {".csv", ".json"}:
+            raise CovidxrError(f"{path}: predictions must be a .csv or .json file written by `covidxr predict --out`")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise CovidxrError(f"{path}: predictions file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CovidxrError(f"{path}: cannot be read ({type(exc).__name__})") from None
+        if not text.strip():
+            raise CovidxrError(f"{path}: empty (no header, no rows); write predictions with `covidxr predict --out`")
+        raw = _json_rows(path, text) if path.suffix == ".json" else _csv_rows(path, text)
+        if not raw:
+            raise CovidxrError(f"{path}: has no prediction rows")
+        first_row = 2 if path.suffix == ".csv" else 1
+        for number, row in enumerate(raw, start=first_row):
+            rows.append(_make_row(path, number, row))
+            if model is None:
+                model, first_at = str(row["model"]), f"{path} row {number}"
+            elif str(row["model"]) != model:
+                raise CovidxrError(
+                    f"{path} row {number}: made by another model ({row['model']}) than {first_at} ({model}); "
+                    "monitor one model's predictions at a time"
+                )
+    if model is None:
+        raise CovidxrError("no predictions files given")
+    return rows, model
+
+
+def _identity_field(identity: str, key: str) -> str | None:
+    match = re.search(rf"(?:^|\s){key}=([0-9a-f]+)(?:\s|$)", identity)
+    return match.group(1) if match else None
+
+
+def check_site_model(site: SiteCalibration, identity: str) -> None:
+    """Refuse a site file made for another model than the predictions' (``writer.model_identity``: head hash
+    and preprocessing key, both abbreviated); one the identity cannot be checked against is only warned of."""
+    head, preprocessing = _identity_field(identity, "head"), _identity_field(identity, "preprocessing")
+    if head is None and preprocessing is None:
+        logger.warning("the predictions' model (%s) cannot be checked against %s", identity, site.path)
+        return
+    same_head = head is None or site.model["head_sha256"].startswith(head)
+    same_key = preprocessing is None or stable_digest(site.model["model_key"]).startswith(preprocessing)
+    if not (same_head and same_key):
+        raise CovidxrError(
+            f"{site.path}: calibrated for another model ({site.model.get('name')}/{site.model.get('run')}, head "
+            f"{site.model['head_sha256'][:12]}) than the one that made the predictions ({identity}); "
+            "monitor with the site file of that model"
+        )
+
+
+def _reference(site: SiteCalibration) -> tuple[np.ndarray, MonitorFigures]:
+    """The calibration images' p(COVID-19) and shares; a site file written before they were kept is refused."""
+    inputs = site.inputs if isinstance(site.inputs, dict) else {}
+    keys = ("p_covid", "ood_rate", "no_answer_rate", "covid_share")
+    if any(inputs.get(key) is None for key in keys):
+        raise CovidxrError(
+            f"{site.path}: lacks the calibration distributions that monitor compares with (written by an older "
+            "covidxr); make the site file again with `covidxr calibrate`"
+        )
+    try:
+        values = np.asarray(inputs["p_covid"], dtype=np.float64)
+        figures = MonitorFigures(
+            n=len(values),
+            ood_rate=float(inputs["ood_rate"]),
+            no_answer_rate=float(inputs["no_answer_rate"]),
+            covid_share=float(inputs["covid_share"]),
+        )
+    except (TypeError, ValueError):
+        raise CovidxrError(f"{site.path}: damaged (the calibration distributions are not numbers)") from None
+    if not len(values) or not np.all(np.isfinite(values)):
+        raise CovidxrError(f"{site.path}: damaged (no finite calibration p(COVID-19) values)")
+    return values, figures
+
+
+# ---------------------------------------------------------------------------------------------------
+# Windows
+# ---------------------------------------------------------------------------------------------------
+
+
+def _window(
+    index: int, first: int, rows: list[_Row], reference: np.ndarray, calibration: MonitorFigures, threshold: float
+) -> MonitorWindow:
+    p = np.round(np.array([row.p_covid for row in rows], dtype=np.float64), DECIMALS)
+    answered = np.array([row.answered for row in rows])
+    ood = float(np.mean([row.ood for row in rows]))
+    no_answer = float(1 - answered.mean())
+    covid_share = float((p[answered] >= threshold).mean()) if answered.any() else None
+    shift = psi(reference, p)
+    d, pvalue = ks_two_sample(reference, p)
+    alarms = []
+    if shift >= RULES["psi"]:
+        alarms.append(f"PSI {shift:.3f} ≥ {RULES['psi']}")
+    if pvalue < RULES["ks_pvalue"] and d >= RULES["ks_statistic"]:
+        alarms.append(f"KS {d:.3f} ≥ {RULES['ks_statistic']} with p {pvalue:.1e} < {RULES['ks_pvalue']}")
+    for name, value, reference_value in (
+        ("OOD rate", ood, calibration.ood_rate),
+        ("no-answer rate", no_answer, calibration.no_answer_rate),
+    ):
+        limit = RULES["ood_rate_rise" if name == "OOD rate" else "no_answer_rate_rise"]
+        if value - reference_value > limit + 1e-12:
+            alarms.append(f"{name} {value:.1%} > calibration's {reference_value:.1%} + {100 * limit:.0f} points")
+    return MonitorWindow(
+        index=index,
+        first=first,
+        last=first + len(rows) - 1,
+        n=len(rows),
+        ood_rate=ood,
+        no_answer_rate=no_answer,
+        covid_share=covid_share,
+        psi=shift,
+        ks_statistic=d,
+        ks_pvalue=pvalue,
+        alarms=alarms,
+    )
+
+
+def monitor_predictions(predictions: Sequence[str | Path], site: str | Path, window: int = 500) -> MonitorReport:
+    """Compare consecutive windows of ``window`` predictions (``predict --out`` files, in order, one model)
+    with the calibration images of ``site`` (that model's site file); the report, verdict ``ALARM`` when any
+    window broke a rule (``RULES``)."""
+    if window < 4:
+        raise CovidxrError(f"--window must be at least 4 images, not {window}")
+    rows, identity = read_predictions(predictions)
+    calibration_site = load_site(site)
+    check_site_model(calibration_site, identity)
+    reference, calibration = _reference(calibration_site)
+    threshold = calibration_site.covid_threshold
+    readable = [row for row in rows if not row.error]
+    used = {row.threshold for row in readable} - {None}
+    if used and any(abs(t - threshold) > 1e-9 for t in used):
+        logger.warning(
+            "the predictions were decided at COVID-19 threshold(s) %s, not the site's %.4f (predict --site %s?); "
+            "the COVID-19 share is counted at the site's",
+            ", ".join(f"{t:.4f}" for t in sorted(used)),
+            threshold,
+            site,
+        )
+    minimum = max(1, math.ceil(MIN_WINDOW_SHARE * window))
+    if len(readable) < minimum:
+        raise CovidxrError(
+            f"{len(readable)} readable prediction(s): fewer than a quarter of a window ({minimum} of --window "
+            f"{window}); give more predictions or a smaller --window"
+        )
+    windows, skipped = [], None
+    for start in range(0, len(readable), window):
+        chunk = readable[start : start + window]
+        if len(chunk) < minimum:
+            skipped = (
+                f"the last {len(chunk)} image(s) (rows {start + 1}–{start + len(chunk)}) are skipped: fewer than a "
+                f"quarter of a window ({minimum})"
+            )
+            break
+        windows.append(_window(len(windows) + 1, start + 1, chunk, reference, calibration, threshold))
+    return MonitorReport.new(
+        {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "predictions": [str(p) for p in predictions],
+            "site_file": str(site),
+            "site": calibration_site.site,
+            "model": identity,
+            "window": window,
+            "skipped": skipped,
+            "unreadable": len(rows) - len(readable),
+            "rules": {**RULES, "covid_threshold": threshold, "psi_bins": "calibration p(COVID-19) deciles"},
+            "calibration": calibration.to_dict(),
+            "windows": [w.to_dict() for w in windows],
+            "verdict": "ALARM" if any(w.alarms for w in windows) else "OK",
+            "disclaimer": DISCLAIMER,
+        }
+    )
+
+
+def describe_window(window: MonitorWindow, calibration: MonitorFigures) -> str:
+    """One line: a window's figures beside calibration's, and OK or ALARM with the rules it broke."""
+    share = "—" if window.covid_share is None else f"{window.covid_share:.1%}"
+    line = (
+        f"window {window.index} (images {window.first}–{window.last}, n={window.n}): "
+        f"PSI {window.psi:.3f}, KS {window.ks_statistic:.3f} (p {window.ks_pvalue:.2g}), "
+        f"OOD {window.ood_rate:.1%} (calibration {calibration.ood_rate:.1%}), "
+        f"no answer {window.no_answer_rate:.1%} (calibration {calibration.no_answer_rate:.1%}), "
+        f"called COVID-19 {share} (calibration {calibration.covid_share:.1%}): "
+    )
+    return line + (f"ALARM: {'; '.join(window.alarms)}" if window.alarms else "OK")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing: monitor.json and monitor.png
+# ---------------------------------------------------------------------------------------------------
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow before 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _nice_step(top: float) -> float:
+    """A round tick step (1, 2, 2.5 or 5 times a power of ten) such that four steps reach ``top``."""
+    power = 10 ** math.floor(math.log10(top / 4))
+    return next(power * m for m in (1, 2, 2.5, 5, 10) if power * m * 4 >= top)
+
+
+def _panel(
+    image: Image.Image,
+    box: tuple[int, int, int, int],
+    values: list[float],
+    flagged: list[bool],
+    limit: float,
+    limit_label: str,
+    title: str,
+    ylabel: str,
+    percent: bool = False,
+    reference: float | None = None,
+) -> None:
+    """One plot: a value per window (red where that window alarmed on this figure), a dashed alarm line."""
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = box
+    small, text = _font(13), _font(15)
+    step = _nice_step(max([*values, limit, reference or 0.0]) * 1.1 or 1.0)
+    top_value = step * 4
+    draw.text((left, top - 26), title, fill="black", font=text)
+    draw.rectangle(box, outline="black")
+
+    def y(value: float) -> float:
+        return bottom - (value / top_value) * (bottom - top)
+
+    def x(i: int) -> float:
+        return left + (i + 0.5) / len(values) * (right - left)
+
+    for tick in np.arange(5) * step:
+        draw.line([(left - 5, y(tick)), (left, y(tick))], fill="black")
+        label = f"{100 * tick:g}%" if percent else f"{tick:g}"
+        draw.text((left - 8, y(tick)), label, fill="black", font=small, anchor="rm")
+    every = max(1, math.ceil(len(values) / 20))
+    for i in range(0, len(values), every):
+        draw.line([(x(i), bottom), (x(i), bottom + 5)], fill="black")
+        draw.text((x(i), bottom + 8), str(i + 1), fill="black", font=small, anchor="mt")
+
+    def dashed(value: float, colour: str) -> None:
+        position = left
+        while position < right:
+            draw.line([(position, y(value)), (min(position + 8, right), y(value))], fill=colour, width=2)
+            position += 14
+
+    dashed(limit, "#c0392b")
+    draw.text((right - 4, y(limit) - 3), limit_label, fill="#c0392b", font=small, anchor="rb")
+    if reference is not None:
+        dashed(reference, "#7f8c8d")
+        draw.text((left + 4, y(reference) - 3), "calibration", fill="#7f8c8d", font=small, anchor="lb")
+    points = [(x(i), y(v)) for i, v in enumerate(values)]
+    if len(points) > 1:
+        draw.line(points, fill="#2c3e50", width=2)
+    for (px, py), alarm in zip(points, flagged, strict=True):
+        colour = "#c0392b" if alarm else "#2471a3"
+        draw.ellipse([(px - 5, py - 5), (px + 5, py + 5)], fill=colour, outline="black")
+    label = Image.new("RGB", (bottom - top, 20), "white")
+    ImageDraw.Draw(label).text(((bottom - top) / 2, 10), ylabel, fill="black", font=text, anchor="mm")
+    image.paste(label.rotate(90, expand=True), (left - 78, top))
+
+
+def draw_monitor(report: MonitorReport, path: str | Path) -> Path:
+    """``monitor.png``: the PSI of p(COVID-19) and the OOD rate per window, with their alarm limits."""
+    width, height = 1000, 720
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text(
+        (20, 14),
+        f"covidxr monitor: {report.site} - {len(report.windows)} window(s) of {report.window} images - "
+        f"{report.verdict}",
+        fill="#c0392b" if report.verdict == "ALARM" else "black",
+        font=_font(18),
+    )
+    windows = report.windows
+    ood_limit = report.calibration.ood_rate + RULES["ood_rate_rise"]
+    _panel(
+        image,
+        (110, 90, width - 30, 330),
+        [w.psi for w in windows],
+        [any(a.startswith("PSI") for a in w.alarms) for w in windows],
+        RULES["psi"],
+        f"alarm: PSI >= {RULES['psi']}",
+        "p(COVID-19) against the calibration images: PSI (10 bins at calibration deciles)",
+        "PSI",
+    )
+    _panel(
+        image,
+        (110, 400, width - 30, 640),
+        [w.ood_rate for w in windows],
+        [any(a.startswith("OOD") for a in w.alarms) for w in windows],
+        ood_limit,
+        "alarm: calibration + 10 points",
+        "Share of images flagged out of distribution (OOD rate)",
+        "OOD rate",
+        percent=True,
+        reference=report.calibration.ood_rate,
+    )
+    draw.text(
+        ((110 + width - 30) / 2, 666),
+        f"window (consecutive images, {report.window} per window, in order)",
+        fill="black",
+        font=_font(15),
+        anchor="mt",
+    )
+    draw.text((20, height - 24), DISCLAIMER, fill="#555555", font=_font(14))
+    path = Path(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return atomic_write(path, buffer.getvalue())
+
+
+def write_monitor(report: MonitorReport, out: str | Path) -> tuple[Path, Path]:
+    """``out/monitor.json`` and ``out/monitor.png`` (the folder is made where missing)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CovidxrError(f"{out}: cannot make the output folder ({exc.strerror or type(exc).__name__})") from None
+    record = atomic_write(out / "monitor.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    return record, draw_monitor(report, out / "monitor.png")
