@@ -11,7 +11,8 @@ window is compared with the calibration images on:
 - the **p(COVID-19) distribution**: the population stability index (PSI) over ten bins cut at the
   calibration deciles, and the two-sample Kolmogorov–Smirnov statistic D with its asymptotic p-value
   (Kolmogorov's limiting distribution at ``(√n_e + 0.12 + 0.11/√n_e)·D``, Stephens' small-sample
-  correction, n_e = n₁n₂/(n₁+n₂); within a few per cent of ``scipy.stats.ks_2samp(method="asymp")``);
+  correction, n_e = n₁n₂/(n₁+n₂); for window-sized samples within a few per cent of
+  ``scipy.stats.ks_2samp(method="asymp")``, which uses the exact one-sample law at round(n_e));
 - the **share called COVID-19** at the site threshold (among the images given an answer; reported, no rule).
 
 A window raises an alarm when any of these rules holds (``RULES``):
