@@ -7,7 +7,6 @@ patient into a calibration half and a held-out half."""
 from __future__ import annotations
 
 import json
-import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -22,33 +21,24 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.runs import default_model_path, load_run
 from covidxr.runtime.site import SITE_FORMAT, SiteCalibration, load_site
 
-from .conftest import ADULT_CONTROLS, BORDERLINE, PROBABILITY_TOLERANCE, linked_dataset, run_cli
+from .conftest import (
+    ADULT_CONTROLS,
+    BORDERLINE,
+    PROBABILITY_TOLERANCE,
+    assert_one_line_error,
+    linked_dataset,
+    nih_halves,
+    run_cli,
+)
 from .test_serve import Server
 
 run = partial(run_cli, installed=True)  # the installed ``covidxr`` command, as a user types it
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0], result.stderr
-    return error_lines[0]
-
-
 @pytest.fixture(scope="module")
 def halves(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The 810 NIH adult controls split by patient into two dataset folders of symlinks (no patient in both)."""
-    meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
-    patients = np.array(sorted(meta["patient_id"].unique()))
-    first = set(np.random.default_rng(23).permutation(patients)[: len(patients) // 2])
-    in_first = meta["patient_id"].isin(first)
-    root = tmp_path_factory.mktemp("nih-halves")
-    calibration = linked_dataset(root / "calibration", ADULT_CONTROLS, meta[in_first])
-    held_out = linked_dataset(root / "held-out", ADULT_CONTROLS, meta[~in_first])
-    return calibration, held_out
+    return nih_halves(tmp_path_factory.mktemp("nih-halves"))
 
 
 @pytest.fixture(scope="module")
