@@ -71,16 +71,28 @@ def run_cli(
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout, **kwargs)
 
 
-def nih_halves(root: Path) -> tuple[Path, Path]:
-    """The 810 NIH adult controls split by patient into two dataset folders of symlinks under ``root`` (no
-    patient in both): a site's calibration half and its held-out half (``test_site``, ``test_monitor``)."""
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A command refused in one line: exit 1, no traceback, one ``Error:`` line holding every fragment."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0], result.stderr
+    return error_lines[0]
+
+
+def nih_halves(root: Path, seed: int = 23) -> tuple[Path, Path]:
+    """The 810 NIH adult controls split by patient into two dataset folders of symlinks under ``root`` (no patient
+    in both): a calibration half and a held-out half (``test_site``, ``test_monitor``, ``test_validate``)."""
     meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
     patients = np.array(sorted(meta["patient_id"].unique()))
-    first = set(np.random.default_rng(23).permutation(patients)[: len(patients) // 2])
+    first = set(np.random.default_rng(seed).permutation(patients)[: len(patients) // 2])
     in_first = meta["patient_id"].isin(first)
-    calibration = linked_dataset(root / "calibration", ADULT_CONTROLS, meta[in_first])
-    held_out = linked_dataset(root / "held-out", ADULT_CONTROLS, meta[~in_first])
-    return calibration, held_out
+    return (
+        linked_dataset(root / "calibration", ADULT_CONTROLS, meta[in_first]),
+        linked_dataset(root / "held-out", ADULT_CONTROLS, meta[~in_first]),
+    )
 
 
 def free_port() -> int:

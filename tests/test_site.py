@@ -7,7 +7,6 @@ patient into a calibration half and a held-out half."""
 from __future__ import annotations
 
 import json
-import subprocess
 from functools import partial
 from pathlib import Path
 
@@ -22,20 +21,18 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.runs import default_model_path, load_run
 from covidxr.runtime.site import SITE_FORMAT, SiteCalibration, load_site
 
-from .conftest import ADULT_CONTROLS, BORDERLINE, PROBABILITY_TOLERANCE, linked_dataset, nih_halves, run_cli
+from .conftest import (
+    ADULT_CONTROLS,
+    BORDERLINE,
+    PROBABILITY_TOLERANCE,
+    assert_one_line_error,
+    linked_dataset,
+    nih_halves,
+    run_cli,
+)
 from .test_serve import Server
 
 run = partial(run_cli, installed=True)  # the installed ``covidxr`` command, as a user types it
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0], result.stderr
-    return error_lines[0]
 
 
 @pytest.fixture(scope="module")

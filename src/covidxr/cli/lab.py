@@ -259,6 +259,74 @@ def calibrate_command(
     click.echo(DISCLAIMER)
 
 
+@cli.command("validate")
+@click.argument("data", type=_path)
+@click.option(
+    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
+)
+@click.option(
+    "--site", type=_path, default=None, help="site.json from `covidxr calibrate`: validate at its COVID-19 threshold."
+)
+@click.option("--out", type=_path, required=True, help="Folder for validation.md/.html/.json and predictions.csv.")
+@click.option(
+    "--precision",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.02,
+    show_default=True,
+    help="Half-width of the 95% intervals asked for sensitivity and specificity.",
+)
+@click.option(
+    "--min-specificity",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.9,
+    show_default=True,
+    help="The lowest specificity accepted.",
+)
+@click.option(
+    "--min-sensitivity",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.8,
+    show_default=True,
+    help="The lowest sensitivity accepted.",
+)
+@prediction_engine_options
+@model_options
+def validate_command(
+    data,
+    run,
+    site,
+    out,
+    precision,
+    min_specificity,
+    min_sensitivity,
+    engine,
+    threads,
+    weights,
+    weights_dir,
+    cache_dir,
+):
+    """The local validation report a hospital files before use: predict DATA's labelled images (metadata.csv with
+    filename,label; sex, age_group, view, source used where present) as `predict` does, measure them with
+    intervals and give a verdict (NOT READY, UNDECIDED or READY for a trial on this population)."""
+    from covidxr.lab.validate import validate_site
+    from covidxr.runtime.runs import default_model_path, load_run
+    from covidxr.runtime.site import with_site
+
+    loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
+    record = validate_site(
+        loaded, data, out, precision, min_specificity, min_sensitivity, engine, cache_dir, threads, _progress()
+    )
+    click.echo(record.verdict_line)
+    counts = record.counts
+    click.echo(
+        f"{counts['images']} images: {counts['answered']} given an answer, {counts['no_answer']} given none, "
+        f"{counts['unreadable']} unreadable; COVID-19 threshold {record.operating_point['covid_threshold']:.4f} "
+        f"({record.operating_point['source']})"
+    )
+    click.echo(f"wrote {out / 'validation.md'}, validation.html, validation.json and predictions.csv")
+    click.echo(DISCLAIMER)
+
+
 @cli.command("export")
 @click.argument("run", type=_path)
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)

@@ -31,7 +31,9 @@ __all__ = [
     "plot_confusion",
     "plot_gradcam",
     "plot_history",
+    "plot_interval_rates",
     "plot_predictions",
+    "plot_reliability",
     "save_with_disclaimer",
 ]
 
@@ -79,10 +81,14 @@ def plot_history(history: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title: str) -> None:
-    """Confusion matrix with counts, rows = truth (the paper's Figure 2)."""
+def plot_confusion(
+    matrix: list[list[int]], labels: list[str], path: Path, title: str, columns: list[str] | None = None
+) -> None:
+    """Confusion matrix with counts, rows = truth (the paper's Figure 2); ``columns`` where the predictions
+    have other names than the truths (e.g. a "no answer" column)."""
     counts = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(5, 4.4))
+    columns = columns or labels
+    fig, ax = plt.subplots(figsize=(5 + 0.9 * (len(columns) - len(labels)), 4.4))
     ax.imshow(counts, cmap="Blues")
     for (i, j), value in np.ndenumerate(counts):
         ax.text(
@@ -94,7 +100,7 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], path: Path, title
             color="white" if value > counts.max() / 2 else "black",
             fontsize=12,
         )
-    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(len(labels)), labels)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     save_with_disclaimer(fig, path)
@@ -176,4 +182,49 @@ def plot_gradcam(
                 color="black" if labels[k] == label else "red",
             )
     fig.suptitle(f"{method} maps for the predicted class, rows = true class")
+    save_with_disclaimer(fig, path)
+
+
+def plot_interval_rates(
+    rows: Sequence[tuple[str, float, float, float]], targets: Mapping[str, float], path: Path, title: str
+) -> None:
+    """Rates as points with their 95% intervals, one row each (name, value, low, high), and each target as a
+    red tick on its row (a rate passes where its whole interval lies right of it)."""
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(rows) + 1.6))
+    for y, (name, value, low, high) in enumerate(rows):
+        ax.errorbar(value, y, xerr=[[value - low], [high - value]], fmt="o", color="#1f5fbf", capsize=4)
+        ax.annotate(
+            f"{value:.1%} ({low:.1%}–{high:.1%})",
+            (value, y),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=7,
+        )
+        if name.split(" ")[0] in targets:
+            ax.plot([targets[name.split(" ")[0]]] * 2, [y - 0.3, y + 0.3], color="#b00", lw=2)
+    ax.set_yticks(range(len(rows)), [row[0] for row in rows])
+    ax.set(xlim=(0, 1.02), ylim=(-0.6, len(rows) - 0.4), xlabel="value (95% interval; red: target)", title=title)
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    save_with_disclaimer(fig, path)
+
+
+def plot_reliability(bins: Sequence[Mapping[str, float]], threshold: float, path: Path, title: str) -> None:
+    """Reliability diagram of p(COVID-19): the observed COVID-19 share per bin (exact 95% interval) against the
+    bin's mean p, with the operating threshold; below, how many images fell in each bin."""
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6), height_ratios=(3, 1), sharex=True)
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    if bins:
+        x = np.array([b["mean_p"] for b in bins])
+        y = np.array([b["observed"] for b in bins])
+        error = [y - np.array([b["observed_low"] for b in bins]), np.array([b["observed_high"] for b in bins]) - y]
+        ax.errorbar(x, y, yerr=error, fmt="o-", capsize=3, label="observed COVID-19 share (95% interval)")
+        counts.bar([(b["low_edge"] + b["high_edge"]) / 2 for b in bins], [b["n"] for b in bins], width=0.09)
+    for axis in (ax, counts):
+        axis.axvline(threshold, color="#b00", lw=1, ls="--")
+    ax.set(ylabel="share of images that are COVID-19", xlim=(0, 1), ylim=(-0.02, 1.02), title=title)
+    ax.legend(loc="upper left", fontsize=7)
+    ax.grid(alpha=0.3)
+    counts.set(xlabel="p(COVID-19) (red: the operating threshold)", ylabel="images")
     save_with_disclaimer(fig, path)

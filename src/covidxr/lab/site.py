@@ -49,6 +49,7 @@ __all__ = [
     "clopper_pearson",
     "images_needed",
     "read_site_data",
+    "read_site_table",
     "site_rate",
 ]
 
@@ -114,9 +115,10 @@ def choose_site_threshold(covid_probability: np.ndarray, metric: str, target: fl
     raise CovidxrError(f"target must be one of {', '.join(METRICS)}, not {metric!r}")
 
 
-def read_site_data(root: str | Path) -> tuple[list[Path], list[str]]:
-    """A site's dataset folder: ``metadata.csv`` with at least ``filename`` and ``label`` (one of the
-    classes, any spelling covidxr knows); its image paths and canonical labels."""
+def read_site_table(root: str | Path) -> pd.DataFrame:
+    """A site's dataset folder's ``metadata.csv`` (every column as text, empty where unknown), checked: at least
+    ``filename`` and ``label`` (one of the classes, any spelling covidxr knows, made canonical here), and
+    file names inside the folder; anything else is one line naming the file and row."""
     root = Path(root)
     if not root.is_dir():
         raise CovidxrError(f"{root}: dataset folder not found")
@@ -141,7 +143,14 @@ def read_site_data(root: str | Path) -> tuple[list[Path], list[str]]:
     for index, name in enumerate(frame["filename"]):
         if not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts:
             raise CovidxrError(f"{metadata} row {index + 2}: filename must be a path inside {root}")
-    return [root / name for name in frame["filename"]], labels
+    return frame.assign(label=labels)
+
+
+def read_site_data(root: str | Path) -> tuple[list[Path], list[str]]:
+    """A site's dataset folder: ``metadata.csv`` with at least ``filename`` and ``label`` (one of the
+    classes, any spelling covidxr knows); its image paths and canonical labels."""
+    frame = read_site_table(root)
+    return [Path(root) / name for name in frame["filename"]], list(frame["label"])
 
 
 def _needed_class(metric: str) -> str:

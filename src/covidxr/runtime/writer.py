@@ -28,14 +28,15 @@ from covidxr.runtime.runners import Engine, head_digest, make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.storage import stable_digest
 
-__all__ = ["CHUNK", "model_identity", "predict_to_file"]
+__all__ = ["CHUNK", "flat_row", "model_identity", "predict_to_file"]
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 256  # files predicted between two writes of the output file
 
 
-def _flat_row(result: dict, labels: Sequence[str]) -> dict:
+def flat_row(result: dict, labels: Sequence[str]) -> dict:
+    """One prediction as a row of ``predict --out``'s table (without its ``model`` column)."""
     probabilities = result.get("probabilities", {})
     return {
         "file": result["file"],
@@ -140,7 +141,7 @@ def _read_csv_rows(out: Path, columns: list[str]) -> tuple[list[dict], int]:
 
 
 def _typed(row: dict[str, str]) -> dict:
-    """A CSV row with the types ``_flat_row`` wrote: probabilities and scores as floats, flags as booleans,
+    """A CSV row with the types ``flat_row`` wrote: probabilities and scores as floats, flags as booleans,
     an empty cell as None (the file and text columns stay strings)."""
     typed: dict = {}
     for key, value in row.items():
@@ -251,7 +252,7 @@ def predict_to_file(
         raise CovidxrError(f"no image files found in {', '.join(map(printable, map(str, inputs)))}")
     runner = make_engine(run, engine, cache_dir) if isinstance(engine, str) else engine
     identity = model_identity(run, runner)
-    columns = [*_flat_row({"file": ""}, run.labels), "model"]
+    columns = [*flat_row({"file": ""}, run.labels), "model"]
     rows: list[dict] = []
     if out.exists():
         if not resume:
@@ -284,7 +285,7 @@ def predict_to_file(
     with _stop_after_chunk() as stop, bar:
         # Batches no larger than a chunk, so every chunk is written as soon as it is done.
         for batch in iterate_predictions(run, todo, runner, min(batch_size, chunk_size), num_workers):
-            pending += [{**_flat_row(result, run.labels), "model": identity} for result in batch]
+            pending += [{**flat_row(result, run.labels), "model": identity} for result in batch]
             bar.update(len(batch))
             if len(pending) >= chunk_size or written + len(pending) == len(todo):
                 write(pending)

@@ -23,9 +23,11 @@ from covidxr.runtime.records.evaluation import (
 )
 from covidxr.runtime.records.holdout import DesignRow, Loso, LosoUnit, PooledRates, SiteAuc, WithinSite
 from covidxr.runtime.records.run import RUN_FORMAT, FittedCalibration, ModelSidecar, OperatingPoint, RunInfo
+from covidxr.runtime.records.validation import VALIDATION_FORMAT, Validation
 
 __all__ = [
     "RUN_FORMAT",
+    "VALIDATION_FORMAT",
     "Audit",
     "AuditCheck",
     "Bootstrap",
@@ -47,6 +49,7 @@ __all__ = [
     "Record",
     "RunInfo",
     "SiteAuc",
+    "Validation",
     "WithinSite",
     "read_json_file",
 ]
