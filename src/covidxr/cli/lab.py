@@ -223,12 +223,18 @@ def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir
     default=None,
     help="Target share of local COVID-19 images called COVID-19.",
 )
+@click.option(
+    "--coverage",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Conformal prediction sets: per class, the share of local images whose set holds their class (e.g. 0.9).",
+)
 @click.option("--out", type=_path, required=True, help="The site file to write (e.g. site.json).")
 @click.option("--site-name", default=None, help="The site's name in the file and the answers (default: DATA's name).")
 @prediction_engine_options
 @model_options
 def calibrate_command(
-    data, run, specificity, sensitivity, out, site_name, engine, threads, weights, weights_dir, cache_dir
+    data, run, specificity, sensitivity, coverage, out, site_name, engine, threads, weights, weights_dir, cache_dir
 ):
     """Set the COVID-19 operating point on a site's own labelled images (DATA: metadata.csv with filename,label)
     and write it to --out for `predict --site` / `serve --site`; prints the local rates with exact 95% intervals."""
@@ -236,21 +242,37 @@ def calibrate_command(
     from covidxr.runtime.runs import default_model_path, load_run
     from covidxr.runtime.site import describe_site
 
-    if (specificity is None) == (sensitivity is None):
-        raise CovidxrError("give one target: --specificity S or --sensitivity S")
+    if specificity is not None and sensitivity is not None:
+        raise CovidxrError("give one target: --specificity S or --sensitivity S (and/or --coverage C)")
+    if specificity is None and sensitivity is None and coverage is None:
+        raise CovidxrError("give a target: --specificity S or --sensitivity S, and/or --coverage C")
     metric, target = ("specificity", specificity) if specificity is not None else ("sensitivity", sensitivity)
+    if target is None:
+        metric = None
     if out.suffix != ".json":
         raise CovidxrError(f"{out}: --out must end in .json")
     loaded = load_run(run or default_model_path(), weights, weights_dir)
-    site = calibrate_site(loaded, data, metric, target, site_name, engine, cache_dir, threads, progress=_progress())
+    site = calibrate_site(
+        loaded, data, metric, target, site_name, engine, cache_dir, threads, progress=_progress(), coverage=coverage
+    )
     site.save(out)
     counts = ", ".join(f"{label} {n}" for label, n in site.counts.items())
     click.echo(f"{describe_site(site)}")
+    chosen = f"for {metric} {target:.0%}" if metric is not None else "kept"
     click.echo(
-        f"COVID-19 threshold {site.covid_threshold:.4f} for {metric} {target:.0%} "
+        f"COVID-19 threshold {site.covid_threshold:.4f} {chosen} "
         f"(the model's own: {site.run_threshold:.4f}); images given an answer: {counts}; "
         f"{site.inputs['unanswered']} of {site.inputs['images']} given none (not counted)"
     )
+    if site.conformal is not None:
+        per_class = ", ".join(
+            f"{label} {entry['threshold']:.4f} (n={entry['n']})" for label, entry in site.conformal["classes"].items()
+        )
+        click.echo(
+            f"prediction sets for {site.conformal['coverage']:.0%} coverage per class (split conformal, LAC score "
+            f"1 - p): a class is in an image's set where 1 - p <= {per_class}; an image whose set is not one "
+            "class is answered indeterminate"
+        )
     for name, rate in site.achieved.items():
         click.echo(f"local {name}: {rate} (exact 95% interval, n={rate.n})")
     if site.note:

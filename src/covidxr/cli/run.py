@@ -14,6 +14,8 @@ from covidxr.cli.options import _path, _progress, cli, model_options, prediction
 
 def _prediction_table(results: list[dict]) -> str:
     """One aligned line per image: file name, label, p(COVID-19), and a flag (no answer, or the error)."""
+    from covidxr.runtime.site import describe_set
+
     rows = [("file", "label", "p(COVID-19)", "flag")]
     for result in results:
         name = Path(result["file"]).name
@@ -24,7 +26,9 @@ def _prediction_table(results: list[dict]) -> str:
                 (name, "-", f"{result['probabilities']['COVID-19']:.3f}", f"{result['no_answer_reason']}: no answer")
             )
         else:
-            rows.append((name, result["label"], f"{result['probabilities']['COVID-19']:.3f}", ""))
+            members = result.get("prediction_set")
+            flag = "" if members is None else f"set {describe_set(members)}"
+            rows.append((name, result["label"], f"{result['probabilities']['COVID-19']:.3f}", flag))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(
         f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]}".rstrip() for row in rows

@@ -16,6 +16,11 @@ For ``covidxr monitor``, ``inputs`` also keeps every calibration image's p(COVID
 rounded to 5 decimals), the share flagged out of distribution, the share given no answer, and the share of
 the answered images called COVID-19 at the site threshold.
 
+With ``coverage 1 - α`` (``--coverage``, alone or with a target), split-conformal, class-conditional (Mondrian)
+prediction sets are calibrated on the same answered images (``conformal_thresholds``): per class k, the LAC
+score 1 − p_k of the site's class-k images gives the threshold q_k, so that a new class-k image's set holds k
+with probability at least 1 − α (exchangeable images; marginally over the calibration draw).
+
 Calibration moves the operating point; it cannot make the model rank cases it cannot tell apart: the
 sensitivity that remains at the chosen specificity is what the model's ranking allows at this site.
 """
@@ -37,7 +42,7 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.inference import predict_files
 from covidxr.runtime.runners import make_engine
 from covidxr.runtime.runs import Run
-from covidxr.runtime.site import METRICS, Rate, SiteCalibration, model_record
+from covidxr.runtime.site import CONFORMAL_SCORE, METRICS, Rate, SiteCalibration, model_record
 
 __all__ = [
     "CONFIDENCE",
@@ -47,6 +52,7 @@ __all__ = [
     "calibrate_site",
     "choose_site_threshold",
     "clopper_pearson",
+    "conformal_thresholds",
     "images_needed",
     "read_site_data",
     "read_site_table",
@@ -115,6 +121,61 @@ def choose_site_threshold(covid_probability: np.ndarray, metric: str, target: fl
     raise CovidxrError(f"target must be one of {', '.join(METRICS)}, not {metric!r}")
 
 
+class _Probabilities:
+    """A prefit sklearn-style classifier whose "features" are the model's own probabilities (one row per
+    image): MAPIE's split conformal classifier calls ``predict_proba`` and gets them back unchanged."""
+
+    _estimator_type = "classifier"
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes_ = np.array(classes)
+
+    def fit(self, X, y):  # noqa: N803 - never called (prefit)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:  # noqa: N803 - sklearn's name
+        return np.asarray(X, dtype=np.float64)
+
+    def predict(self, X) -> np.ndarray:  # noqa: N803
+        return self.classes_[np.argmax(np.asarray(X), axis=1)]
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True
+
+
+def conformal_thresholds(probabilities: np.ndarray, labels: list[str], classes: list[str], coverage: float) -> dict:
+    """Per class k, the split-conformal threshold on the LAC score 1 − p_k computed by MAPIE
+    (``SplitConformalClassifier``, prefit, ``conformity_score="lac"``) on that class's images only: the
+    ceil((n_k + 1)·coverage)-th smallest score (MAPIE's finite-sample correction). MAPIE 1.6 has no
+    class-conditional (Mondrian) mode, so it is conformalized once per class. A class with fewer images than
+    MAPIE accepts (n_k < max(1/α, 1/(1 − α)); below 1/α − 1 no finite threshold exists) is refused in one line.
+    ``{label: {"threshold", "n"}}`` in label order."""
+    import warnings
+
+    from mapie.classification import SplitConformalClassifier
+
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    truth = np.asarray(labels)
+    result = {}
+    alpha = 1 - coverage
+    needed = int(math.ceil(max(1 / alpha, 1 / coverage) - 1e-9))
+    for label in classes:
+        rows = truth == label
+        if rows.sum() < needed:
+            raise CovidxrError(
+                f"only {int(rows.sum())} {label} image(s): prediction sets for {coverage:g} coverage need at least "
+                f"{needed} per class"
+            )
+        mapie = SplitConformalClassifier(_Probabilities(classes), confidence_level=coverage, conformity_score="lac")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "fewer labels than training": one class at a time, by design
+            mapie.conformalize(probabilities[rows], truth[rows])
+            mapie.predict_set(probabilities[:1])  # MAPIE computes its quantile at the first prediction
+        quantile = float(np.ravel(mapie._mapie_classifier.conformity_score_function_.quantiles_)[0])
+        result[label] = {"threshold": min(quantile, 1.0), "n": int(rows.sum())}
+    return result
+
+
 def read_site_table(root: str | Path) -> pd.DataFrame:
     """A site's dataset folder's ``metadata.csv`` (every column as text, empty where unknown), checked: at least
     ``filename`` and ``label`` (one of the classes, any spelling covidxr knows, made canonical here), and
@@ -168,6 +229,22 @@ def _check_enough(root: Path, metric: str, count: int, what: str = "") -> None:
         )
 
 
+def _check_classes(root: Path, labels: list[str], classes: list[str], what: str = "") -> None:
+    """Prediction sets are calibrated per class: every class of the model needs ``MIN_IMAGES`` images."""
+    counts = Counter(labels)
+    present = [label for label in classes if counts[label]]
+    if len(present) < 2:
+        raise CovidxrError(
+            f"{root}: images of {len(present)} class(es){what} ({', '.join(present) or 'none'}); --coverage "
+            f"calibrates one threshold per class, so it needs images of every class ({', '.join(classes)})"
+        )
+    short = [f"{label} {counts[label]}" for label in classes if counts[label] < MIN_IMAGES]
+    if short:
+        raise CovidxrError(
+            f"{root}: too few images{what} of {', '.join(short)}; --coverage needs at least {MIN_IMAGES} per class"
+        )
+
+
 def _quantiles(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
@@ -181,25 +258,34 @@ def _sorted_values(values: list[float]) -> list[float]:
 def calibrate_site(
     run: Run,
     data: str | Path,
-    metric: str,
-    target: float,
+    metric: str | None,
+    target: float | None,
     site_name: str | None = None,
     engine: str = "auto",
     cache_dir: str | Path | None = None,
     threads: int | None = None,
     progress: bool = False,
+    coverage: float | None = None,
 ) -> SiteCalibration:
     """Predict the site's labelled images with ``run`` (as ``covidxr predict`` does) and choose the COVID-19
-    threshold that reaches ``target`` ``metric`` on them; the record to save as ``site.json``."""
-    if metric not in METRICS:
+    threshold that reaches ``target`` ``metric`` on them, and/or (``coverage``) the class-conditional conformal
+    prediction sets; the record to save as ``site.json``. Without a metric the model's own threshold stays."""
+    if metric is None and coverage is None:
+        raise CovidxrError("give a target (--specificity S or --sensitivity S) and/or --coverage C")
+    if metric is not None and metric not in METRICS:
         raise CovidxrError(f"target must be one of {', '.join(METRICS)}, not {metric!r}")
-    if not 0 < target < 1:
+    if metric is not None and not 0 < target < 1:
         raise CovidxrError(f"the target {metric} must lie between 0 and 1 (exclusive), not {target}")
+    if coverage is not None and not 0 < coverage < 1:
+        raise CovidxrError(f"--coverage must lie between 0 and 1 (exclusive), not {coverage}")
     root = Path(data)
     paths, labels = read_site_data(root)
     is_covid = np.array([label == POSITIVE for label in labels])
     needed = ~is_covid if metric == "specificity" else is_covid
-    _check_enough(root, metric, int(needed.sum()))
+    if metric is not None:
+        _check_enough(root, metric, int(needed.sum()))
+    if coverage is not None:
+        _check_classes(root, labels, run.labels)
 
     runner = make_engine(run, engine, cache_dir, threads)
     results = predict_files(run, paths, cache_dir, progress=progress, engine=runner)
@@ -208,9 +294,18 @@ def calibrate_site(
         raise CovidxrError(f"{errors[0]} ({len(errors)} of {len(paths)} image(s) unreadable; fix or remove their rows)")
     answered = np.array([result["label"] is not None for result in results])
     p_covid = np.array([result["probabilities"][POSITIVE] for result in results])
-    _check_enough(root, metric, int((needed & answered).sum()), " given an answer by the model")
-
-    threshold = choose_site_threshold(p_covid[needed & answered], metric, target)
+    conformal = None
+    if coverage is not None:
+        kept = [label for label, ok in zip(labels, answered, strict=True) if ok]
+        _check_classes(root, kept, run.labels, " given an answer by the model")
+        probabilities = np.array([[r["probabilities"][k] for k in run.labels] for r in results])[answered]
+        classes = conformal_thresholds(probabilities, kept, list(run.labels), coverage)
+        conformal = {"coverage": float(coverage), "score": CONFORMAL_SCORE, "classes": classes}
+    if metric is not None:
+        _check_enough(root, metric, int((needed & answered).sum()), " given an answer by the model")
+        threshold = choose_site_threshold(p_covid[needed & answered], metric, target)
+    else:
+        threshold = run.info.covid_threshold
     called = p_covid >= threshold
     achieved = {}
     negatives, positives = ~is_covid & answered, is_covid & answered
@@ -218,10 +313,10 @@ def calibrate_site(
         achieved["specificity"] = site_rate(int((~called & negatives).sum()), int(negatives.sum()))
     if positives.any():
         achieved["sensitivity"] = site_rate(int((called & positives).sum()), int(positives.sum()))
-    measured = achieved[metric]
-    half_width = (measured.high - measured.low) / 2
     note = None
-    if half_width > PRECISION:
+    measured = achieved.get(metric) if metric is not None else None
+    half_width = 0.0 if measured is None else (measured.high - measured.low) / 2
+    if measured is not None and half_width > PRECISION:
         note = (
             f"{measured.n} {_needed_class(metric)} images give a {metric} interval of ±{half_width:.1%}; "
             f"{target:.0%} ± {PRECISION:.0%} needs about {images_needed(target)}"
@@ -233,7 +328,7 @@ def calibrate_site(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         model=model_record(run),
         counts=dict(sorted(Counter(label for label, ok in zip(labels, answered, strict=True) if ok).items())),
-        target={"metric": metric, "value": float(target)},
+        target=None if metric is None else {"metric": metric, "value": float(target)},
         covid_threshold=threshold,
         run_threshold=run.info.covid_threshold,
         achieved=achieved,
@@ -251,4 +346,5 @@ def calibrate_site(
         },
         note=note,
         confidence=CONFIDENCE,
+        conformal=conformal,
     )

@@ -19,6 +19,7 @@ from covidxr.runtime.calibration import POSITIVE, decide, softmax
 from covidxr.runtime.images import IMAGE_SUFFIXES
 from covidxr.runtime.runners import Engine, input_transform, make_engine
 from covidxr.runtime.runs import Run
+from covidxr.runtime.site import describe_set
 
 __all__ = [
     "BLANK",
@@ -58,6 +59,12 @@ def answer(
     file it came from (``None``: the run's own, chosen on its validation split). ``out_of_distribution`` is
     ``None`` for runs made before the guard.
     ``ood_threshold`` replaces the guard's own where an engine's features need another (int8).
+
+    With a site file that holds conformal thresholds (``covidxr calibrate --coverage``), each answered image
+    also gets ``prediction_set``: the classes k with ``1 - p_k <= q_k``, in label order. The set then decides:
+    an image whose set is exactly one class is answered with that class; any other set (several classes, or
+    none) is answered "indeterminate": ``label`` ``None`` and ``no_answer_reason`` "indeterminate: {A, B}"
+    (or "indeterminate: {}"), so there is still one answer per image.
     """
     labels, covid, threshold = run.labels, run.labels.index(POSITIVE), run.covid_threshold
     site = None if run.site is None else run.site.path or run.site.site
@@ -66,15 +73,25 @@ def answer(
     guard = run.ood_guard
     scores = guard.score(features) if guard is not None else [None] * len(features)
     reasons = reasons if reasons is not None else [None] * len(features)
+    sets = None if run.site is None else run.site.set_thresholds
+    limits = None if sets is None else np.array([sets[label] for label in labels])
     results = []
     for p, decision, score, flat, given in zip(probabilities, decisions, scores, blank, reasons, strict=True):
         unlike = guard is not None and bool(score > (ood_threshold or guard.threshold))
         why = [text for text, applies in ((BLANK, flat), (OUT_OF_DISTRIBUTION, unlike), (given, given)) if applies]
+        members = None
+        if limits is not None and not why:
+            members = [label for label, inside in zip(labels, 1.0 - p <= limits, strict=True) if inside]
+            if len(members) == 1:
+                decision = labels.index(members[0])
+            else:
+                why.append(f"indeterminate: {describe_set(members)}")
         answered = not why
         results.append(
             {
                 "label": labels[int(decision)] if answered else None,
                 "no_answer_reason": None if answered else "; ".join(why),
+                **({} if limits is None else {"prediction_set": members}),
                 "probabilities": {label: float(v) for label, v in zip(labels, p, strict=True)},
                 "covid_threshold": threshold,
                 "site": site,

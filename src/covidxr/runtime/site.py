@@ -16,16 +16,18 @@ import json
 from pathlib import Path
 
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.records.site import METRICS, SITE_FORMAT, Rate, SiteCalibration
+from covidxr.runtime.records.site import CONFORMAL_SCORE, METRICS, SITE_FORMAT, Rate, SiteCalibration
 from covidxr.runtime.runners import head_digest
 from covidxr.runtime.runs import Run
 from covidxr.runtime.storage import stable_digest
 
 __all__ = [
+    "CONFORMAL_SCORE",
     "METRICS",
     "SITE_FORMAT",
     "Rate",
     "SiteCalibration",
+    "describe_set",
     "describe_site",
     "load_site",
     "model_record",
@@ -68,6 +70,12 @@ def load_site(path: str | Path, run: Run | None = None) -> SiteCalibration:
                 f"{site.model['head_sha256'][:12]}), not this one ({mine['name']}/{mine['run']}, head "
                 f"{mine['head_sha256'][:12]}); calibrate again with this model"
             )
+        sets = site.set_thresholds
+        if sets is not None and set(sets) != set(run.labels):
+            raise CovidxrError(
+                f"{path}: prediction sets for classes {', '.join(sorted(sets))}, but this model has "
+                f"{', '.join(run.labels)}; calibrate again with this model"
+            )
     return site
 
 
@@ -81,13 +89,23 @@ def with_site(run: Run, site: SiteCalibration | str | Path | None) -> Run:
     return dataclasses.replace(run, site=site)
 
 
+def describe_set(members: list[str]) -> str:
+    """A prediction set as text: ``{COVID-19, PNEUMONIA}`` (``{}`` for the empty set)."""
+    return "{" + ", ".join(members) + "}"
+
+
 def describe_site(site: SiteCalibration) -> str:
     """One line: "calibrated at SITE on N local images: specificity 95% (92–97%)" (and the other rate where
-    measured)."""
-    order = [site.metric, *(m for m in METRICS if m != site.metric)]
+    measured; and the prediction sets' coverage where asked)."""
+    order = [m for m in (site.metric, *METRICS) if m is not None]
+    order = list(dict.fromkeys(order))
     rates = ", ".join(
         f"{m} {site.achieved[m].value:.0%} ({100 * site.achieved[m].low:.0f}–{100 * site.achieved[m].high:.0f}%)"
         for m in order
         if m in site.achieved
     )
+    if site.conformal is not None:
+        rates = ", ".join(
+            filter(None, [rates, f"prediction sets for {site.conformal['coverage']:.0%} coverage per class"])
+        )
     return f"calibrated at {site.site} on {site.images} local images: {rates}"

@@ -13,11 +13,14 @@ from typing import Any
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.storage import atomic_write
 
-__all__ = ["METRICS", "SITE_FORMAT", "Rate", "SiteCalibration"]
+__all__ = ["CONFORMAL_SCORE", "METRICS", "SITE_FORMAT", "Rate", "SiteCalibration"]
 
-SITE_FORMAT = "covidxr-site-1"
+# 2: ``conformal`` (prediction sets, issue 23), and ``target`` may be null where only a coverage was asked;
+# files of format 1 keep opening.
+SITE_FORMAT = "covidxr-site-2"
 _PREFIX = "covidxr-site-"
 METRICS = ("specificity", "sensitivity")
+CONFORMAL_SCORE = "lac"  # the score 1 - p(class): a class is in an image's set where 1 - p_k <= its threshold
 
 
 @dataclass(frozen=True)
@@ -61,19 +64,24 @@ class SiteCalibration:
     and of the OOD score, and, for ``covidxr monitor`` (files written since issue 23 part 4; older ones lack
     them), ``p_covid`` and ``ood_scores`` (every image's value, sorted, 5 decimals), ``ood_rate``,
     ``no_answer_rate`` and ``covid_share`` (answered images called COVID-19 at the site threshold).
+    ``conformal`` (format 2, optional): split-conformal, class-conditional prediction sets, ``{"coverage",
+    "score": "lac", "classes": {label: {"threshold", "n"}}}``: an image's set holds the classes k with
+    ``1 - p_k <= threshold_k`` (``covidxr.runtime.inference.answer``). ``target`` is ``None`` where only a
+    coverage was asked (the COVID-19 threshold is then the model's own).
     ``path`` is where it was read from (not written)."""
 
     site: str
     created: str
     model: dict
     counts: dict[str, int]
-    target: dict
+    target: dict | None
     covid_threshold: float
     run_threshold: float
     achieved: dict[str, Rate]
     inputs: dict
     note: str | None = None
     confidence: float = 0.95
+    conformal: dict | None = None
     format: str = SITE_FORMAT
     path: str | None = field(default=None, compare=False)
 
@@ -103,8 +111,13 @@ class SiteCalibration:
         model = record.model
         if not isinstance(model, dict) or not isinstance(model.get("head_sha256"), str) or "model_key" not in model:
             raise CovidxrError(f"{where}: damaged (no model identity: head_sha256 and model_key)")
-        if not isinstance(record.target, dict) or record.target.get("metric") not in METRICS:
+        target = record.target
+        if target is None and record.conformal is None:
+            raise CovidxrError(f"{where}: damaged (neither a target metric nor prediction sets)")
+        if target is not None and (not isinstance(target, dict) or target.get("metric") not in METRICS):
             raise CovidxrError(f"{where}: damaged (no target metric: one of {', '.join(METRICS)})")
+        if record.conformal is not None:
+            _check_conformal(record.conformal, where)
         return record
 
     def to_dict(self) -> dict:
@@ -121,5 +134,29 @@ class SiteCalibration:
         return int(sum(self.counts.values()))
 
     @property
-    def metric(self) -> str:
-        return str(self.target["metric"])
+    def metric(self) -> str | None:
+        """The rate the COVID-19 threshold was chosen for; ``None`` where only a coverage was asked."""
+        return None if self.target is None else str(self.target["metric"])
+
+    @property
+    def set_thresholds(self) -> dict[str, float] | None:
+        """Per class, the conformal threshold on 1 - p(class); ``None`` without prediction sets."""
+        if self.conformal is None:
+            return None
+        return {label: float(entry["threshold"]) for label, entry in self.conformal["classes"].items()}
+
+
+def _check_conformal(conformal: object, where: str) -> None:
+    try:
+        coverage = float(conformal["coverage"])  # type: ignore[index]
+        classes = conformal["classes"]  # type: ignore[index]
+        score = conformal.get("score")  # type: ignore[union-attr]
+        entries = [(float(entry["threshold"]), int(entry["n"])) for entry in classes.values()]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CovidxrError(f"{where}: damaged (prediction sets lack or mistype {exc})") from None
+    if score != CONFORMAL_SCORE or not 0 < coverage < 1 or len(entries) < 2:
+        raise CovidxrError(
+            f"{where}: damaged (prediction sets: score {score!r}, coverage {coverage}, {len(entries)} classes)"
+        )
+    if not all(math.isfinite(q) and 0.0 <= q <= 1.0 and n > 0 for q, n in entries):
+        raise CovidxrError(f"{where}: damaged (a prediction-set threshold outside [0, 1])")
