@@ -510,15 +510,21 @@ def test_site_answers_page_and_live_monitor_match_the_monitor_rules(
 
 
 def test_without_a_site_the_monitor_has_the_rates_but_no_psi_and_says_why(
-    xrays: list[Path], cat: Path, tmp_path: Path
+    xrays: list[Path], cat: Path, browser: webdriver.Chrome, tmp_path: Path
 ) -> None:
     server = Server(tmp_path / "server", "--monitor-window", "4")
     try:
+        start = httpx.get(f"{server.url}/healthz", timeout=10).json()["monitor"]
         answers = [post(server, "/api/predict", path.read_bytes(), path.name).json() for path in [*xrays, cat]]
         health = httpx.get(f"{server.url}/healthz", timeout=10).json()
         page = httpx.get(f"{server.url}/monitor", timeout=10)
+        browser.get(server.url)  # the page as before: the model's own threshold, no site line
+        _upload(browser, xrays[0])
+        assert "chosen on validation data" in browser.find_element(By.ID, "covid-note").text
+        assert not browser.find_element(By.ID, "site-calibration").is_displayed()
     finally:
         server.stop()
+    assert start["n"] == 0 and set(start["figures"].values()) == {None} and start["alarm"] is False
     assert all(a["site"] is None and a["site_calibration"] is None for a in answers)
     assert health["site"] is None and health["site_calibration"] is None
     monitor = health["monitor"]
