@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats as scipy_stats
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -28,9 +29,11 @@ from skimage import data as skimage_data
 
 from covidxr import DISCLAIMER, load_model
 from covidxr.runtime.images import read_image
+from covidxr.runtime.monitor import RULES, ks_two_sample, psi
 from covidxr.runtime.serve import MAX_BATCH, MicroBatcher
+from covidxr.runtime.site import describe_site, load_site
 
-from .conftest import REPO, assert_same_answer, free_port
+from .conftest import ADULT_CONTROLS, REPO, assert_same_answer, free_port, linked_dataset, run_cli
 from .test_dicom import PATIENT, dx_dataset, save
 
 ARTIFACTS = Path(os.environ.get("COVIDXR_TEST_ARTIFACTS", REPO / "test-artifacts")) / "serve"
@@ -409,3 +412,130 @@ def test_page_upload_shows_label_heat_map_and_ood_warning(
     browser.switch_to.window(browser.window_handles[0])
     shots = ("page-empty.png", "xray-desktop.png", "xray-phone.png", "cat-ood.png", "model-card.png")
     assert all((ARTIFACTS / name).stat().st_size > 10_000 for name in shots)
+
+
+# ---------------------------------------------------------------------------------------------
+# A site's calibration and the live input monitor (issue 23)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nih_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A site file from ``covidxr calibrate`` on 60 NIH adult controls (specificity 95%), and 9 NIH images of
+    other patients to send to the service."""
+    meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    patients = sorted(meta["patient_id"].unique())
+    calibration = meta[meta["patient_id"].isin(patients[:60])]
+    others = meta[~meta["patient_id"].isin(patients[:60])].drop_duplicates("patient_id").head(9)
+    root = tmp_path_factory.mktemp("nih-site")
+    data = linked_dataset(root / "calibration", ADULT_CONTROLS, calibration)
+    site = root / "site.json"
+    result = run_cli("calibrate", data, "--specificity", "0.95", "--site-name", "NIH small", "--out", site)
+    assert result.returncode == 0, result.stderr
+    return site, [ADULT_CONTROLS / name for name in others["filename"]]
+
+
+def test_site_answers_page_and_live_monitor_match_the_monitor_rules(
+    nih_site: tuple[Path, list[Path]], browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    site_path, images = nih_site
+    site = load_site(site_path)
+    line = describe_site(site)
+    assert line.startswith(f"calibrated at NIH small on {site.images} local images: specificity ")
+    server = Server(tmp_path / "server", "--site", str(site_path), "--monitor-window", "8")
+    try:
+        answers = []
+        for count, image in enumerate(images, start=1):
+            response = post(server, "/api/predict", image.read_bytes(), image.name)
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            assert answer["site"] == str(site_path) and answer["covid_threshold"] == site.covid_threshold
+            assert answer["site_calibration"] == line and answer["disclaimer"] == DISCLAIMER
+            answers.append(answer)
+            if count == 5:  # fewer answers than the window: all of them, and too few for the rules
+                early = httpx.get(f"{server.url}/healthz", timeout=10).json()["monitor"]
+        health = httpx.get(f"{server.url}/healthz", timeout=10).json()
+        page = httpx.get(f"{server.url}/monitor", timeout=10)
+
+        browser.get(server.url)
+        _upload(browser, images[0])
+        calibrated = browser.find_element(By.ID, "site-calibration")
+        assert calibrated.is_displayed() and line in calibrated.text
+        assert "this site's operating threshold" in browser.find_element(By.ID, "covid-note").text
+        assert "validation data" not in browser.find_element(By.ID, "answer").text
+        assert browser.find_element(By.ID, "disclaimer").is_displayed()
+        assert "Research use only" in browser.find_element(By.ID, "disclaimer").text
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "site-calibrated.png"))
+        after = httpx.get(f"{server.url}/healthz", timeout=10).json()["monitor"]
+    finally:
+        server.stop()
+
+    assert health["site_calibration"] == line
+    assert early["n"] == 5 and early["note"] is None  # the rules apply from a quarter of the window (2)
+    monitor = health["monitor"]
+    assert monitor["n"] == 8 and monitor["window"] == 8 and after["n"] == 8  # bounded: the last 8 answers
+    assert monitor["not_compared"] is None and monitor["covid_threshold"] == site.covid_threshold
+
+    # The figures, computed here from the last 8 answers the service gave.
+    last = answers[-8:]
+    reference = np.asarray(site.inputs["p_covid"], dtype=np.float64)
+    p = np.round([a["probabilities"]["COVID-19"] for a in last], 5)
+    answered = [a for a in last if a["label"] is not None]
+    expected = {
+        "ood_rate": np.mean([a["out_of_distribution"] for a in last]),
+        "no_answer_rate": 1 - len(answered) / len(last),
+        "covid_share": np.mean([a["covid_positive"] for a in answered]) if answered else None,
+        "psi": psi(reference, p),
+        "ks_statistic": scipy_stats.ks_2samp(reference, p).statistic,
+        "ks_pvalue": ks_two_sample(reference, p)[1],
+    }
+    for name, value in expected.items():
+        assert monitor["figures"][name] == pytest.approx(value, abs=1e-9), name
+    rules_broken = (
+        expected["psi"] >= RULES["psi"],
+        expected["ks_pvalue"] < RULES["ks_pvalue"] and expected["ks_statistic"] >= RULES["ks_statistic"],
+        expected["ood_rate"] - site.inputs["ood_rate"] > RULES["ood_rate_rise"],
+        expected["no_answer_rate"] - site.inputs["no_answer_rate"] > RULES["no_answer_rate_rise"],
+    )
+    assert monitor["alarm"] is any(rules_broken) and len(monitor["alarms"]) == sum(rules_broken)
+    assert monitor["calibration"]["ood_rate"] == pytest.approx(site.inputs["ood_rate"])
+
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    text = page.text
+    assert '<span id="n">8</span>' in text and f"{expected['psi']:.3f}" in text
+    assert f"{expected['ks_statistic']:.3f}" in text and f"{expected['ood_rate']:.1%}" in text
+    assert f"PSI of p(COVID-19) ≥ {RULES['psi']}" in text and "Research use only" in text
+    assert ("ALARM" in text) is monitor["alarm"]
+
+
+def test_without_a_site_the_monitor_has_the_rates_but_no_psi_and_says_why(
+    xrays: list[Path], cat: Path, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    server = Server(tmp_path / "server", "--monitor-window", "4")
+    try:
+        start = httpx.get(f"{server.url}/healthz", timeout=10).json()["monitor"]
+        answers = [post(server, "/api/predict", path.read_bytes(), path.name).json() for path in [*xrays, cat]]
+        health = httpx.get(f"{server.url}/healthz", timeout=10).json()
+        page = httpx.get(f"{server.url}/monitor", timeout=10)
+        browser.get(server.url)  # the page as before: the model's own threshold, no site line
+        _upload(browser, xrays[0])
+        assert "chosen on validation data" in browser.find_element(By.ID, "covid-note").text
+        assert not browser.find_element(By.ID, "site-calibration").is_displayed()
+    finally:
+        server.stop()
+    assert start["n"] == 0 and set(start["figures"].values()) == {None} and start["alarm"] is False
+    assert all(a["site"] is None and a["site_calibration"] is None for a in answers)
+    assert health["site"] is None and health["site_calibration"] is None
+    monitor = health["monitor"]
+    last = answers[-4:]
+    answered = [a for a in last if a["label"] is not None]
+    assert monitor["n"] == 4 and monitor["figures"]["ood_rate"] == pytest.approx(
+        np.mean([a["out_of_distribution"] for a in last])
+    )
+    assert monitor["figures"]["no_answer_rate"] == pytest.approx(1 - len(answered) / 4) and len(answered) < 4
+    assert monitor["figures"]["covid_share"] == pytest.approx(np.mean([a["covid_positive"] for a in answered]))
+    assert monitor["figures"]["psi"] is None and monitor["figures"]["ks_statistic"] is None
+    assert monitor["alarm"] is False and monitor["calibration"] is None
+    assert "no site file" in monitor["not_compared"] and "--site" in monitor["not_compared"]
+    assert page.status_code == 200 and "no site file" in page.text and '<span id="n">4</span>' in page.text

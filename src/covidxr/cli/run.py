@@ -131,10 +131,18 @@ def predict_command(
     show_default=True,
     help="Requests that may wait for the model; one more gets HTTP 503 with Retry-After.",
 )
+@click.option(
+    "--monitor-window",
+    type=click.IntRange(4),
+    default=500,
+    show_default=True,
+    help="Answers the live input monitor keeps (the last ones given; /healthz and /monitor).",
+)
 @site_option
 @model_options
-def serve_command(run, host, port, engine, threads, max_queue, site, weights, weights_dir, cache_dir):
-    """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs)."""
+def serve_command(run, host, port, engine, threads, max_queue, monitor_window, site, weights, weights_dir, cache_dir):
+    """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs) and
+    the input monitor over the last answers (/monitor)."""
     from covidxr.runtime.api import Model
     from covidxr.runtime.runs import default_model_path, load_run
     from covidxr.runtime.serve import serve
@@ -149,7 +157,7 @@ def serve_command(run, host, port, engine, threads, max_queue, site, weights, we
             err=True,
         )
     click.echo(f"covidxr: serving {model.run.path.name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
-    serve(model, host, port, max_queue)
+    serve(model, host, port, max_queue, monitor_window)
 
 
 @cli.command("model-card")

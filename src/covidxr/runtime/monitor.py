@@ -55,6 +55,9 @@ __all__ = [
     "DECIMALS",
     "MIN_WINDOW_SHARE",
     "RULES",
+    "answer_row",
+    "calibration_reference",
+    "compare_window",
     "describe_window",
     "draw_monitor",
     "ks_two_sample",
@@ -62,6 +65,7 @@ __all__ = [
     "monitor_predictions",
     "psi",
     "read_predictions",
+    "shares",
     "write_monitor",
 ]
 
@@ -259,6 +263,23 @@ def check_site_model(site: SiteCalibration, identity: str) -> None:
         )
 
 
+def answer_row(answer: dict) -> _Row:
+    """One answer of the Python API or the service (``label``, ``probabilities``, ``out_of_distribution``,
+    ``covid_threshold``) as a row of a window, as ``read_predictions`` makes one from a predictions file."""
+    return _Row(
+        float(answer["probabilities"][POSITIVE]),
+        bool(answer.get("label")),
+        bool(answer.get("out_of_distribution")),
+        answer.get("covid_threshold"),
+        False,
+    )
+
+
+def calibration_reference(site: SiteCalibration) -> tuple[np.ndarray, MonitorFigures]:
+    """The calibration images' p(COVID-19) and shares; a site file written before they were kept is refused."""
+    return _reference(site)
+
+
 def _reference(site: SiteCalibration) -> tuple[np.ndarray, MonitorFigures]:
     """The calibration images' p(COVID-19) and shares; a site file written before they were kept is refused."""
     inputs = site.inputs if isinstance(site.inputs, dict) else {}
@@ -288,14 +309,24 @@ def _reference(site: SiteCalibration) -> tuple[np.ndarray, MonitorFigures]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _window(
-    index: int, first: int, rows: list[_Row], reference: np.ndarray, calibration: MonitorFigures, threshold: float
-) -> MonitorWindow:
+def shares(rows: Sequence[_Row], threshold: float) -> tuple[float, float, float | None]:
+    """The OOD rate, the no-answer rate and the share of answered images called COVID-19 at ``threshold``
+    (``None`` when none was answered) of readable rows."""
     p = np.round(np.array([row.p_covid for row in rows], dtype=np.float64), DECIMALS)
     answered = np.array([row.answered for row in rows])
     ood = float(np.mean([row.ood for row in rows]))
     no_answer = float(1 - answered.mean())
     covid_share = float((p[answered] >= threshold).mean()) if answered.any() else None
+    return ood, no_answer, covid_share
+
+
+def compare_window(
+    index: int, first: int, rows: Sequence[_Row], reference: np.ndarray, calibration: MonitorFigures, threshold: float
+) -> MonitorWindow:
+    """One window of readable rows against the calibration images: its shares, PSI and KS of p(COVID-19), and
+    the rules (``RULES``) it broke."""
+    p = np.round(np.array([row.p_covid for row in rows], dtype=np.float64), DECIMALS)
+    ood, no_answer, covid_share = shares(rows, threshold)
     shift = psi(reference, p)
     d, pvalue = ks_two_sample(reference, p)
     alarms = []
@@ -361,7 +392,7 @@ def monitor_predictions(predictions: Sequence[str | Path], site: str | Path, win
                 f"quarter of a window ({minimum})"
             )
             break
-        windows.append(_window(len(windows) + 1, start + 1, chunk, reference, calibration, threshold))
+        windows.append(compare_window(len(windows) + 1, start + 1, chunk, reference, calibration, threshold))
     return MonitorReport.new(
         {
             "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -51,6 +51,8 @@ function clearResult() {
   $("empty").hidden = false;
   $("label").textContent = "";
   $("covid-note").textContent = "";
+  $("site-calibration").textContent = "";
+  $("site-calibration").hidden = true;
   $("bars").replaceChildren();
   for (const image of [preview, heatmap]) {
     image.hidden = true;
@@ -82,11 +84,19 @@ function showResult(result) {
   $("label").textContent = result.label;
   const covid = result.probabilities["COVID-19"];
   const threshold = (100 * result.covid_threshold).toFixed(1);
+  // With a site file (serve --site) the threshold is the site's, and its local figures replace the model's.
+  const site = result.site_calibration;
+  const point = site
+    ? `this site's operating threshold (${threshold}%)`
+    : `the model's operating threshold (${threshold}%, chosen on validation data)`;
   $("covid-note").textContent = result.covid_positive
-    ? `COVID-19 probability ${(100 * covid).toFixed(1)}% reaches the model's operating threshold (${threshold}%, ` +
-      "chosen on validation data), so the answer is COVID-19."
-    : `COVID-19 probability ${(100 * covid).toFixed(1)}% is below the model's operating threshold (${threshold}%, ` +
-      "chosen on validation data), so the answer is the more probable of the other classes.";
+    ? `COVID-19 probability ${(100 * covid).toFixed(1)}% reaches ${point}, so the answer is COVID-19.`
+    : `COVID-19 probability ${(100 * covid).toFixed(1)}% is below ${point}, so the answer is the more probable ` +
+      "of the other classes.";
+  if (site) {
+    $("site-calibration").textContent = `Threshold ${site}.`;
+    $("site-calibration").hidden = false;
+  }
   showBars(result.probabilities, result.label);
   $("answer").hidden = false;
   document.body.dataset.state = "done";
