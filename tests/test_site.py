@@ -253,7 +253,7 @@ def test_a_bad_site_file_is_one_line_and_nothing_is_predicted(
     cases = {
         "truncated.json": (text[: len(text) // 2], "damaged or truncated"),
         "empty.json": ("", "damaged or truncated"),
-        "newer.json": (json.dumps({**good, "format": "covidxr-site-2"}), "newer covidxr"),
+        "newer.json": (json.dumps({**good, "format": "covidxr-site-99"}), "newer covidxr"),
         "other-model.json": (
             json.dumps({**good, "model": {**good["model"], "head_sha256": "0" * 64}}),
             "calibrated for another model",
