@@ -21,21 +21,11 @@ from covidxr.runtime.monitor import RULES, kolmogorov_sf, ks_two_sample, psi
 from covidxr.runtime.records.monitor import MONITOR_FORMAT, MonitorReport
 from covidxr.runtime.site import load_site
 
-from .conftest import linked_dataset, nih_halves, run_cli
+from .conftest import assert_one_line_error, linked_dataset, nih_halves, run_cli
 
 run = partial(run_cli, installed=True)  # the installed ``covidxr`` command, as a user types it
 WINDOW = 200
 CHILDREN = 150  # per class: 300 Kermany images, one full window and a partial one of 100
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(error_lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in error_lines[0], result.stderr
-    return error_lines[0]
 
 
 @pytest.fixture(scope="module")
