@@ -40,6 +40,7 @@ from covidxr.lab.labels import LABELS, canonical_label
 from covidxr.runtime.calibration import POSITIVE
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.inference import predict_files
+from covidxr.runtime.records.site import MIN_IMAGES
 from covidxr.runtime.runners import make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.site import CONFORMAL_SCORE, METRICS, Rate, SiteCalibration, model_record
@@ -60,7 +61,6 @@ __all__ = [
 ]
 
 CONFIDENCE = 0.95
-MIN_IMAGES = 20  # of the class the target is measured on: fewer is refused
 PRECISION = 0.02  # half-width of the interval that a target is "supported" at
 DECIMALS = 5  # the p(COVID-19) values and OOD scores kept in site.json for monitoring
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)

@@ -13,7 +13,9 @@ from typing import Any
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.storage import atomic_write
 
-__all__ = ["CONFORMAL_SCORE", "METRICS", "SITE_FORMAT", "Rate", "SiteCalibration"]
+__all__ = ["CONFORMAL_SCORE", "METRICS", "MIN_IMAGES", "SITE_FORMAT", "Rate", "SiteCalibration"]
+
+MIN_IMAGES = 20  # of a class a site figure is measured on: fewer is refused (calibrate) or too few to judge (validate)
 
 # 2: ``conformal`` (prediction sets, issue 23), and ``target`` may be null where only a coverage was asked;
 # files of format 1 keep opening.

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from covidxr.runtime.records.base import Record
-from covidxr.runtime.records.site import Rate
+from covidxr.runtime.records.site import MIN_IMAGES, Rate
 from covidxr.runtime.storage import atomic_write
 
 __all__ = ["MIN_SUBGROUP", "RULES", "STATUSES", "VALIDATION_FORMAT", "Validation"]
@@ -17,7 +17,7 @@ __all__ = ["MIN_SUBGROUP", "RULES", "STATUSES", "VALIDATION_FORMAT", "Validation
 VALIDATION_FORMAT = "covidxr-validation-1"
 # The verdicts, worst first: a failed target, a target not (yet) shown, every target shown.
 STATUSES = ("NOT READY", "UNDECIDED", "READY")
-MIN_SUBGROUP = 20  # images given an answer below which a subgroup is "too small to judge" (as lab.site.MIN_IMAGES)
+MIN_SUBGROUP = MIN_IMAGES  # images given an answer below which a subgroup is "too small to judge"
 # How the verdict is reached, stated in the report beside the figures.
 RULES = [
     "Each rate counts only the images the model gave an answer; the images it turned away and the unreadable "
