@@ -177,3 +177,29 @@ def test_format_1_files_keep_opening_and_damaged_sets_are_refused(calibrated: tu
         SiteCalibration.from_dict(broken, "broken.json")
     with pytest.raises(CovidxrError, match="neither a target metric nor prediction sets"):
         SiteCalibration.from_dict({**data, "conformal": None}, "none.json")
+
+
+def test_predict_out_states_each_images_set(
+    calibrated: tuple[Path, str], held_out: pd.DataFrame, tmp_path: Path
+) -> None:
+    """``prediction_set`` in ``predict --out`` files: ``{A, B}`` (``{}`` for the empty set) for every image that got
+    a set, empty for one turned away before (guard, lung check); the same in CSV and JSON."""
+
+    def check(rows: list[dict]) -> int:
+        with_sets = 0
+        for row in rows:
+            members = prediction_set(pd.Series(row))
+            if members is None:
+                assert row["prediction_set"] == "", row
+            else:
+                assert row["prediction_set"] == "{" + ", ".join(members) + "}", row
+                with_sets += 1
+        return with_sets
+
+    assert check(held_out.to_dict("records")) >= 0.9 * len(held_out)
+    picks = list(held_out["file"].head(12))
+    out = tmp_path / "sets.json"
+    result = run("predict", *picks, "--site", calibrated[0], "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = [{k: "" if v is None else v for k, v in row.items()} for row in json.loads(out.read_text())["predictions"]]
+    assert [row["file"] for row in rows] == picks and check(rows) > 0

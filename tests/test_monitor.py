@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from datetime import date, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -200,3 +201,156 @@ def test_an_older_site_file_opens_but_monitor_asks_for_a_new_one(predictions: di
     assert load_site(older).inputs["p_covid_quantiles"]  # still opens (predict --site goes on working)
     result = monitor(predictions["nih"], "--site", older, "--out", tmp_path / "out")
     assert_one_line_error(result, f"{older}: lacks the calibration distributions", "covidxr calibrate")
+
+
+# ---------------------------------------------------------------------------------------------
+# The files themselves: image sizes, bit depths and modes
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_COLUMNS = ["prediction_set", "image_width", "image_height", "bit_depth", "image_mode"]
+
+
+@pytest.fixture(scope="module")
+def deeper(predictions: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 held-out NIH images re-saved as 16-bit PNGs at their own 512x512 (a changed export, same pictures),
+    predicted with the site file."""
+    root = tmp_path_factory.mktemp("sixteen-bit")
+    files = pd.read_csv(predictions["nih"], dtype=str, keep_default_na=False)["file"].head(60)
+    for i, name in enumerate(files):
+        grey = np.asarray(Image.open(name).convert("L"), dtype=np.uint16) * 257
+        Image.fromarray(grey).save(root / f"png16-{i:02d}.png")
+    out = root / "sixteen-bit.csv"
+    result = run("predict", root, "--site", predictions["site"], "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_the_same_source_has_the_same_sizes_and_depths(predictions: dict[str, Path], tmp_path: Path) -> None:
+    result = monitor(predictions["nih"], "--site", predictions["site"], "--window", WINDOW, "--out", tmp_path)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    report = MonitorReport.load(tmp_path / "monitor.json")
+    assert report.images_compared and "not compared" not in result.stdout
+    for window in report.windows:  # NIH: every file an 8-bit greyscale JPEG of 512x512, like calibration's
+        assert window.size_ks_statistic == 0.0 and window.format_shift == 0.0
+    assert "image sizes KS 0.000 (p 1), bit depth/mode shift 0.0%: OK" in result.stdout
+
+
+def test_other_sizes_and_bit_depths_alarm(predictions: dict[str, Path], deeper: Path, tmp_path: Path) -> None:
+    result = monitor(predictions["kermany"], "--site", predictions["site"], "--window", WINDOW, "--out", tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    report = MonitorReport.load(tmp_path / "monitor.json")
+    for window in report.windows:  # Kermany's files: 8-bit greyscale too, but of many sizes
+        assert window.size_ks_statistic >= RULES["size_ks_statistic"] and window.format_shift == 0.0
+        assert any(a.startswith("image sizes KS") for a in window.alarms), window.alarms
+    result = monitor(deeper, "--site", predictions["site"], "--window", 60, "--out", tmp_path / "deeper")
+    print(f"\n$ covidxr monitor sixteen-bit.csv --site site.json --window 60\n{result.stdout}")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    [window] = MonitorReport.load(tmp_path / "deeper" / "monitor.json").windows
+    assert window.size_ks_statistic == 0.0 and window.format_shift == 1.0  # the same size, 16 bits instead of 8
+    assert "bit depth or mode shares moved 100.0% > 10 points" in window.alarms
+    assert "bit depth or mode shares moved 100.0%" in result.stdout.splitlines()[-1]
+
+
+def test_files_and_site_files_without_image_facts_are_compared_on_the_rest(
+    predictions: dict[str, Path], tmp_path: Path
+) -> None:
+    """Predictions written before the image columns (and site files written before the image facts) still work:
+    the other figures are compared, and one line says the sizes and bit depths are not."""
+    table = pd.read_csv(predictions["nih"], dtype=str, keep_default_na=False)
+    assert set(IMAGE_COLUMNS) <= set(table.columns)
+    older = tmp_path / "older.csv"
+    table.drop(columns=IMAGE_COLUMNS).to_csv(older, index=False)
+    data = json.loads(predictions["site"].read_text())
+    for key in ("image_widths", "image_heights", "bit_depths", "modes"):
+        data["inputs"].pop(key)
+    older_site = tmp_path / "older-site.json"
+    older_site.write_text(json.dumps(data))
+    for files, site in (((older,), predictions["site"]), ((predictions["nih"],), older_site)):
+        result = monitor(*files, "--site", site, "--window", WINDOW, "--out", tmp_path / "out")
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert "image sizes and bit depths not compared" in result.stdout and "OK: all 2 window(s)" in result.stdout
+        report = MonitorReport.load(tmp_path / "out" / "monitor.json")
+        assert not report.images_compared and all(w.size_ks_statistic is None for w in report.windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows by date
+# ---------------------------------------------------------------------------------------------
+
+MONDAY = date(2024, 3, 4)  # ISO week 2024-W10
+
+
+def with_dates(table: pd.DataFrame, first: date, days: int) -> pd.DataFrame:
+    """``table`` with a ``study_date`` column: its rows spread evenly over ``days`` days from ``first`` on."""
+    n = len(table)
+    return table.assign(study_date=[(first + timedelta(days=i * days // n)).isoformat() for i in range(n)])
+
+
+def test_windows_by_date_follow_the_calendar(predictions: dict[str, Path], tmp_path: Path) -> None:
+    """The held-out NIH half dated over two weeks (written newest first), then the children in a third week: one
+    window per ISO week in date order, the children's week alarms."""
+    nih = with_dates(pd.read_csv(predictions["nih"], dtype=str, keep_default_na=False), MONDAY, 14)
+    dated_nih = tmp_path / "nih-dated.csv"
+    nih.iloc[::-1].to_csv(dated_nih, index=False)  # file order is not date order
+    data = json.loads(predictions["kermany"].read_text())
+    for i, row in enumerate(data["predictions"]):
+        row["study_date"] = f"{MONDAY + timedelta(days=14 + i // 50)}T08:30:00"  # date-times: their dates count
+    dated_kermany = tmp_path / "kermany-dated.json"
+    dated_kermany.write_text(json.dumps(data))
+
+    site = predictions["site"]
+    result = monitor(dated_nih, "--site", site, "--by-date", "study_date", "--out", tmp_path / "weeks")
+    print(f"\n$ covidxr monitor nih-dated.csv --site site.json --by-date study_date\n{result.stdout}")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "one window per week of the dates in column study_date" in result.stdout
+    report = MonitorReport.load(tmp_path / "weeks" / "monitor.json")
+    assert report.by_date == "study_date" and report.period == "week" and report.window == 0
+    assert [w.period for w in report.windows] == ["2024-W10", "2024-W11"]
+    assert sum(w.n for w in report.windows) == (nih["error"] == "").sum() and not any(w.alarms for w in report.windows)
+    assert "window 1 (2024-W10, n=" in result.stdout
+    with Image.open(tmp_path / "weeks" / "monitor.png") as image:
+        assert image.size == (1000, 720)
+
+    result = monitor(
+        dated_nih, dated_kermany, "--site", site, "--by-date", "study_date", "--period", "week", "--out", tmp_path
+    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    report = MonitorReport.load(tmp_path / "monitor.json")
+    assert [w.period for w in report.windows] == ["2024-W10", "2024-W11", "2024-W12"]
+    assert [bool(w.alarms) for w in report.windows] == [False, False, True]
+    assert report.windows[2].n == 2 * CHILDREN
+
+    result = monitor(dated_nih, "--site", site, "--by-date", "study_date", "--period", "month", "--out", tmp_path)
+    assert [w.period for w in MonitorReport.load(tmp_path / "monitor.json").windows] == ["2024-03"]
+    result = monitor(dated_nih, "--site", site, "--by-date", "study_date", "--period", "day", "--out", tmp_path)
+    days = [w.period for w in MonitorReport.load(tmp_path / "monitor.json").windows]
+    assert days == [(MONDAY + timedelta(days=i)).isoformat() for i in range(14)], days
+
+
+def test_bad_dates_are_one_line_naming_the_row_and_column(predictions: dict[str, Path], tmp_path: Path) -> None:
+    site = predictions["site"]
+    nih = with_dates(pd.read_csv(predictions["nih"], dtype=str, keep_default_na=False), MONDAY, 14)
+    for value in ("yesterday", "", "2024-02-30"):
+        bad = tmp_path / "bad-date.csv"
+        dates = [value if i == 4 else day for i, day in enumerate(nih["study_date"])]
+        nih.assign(study_date=dates).to_csv(bad, index=False)
+        result = monitor(bad, "--site", site, "--by-date", "study_date", "--out", tmp_path / "out")
+        assert_one_line_error(result, f"{bad} row 6: column 'study_date' holds {value!r}, not a date")
+    result = monitor(predictions["nih"], "--site", site, "--by-date", "study_date")
+    assert_one_line_error(result, f"{predictions['nih']} row 2: no column 'study_date'")
+    data = json.loads(predictions["kermany"].read_text())
+    data["predictions"][2]["study_date"] = "03/04/2024"
+    data["predictions"][0]["study_date"] = data["predictions"][1]["study_date"] = "2024-03-04"
+    dated = tmp_path / "dated.json"
+    dated.write_text(json.dumps(data))
+    assert_one_line_error(monitor(dated, "--site", site, "--by-date", "study_date"), f"{dated} row 3: column")
+    assert_one_line_error(
+        monitor(predictions["nih"], "--site", site, "--by-date", "study_date", "--window", 50), "not both"
+    )
+    assert_one_line_error(monitor(predictions["nih"], "--site", site, "--period", "day"), "--period needs --by-date")
+    few = tmp_path / "few-a-day.csv"
+    table = pd.read_csv(predictions["nih"], dtype=str, keep_default_na=False)
+    with_dates(table, MONDAY, len(table) // 5).to_csv(few, index=False)  # about 5 a day
+    result = monitor(few, "--site", site, "--by-date", "study_date", "--period", "day", "--out", tmp_path / "out")
+    assert_one_line_error(result, "no day holds 20 readable predictions or more", "longer --period")
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from covidxr import load_model
 from covidxr.lab.site import choose_site_threshold, clopper_pearson, images_needed
@@ -30,6 +31,7 @@ from .conftest import (
     nih_halves,
     run_cli,
 )
+from .test_dicom import dx_dataset, save, to_bits
 from .test_serve import Server
 
 run = partial(run_cli, installed=True)  # the installed ``covidxr`` command, as a user types it
@@ -273,3 +275,119 @@ def test_a_bad_site_file_is_one_line_and_nothing_is_predicted(
     assert_one_line_error(run("predict", image, "--site", tmp_path / "missing.json"), "site file not found")
     # The service refuses to start with a bad site file: one line, exit 1.
     assert_one_line_error(run("serve", "--port", "1", "--site", tmp_path / "truncated.json"), "damaged or truncated")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the files held (image sizes and bit depths), and unreadable images left out
+# ---------------------------------------------------------------------------------------------
+
+
+def depth_dataset(root: Path, source: Path, rows: pd.DataFrame) -> Path:
+    """A dataset folder of ``rows``' real images re-saved as a scanner might send them: the first half as 16-bit
+    greyscale PNGs of 640x600 pixels, the rest as 12-bit MONOCHROME2 DICOMs at their own 512x512."""
+    (root / "images").mkdir(parents=True)
+    names = []
+    for i, name in enumerate(rows["filename"]):
+        grey = Image.open(source / name).convert("L")
+        if i < len(rows) // 2:
+            pixels = np.asarray(grey.resize((640, 600)), dtype=np.uint16) * 257
+            names.append(f"images/png16-{i}.png")
+            Image.fromarray(pixels).save(root / names[-1])
+        else:
+            names.append(f"images/dicom12-{i}.dcm")
+            save(dx_dataset(to_bits(np.asarray(grey), 12), 12), root / names[-1])
+    pd.DataFrame({"filename": names, "label": rows["label"].to_numpy()}).to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+def test_calibrate_records_the_images_sizes_and_bit_depths(
+    calibrated: tuple[Path, str], halves: tuple[Path, Path], tmp_path: Path
+) -> None:
+    inputs = load_site(calibrated[0]).inputs
+    n = inputs["images"]  # NIH: every file an 8-bit greyscale JPEG of 512x512
+    assert inputs["image_widths"] == [512] * n and inputs["image_heights"] == [512] * n
+    assert inputs["bit_depths"] == {"8": n} and inputs["modes"] == {"L": n}
+    # 16-bit PNGs and 12-bit DICOMs: the files' own sizes, bits per sample (DICOM: BitsStored) and modes, not
+    # those of the 8-bit RGB they are decoded to.
+    meta = pd.read_csv(halves[0] / "metadata.csv", dtype=str, keep_default_na=False).head(40)
+    data = depth_dataset(tmp_path / "depths", halves[0], meta)
+    out = tmp_path / "site.json"
+    result = run("calibrate", data, "--specificity", "0.9", "--out", out)
+    assert result.returncode == 0, result.stderr
+    inputs = load_site(out).inputs
+    assert inputs["images"] == 40 and inputs["bit_depths"] == {"16": 20, "12": 20}
+    assert inputs["modes"] == {"I;16": 20, "MONOCHROME2": 20}
+    assert inputs["image_widths"] == [512] * 20 + [640] * 20 and inputs["image_heights"] == [512] * 20 + [600] * 20
+    # predict --out writes the same facts per image, beside the columns it wrote before.
+    table = pd.read_csv(_predict_out(data, tmp_path / "depths.csv"), keep_default_na=False)
+    assert list(table.columns)[:12] == [
+        "file",
+        "label",
+        "no_answer_reason",
+        "p_COVID-19",
+        "p_NORMAL",
+        "p_PNEUMONIA",
+        "covid_positive",
+        "covid_threshold",
+        "site",
+        "out_of_distribution",
+        "ood_score",
+        "error",
+    ]
+    facts = table[["image_width", "image_height", "bit_depth", "image_mode"]]
+    assert set(facts[table["file"].str.endswith(".png")].itertuples(index=False)) == {(640, 600, 16, "I;16")}
+    assert set(facts[table["file"].str.endswith(".dcm")].itertuples(index=False)) == {(512, 512, 12, "MONOCHROME2")}
+    assert list(table.columns)[-1] == "model" and set(table["prediction_set"]) == {""}  # no sets without --site
+
+
+def _predict_out(data: Path, out: Path) -> Path:
+    result = run("predict", data, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_calibrate_leaves_unreadable_images_out_and_lists_them(halves: tuple[Path, Path], tmp_path: Path) -> None:
+    meta = pd.read_csv(halves[0] / "metadata.csv", dtype=str, keep_default_na=False).head(33)
+    data = linked_dataset(tmp_path / "some-broken", halves[0], meta)
+    names = list(meta["filename"])
+    truncated, empty, missing = data / names[3], data / names[10], data / names[20]
+    content = truncated.read_bytes()
+    truncated.unlink()
+    truncated.write_bytes(content[: len(content) // 3])
+    empty.unlink()
+    empty.write_bytes(b"")
+    missing.unlink()
+    out = tmp_path / "site.json"
+    result = run("calibrate", data, "--specificity", "0.9", "--out", out)
+    assert result.returncode == 0, result.stderr
+    site = load_site(out, load_run(default_model_path()))
+    assert site.inputs["images"] == 30 == site.images + site.inputs["unanswered"]
+    assert [item["file"] for item in site.unreadable] == [names[3], names[10], names[20]]
+    assert [item["label"] for item in site.unreadable] == [meta["label"].iloc[i] for i in (3, 10, 20)]
+    errors = [item["error"] for item in site.unreadable]
+    assert "corrupt or truncated" in errors[0] and "empty file" in errors[1] and "file not found" in errors[2]
+    assert all(str(data / name) in error for name, error in zip((names[3], names[10], names[20]), errors, strict=True))
+    [line] = [line for line in result.stdout.splitlines() if "unreadable" in line]  # one summary line
+    assert line.startswith(f"3 unreadable image(s) left out (all listed in {out}): ") and errors[0] in line
+    assert len(site.inputs["image_widths"]) == 30 and site.achieved["specificity"].n == site.images
+    # Too few readable images left: refused in one line, and no site file.
+    few = linked_dataset(tmp_path / "too-few", halves[0], meta.head(21))
+    (few / names[0]).unlink()
+    (few / names[0]).write_bytes(b"not an image")
+    (few / names[5]).unlink()
+    out = tmp_path / "few.json"
+    result = run("calibrate", few, "--specificity", "0.9", "--out", out)
+    assert_one_line_error(result, "only 19 of 21 image(s) readable", "at least 20", names[0])
+    assert not out.exists()
+
+
+def test_an_older_site_file_without_image_facts_still_opens(calibrated: tuple[Path, str], tmp_path: Path) -> None:
+    data = json.loads(calibrated[0].read_text())
+    for key in ("image_widths", "image_heights", "bit_depths", "modes"):
+        data["inputs"].pop(key)
+    data.pop("unreadable")
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(data))
+    site = load_site(older, load_run(default_model_path()))
+    assert site.unreadable == [] and site.covid_threshold == load_site(calibrated[0]).covid_threshold
+    assert SiteCalibration.from_dict({**data, "format": "covidxr-site-1"}, older).unreadable == []

@@ -238,7 +238,7 @@ def calibrate_command(
 ):
     """Set the COVID-19 operating point on a site's own labelled images (DATA: metadata.csv with filename,label)
     and write it to --out for `predict --site` / `serve --site`; prints the local rates with exact 95% intervals."""
-    from covidxr.lab.site import calibrate_site
+    from covidxr.lab.site import calibrate_site, describe_unreadable
     from covidxr.runtime.runs import default_model_path, load_run
     from covidxr.runtime.site import describe_site
 
@@ -264,6 +264,11 @@ def calibrate_command(
         f"(the model's own: {site.run_threshold:.4f}); images given an answer: {counts}; "
         f"{site.inputs['unanswered']} of {site.inputs['images']} given none (not counted)"
     )
+    if site.unreadable:
+        click.echo(
+            f"{len(site.unreadable)} unreadable image(s) left out (all listed in {out}): "
+            f"{describe_unreadable(site.unreadable)}"
+        )
     if site.conformal is not None:
         per_class = ", ".join(
             f"{label} {entry['threshold']:.4f} (n={entry['n']})" for label, entry in site.conformal["classes"].items()

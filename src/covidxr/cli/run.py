@@ -242,7 +242,25 @@ def segment_command(images, out):
 @cli.command("monitor")
 @click.argument("predictions", type=_path, nargs=-1, required=True)
 @click.option("--site", type=_path, required=True, help="site.json from `covidxr calibrate` for the same model.")
-@click.option("--window", type=click.IntRange(4), default=500, show_default=True, help="Consecutive images per window.")
+@click.option(
+    "--window",
+    type=click.IntRange(4),
+    default=None,
+    help="Consecutive images per window (default 500; not with --by-date).",
+)
+@click.option(
+    "--by-date",
+    "by_date",
+    default=None,
+    metavar="COLUMN",
+    help="Window by the dates in this column of the files (ISO 8601, e.g. 2024-03-01), one window per --period.",
+)
+@click.option(
+    "--period",
+    type=click.Choice(["day", "week", "month"]),
+    default=None,
+    help="With --by-date: one window per day, ISO week or month (default week).",
+)
 @click.option(
     "--out",
     type=_path,
@@ -250,14 +268,29 @@ def segment_command(images, out):
     show_default=True,
     help="Folder for monitor.json (figures per window, rules, verdict) and monitor.png.",
 )
-def monitor_command(predictions, site, window, out):
+def monitor_command(predictions, site, window, by_date, period, out):
     """Drift: compare windows of `predict --out` files (CSV or JSON, in order, one model) with the site's
-    calibration images (PSI and KS of p(COVID-19), OOD and no-answer rates, share called COVID-19).
+    calibration images (PSI and KS of p(COVID-19), OOD and no-answer rates, share called COVID-19, and the
+    images' sizes, bit depths and modes where the files hold them). Windows of --window images, or by date.
     Exit 2 on an alarm, 1 on an error, 0 when every window is within the limits."""
+    from covidxr.runtime.errors import CovidxrError
     from covidxr.runtime.monitor import describe_window, monitor_predictions, write_monitor
 
-    report = monitor_predictions(predictions, site, window)
-    click.echo(f"monitoring {report.model} against {report.site} ({site}); windows of {window} images")
+    if by_date is not None and window is not None:
+        raise CovidxrError("give --window N or --by-date COLUMN, not both")
+    if period is not None and by_date is None:
+        raise CovidxrError("--period needs --by-date COLUMN (the column that holds each image's date)")
+    report = monitor_predictions(predictions, site, window or 500, by_date, period or "week")
+    if by_date is None:
+        windows_are = f"windows of {report.window} images"
+    else:
+        windows_are = f"one window per {report.period} of the dates in column {by_date}"
+    click.echo(f"monitoring {report.model} against {report.site} ({site}); {windows_are}")
+    if not report.images_compared:
+        click.echo(
+            "image sizes and bit depths not compared: the predictions files or the site file do not hold them "
+            "(write predictions and calibrate with this covidxr)"
+        )
     for item in report.windows:
         click.echo(describe_window(item, report.calibration))
     if report.skipped:

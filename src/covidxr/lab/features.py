@@ -168,7 +168,7 @@ def compute_features(
             view,
             [digests[i] for i in todo],
         )
-        for positions, inputs, batch_errors, _, _ in batches:
+        for positions, inputs, batch_errors, *_ in batches:
             vectors = runner.features(inputs)
             for position, vector, error in zip(positions, vectors, batch_errors, strict=True):
                 index = todo[position]

@@ -92,7 +92,7 @@ def front_maps(
             [Path(p) for p in todo], model.input_transform, batch_size, num_workers, None, view, digests
         )
         model.eval()
-        for indices, inputs, errors, _, _ in batches:
+        for indices, inputs, errors, *_ in batches:
             bad = [e for e in errors if e]
             if bad:
                 raise CovidxrError(bad[0])

@@ -129,7 +129,7 @@ def int8_path(run: Run, cache_dir: str | Path | None = None) -> Path:
 def _inputs(run: Run, paths: list[Path]) -> np.ndarray:
     """Preprocessed images (unreadable ones are refused: the run's own data must be readable)."""
     batches = []
-    for _, inputs, errors, _, _ in iterate_batches(paths, run_model(run).input_transform, 32, 1, None):
+    for _, inputs, errors, *_ in iterate_batches(paths, run_model(run).input_transform, 32, 1, None):
         if any(errors):
             raise CovidxrError(next(e for e in errors if e))
         batches.append(inputs)

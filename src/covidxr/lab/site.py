@@ -13,8 +13,14 @@ recorded with exact Clopper–Pearson 95% intervals (``scipy.stats.beta``) and t
 wider than ``PRECISION`` either side, one line says how many images a ±2% interval would need.
 
 For ``covidxr monitor``, ``inputs`` also keeps every calibration image's p(COVID-19) and OOD score (sorted,
-rounded to 5 decimals), the share flagged out of distribution, the share given no answer, and the share of
-the answered images called COVID-19 at the site threshold.
+rounded to 5 decimals), the share flagged out of distribution, the share given no answer, the share of
+the answered images called COVID-19 at the site threshold, and what the files themselves held: every image's
+own width and height (sorted) and the count of images per bit depth (DICOM: BitsStored) and per mode.
+
+An image that cannot be read (corrupt, truncated, empty, missing) is left out and listed, with its error, in
+the site file's ``unreadable`` (as ``covidxr validate`` lists them); calibration goes on with the readable
+images, and is refused in one line where fewer than ``MIN_IMAGES`` remain (or too few of a class the target or
+the coverage needs).
 
 With ``coverage 1 - α`` (``--coverage``, alone or with a target), split-conformal, class-conditional (Mondrian)
 prediction sets are calibrated on the same answered images (``conformal_thresholds``): per class k, the LAC
@@ -54,6 +60,7 @@ __all__ = [
     "choose_site_threshold",
     "clopper_pearson",
     "conformal_thresholds",
+    "describe_unreadable",
     "images_needed",
     "read_site_data",
     "read_site_table",
@@ -251,6 +258,17 @@ def _quantiles(values: list[float]) -> dict[str, float] | None:
     return {f"{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES), strict=True)}
 
 
+def _counts(values) -> dict[str, int]:
+    """How many images hold each value, the most frequent first."""
+    return dict(Counter(values).most_common())
+
+
+def describe_unreadable(unreadable: list[dict], shown: int = 3) -> str:
+    """The unreadable images in a few words: the first ``shown`` errors (each names its file), and how many more."""
+    text = "; ".join(item["error"] for item in unreadable[:shown])
+    return text + (f"; and {len(unreadable) - shown} more" if len(unreadable) > shown else "")
+
+
 def _sorted_values(values: list[float]) -> list[float]:
     return sorted(round(float(value), DECIMALS) for value in values)
 
@@ -289,20 +307,35 @@ def calibrate_site(
 
     runner = make_engine(run, engine, cache_dir, threads)
     results = predict_files(run, paths, cache_dir, progress=progress, engine=runner)
-    errors = [result["error"] for result in results if "error" in result]
-    if errors:
-        raise CovidxrError(f"{errors[0]} ({len(errors)} of {len(paths)} image(s) unreadable; fix or remove their rows)")
+    unreadable = [
+        {"file": path.relative_to(root).as_posix(), "label": label, "error": result["error"]}
+        for path, label, result in zip(paths, labels, results, strict=True)
+        if "error" in result
+    ]
+    what = " given an answer by the model"
+    if unreadable:
+        readable = ["error" not in result for result in results]
+        results = [result for result, ok in zip(results, readable, strict=True) if ok]
+        labels = [label for label, ok in zip(labels, readable, strict=True) if ok]
+        is_covid = np.array([label == POSITIVE for label in labels], dtype=bool)
+        needed = ~is_covid if metric == "specificity" else is_covid
+        what = f" readable and given an answer ({len(unreadable)} unreadable: {describe_unreadable(unreadable)})"
+        if len(results) < MIN_IMAGES:
+            raise CovidxrError(
+                f"{root}: only {len(results)} of {len(paths)} image(s) readable; calibration needs at least "
+                f"{MIN_IMAGES} ({describe_unreadable(unreadable)})"
+            )
     answered = np.array([result["label"] is not None for result in results])
     p_covid = np.array([result["probabilities"][POSITIVE] for result in results])
     conformal = None
     if coverage is not None:
         kept = [label for label, ok in zip(labels, answered, strict=True) if ok]
-        _check_classes(root, kept, run.labels, " given an answer by the model")
+        _check_classes(root, kept, run.labels, what)
         probabilities = np.array([[r["probabilities"][k] for k in run.labels] for r in results])[answered]
         classes = conformal_thresholds(probabilities, kept, list(run.labels), coverage)
         conformal = {"coverage": float(coverage), "score": CONFORMAL_SCORE, "classes": classes}
     if metric is not None:
-        _check_enough(root, metric, int((needed & answered).sum()), " given an answer by the model")
+        _check_enough(root, metric, int((needed & answered).sum()), what)
         threshold = choose_site_threshold(p_covid[needed & answered], metric, target)
     else:
         threshold = run.info.covid_threshold
@@ -323,6 +356,7 @@ def calibrate_site(
         )
     scores = [result["ood_score"] for result in results if result["ood_score"] is not None]
     flagged = [bool(result["out_of_distribution"]) for result in results]
+    facts = [result["image"] for result in results]
     return SiteCalibration(
         site=site_name or root.resolve().name,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -343,7 +377,13 @@ def calibrate_site(
             "ood_rate": float(np.mean(flagged)),
             "no_answer_rate": float((~answered).mean()),
             "covid_share": float((called & answered).sum() / answered.sum()),
+            # The files themselves (issue 23: image sizes and bit depths), compared by ``covidxr monitor`` too.
+            "image_widths": sorted(int(image["width"]) for image in facts),
+            "image_heights": sorted(int(image["height"]) for image in facts),
+            "bit_depths": _counts(str(image["bit_depth"]) for image in facts),
+            "modes": _counts(str(image["mode"]) for image in facts),
         },
+        unreadable=unreadable,
         note=note,
         confidence=CONFIDENCE,
         conformal=conformal,

@@ -32,7 +32,7 @@ from covidxr.runtime.cam import (
 )
 from covidxr.runtime.engines import TRAIN_EXTRA, OnnxEngine, torch_available
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.images import check_dimensions, read_image
+from covidxr.runtime.images import check_dimensions, image_facts, read_image
 from covidxr.runtime.inference import answer, predict_files
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.plugins import entry_point
@@ -117,8 +117,9 @@ class Model:
         decoded = [_as_image(item) for item in images]
         results = []
         for start in range(0, len(decoded), batch_size):
-            prepared = [self.prepare(image) for image in decoded[start : start + batch_size]]
-            results += self.answer_prepared(prepared)
+            chunk = decoded[start : start + batch_size]
+            answers = self.answer_prepared([self.prepare(image) for image in chunk])
+            results += [{**result, "image": image_facts(image)} for result, image in zip(answers, chunk, strict=True)]
         return results
 
     def prepare(self, image: Image.Image) -> tuple[np.ndarray, bool, str | None]:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.images import read_image
+from covidxr.runtime.images import image_facts, read_image
 from covidxr.runtime.lungs import find_lungs
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.preprocess import InputTransform
@@ -27,10 +27,11 @@ __all__ = ["Batch", "Item", "iterate_batches", "lungs_missing", "prepare", "prog
 
 logger = logging.getLogger(__name__)
 
-# (index, input array CHW float32, error message or "", blank image, why the lungs rule out an answer or "")
-Item = tuple[int, np.ndarray, str, bool, str]
-# (indices, inputs [batch, 3, size, size], errors, blanks, lung reasons)
-Batch = tuple[list[int], np.ndarray, list[str], list[bool], list[str]]
+# (index, input array CHW float32, error message or "", blank image, why the lungs rule out an answer or "",
+# the file's own size, bit depth and mode (``images.image_facts``; None for an unreadable file))
+Item = tuple[int, np.ndarray, str, bool, str, dict | None]
+# (indices, inputs [batch, 3, size, size], errors, blanks, lung reasons, image facts)
+Batch = tuple[list[int], np.ndarray, list[str], list[bool], list[str], list[dict | None]]
 
 
 class View(Protocol):
@@ -68,11 +69,12 @@ def _item(
     try:
         image = read_image(path, transform.decode_side if draft else None)
     except CovidxrError as exc:
-        return index, np.zeros((3, size, size), np.float32), str(exc), False, ""
+        return index, np.zeros((3, size, size), np.float32), str(exc), False, "", None
+    facts = image_facts(image)
     if view is not None:
         image = view.augment(image, view.generator(digest))
     array, lungs = prepare(transform, image, check_lungs)
-    return index, array, "", is_blank(image), lungs
+    return index, array, "", is_blank(image), lungs, facts
 
 
 def iterate_batches(
@@ -86,7 +88,7 @@ def iterate_batches(
     check_lungs: bool = False,
     draft: bool = False,
 ) -> Iterator[Batch]:
-    """Yield ``(indices, inputs, errors, blanks, lungs)`` batches in order, decoding on ``num_workers``
+    """Yield ``(indices, inputs, errors, blanks, lungs, facts)`` batches in order, decoding on ``num_workers``
     threads (0: in this thread) while the caller runs the model on the previous batch. A file that cannot
     be read yields its error and a zero input; the others carry on. ``draft``: JPEGs are decoded at the
     reduced scale the input needs (``InputTransform.decode_side``; prediction only, never the feature
@@ -148,5 +150,5 @@ class _NoBar:
 
 
 def _collate(items: list[Item]) -> Batch:
-    indices, arrays, errors, blanks, lungs = zip(*items, strict=True)
-    return list(indices), np.stack(arrays), list(errors), list(blanks), list(lungs)
+    indices, arrays, errors, blanks, lungs, facts = zip(*items, strict=True)
+    return list(indices), np.stack(arrays), list(errors), list(blanks), list(lungs), list(facts)

@@ -25,6 +25,7 @@ __all__ = [
     "check_dimensions",
     "decode_bytes",
     "file_sha256",
+    "image_facts",
     "read_image",
     "unreadable_reason",
 ]
@@ -36,6 +37,10 @@ MIN_IMAGE_SIDE = 32  # a 1x1 or thumbnail "image" carries no anatomy to classify
 
 
 FULL_SIZE = "covidxr_full_size"  # image.info key: the file's own width and height
+BIT_DEPTH = "covidxr_bit_depth"  # image.info key: the file's bits per sample (DICOM: BitsStored)
+SOURCE_MODE = "covidxr_mode"  # image.info key: the file's own mode (Pillow's; DICOM: its photometric interpretation)
+# Bits per sample of Pillow's modes (a 16-bit PNG or TIFF opens as I;16, a 32-bit one as I or F).
+_MODE_BITS = {"1": 1, "I": 32, "F": 32, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16}
 
 
 def read_image(path: str | Path, draft: int | None = None) -> Image.Image:
@@ -131,8 +136,10 @@ def _decode(source: Source, suffix: str, draft: int | None = None) -> Image.Imag
                 raise CovidxrError(f"{path}: has {img.n_frames} {what}; give one image per file")
             img.load()
             turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
+            mode = img.mode
             decoded = _to_rgb8(_upright(img))
             decoded.info[FULL_SIZE] = full_size[::-1] if turned else full_size  # before any draft reduction
+            decoded.info[BIT_DEPTH], decoded.info[SOURCE_MODE] = _MODE_BITS.get(mode, 8), mode
             return decoded
     except CovidxrError:
         raise
@@ -155,7 +162,24 @@ def _decode(source: Source, suffix: str, draft: int | None = None) -> Image.Imag
 def _read_dicom(source: Source) -> Image.Image:
     from covidxr.runtime import dicom  # pydicom takes ~0.1 s to import: only when a DICOM comes
 
-    return dicom.read_dicom(source, max_pixels=MAX_IMAGE_PIXELS)
+    image, info = dicom.decode_dicom(source, max_pixels=MAX_IMAGE_PIXELS)
+    image.info[FULL_SIZE] = (info.columns, info.rows)
+    image.info[BIT_DEPTH], image.info[SOURCE_MODE] = info.bits_stored, info.photometric_interpretation
+    return image
+
+
+def image_facts(image: Image.Image) -> dict:
+    """What the file held before decoding to 8-bit RGB, for monitoring a site's inputs: its own ``width`` and
+    ``height`` (before any draft reduction), ``bit_depth`` (bits per sample; DICOM: BitsStored) and ``mode``
+    (Pillow's, e.g. ``L``, ``RGB``, ``I;16``; DICOM: the photometric interpretation, e.g. ``MONOCHROME2``).
+    An image that was not decoded from a file (the Python API's arrays) gives its own size, 8 bits and its mode."""
+    width, height = image.info.get(FULL_SIZE, image.size)
+    return {
+        "width": int(width),
+        "height": int(height),
+        "bit_depth": int(image.info.get(BIT_DEPTH, 8)),
+        "mode": str(image.info.get(SOURCE_MODE, image.mode)),
+    }
 
 
 def _upright(img: Image.Image) -> Image.Image:

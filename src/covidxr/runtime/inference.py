@@ -113,18 +113,19 @@ def iterate_predictions(
     desc: str | None = None,
 ) -> Iterator[list[dict]]:
     """The results of ``paths`` batch by batch, in order, decoded on a thread pool while the engine runs
-    (so decoding never stops between batches); an unreadable file's result is its ``error``."""
+    (so decoding never stops between batches); an unreadable file's result is its ``error``. Each readable
+    file's result also has ``image``: its own width, height, bit depth and mode (``images.image_facts``)."""
     transform = input_transform(run, runner)
     batches = iterate_batches(paths, transform, batch_size, num_workers, desc, check_lungs=True, draft=True)
-    for indices, inputs, errors, blanks, lungs in batches:
+    for indices, inputs, errors, blanks, lungs, facts in batches:
         features, logits = runner(inputs)
         reasons = [reason or None for reason in lungs]
         answers = answer(run, features, logits, blanks, reasons, getattr(runner, "ood_threshold", None))
         yield [
             {"file": output_name(paths[i]), "error": printable(error)}
             if error
-            else {"file": output_name(paths[i]), **result}
-            for i, error, result in zip(indices, errors, answers, strict=True)
+            else {"file": output_name(paths[i]), **result, "image": image}
+            for i, error, result, image in zip(indices, errors, answers, facts, strict=True)
         ]
 
 

@@ -4,8 +4,10 @@
 It reads prediction files written by ``covidxr predict --out`` (CSV or JSON, one or several, in order), all
 from one model, and the site file of that model (``covidxr calibrate``, which keeps every calibration image's
 p(COVID-19) and OOD score). The rows are split into consecutive windows of ``window`` images (unreadable
-images are left out; a last partial window is kept only if it holds at least a quarter of a window). Each
-window is compared with the calibration images on:
+images are left out; a last partial window is kept only if it holds at least a quarter of a window), or, with
+``by_date`` (a column of the files that holds a date, ISO 8601: ``2024-03-01``, ``20240301``,
+``2024-03-01T14:30:00``), into one window per ``day``, ``week`` (ISO) or ``month`` in date order, a period of
+fewer than ``MIN_PERIOD_IMAGES`` readable images skipped. Each window is compared with the calibration images on:
 
 - the **OOD rate** (share flagged out of distribution) and the **no-answer rate** (share given no answer);
 - the **p(COVID-19) distribution**: the population stability index (PSI) over ten bins cut at the
@@ -13,13 +15,20 @@ window is compared with the calibration images on:
   (Kolmogorov's limiting distribution at ``(√n_e + 0.12 + 0.11/√n_e)·D``, Stephens' small-sample
   correction, n_e = n₁n₂/(n₁+n₂); for window-sized samples within a few per cent of
   ``scipy.stats.ks_2samp(method="asymp")``, which uses the exact one-sample law at round(n_e));
-- the **share called COVID-19** at the site threshold (among the images given an answer; reported, no rule).
+- the **share called COVID-19** at the site threshold (among the images given an answer; reported, no rule);
+- where the files have the columns ``image_width``, ``image_height``, ``bit_depth`` and ``image_mode`` (``predict
+  --out`` writes them since issue 23's image facts) and the site file kept the calibration images' own: the
+  **image sizes** (the two-sample KS statistic of the widths and of the heights, the larger D with its p-value)
+  and the **bit depths and modes** (the total variation distance between the window's shares and
+  calibration's: half the sum of the absolute differences, the larger of the two).
 
 A window raises an alarm when any of these rules holds (``RULES``):
 
 - PSI ≥ 0.25 (the usual "major shift" limit);
 - KS p < 0.001 **and** KS D ≥ 0.1 (a shift that is both unlikely by chance and large enough to matter);
-- the OOD rate, or the no-answer rate, more than 10 percentage points above calibration's.
+- the OOD rate, or the no-answer rate, more than 10 percentage points above calibration's;
+- image sizes: KS p < 0.001 **and** KS D ≥ 0.2 (a fifth of the images sized unlike calibration's);
+- bit depth or mode: shares moved by more than 10 percentage points (total variation distance > 0.1).
 
 ``covidxr monitor`` prints one line per window and exits 2 on any alarm (1 on an error, 0 otherwise), and
 writes ``monitor.json`` (``MonitorReport``) and ``monitor.png`` (PSI and OOD rate per window).
@@ -38,7 +47,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +57,22 @@ from covidxr import DISCLAIMER
 from covidxr.runtime.calibration import POSITIVE
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.records.monitor import MonitorFigures, MonitorReport, MonitorWindow
+from covidxr.runtime.records.site import MIN_IMAGES
 from covidxr.runtime.site import SiteCalibration, load_site
 from covidxr.runtime.storage import atomic_write, stable_digest
 
 __all__ = [
     "DECIMALS",
+    "MIN_PERIOD_IMAGES",
     "MIN_WINDOW_SHARE",
+    "PERIODS",
     "RULES",
+    "ImageReference",
     "answer_row",
     "calibration_reference",
     "compare_window",
+    "image_reference",
+    "period_of",
     "describe_window",
     "draw_monitor",
     "ks_two_sample",
@@ -77,12 +92,18 @@ RULES = {
     "ks_statistic": 0.1,  # ... with KS D >= this
     "ood_rate_rise": 0.10,  # alarm when the OOD rate is more than this above calibration's
     "no_answer_rate_rise": 0.10,  # the same for the no-answer rate
+    "size_ks_pvalue": 0.001,  # alarm at image-size KS p < this ...
+    "size_ks_statistic": 0.2,  # ... with KS D >= this (width or height)
+    "format_shift": 0.10,  # alarm when the bit-depth or mode shares moved more (total variation distance)
 }
 MIN_WINDOW_SHARE = 0.25  # a last partial window is kept when it holds at least this share of a window
+MIN_PERIOD_IMAGES = MIN_IMAGES  # a period (--by-date) with fewer readable images is skipped
+PERIODS = ("day", "week", "month")
 DECIMALS = 5  # p(COVID-19) is compared at the precision site.json keeps
 PSI_FLOOR = 1e-4  # an empty bin counts as this share (PSI is infinite otherwise)
 P_COLUMN = f"p_{POSITIVE}"
 REQUIRED = ("file", "label", P_COLUMN, "out_of_distribution", "error", "model")
+IMAGE_COLUMNS = ("image_width", "image_height", "bit_depth", "image_mode")  # optional: files since the image facts
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,21 @@ class _Row:
     ood: bool
     threshold: float | None
     error: bool
+    width: int | None = None  # the file's own size, bit depth and mode, where the predictions file has them
+    height: int | None = None
+    bit_depth: int | None = None
+    mode: str | None = None
+    day: date | None = None  # the date in the --by-date column
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """The calibration images' own widths and heights (sorted) and their counts per bit depth and per mode."""
+
+    widths: np.ndarray
+    heights: np.ndarray
+    bit_depths: dict[str, int]
+    modes: dict[str, int]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,13 +180,46 @@ def psi(reference: Sequence[float] | np.ndarray, current: Sequence[float] | np.n
 # ---------------------------------------------------------------------------------------------------
 
 
-def _make_row(path: Path, number: int, row: dict) -> _Row:
-    """One prediction row checked and typed; anything damaged is one line naming the file and row."""
+def _date(value: object, where: str, column: str) -> date:
+    """A cell of the --by-date column as a date (ISO 8601; a date-time gives its own calendar date)."""
+    text = "" if value is None else str(value).strip()
+    try:
+        return datetime.fromisoformat(text).date()
+    except ValueError:
+        raise CovidxrError(
+            f"{where}: column {column!r} holds {text!r}, not a date (ISO 8601, e.g. 2024-03-01, 20240301 or "
+            "2024-03-01T14:30:00)"
+        ) from None
+
+
+def _image_facts(row: dict, where: str) -> dict:
+    """A row's ``image_width``, ``image_height``, ``bit_depth`` and ``image_mode`` (empty where the file lacks
+    the columns or the row its values)."""
+    if any(row.get(column) in (None, "") for column in IMAGE_COLUMNS):
+        return {}
+    try:
+        facts = {key: int(row[key]) for key in ("image_width", "image_height", "bit_depth")}
+    except (TypeError, ValueError):
+        raise CovidxrError(f"{where}: damaged (image_width, image_height or bit_depth is not a whole number)") from None
+    if min(facts.values()) < 1:
+        raise CovidxrError(f"{where}: damaged (image_width, image_height or bit_depth below 1)")
+    width, height, bits = facts["image_width"], facts["image_height"], facts["bit_depth"]
+    return {"width": width, "height": height, "bit_depth": bits, "mode": str(row["image_mode"])}
+
+
+def _make_row(path: Path, number: int, row: dict, by_date: str | None = None) -> _Row:
+    """One prediction row checked and typed; anything damaged is one line naming the file and row (and, with
+    ``by_date``, the column where its date is missing or not a date)."""
     where = f"{path} row {number}"
     if not str(row.get("file") or "") or not str(row.get("model") or ""):
         raise CovidxrError(f"{where}: damaged (no file or no model)")
+    day = None
+    if by_date is not None:
+        if by_date not in row:
+            raise CovidxrError(f"{where}: no column {by_date!r} (the dates --by-date names)")
+        day = _date(row[by_date], where, by_date)
     if str(row.get("error") or ""):
-        return _Row(None, False, False, None, True)
+        return _Row(None, False, False, None, True, day=day)
     try:
         p = float(row[P_COLUMN])
         threshold = row.get("covid_threshold")
@@ -162,7 +231,9 @@ def _make_row(path: Path, number: int, row: dict) -> _Row:
     flag = row.get("out_of_distribution")
     if flag not in (True, False, None, "True", "False", ""):
         raise CovidxrError(f"{where}: damaged (out_of_distribution {flag!r} is not True, False or empty)")
-    return _Row(p, bool(row.get("label")), flag in (True, "True"), threshold, False)
+    return _Row(
+        p, bool(row.get("label")), flag in (True, "True"), threshold, False, **_image_facts(row, where), day=day
+    )
 
 
 def _csv_rows(path: Path, text: str) -> list[dict]:
@@ -206,9 +277,10 @@ def _json_rows(path: Path, text: str) -> list[dict]:
     return rows
 
 
-def read_predictions(paths: Sequence[str | Path]) -> tuple[list[_Row], str]:
+def read_predictions(paths: Sequence[str | Path], by_date: str | None = None) -> tuple[list[_Row], str]:
     """The rows of ``predict --out`` files, in order, and the one model that made them all; an unreadable,
-    empty or damaged file, or rows from a second model, is refused in one line naming the file and row."""
+    empty or damaged file, or rows from a second model, is refused in one line naming the file and row. With
+    ``by_date``, every row's date is read from that column (a missing or bad date: one line naming the row)."""
     rows: list[_Row] = []
     model: str | None = None
     first_at = ""
@@ -228,7 +300,7 @@ def read_predictions(paths: Sequence[str | Path]) -> tuple[list[_Row], str]:
             raise CovidxrError(f"{path}: has no prediction rows")
         first_row = 2 if path.suffix == ".csv" else 1
         for number, row in enumerate(raw, start=first_row):
-            rows.append(_make_row(path, number, row))
+            rows.append(_make_row(path, number, row, by_date))
             if model is None:
                 model, first_at = str(row["model"]), f"{path} row {number}"
             elif str(row["model"]) != model:
@@ -304,9 +376,67 @@ def _reference(site: SiteCalibration) -> tuple[np.ndarray, MonitorFigures]:
     return values, figures
 
 
+def image_reference(site: SiteCalibration) -> ImageReference | None:
+    """The calibration images' own sizes, bit depths and modes; ``None`` for a site file written before they
+    were kept (the other figures are still compared)."""
+    inputs = site.inputs if isinstance(site.inputs, dict) else {}
+    keys = ("image_widths", "image_heights", "bit_depths", "modes")
+    if not all(inputs.get(key) for key in keys):
+        return None
+    try:
+        reference = ImageReference(
+            np.asarray(inputs["image_widths"], dtype=np.float64),
+            np.asarray(inputs["image_heights"], dtype=np.float64),
+            {str(k): int(v) for k, v in dict(inputs["bit_depths"]).items()},
+            {str(k): int(v) for k, v in dict(inputs["modes"]).items()},
+        )
+    except (TypeError, ValueError):
+        raise CovidxrError(f"{site.path}: damaged (the calibration images' sizes or bit depths)") from None
+    if reference.widths.ndim != 1 or len(reference.widths) != len(reference.heights):
+        raise CovidxrError(f"{site.path}: damaged (the calibration images' widths and heights differ in number)")
+    return reference
+
+
+def period_of(day: date, period: str) -> str:
+    """The period a date falls in: ``2024-03-01`` (day), ``2024-W09`` (ISO week), ``2024-03`` (month)."""
+    if period == "day":
+        return day.isoformat()
+    if period == "week":
+        year, week, _ = day.isocalendar()
+        return f"{year}-W{week:02d}"
+    if period == "month":
+        return f"{day.year}-{day.month:02d}"
+    raise CovidxrError(f"--period must be one of {', '.join(PERIODS)}, not {period!r}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Windows
 # ---------------------------------------------------------------------------------------------------
+
+
+def _total_variation(reference: dict[str, int], values: Sequence[str]) -> float:
+    """Half the summed absolute difference between the shares of each value in ``values`` and ``reference``."""
+    total = sum(reference.values())
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    keys = set(reference) | set(counts)
+    return 0.5 * sum(abs(counts.get(k, 0) / len(values) - reference.get(k, 0) / total) for k in keys)
+
+
+def image_shift(rows: Sequence[_Row], images: ImageReference) -> tuple[float, float, float] | None:
+    """The window's image sizes against calibration's (the larger KS D of widths and heights, and its p-value)
+    and its bit depths and modes (the larger total variation distance); ``None`` when a row lacks them."""
+    if not rows or any(row.width is None for row in rows):
+        return None
+    widths = ks_two_sample(images.widths, [row.width for row in rows])
+    heights = ks_two_sample(images.heights, [row.height for row in rows])
+    d, pvalue = max(widths, heights, key=lambda pair: (pair[0], -pair[1]))
+    shift = max(
+        _total_variation(images.bit_depths, [str(row.bit_depth) for row in rows]),
+        _total_variation(images.modes, [str(row.mode) for row in rows]),
+    )
+    return d, pvalue, shift
 
 
 def shares(rows: Sequence[_Row], threshold: float) -> tuple[float, float, float | None]:
@@ -321,10 +451,20 @@ def shares(rows: Sequence[_Row], threshold: float) -> tuple[float, float, float 
 
 
 def compare_window(
-    index: int, first: int, rows: Sequence[_Row], reference: np.ndarray, calibration: MonitorFigures, threshold: float
+    index: int,
+    first: int,
+    rows: Sequence[_Row],
+    reference: np.ndarray,
+    calibration: MonitorFigures,
+    threshold: float,
+    images: ImageReference | None = None,
+    last: int | None = None,
+    period: str | None = None,
 ) -> MonitorWindow:
-    """One window of readable rows against the calibration images: its shares, PSI and KS of p(COVID-19), and
-    the rules (``RULES``) it broke."""
+    """One window of readable rows against the calibration images: its shares, PSI and KS of p(COVID-19), with
+    ``images`` its image sizes, bit depths and modes (where every row has them), and the rules (``RULES``) it
+    broke. ``first`` and ``last`` (default: consecutive rows) are its first and last row; ``period`` its date
+    period."""
     p = np.round(np.array([row.p_covid for row in rows], dtype=np.float64), DECIMALS)
     ood, no_answer, covid_share = shares(rows, threshold)
     shift = psi(reference, p)
@@ -341,10 +481,27 @@ def compare_window(
         limit = RULES["ood_rate_rise" if name == "OOD rate" else "no_answer_rate_rise"]
         if value - reference_value > limit + 1e-12:
             alarms.append(f"{name} {value:.1%} > calibration's {reference_value:.1%} + {100 * limit:.0f} points")
+    size_d = size_p = format_shift = None
+    measured = None if images is None else image_shift(rows, images)
+    if measured is not None:
+        size_d, size_p, format_shift = measured
+        if size_p < RULES["size_ks_pvalue"] and size_d >= RULES["size_ks_statistic"]:
+            alarms.append(
+                f"image sizes KS {size_d:.3f} ≥ {RULES['size_ks_statistic']} with p {size_p:.1e} < "
+                f"{RULES['size_ks_pvalue']}"
+            )
+        if format_shift > RULES["format_shift"] + 1e-12:
+            alarms.append(
+                f"bit depth or mode shares moved {format_shift:.1%} > {100 * RULES['format_shift']:.0f} points"
+            )
     return MonitorWindow(
         index=index,
         first=first,
-        last=first + len(rows) - 1,
+        last=first + len(rows) - 1 if last is None else last,
+        period=period,
+        size_ks_statistic=size_d,
+        size_ks_pvalue=size_p,
+        format_shift=format_shift,
         n=len(rows),
         ood_rate=ood,
         no_answer_rate=no_answer,
@@ -356,16 +513,25 @@ def compare_window(
     )
 
 
-def monitor_predictions(predictions: Sequence[str | Path], site: str | Path, window: int = 500) -> MonitorReport:
-    """Compare consecutive windows of ``window`` predictions (``predict --out`` files, in order, one model)
-    with the calibration images of ``site`` (that model's site file); the report, verdict ``ALARM`` when any
-    window broke a rule (``RULES``)."""
+def monitor_predictions(
+    predictions: Sequence[str | Path],
+    site: str | Path,
+    window: int = 500,
+    by_date: str | None = None,
+    period: str = "week",
+) -> MonitorReport:
+    """Compare consecutive windows of ``window`` predictions (``predict --out`` files, in order, one model), or
+    with ``by_date`` one window per ``period`` of the dates in that column, with the calibration images of
+    ``site`` (that model's site file); the report, verdict ``ALARM`` when any window broke a rule (``RULES``)."""
     if window < 4:
         raise CovidxrError(f"--window must be at least 4 images, not {window}")
-    rows, identity = read_predictions(predictions)
+    if by_date is not None:
+        period_of(date.today(), period)  # an unknown period: one line before anything is read
+    rows, identity = read_predictions(predictions, by_date)
     calibration_site = load_site(site)
     check_site_model(calibration_site, identity)
     reference, calibration = _reference(calibration_site)
+    images = image_reference(calibration_site)
     threshold = calibration_site.covid_threshold
     readable = [row for row in rows if not row.error]
     used = {row.threshold for row in readable} - {None}
@@ -377,6 +543,41 @@ def monitor_predictions(predictions: Sequence[str | Path], site: str | Path, win
             threshold,
             site,
         )
+    if by_date is not None:
+        windows, skipped = _date_windows(readable, reference, calibration, threshold, images, period)
+    else:
+        windows, skipped = _count_windows(readable, reference, calibration, threshold, images, window)
+    return MonitorReport.new(
+        {
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "predictions": [str(p) for p in predictions],
+            "site_file": str(site),
+            "site": calibration_site.site,
+            "model": identity,
+            "window": 0 if by_date is not None else window,
+            "by_date": by_date,
+            "period": period if by_date is not None else None,
+            "skipped": skipped,
+            "unreadable": len(rows) - len(readable),
+            "images_compared": images is not None and any(w.size_ks_statistic is not None for w in windows),
+            "rules": {**RULES, "covid_threshold": threshold, "psi_bins": "calibration p(COVID-19) deciles"},
+            "calibration": calibration.to_dict(),
+            "windows": [w.to_dict() for w in windows],
+            "verdict": "ALARM" if any(w.alarms for w in windows) else "OK",
+            "disclaimer": DISCLAIMER,
+        }
+    )
+
+
+def _count_windows(
+    readable: list[_Row],
+    reference: np.ndarray,
+    calibration: MonitorFigures,
+    threshold: float,
+    images: ImageReference | None,
+    window: int,
+) -> tuple[list[MonitorWindow], str | None]:
+    """Consecutive windows of ``window`` rows; a last one under a quarter of a window is skipped (and said)."""
     minimum = max(1, math.ceil(MIN_WINDOW_SHARE * window))
     if len(readable) < minimum:
         raise CovidxrError(
@@ -392,36 +593,76 @@ def monitor_predictions(predictions: Sequence[str | Path], site: str | Path, win
                 f"quarter of a window ({minimum})"
             )
             break
-        windows.append(compare_window(len(windows) + 1, start + 1, chunk, reference, calibration, threshold))
-    return MonitorReport.new(
-        {
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "predictions": [str(p) for p in predictions],
-            "site_file": str(site),
-            "site": calibration_site.site,
-            "model": identity,
-            "window": window,
-            "skipped": skipped,
-            "unreadable": len(rows) - len(readable),
-            "rules": {**RULES, "covid_threshold": threshold, "psi_bins": "calibration p(COVID-19) deciles"},
-            "calibration": calibration.to_dict(),
-            "windows": [w.to_dict() for w in windows],
-            "verdict": "ALARM" if any(w.alarms for w in windows) else "OK",
-            "disclaimer": DISCLAIMER,
-        }
-    )
+        windows.append(compare_window(len(windows) + 1, start + 1, chunk, reference, calibration, threshold, images))
+    return windows, skipped
+
+
+def _date_windows(
+    readable: list[_Row],
+    reference: np.ndarray,
+    calibration: MonitorFigures,
+    threshold: float,
+    images: ImageReference | None,
+    period: str,
+) -> tuple[list[MonitorWindow], str | None]:
+    """One window per period of the rows' dates, in date order (rows ``first``..``last``: the first and last
+    row of the period, over all files in order); a period under ``MIN_PERIOD_IMAGES`` rows is skipped (and said)."""
+    groups: dict[str, list[int]] = {}
+    for position, row in enumerate(readable):
+        groups.setdefault(period_of(row.day, period), []).append(position)
+    windows, short = [], []
+    for key in sorted(groups):
+        positions = groups[key]
+        if len(positions) < MIN_PERIOD_IMAGES:
+            short.append(f"{key} ({len(positions)})")
+            continue
+        chunk = [readable[i] for i in positions]
+        windows.append(
+            compare_window(
+                len(windows) + 1,
+                positions[0] + 1,
+                chunk,
+                reference,
+                calibration,
+                threshold,
+                images,
+                last=positions[-1] + 1,
+                period=key,
+            )
+        )
+    skipped = None
+    if short:
+        skipped = (
+            f"{len(short)} {period}(s) skipped, fewer than {MIN_PERIOD_IMAGES} readable images each: "
+            + ", ".join(short[:10])
+            + (f" and {len(short) - 10} more" if len(short) > 10 else "")
+        )
+    if not windows:
+        raise CovidxrError(
+            f"no {period} holds {MIN_PERIOD_IMAGES} readable predictions or more ({', '.join(short[:5])}"
+            f"{' …' if len(short) > 5 else ''}); give more predictions or a longer --period"
+        )
+    return windows, skipped
 
 
 def describe_window(window: MonitorWindow, calibration: MonitorFigures) -> str:
     """One line: a window's figures beside calibration's, and OK or ALARM with the rules it broke."""
     share = "—" if window.covid_share is None else f"{window.covid_share:.1%}"
+    where = f"images {window.first}–{window.last}" if window.period is None else window.period
+    images = ""
+    if window.size_ks_statistic is not None:
+        images = (
+            f"image sizes KS {window.size_ks_statistic:.3f} (p {window.size_ks_pvalue:.2g}), "
+            f"bit depth/mode shift {window.format_shift:.1%}, "
+        )
     line = (
-        f"window {window.index} (images {window.first}–{window.last}, n={window.n}): "
+        f"window {window.index} ({where}, n={window.n}): "
         f"PSI {window.psi:.3f}, KS {window.ks_statistic:.3f} (p {window.ks_pvalue:.2g}), "
         f"OOD {window.ood_rate:.1%} (calibration {calibration.ood_rate:.1%}), "
         f"no answer {window.no_answer_rate:.1%} (calibration {calibration.no_answer_rate:.1%}), "
-        f"called COVID-19 {share} (calibration {calibration.covid_share:.1%}): "
+        f"called COVID-19 {share} (calibration {calibration.covid_share:.1%}), {images}"
     )
+    line = line.removesuffix(", ") + ": "
     return line + (f"ALARM: {'; '.join(window.alarms)}" if window.alarms else "OK")
 
 
@@ -454,6 +695,7 @@ def _panel(
     ylabel: str,
     percent: bool = False,
     reference: float | None = None,
+    names: list[str] | None = None,
 ) -> None:
     """One plot: a value per window (red where that window alarmed on this figure), a dashed alarm line."""
     draw = ImageDraw.Draw(image)
@@ -474,10 +716,10 @@ def _panel(
         draw.line([(left - 5, y(tick)), (left, y(tick))], fill="black")
         label = f"{100 * tick:g}%" if percent else f"{tick:g}"
         draw.text((left - 8, y(tick)), label, fill="black", font=small, anchor="rm")
-    every = max(1, math.ceil(len(values) / 20))
+    every = max(1, math.ceil(len(values) / (20 if names is None else 8)))
     for i in range(0, len(values), every):
         draw.line([(x(i), bottom), (x(i), bottom + 5)], fill="black")
-        draw.text((x(i), bottom + 8), str(i + 1), fill="black", font=small, anchor="mt")
+        draw.text((x(i), bottom + 8), str(i + 1) if names is None else names[i], fill="black", font=small, anchor="mt")
 
     def dashed(value: float, colour: str) -> None:
         position = left
@@ -506,10 +748,17 @@ def draw_monitor(report: MonitorReport, path: str | Path) -> Path:
     width, height = 1000, 720
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
+    if report.by_date is None:
+        windows_are = f"{len(report.windows)} window(s) of {report.window} images"
+        axis = f"window (consecutive images, {report.window} per window, in order)"
+        names = None
+    else:
+        windows_are = f"{len(report.windows)} {report.period}(s) of column {report.by_date}"
+        axis = f"{report.period} of the dates in column {report.by_date}, in date order"
+        names = [str(w.period) for w in report.windows]
     draw.text(
         (20, 14),
-        f"covidxr monitor: {report.site} - {len(report.windows)} window(s) of {report.window} images - "
-        f"{report.verdict}",
+        f"covidxr monitor: {report.site} - {windows_are} - {report.verdict}",
         fill="#c0392b" if report.verdict == "ALARM" else "black",
         font=_font(18),
     )
@@ -524,6 +773,7 @@ def draw_monitor(report: MonitorReport, path: str | Path) -> Path:
         f"alarm: PSI >= {RULES['psi']}",
         "p(COVID-19) against the calibration images: PSI (10 bins at calibration deciles)",
         "PSI",
+        names=names,
     )
     _panel(
         image,
@@ -536,10 +786,11 @@ def draw_monitor(report: MonitorReport, path: str | Path) -> Path:
         "OOD rate",
         percent=True,
         reference=report.calibration.ood_rate,
+        names=names,
     )
     draw.text(
         ((110 + width - 30) / 2, 666),
-        f"window (consecutive images, {report.window} per window, in order)",
+        axis,
         fill="black",
         font=_font(15),
         anchor="mt",

@@ -26,6 +26,7 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.inference import expand_inputs, iterate_predictions, output_name, printable
 from covidxr.runtime.runners import Engine, head_digest, make_engine
 from covidxr.runtime.runs import Run
+from covidxr.runtime.site import describe_set
 from covidxr.runtime.storage import stable_digest
 
 __all__ = ["CHUNK", "flat_row", "model_identity", "predict_to_file"]
@@ -36,8 +37,17 @@ CHUNK = 256  # files predicted between two writes of the output file
 
 
 def flat_row(result: dict, labels: Sequence[str]) -> dict:
-    """One prediction as a row of ``predict --out``'s table (without its ``model`` column)."""
+    """One prediction as a row of ``predict --out``'s table (without its ``model`` column).
+
+    After ``error`` (the columns before it are those of earlier covidxr versions, unchanged):
+    ``prediction_set``, the image's conformal prediction set where the site file has sets (``{COVID-19,
+    PNEUMONIA}``, ``{NORMAL}``, ``{}`` for the empty set; empty where none was made: no sets, no answer, an
+    error), and the file's own ``image_width``, ``image_height``, ``bit_depth`` and ``image_mode``
+    (``covidxr.runtime.images.image_facts``; empty for an unreadable file), which ``covidxr monitor`` compares
+    with the calibration images'."""
     probabilities = result.get("probabilities", {})
+    members = result.get("prediction_set")
+    image = result.get("image") or {}
     return {
         "file": result["file"],
         "label": result.get("label") or "",
@@ -49,6 +59,11 @@ def flat_row(result: dict, labels: Sequence[str]) -> dict:
         "out_of_distribution": result.get("out_of_distribution"),
         "ood_score": result.get("ood_score"),
         "error": result.get("error", ""),
+        "prediction_set": "" if members is None else describe_set(members),
+        "image_width": image.get("width"),
+        "image_height": image.get("height"),
+        "bit_depth": image.get("bit_depth"),
+        "image_mode": image.get("mode") or "",
     }
 
 
@@ -147,6 +162,8 @@ def _typed(row: dict[str, str]) -> dict:
     for key, value in row.items():
         if key.startswith("p_") or key in {"ood_score", "covid_threshold"}:
             typed[key] = float(value) if value else None
+        elif key in {"image_width", "image_height", "bit_depth"}:
+            typed[key] = int(value) if value.isdigit() else None
         elif key in {"covid_positive", "out_of_distribution"}:
             typed[key] = {"True": True, "False": False}.get(value)
         else:

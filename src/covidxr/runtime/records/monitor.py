@@ -27,7 +27,13 @@ class MonitorFigures(Part):
 class MonitorWindow(MonitorFigures):
     """One window of consecutive predictions: rows ``first``..``last`` (1-based, over all files in order,
     unreadable images not counted), its shares, its p(COVID-19) against calibration's (PSI over the
-    calibration deciles, two-sample KS statistic and asymptotic p-value) and the rules it broke."""
+    calibration deciles, two-sample KS statistic and asymptotic p-value) and the rules it broke.
+
+    By date (``covidxr monitor --by-date``), a window holds the rows of one ``period`` (``2024-03-01``,
+    ``2024-W09``, ``2024-03``), ``first`` and ``last`` its first and last row. ``size_ks_statistic`` and
+    ``size_ks_pvalue`` (image widths and heights against calibration's: the larger KS D) and ``format_shift``
+    (bit depths and modes: the larger total variation distance) are ``None`` where the predictions file or the
+    site file lacks the images' own sizes and bit depths."""
 
     index: int = 0
     first: int = 0
@@ -36,6 +42,10 @@ class MonitorWindow(MonitorFigures):
     ks_statistic: float | None = None
     ks_pvalue: float | None = None
     alarms: list[str] = field(default_factory=list)
+    period: str | None = None
+    size_ks_statistic: float | None = None
+    size_ks_pvalue: float | None = None
+    format_shift: float | None = None
 
     @property
     def verdict(self) -> str:
@@ -56,8 +66,11 @@ class MonitorReport(Record):
     site_file: str | None = None
     site: str | None = None
     model: str | None = None
-    window: int = 0
-    skipped: str | None = None  # the partial last window left out, and why
+    window: int = 0  # images per window; 0 by date
+    by_date: str | None = None  # the column whose dates make the windows (--by-date), one per period
+    period: str | None = None  # day, week or month (by date)
+    skipped: str | None = None  # the partial last window (or the periods with too few images) left out, and why
+    images_compared: bool = False  # image sizes, bit depths and modes compared (the files and site file hold them)
     unreadable: int = 0  # rows with an error (no image): not in any window
     rules: dict[str, Any] = field(default_factory=dict)
     calibration: MonitorFigures = field(default_factory=MonitorFigures)

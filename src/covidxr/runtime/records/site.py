@@ -65,11 +65,16 @@ class SiteCalibration:
     ``achieved``: each measured rate with its interval; ``inputs``: image count and quantiles of p(COVID-19)
     and of the OOD score, and, for ``covidxr monitor`` (files written since issue 23 part 4; older ones lack
     them), ``p_covid`` and ``ood_scores`` (every image's value, sorted, 5 decimals), ``ood_rate``,
-    ``no_answer_rate`` and ``covid_share`` (answered images called COVID-19 at the site threshold).
+    ``no_answer_rate`` and ``covid_share`` (answered images called COVID-19 at the site threshold), and (files
+    written since the image facts were kept; older ones lack them) ``image_widths`` and ``image_heights`` (every
+    readable image's own, sorted), ``bit_depths`` and ``modes`` (images per bits per sample, DICOM BitsStored,
+    and per mode: Pillow's, or DICOM's photometric interpretation).
     ``conformal`` (format 2, optional): split-conformal, class-conditional prediction sets, ``{"coverage",
     "score": "lac", "classes": {label: {"threshold", "n"}}}``: an image's set holds the classes k with
     ``1 - p_k <= threshold_k`` (``covidxr.runtime.inference.answer``). ``target`` is ``None`` where only a
     coverage was asked (the COVID-19 threshold is then the model's own).
+    ``unreadable``: the images left out because they could not be read, ``{"file", "label", "error"}`` each
+    (``file`` relative to the dataset folder; empty in older files, whose calibration refused any such image).
     ``path`` is where it was read from (not written)."""
 
     site: str
@@ -84,6 +89,7 @@ class SiteCalibration:
     note: str | None = None
     confidence: float = 0.95
     conformal: dict | None = None
+    unreadable: list[dict] = field(default_factory=list)
     format: str = SITE_FORMAT
     path: str | None = field(default=None, compare=False)
 
@@ -120,6 +126,8 @@ class SiteCalibration:
             raise CovidxrError(f"{where}: damaged (no target metric: one of {', '.join(METRICS)})")
         if record.conformal is not None:
             _check_conformal(record.conformal, where)
+        if not isinstance(record.unreadable, list) or not all(isinstance(item, dict) for item in record.unreadable):
+            raise CovidxrError(f"{where}: damaged (the unreadable images are not a list of objects)")
         return record
 
     def to_dict(self) -> dict:
