@@ -416,24 +416,75 @@ def bundle_command(run, dest):
 
 
 @cli.command("audit")
-@click.argument("run", type=_path)
-@click.option("--data", "data_dir", type=_path, default=None, help="Audit every image of another dataset.")
-@click.option("--out", type=_path, default=None, help="Output folder (default: the run folder).")
+@click.argument("model", type=_path)
+@click.option(
+    "--data",
+    "data_dirs",
+    type=_path,
+    multiple=True,
+    help="Labelled dataset folder to audit on; repeat for several sources (the black-box audit).",
+)
+@click.option("--spec", type=_path, default=None, help="The ONNX graph's MODEL.yaml (default: beside the graph).")
+@click.option(
+    "--out",
+    type=_path,
+    default=None,
+    help="Output folder (default: the run folder; black-box: ./audit-<model name>/).",
+)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Black-box: images per source [default: 300].")
+@click.option("--seed", type=int, default=None, help="Black-box: seed of the sample and the probes [default: 0].")
+@click.option(
+    "--blackbox",
+    is_flag=True,
+    help="Black-box audit of a run folder with one --data (ONNX graphs and several --data folders always get it).",
+)
 @model_options
-def audit_command(run, data_dir, out, weights, weights_dir, cache_dir):
-    """Shortcut checks: lungs hidden, source probe, resolution/format; writes audit.json and the report."""
+def audit_command(model, data_dirs, spec, out, limit, seed, blackbox, weights, weights_dir, cache_dir):
+    """Shortcut checks. MODEL.onnx (with MODEL.yaml) or several --data: the black-box audit (per source, lungs
+    hidden, lungs only, periphery masks, acquisition, occlusion, calibration) into audit.json, audit.md and
+    audit.html. A run folder alone (or with one --data): the run's audit (lungs hidden, source probe,
+    resolution/format) into audit.json and the run's report."""
+    is_run = model.is_dir()
+    if not is_run or spec is not None or len(data_dirs) > 1 or blackbox:
+        _blackbox_audit(model, data_dirs, spec, out, limit, seed)
+        return
+    if limit is not None or seed is not None:
+        raise CovidxrError("--limit and --seed belong to the black-box audit: add --blackbox (and --data DIR)")
     from covidxr.lab.audit import run_audit
     from covidxr.lab.report import write_run_report
     from covidxr.runtime.runs import load_run
 
-    folder = out or run
-    result = run_audit(load_run(run, weights, weights_dir), data_dir, folder, cache_dir, progress=_progress())
+    data_dir = data_dirs[0] if data_dirs else None
+    folder = out or model
+    result = run_audit(load_run(model, weights, weights_dir), data_dir, folder, cache_dir, progress=_progress())
     for name, check in result["checks"].items():
         click.echo(f"{name}: {check['verdict']} - {check['summary']}")
     click.echo(f"overall: {result['verdict']}; written to {Path(folder) / 'audit.json'}")
     if (Path(folder) / "metrics.json").exists():
         write_run_report(Path(folder))
         click.echo(f"report updated: {Path(folder) / 'report.html'}")
+
+
+def _blackbox_audit(
+    model: Path, data_dirs: tuple[Path, ...], spec: Path | None, out: Path | None, limit: int | None, seed: int | None
+) -> None:
+    """The black-box audit of any model (``covidxr.lab.blackbox``); prints each check and where it wrote."""
+    from covidxr.lab.blackbox import DEFAULT_LIMIT, audit_classifier, load_samples
+    from covidxr.runtime.classifier import load_classifier
+
+    if not data_dirs:
+        raise CovidxrError(f"{model}: the black-box audit needs labelled images: pass --data DIR (repeatable)")
+    classifier = load_classifier(model, spec)
+    limit = DEFAULT_LIMIT if limit is None else limit
+    seed = 0 if seed is None else seed
+    samples, described = load_samples(data_dirs, limit, seed, progress=_progress())
+    folder = out or Path(f"audit-{Path(classifier.name).stem}")
+    result = audit_classifier(classifier, samples, folder, seed, limit, progress=_progress(), data=described)
+    click.echo(result["verdict_line"])
+    for name, check in result["checks"].items():
+        click.echo(f"{name}: {check['verdict']} - {check['summary']}")
+    click.echo(f"wrote {folder / 'audit.json'}, {folder / 'audit.md'} and {folder / 'audit.html'}")
+    click.echo(DISCLAIMER)
 
 
 @cli.command("reproduce")
