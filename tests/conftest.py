@@ -33,9 +33,13 @@ PROBABILITY_TOLERANCE = 1e-4
 BORDERLINE = 1e-3
 
 
-def decision_margin(probabilities: Mapping[str, float], threshold: float) -> float:
+def decision_margin(probabilities: Mapping[str, float], threshold: float | None) -> float:
     """How far an answer's probabilities lie from the nearest boundary of ``covidxr``'s decision: COVID-19
-    where its probability reaches ``threshold``, else the more probable of the other classes."""
+    where its probability reaches ``threshold``, else the more probable of the other classes (without a
+    threshold, a foreign model's, the most probable class)."""
+    if threshold is None:
+        top = sorted(probabilities.values())
+        return top[-1] - top[-2]
     covid = probabilities["COVID-19"]
     if covid >= threshold:
         return covid - threshold

@@ -22,9 +22,8 @@ def _prediction_table(results: list[dict]) -> str:
         if "error" in result:
             rows.append((name, "ERROR", "", result["error"]))
         elif result["label"] is None:
-            rows.append(
-                (name, "-", f"{result['probabilities']['COVID-19']:.3f}", f"{result['no_answer_reason']}: no answer")
-            )
+            p = result["probabilities"]["COVID-19"]
+            rows.append((name, "-", "-" if p is None else f"{p:.3f}", f"{result['no_answer_reason']}: no answer"))
         else:
             members = result.get("prediction_set")
             flag = "" if members is None else f"set {describe_set(members)}"
@@ -42,13 +41,35 @@ site_option = click.option(
     help="site.json from `covidxr calibrate` for this model: its COVID-19 threshold decides instead of the model's.",
 )
 
+spec_option = click.option(
+    "--spec",
+    type=_path,
+    default=None,
+    help="The spec (MODEL.yaml) of a foreign --model MODEL.onnx (default: the .yaml beside the graph).",
+)
+FOREIGN_MODEL_HELP = (
+    "Run folder of a trained model, or a foreign MODEL.onnx with its spec (default: the bundled model)."
+)
+
+
+def _foreign_model(run, spec, site, engine, threads):
+    """The foreign model ``--model MODEL.onnx`` (``--spec``) names, or None for a covidxr run folder; ``--site``
+    and a torch or int8 ``--engine`` are refused in one line for a foreign model."""
+    from covidxr.runtime.api import load_model
+    from covidxr.runtime.foreign import is_foreign_model
+
+    if not is_foreign_model(run, spec):
+        return None
+    if run is None:
+        raise click.ClickException("--spec describes a foreign model: give its graph too, --model MODEL.onnx")
+    return load_model(run, engine, threads=threads, site=site, spec=spec)
+
 
 @cli.command("predict")
 # No readability check here: an unreadable file becomes its own error row and the others still run.
 @click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
-@click.option(
-    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
-)
+@click.option("--model", "run", type=_path, default=None, help=FOREIGN_MODEL_HELP)
+@spec_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option(
     "--out",
@@ -62,9 +83,12 @@ site_option = click.option(
 @prediction_engine_options
 @model_options
 def predict_command(
-    images, run, as_json, out, resume, chunk_size, site, engine, threads, weights, weights_dir, cache_dir
+    images, run, spec, as_json, out, resume, chunk_size, site, engine, threads, weights, weights_dir, cache_dir
 ):
-    """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any)."""
+    """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any).
+
+    --model MODEL.onnx predicts with a model covidxr did not train, described by its spec (MODEL.yaml beside it,
+    or --spec): the same columns and one answer per image, without covidxr's out-of-distribution guard."""
     from covidxr.runtime.calibration import describe_operating_point
     from covidxr.runtime.inference import expand_inputs, predict_files
     from covidxr.runtime.runners import make_engine
@@ -72,8 +96,12 @@ def predict_command(
     from covidxr.runtime.site import describe_site, with_site
     from covidxr.runtime.writer import predict_to_file
 
-    loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
-    runner = make_engine(loaded, engine, cache_dir, threads)
+    foreign = _foreign_model(run, spec, site, engine, threads)
+    if foreign is None:
+        loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
+        runner = make_engine(loaded, engine, cache_dir, threads)
+    else:
+        loaded, runner = foreign, engine
     if out is not None:
         try:
             rows, new = predict_to_file(
@@ -85,40 +113,47 @@ def predict_command(
         for row in errors:
             click.echo(f"ERROR {row['error']}", err=True)
         flagged = sum(bool(row["out_of_distribution"]) for row in rows)
+        guard = "no out-of-distribution guard (a foreign model)" if foreign else f"{flagged} out-of-distribution"
         labels = [row["label"] or "no answer" for row in rows if not row["error"]]
         counts = dict(Counter(labels).most_common())
         click.echo(
             f"{len(rows)} image(s) → {out}: {', '.join(f'{k} {v}' for k, v in counts.items()) or 'none readable'}; "
-            f"{flagged} out-of-distribution; {len(errors)} unreadable "
+            f"{guard}; {len(errors)} unreadable "
             f"({len(rows) - new} were already done)\n{DISCLAIMER}"
         )
         if errors:
             raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
         return
-    results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=runner)
+    if foreign is not None:
+        results = foreign.predict_files(expand_inputs(images))
+    else:
+        results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=runner)
     if len(results) == 1 and "error" in results[0] and not as_json:
         raise click.ClickException(results[0]["error"])  # one image that cannot be read: one line
     if as_json:
         click.echo(json.dumps(results, indent=2))
     else:
         click.echo(_prediction_table(results))
-        if loaded.site is None:
-            rule = describe_operating_point(loaded.info.threshold_record)
+        if foreign is not None:
+            decision = f"label: {foreign.describe_decision()}; a foreign model, without out-of-distribution guard"
         else:
-            rule = f"{describe_site(loaded.site)}; site file {loaded.site.path}"
-        click.echo(
-            f"label: COVID-19 when p(COVID-19) reaches {loaded.covid_threshold:.3f} ({rule}), otherwise "
-            "the more probable other class; full paths with --json or --out.\n" + DISCLAIMER
-        )
+            if loaded.site is None:
+                rule = describe_operating_point(loaded.info.threshold_record)
+            else:
+                rule = f"{describe_site(loaded.site)}; site file {loaded.site.path}"
+            decision = (
+                f"label: COVID-19 when p(COVID-19) reaches {loaded.covid_threshold:.3f} ({rule}), otherwise "
+                "the more probable other class"
+            )
+        click.echo(f"{decision}; full paths with --json or --out.\n" + DISCLAIMER)
     failures = sum("error" in r for r in results)
     if failures:
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
 
 
 @cli.command("serve")
-@click.option(
-    "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
-)
+@click.option("--model", "run", type=_path, default=None, help=FOREIGN_MODEL_HELP)
+@spec_option
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (the default: this machine only)."
 )
@@ -140,23 +175,31 @@ def predict_command(
 )
 @site_option
 @model_options
-def serve_command(run, host, port, engine, threads, max_queue, monitor_window, site, weights, weights_dir, cache_dir):
+def serve_command(
+    run, spec, host, port, engine, threads, max_queue, monitor_window, site, weights, weights_dir, cache_dir
+):
     """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs) and
-    the input monitor over the last answers (/monitor)."""
-    from covidxr.runtime.api import Model
+    the input monitor over the last answers (/monitor).
+
+    --model MODEL.onnx serves a model covidxr did not train (its spec beside it, or --spec): the same answers,
+    without out-of-distribution guard, and /api/explain answers without a heat map (Grad-CAM needs a run)."""
+    from covidxr.runtime.api import ForeignModel, Model
     from covidxr.runtime.runs import default_model_path, load_run
     from covidxr.runtime.serve import serve
     from covidxr.runtime.site import describe_site, with_site
 
-    model = Model(
-        with_site(load_run(run or default_model_path(), weights, weights_dir), site), engine, cache_dir, threads
-    )
-    if model.run.site is not None:
+    model = _foreign_model(run, spec, site, engine, threads)
+    if model is None:
+        model = Model(
+            with_site(load_run(run or default_model_path(), weights, weights_dir), site), engine, cache_dir, threads
+        )
+    if model.site is not None:
         click.echo(
-            f"covidxr: {describe_site(model.run.site)} ({site}): COVID-19 threshold {model.run.covid_threshold:.3f}",
+            f"covidxr: {describe_site(model.site)} ({site}): COVID-19 threshold {model.covid_threshold:.3f}",
             err=True,
         )
-    click.echo(f"covidxr: serving {model.run.path.name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
+    name = model.path.name if isinstance(model, ForeignModel) else model.run.path.name
+    click.echo(f"covidxr: serving {name} on http://{host}:{port}/ ({DISCLAIMER})", err=True)
     serve(model, host, port, max_queue, monitor_window)
 
 

@@ -32,6 +32,7 @@ from covidxr.runtime.cam import (
 )
 from covidxr.runtime.engines import TRAIN_EXTRA, OnnxEngine, torch_available
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.foreign import NO_SITE, ForeignModel, is_foreign_model
 from covidxr.runtime.images import check_dimensions, image_facts, read_image
 from covidxr.runtime.inference import answer, predict_files
 from covidxr.runtime.ood import is_blank
@@ -40,7 +41,7 @@ from covidxr.runtime.runners import input_transform, make_engine
 from covidxr.runtime.runs import HEAD_FILE, Run, default_model_path, load_run
 from covidxr.runtime.site import SiteCalibration, with_site
 
-__all__ = ["ImageLike", "METHODS", "Model", "load_model"]
+__all__ = ["ForeignModel", "ImageLike", "METHODS", "Model", "load_model"]
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")  # covidxr.lab.explain.METHODS, without importing torch
 
@@ -90,6 +91,20 @@ class Model:
     def labels(self) -> list[str]:
         """The classes, in the order of the probabilities."""
         return self.run.labels
+
+    @property
+    def covid_threshold(self) -> float:
+        """The COVID-19 threshold that decides: the site file's where one is applied, else the run's."""
+        return self.run.covid_threshold
+
+    @property
+    def site(self) -> SiteCalibration | None:
+        return self.run.site
+
+    @property
+    def decode_side(self) -> int | None:
+        """The smallest side a JPEG upload may be draft-decoded to (the service's decoder)."""
+        return self.transform.decode_side
 
     def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> dict | list[dict]:
         """Label, calibrated probabilities, COVID-19 call and out-of-distribution flag of one image, or of each
@@ -248,9 +263,13 @@ def load_model(
     weights: str | Path | None = None,
     weights_dir: str | Path | None = None,
     site: str | Path | SiteCalibration | None = None,
-) -> Model:
+    spec: str | Path | None = None,
+) -> Model | ForeignModel:
     """A trained model from a run folder (``covidxr train`` / ``reproduce`` output), or with no path
-    the model bundled with the package (see its card: ``covidxr model-card``).
+    the model bundled with the package (see its card: ``covidxr model-card``), or a model covidxr did not
+    train: ``MODEL.onnx`` with its spec (``MODEL.yaml`` beside it, or ``spec``), as a ``ForeignModel`` whose
+    ``predict`` gives the same keys, one answer per image (``covidxr.runtime.foreign``: no out-of-distribution
+    guard, no ``site``, no Grad-CAM; ``threads`` applies, ``engine`` must be auto or onnx).
 
     ``engine``: ``auto`` (onnxruntime on a CPU where it is installed, else torch), ``torch`` or ``onnx``;
     ``threads``: onnxruntime's intra-op threads (default: the physical cores); ``weights`` /
@@ -262,5 +281,13 @@ def load_model(
     >>> model.predict("chest.png")["label"]
     'NORMAL'
     """
+    if is_foreign_model(path, spec):
+        if path is None:
+            raise CovidxrError("spec is for a foreign ONNX model: give its MODEL.onnx too")
+        if site is not None:
+            raise CovidxrError(NO_SITE)
+        if engine not in ("auto", "onnx"):
+            raise CovidxrError(f"a foreign ONNX model runs on onnxruntime: engine {engine!r} is for covidxr runs")
+        return ForeignModel(path, spec, threads)
     run = load_run(path if path is not None else default_model_path(), weights, weights_dir)
     return Model(with_site(run, site), engine, cache_dir, threads)

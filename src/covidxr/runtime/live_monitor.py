@@ -9,7 +9,7 @@ from collections import deque
 from typing import Any
 
 from covidxr import DISCLAIMER
-from covidxr.runtime.api import Model
+from covidxr.runtime.api import ForeignModel, Model
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.monitor import (
     MIN_WINDOW_SHARE,
@@ -37,14 +37,14 @@ class LiveMonitor:
     distributions, PSI and KS of p(COVID-19) against the calibration images. As ``covidxr monitor`` does with
     a short last window, the rules are applied once a quarter of a window has been answered."""
 
-    def __init__(self, model: Model, window: int = MONITOR_WINDOW):
+    def __init__(self, model: Model | ForeignModel, window: int = MONITOR_WINDOW):
         if window < 4:
             raise CovidxrError(f"--monitor-window must be at least 4 answers, not {window}")
-        self.window, self.threshold = window, model.run.covid_threshold
+        self.window, self.threshold = window, model.covid_threshold  # None: a foreign model's argmax decides
         self.rows: deque = deque(maxlen=window)
         self.minimum = max(1, math.ceil(MIN_WINDOW_SHARE * window))
         self.reference, self.calibration, self.not_compared = None, None, None
-        site = model.run.site
+        site = model.site
         if site is None:
             self.not_compared = (
                 "no site file: PSI, KS and the alarm rules compare with a site's calibration images; "
@@ -81,7 +81,9 @@ class LiveMonitor:
             else:
                 note = f"the rules apply from {self.minimum} answers (a quarter of the window); {len(rows)} so far"
         elif rows:
-            ood, no_answer, covid_share = shares(rows, self.threshold)
+            ood, no_answer, covid_share = shares(rows, self.threshold if self.threshold is not None else math.inf)
+            if self.threshold is None:  # no threshold to count COVID-19 calls by
+                covid_share = None
             figures.update(ood_rate=ood, no_answer_rate=no_answer, covid_share=covid_share)
         return {
             "window": self.window,
@@ -143,7 +145,8 @@ def render_monitor_html(status: dict, identity: str, site: str | None) -> str:
 <h1>Input monitor</h1>
 <div id="disclaimer" class="disclaimer" role="note"><strong>Research use only.</strong> {html.escape(DISCLAIMER)}</div>
 <p>Model <code>{html.escape(identity)}</code>; site {html.escape(site or "none (no --site)")}; COVID-19 threshold
-{status["covid_threshold"]:.4f}. The last <span id="n">{status["n"]}</span> answers given since start (window of
+{_number(status["covid_threshold"], ".4f")}.
+The last <span id="n">{status["n"]}</span> answers given since start (window of
 {status["window"]}).</p>
 {verdict}{notes}
 <table id="figures"><thead><tr><th></th><th>Last answers</th><th>Calibration</th></tr></thead>

@@ -339,7 +339,7 @@ def answer_row(answer: dict) -> _Row:
     """One answer of the Python API or the service (``label``, ``probabilities``, ``out_of_distribution``,
     ``covid_threshold``) as a row of a window, as ``read_predictions`` makes one from a predictions file."""
     return _Row(
-        float(answer["probabilities"][POSITIVE]),
+        None if answer["probabilities"][POSITIVE] is None else float(answer["probabilities"][POSITIVE]),
         bool(answer.get("label")),
         bool(answer.get("out_of_distribution")),
         answer.get("covid_threshold"),

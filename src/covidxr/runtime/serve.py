@@ -35,6 +35,7 @@ from covidxr.runtime.cam import jet
 from covidxr.runtime.card import model_card, render_model_card_html
 from covidxr.runtime.engines import physical_cores
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
+from covidxr.runtime.foreign import NO_EXPLANATION, ForeignModel
 from covidxr.runtime.images import FULL_SIZE, decode_bytes
 from covidxr.runtime.live_monitor import MONITOR_WINDOW, LiveMonitor, render_monitor_html
 from covidxr.runtime.runners import head_digest
@@ -75,9 +76,11 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return JSONResponse({"error": message, "status": status, "disclaimer": DISCLAIMER}, status, headers=headers)
 
 
-def model_id(model: Model) -> str:
+def model_id(model: Model | ForeignModel) -> str:
     """Backbone, run folder name ("bundled" for the packaged model) and the head's hash: what a user
-    quotes to say which model answered."""
+    quotes to say which model answered (a foreign model's ``identity``: its file, SHA-256 and spec)."""
+    if isinstance(model, ForeignModel):
+        return model.identity
     head = head_digest(model.run)[:12]
     return f"{model.run.info.model['name']}/{model.run.path.name}/{head}"
 
@@ -260,7 +263,7 @@ def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: b
 
 def _prepared(model: Model, body: bytes) -> tuple[Image.Image, tuple[np.ndarray, bool, str | None]]:
     """Decode an upload and prepare the model's input (on a decoding thread; 400/413 for a bad upload)."""
-    image = decode_upload(body, model.transform.decode_side)
+    image = decode_upload(body, model.decode_side)
     return image, model.prepare(image)
 
 
@@ -356,9 +359,13 @@ class InferenceQueue:
 
 
 def create_app(
-    model: Model, max_queue: int = MAX_QUEUE, max_upload: int = MAX_UPLOAD, monitor_window: int = MONITOR_WINDOW
+    model: Model | ForeignModel,
+    max_queue: int = MAX_QUEUE,
+    max_upload: int = MAX_UPLOAD,
+    monitor_window: int = MONITOR_WINDOW,
 ) -> FastAPI:
-    """The FastAPI application serving ``model``."""
+    """The FastAPI application serving ``model`` (a covidxr run, or a foreign ONNX model: its answers have the same
+    keys; ``/api/explain`` then answers with ``explanation`` null, as Grad-CAM needs a covidxr run)."""
     if max_queue < 1 or max_upload < 1:
         raise CovidxrError("--max-queue and the upload limit must be at least 1")
     app = FastAPI(
@@ -368,11 +375,12 @@ def create_app(
     )
     queue = InferenceQueue(max_queue)
     monitor = LiveMonitor(model, monitor_window)
-    site_line = None if model.run.site is None else describe_site(model.run.site)
+    site_line = None if model.site is None else describe_site(model.site)
     batcher = MicroBatcher(model, queue.executor)
     identity = model_id(model)
-    card = model_card(model.run.path)
-    card_page = render_model_card_html(card)
+    foreign = isinstance(model, ForeignModel)
+    card = model.card() if foreign else model_card(model.run.path)
+    card_page = model.card_html() if foreign else render_model_card_html(card)
     web = resources.files("covidxr.runtime") / "web"
 
     @app.exception_handler(ApiError)
@@ -391,12 +399,14 @@ def create_app(
         async with queue.admitted(request, max_upload):  # before the body is read: a 503 costs no memory
             body = await read_upload(request, max_upload)
             preview = request.query_params.get("preview", "").lower() in {"1", "true", "yes"}
-            if explain:
+            if explain and not foreign:
                 result = await queue.run(_explained, model, body, preview)
             else:
                 image, prepared = await queue.decode(_prepared, model, body)
                 answered = await batcher.answer(prepared)
-                result = await queue.decode(_response, image, answered, False, preview)
+                result = await queue.decode(_response, image, answered, False, preview or explain)
+                if explain:  # a foreign model: the answer and its preview, no map
+                    result |= {"explanation": None, "explanation_unavailable": NO_EXPLANATION}
         monitor.add(result)
         return {**result, "site_calibration": site_line, "model": identity, "disclaimer": DISCLAIMER}
 
@@ -416,7 +426,7 @@ def create_app(
     async def model_info() -> dict:
         """The model card: training data, confounders, metrics with intervals, audit, failure modes; and the
         site calibration whose threshold decides, where the service runs with one (``serve --site``)."""
-        site = None if model.run.site is None else {"file": model.run.site.path, **model.run.site.to_dict()}
+        site = None if model.site is None else {"file": model.site.path, **model.site.to_dict()}
         return {"model": identity, **card, "site": site}
 
     @app.get("/model-card", response_class=HTMLResponse, include_in_schema=False)
@@ -429,9 +439,9 @@ def create_app(
         return {
             "status": "ok",
             "model": identity,
-            "site": None if model.run.site is None else model.run.site.path,
+            "site": None if model.site is None else model.site.path,
             "site_calibration": site_line,
-            "covid_threshold": model.run.covid_threshold,
+            "covid_threshold": model.covid_threshold,
             "waiting": queue.waiting,
             "recent_batch_sizes": batcher.batch_sizes,
             "monitor": monitor.status(),
@@ -440,7 +450,7 @@ def create_app(
     @app.get("/monitor", response_class=HTMLResponse, include_in_schema=False)
     async def monitor_page() -> HTMLResponse:
         """The live monitor's figures and rules as a page (``/healthz``'s ``monitor`` is the same as JSON)."""
-        site = None if model.run.site is None else f"{model.run.site.site} ({model.run.site.path})"
+        site = None if model.site is None else f"{model.site.site} ({model.site.path})"
         return HTMLResponse(render_monitor_html(monitor.status(), identity, site))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -458,7 +468,9 @@ def create_app(
     return app
 
 
-def serve(model: Model, host: str, port: int, max_queue: int = MAX_QUEUE, monitor_window: int = MONITOR_WINDOW) -> None:
+def serve(
+    model: Model | ForeignModel, host: str, port: int, max_queue: int = MAX_QUEUE, monitor_window: int = MONITOR_WINDOW
+) -> None:
     """Run the service until interrupted (uvicorn, one process: the model is loaded once)."""
     import uvicorn
 

@@ -23,6 +23,7 @@ from covidxr.runtime.engines import (
     OnnxEngine,
 )
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.foreign import NOT_FINITE, ForeignModel
 from covidxr.runtime.inference import expand_inputs, iterate_predictions, output_name, printable
 from covidxr.runtime.runners import Engine, head_digest, make_engine
 from covidxr.runtime.runs import Run
@@ -172,10 +173,14 @@ def _typed(row: dict[str, str]) -> dict:
 
 
 def _complete(row: dict) -> bool:
-    """Whether a CSV row was written whole: a file, the model, and an error or finite probabilities."""
+    """Whether a CSV row was written whole: a file, the model, and an error or finite probabilities (or, for a
+    foreign model's non-finite output, none at all with the reason)."""
     if not row["file"] or not row["model"]:
         return False
     if row["error"]:
+        return True
+    probabilities = [value for key, value in row.items() if key.startswith("p_")]
+    if row["no_answer_reason"].startswith(NOT_FINITE) and not any(probabilities):
         return True
     try:
         return all(np.isfinite(float(value)) for key, value in row.items() if key.startswith("p_"))
@@ -206,7 +211,7 @@ def _write_error(out: Path, exc: OSError, finished: int) -> CovidxrError:
     )
 
 
-def _write_json(out: Path, run: Run, identity: str, rows: list[dict], finished: int) -> None:
+def _write_json(out: Path, run: Run | ForeignModel, identity: str, rows: list[dict], finished: int) -> None:
     """The whole JSON file, written beside and synced before it replaces the old one (never half a file)."""
     payload = {"model": identity, "labels": list(run.labels), "disclaimer": DISCLAIMER, "predictions": rows}
     tmp = out.with_suffix(".json.tmp")
@@ -245,7 +250,7 @@ def _stop_after_chunk():
 
 
 def predict_to_file(
-    run: Run,
+    run: Run | ForeignModel,
     inputs: Sequence[str | Path],
     out: str | Path,
     resume: bool = False,
@@ -260,15 +265,28 @@ def predict_to_file(
     by chunk: a crash or Ctrl-C leaves a valid file of the finished rows, and ``resume`` completes it
     without redoing them. Every row names its file (``output_name``) and the model that made it
     (``model_identity``); rows are appended whole and synced to disk chunk by chunk, and a full disk
-    stops with one line, keeping the finished rows. Returns every row (old, then new) and how many are new."""
+    stops with one line, keeping the finished rows. Returns every row (old, then new) and how many are new.
+
+    ``run`` may be a ``ForeignModel`` (``MODEL.onnx`` with its spec): the same columns, its ``identity`` as
+    the model, its own file reading and batches (``engine`` and ``cache_dir`` do not apply)."""
     out = Path(out)
     if out.suffix not in {".csv", ".json"}:
         raise CovidxrError(f"{out}: --out must end in .csv or .json")
     files = expand_inputs(inputs)
     if not files:
         raise CovidxrError(f"no image files found in {', '.join(map(printable, map(str, inputs)))}")
-    runner = make_engine(run, engine, cache_dir) if isinstance(engine, str) else engine
-    identity = model_identity(run, runner)
+    if isinstance(run, ForeignModel):
+        identity = run.identity
+
+        def predictions(todo: list[Path]) -> Iterator[list[dict]]:
+            return run.iterate_files(todo, min(batch_size, chunk_size))
+    else:
+        runner = make_engine(run, engine, cache_dir) if isinstance(engine, str) else engine
+        identity = model_identity(run, runner)
+
+        def predictions(todo: list[Path]) -> Iterator[list[dict]]:
+            return iterate_predictions(run, todo, runner, min(batch_size, chunk_size), num_workers)
+
     columns = [*flat_row({"file": ""}, run.labels), "model"]
     rows: list[dict] = []
     if out.exists():
@@ -301,7 +319,7 @@ def predict_to_file(
     bar = progress_bar(len(todo), "predict" if progress else None)
     with _stop_after_chunk() as stop, bar:
         # Batches no larger than a chunk, so every chunk is written as soon as it is done.
-        for batch in iterate_predictions(run, todo, runner, min(batch_size, chunk_size), num_workers):
+        for batch in predictions(todo):
             pending += [{**flat_row(result, run.labels), "model": identity} for result in batch]
             bar.update(len(batch))
             if len(pending) >= chunk_size or written + len(pending) == len(todo):

@@ -83,13 +83,17 @@ function showResult(result) {
   }
   $("label").textContent = result.label;
   const covid = result.probabilities["COVID-19"];
-  const threshold = (100 * result.covid_threshold).toFixed(1);
+  const threshold = result.covid_threshold === null ? null : (100 * result.covid_threshold).toFixed(1);
   // With a site file (serve --site) the threshold is the site's, and its local figures replace the model's.
   const site = result.site_calibration;
   const point = site
     ? `this site's operating threshold (${threshold}%)`
     : `the model's operating threshold (${threshold}%, chosen on validation data)`;
-  $("covid-note").textContent = result.covid_positive
+  // A foreign model whose spec sets no threshold answers with its most probable class.
+  $("covid-note").textContent = threshold === null
+    ? `COVID-19 probability ${(100 * covid).toFixed(1)}%; this model has no operating threshold, so the answer ` +
+      "is its most probable class."
+    : result.covid_positive
     ? `COVID-19 probability ${(100 * covid).toFixed(1)}% reaches ${point}, so the answer is COVID-19.`
     : `COVID-19 probability ${(100 * covid).toFixed(1)}% is below ${point}, so the answer is the more probable ` +
       "of the other classes.";
