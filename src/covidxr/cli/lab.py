@@ -184,14 +184,33 @@ def train_command(data_dirs, out, config_file, allow_near_duplicate_leakage, wei
 @cli.command("evaluate")
 @click.argument("run", type=_path)
 @click.option("--data", "data_dir", type=_path, default=None, help="Evaluate on every image of another dataset.")
+@click.option(
+    "--spec", type=_path, default=None, help="The spec of a foreign RUN=MODEL.onnx (default: the .yaml beside it)."
+)
 @click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="test", show_default=True)
 @click.option(
     "--out", type=_path, default=None, help="Output folder (default: the run folder; with --data RUN/external/NAME)."
 )
 @click.option("--no-explain", is_flag=True, help="Skip the Grad-CAM figure and the explanation checks.")
 @model_options
-def evaluate_command(run, data_dir, split, out, no_explain, weights, weights_dir, cache_dir):
-    """Write metrics.json, predictions.csv, the four figures and the reports."""
+def evaluate_command(run, data_dir, spec, split, out, no_explain, weights, weights_dir, cache_dir):
+    """Write metrics.json, predictions.csv, the four figures and the reports.
+
+    RUN may also be a foreign MODEL.onnx with its spec (MODEL.yaml beside it, or --spec), evaluated on every image
+    of --data DIR into --out (default MODEL-evaluation/DIR-NAME/ beside the graph): metrics.json, predictions.csv,
+    confusion_matrix.png and the report; labels the model lacks are mapped as metrics.json's label_map says."""
+    from covidxr.runtime.foreign import is_foreign_model
+
+    if is_foreign_model(run, spec):
+        from covidxr.lab.evaluate_foreign import default_out, evaluate_foreign, summary_line
+
+        if data_dir is None:
+            raise click.ClickException(f"{run}: a foreign model has no test split of its own: give --data DIR")
+        if click.get_current_context().get_parameter_source("split").name != "DEFAULT":
+            raise click.ClickException("--split is for a covidxr run folder; a foreign model is evaluated on --data")
+        out = out or default_out(run, data_dir)
+        click.echo(summary_line(evaluate_foreign(run, data_dir, out, spec), out))
+        return
     from covidxr.lab.evaluate import evaluate_run, external_folder
 
     out = out or (external_folder(run, data_dir) if data_dir else None)
