@@ -23,7 +23,7 @@ from covidxr import DISCLAIMER, load_model
 from covidxr.runtime.errors import CovidxrError
 
 from .conftest import ADULT_CONTROLS, assert_one_line_error, assert_same_answer, linked_dataset, run_cli
-from .test_serve import Server, post
+from .test_serve import Server, _upload, _visible_images, post
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
@@ -260,6 +260,27 @@ def test_predict_cli_api_and_serve_give_the_same_answer(
         assert response.status_code == 200 and "Research use only" in response.text, page
 
 
+def test_page_shows_a_foreign_models_answer_without_a_heat_map(
+    binary_model: Path, browser, xrays: list[Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    server = Server(tmp_path_factory.mktemp("foreign-page"), "--model", str(binary_model))
+    try:
+        expected = load_model(binary_model).predict(xrays[0])
+        browser.get(server.url)
+        assert "Research use only" in browser.find_element(By.ID, "disclaimer").text
+        _upload(browser, xrays[0])
+        assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "done"
+        assert browser.find_element(By.ID, "label").text == expected["label"]
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar")) == 2
+        assert "no operating threshold" in browser.find_element(By.ID, "covid-note").text
+        assert _visible_images(browser) == ["preview"]  # the X-ray, and no heat map
+        assert browser.find_element(By.ID, "model-id").text.startswith("onnx model=binary.onnx")
+    finally:
+        server.stop()
+
+
 def test_predict_out_keeps_error_rows_and_resumes(binary_model: Path, xrays: list[Path], tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
@@ -400,6 +421,8 @@ def test_bad_models_and_options_are_refused_in_one_line(
     )
     assert_one_line_error(run_cli("predict", "--model", binary_model, "--engine", "torch", xrays[0]), "onnxruntime")
     assert_one_line_error(run_cli("explain", "--model", binary_model, xrays[0]), "Grad-CAM needs a covidxr run")
+    spec = binary_model.with_suffix(".yaml")
+    assert_one_line_error(run_cli("predict", "--model", tmp_path, "--spec", spec, xrays[0]), "describes itself")
     assert_one_line_error(run_cli("evaluate", binary_model), "--data")
     assert_one_line_error(run_cli("evaluate", binary_model, "--data", small_dataset, "--split", "val"), "--split")
 

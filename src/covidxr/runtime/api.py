@@ -284,6 +284,8 @@ def load_model(
     if is_foreign_model(path, spec):
         if path is None:
             raise CovidxrError("spec is for a foreign ONNX model: give its MODEL.onnx too")
+        if Path(path).is_dir():
+            raise CovidxrError(f"{path}: a covidxr run folder describes itself; a spec is for an ONNX graph")
         if site is not None:
             raise CovidxrError(NO_SITE)
         if engine not in ("auto", "onnx"):

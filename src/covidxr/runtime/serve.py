@@ -419,7 +419,8 @@ def create_app(
     @app.post("/api/explain", openapi_extra={"requestBody": EXAMPLE})
     async def explain(request: Request) -> dict:
         """As ``/api/predict``, plus the Grad-CAM map of the predicted class (a heat map to lay over the
-        preview, and the two already blended), as base64 PNGs."""
+        preview, and the two already blended), as base64 PNGs. A foreign ONNX model (``serve --model MODEL.onnx``)
+        has no Grad-CAM: its answer comes with the preview, ``explanation`` null and ``explanation_unavailable``."""
         return await answer(request, explain=True)
 
     @app.get("/api/model")
