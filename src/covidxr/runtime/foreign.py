@@ -28,7 +28,7 @@ from PIL import Image
 
 from covidxr import DISCLAIMER
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.images import read_image
+from covidxr.runtime.images import image_facts, read_image
 from covidxr.runtime.spec import COVID, GraphSpec, OnnxClassifier
 from covidxr.runtime.storage import stable_digest
 
@@ -147,15 +147,17 @@ class ForeignModel:
         if images and all(isinstance(item, str | Path) for item in images):
             return self.predict_files(images, batch_size)
         decoded = [_as_image(item) for item in images]
-        return [
-            answer
-            for start in range(0, len(decoded), batch_size)
-            for answer in self._answers(decoded[start : start + batch_size])
-        ]
+        results = []
+        for start in range(0, len(decoded), batch_size):
+            chunk = decoded[start : start + batch_size]
+            answers = self._answers(chunk)
+            results += [{**result, "image": image_facts(image)} for result, image in zip(answers, chunk, strict=True)]
+        return results
 
     def iterate_files(self, paths: Sequence[str | Path], batch_size: int = 16) -> Iterator[list[dict]]:
         """The results of ``paths`` batch by batch, in order, each named by its ``file``; an unreadable file's
-        result is its ``error`` (as ``covidxr.runtime.inference.iterate_predictions`` gives a run's)."""
+        result is its ``error`` (as ``covidxr.runtime.inference.iterate_predictions`` gives a run's); a readable
+        file's has ``image``, its own width, height, bit depth and mode (``images.image_facts``)."""
         from covidxr.runtime.inference import output_name, printable
 
         paths = [Path(p) for p in paths]
@@ -172,7 +174,7 @@ class ForeignModel:
             yield [
                 {"file": output_name(path), "error": errors[i]}
                 if i in errors
-                else {"file": output_name(path), **answers[i]}
+                else {"file": output_name(path), **answers[i], "image": image_facts(images[i])}
                 for i, path in enumerate(batch)
             ]
 
