@@ -233,6 +233,7 @@ def test_predict_cli_api_and_serve_give_the_same_answer(
     for row, want in zip(rows, expected, strict=True):
         assert_same_answer(_probabilities(row, model.labels), want)
         assert row["model"] == model.identity and row["out_of_distribution"] == ""
+        assert int(row["image_width"]) == want["image"]["width"] and row["image_mode"] == want["image"]["mode"]
 
     for path, want in zip(xrays, expected, strict=True):
         response = post(foreign_server, "/api/predict", path.read_bytes(), path.name)
