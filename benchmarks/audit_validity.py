@@ -24,7 +24,7 @@ positive images and ``1 - s`` of the negative ones (``s`` = strength: 0.5 is no 
 - ``source``: the source confound itself, as torchxrayvision's ``CovariateDataset`` mixes it: a share ``s``
   of the positives from Kermany and ``1 - s`` of the negatives (the rest from NIH).
 
-Strengths 0.7, 0.85 and 1.0. **Clean controls**: the shortcut absent (three seeds) and each shortcut
+Strengths 0.7, 0.85, 0.95 and 1.0. **Clean controls**: the shortcut absent (three seeds) and each shortcut
 decorrelated (``s = 0.5``).
 
 **The audit's data** is each model's own held-out 35%, with the shortcut planted at the model's strength
@@ -39,7 +39,7 @@ points). The table is written to ``OUT/results.csv`` and ``OUT/results.md`` and 
 
 Resumable: every stage writes its result as it goes (features per shortcut kind, each model, each audit)
 and a rerun skips what exists. On 2 CPU cores the whole run takes about an hour (features ~5 min, models
-~5 min, audits ~1-2 min each). Run from the repository root::
+~5 min, audits ~1 min each at 150 images per source). Run from the repository root::
 
     .venv/bin/python benchmarks/audit_validity.py                 # OUT = runs/audit-validity
     .venv/bin/python benchmarks/audit_validity.py --stage train     # features and models only
@@ -67,7 +67,7 @@ from machine import REPO, cpu_model
 SHARED = REPO.parent / "shared" / "data"
 POSITIVE, NEGATIVE = "COVID-19", "NORMAL"  # pneumonia stands in for COVID-19 (see above)
 KINDS = ("marker", "letter", "band", "contrast", "lowres")
-STRENGTHS = (0.7, 0.85, 1.0)
+STRENGTHS = (0.7, 0.85, 0.95, 1.0)
 CONTROL_SEEDS = (0, 1, 2)
 TRAIN_SHARE = 0.65
 COST_THRESHOLD = 0.10  # a shortcut that costs at least this much off-shortcut must be flagged
@@ -389,8 +389,7 @@ def _check_graph(folder, table, rows, carry, design, coef, intercept, features) 
 
 def audit(design: Design, record: dict, table: pd.DataFrame, out: Path, limit: int) -> dict:
     """Audit the exported model blind, on its internal test images, through ``covidxr audit``'s own code."""
-    from covidxr.lab.blackbox import AuditSample, audit_classifier
-
+    from covidxr.lab.blackbox import Sample, audit_classifier
     from covidxr.runtime.spec import OnnxClassifier
 
     folder = out / "audits" / design.name
@@ -402,7 +401,7 @@ def audit(design: Design, record: dict, table: pd.DataFrame, out: Path, limit: i
     for j, i in enumerate(record["test_rows"]):
         row = table.iloc[i]
         image = rendered(row, design.kind if j in carriers_at else None, i)
-        samples.append(AuditSample(image, row["label"], row["source"], row["patient_id"], Path(row["path"]).name))
+        samples.append(Sample(image, row["label"], row["source"], row["patient_id"], Path(row["path"]).name))
     model = OnnxClassifier(out / "models" / design.name / "model.onnx")
     started = time.perf_counter()
     result = audit_classifier(model, samples, out=folder, seed=0, sample_limit=limit)
@@ -436,7 +435,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "audit-validity")
     parser.add_argument("--stage", choices=["train", "all"], default="all")
     parser.add_argument("--only", default=None, help="one design by name, e.g. marker-1.0")
-    parser.add_argument("--limit", type=int, default=300, help="audit images per source")
+    parser.add_argument("--limit", type=int, default=150, help="audit images per source (stratified by label)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
