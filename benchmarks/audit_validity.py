@@ -419,12 +419,14 @@ def score(rows: list[dict]) -> dict:
     frame = pd.DataFrame(rows)
     flagged = frame["verdict"].isin(["fail", "warning"])
     costly = ~frame["control"] & (frame["cost"] >= COST_THRESHOLD)
-    error = (frame["estimated_clean_accuracy"] - frame["off_shortcut_accuracy"]).abs()
+    estimated = frame["estimated_clean_accuracy"].notna()
+    error = (frame["estimated_clean_accuracy"] - frame["off_shortcut_accuracy"]).abs()[estimated]
     return {
         "shortcut_models_costing_10_points": int(costly.sum()),
         "sensitivity": float(flagged[costly].mean()) if costly.any() else None,
         "controls": int(frame["control"].sum()),
         "false_alarm_rate": float(flagged[frame["control"]].mean()) if frame["control"].any() else None,
+        "not_estimable": int((~estimated).sum()),
         "estimate_mean_abs_error": float(error.mean()),
         "estimate_within_5_points": float((error <= 0.05).mean()),
     }

@@ -29,7 +29,7 @@ SIZE = 64  # the foreign models' input side
 MARKER = 64  # the planted corner square, in pixels of the 512-px images (12.5% of the side)
 PER_CLASS = 8
 VERDICTS = {"pass", "warning", "fail"}
-CHECKS = {"per_source", "lungs_hidden", "lungs_only", "periphery", "acquisition", "explanation", "calibration"}
+CHECKS = {"per_source", "transplant", "lungs_hidden", "lungs_only", "periphery", "acquisition", "explanation", "calibration"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,12 +208,19 @@ def test_a_marker_model_is_caught_by_the_corner_mask(marked_data: Path, tmp_path
     # Every marked COVID-19 image flips to "other"; no unmarked image's corner mean reaches 0.9.
     assert corners["flips"] >= PER_CLASS and corners["verdict"] == "fail"
     assert audit["checks"]["lungs_hidden"]["verdict"] == "fail"  # the lungs do not matter to it
+    # Transplants: a COVID-19 donor's corners carry the marker, so the corners move p(COVID-19); the lungs do not.
+    effects = audit["checks"]["transplant"]["figures"]["effects"]
+    assert effects["corners"]["effect"] >= 0.5 and effects["corners"]["verdict"] == "fail"
+    assert abs(effects["lungs"]["effect"]) < 0.05 and effects["lungs"]["verdict"] == "fail"
     assert audit["checks"]["explanation"]["verdict"] in {"fail", "warning"}
     assert audit["verdict"] == "fail"
     assert audit["scored_as"].startswith("labels (every non-COVID image as other)")
     assert audit["checks"]["per_source"]["figures"]["sources"]["all"]["balanced_accuracy"] == 1.0
-    # Without the marker it is at chance: the estimate must not repeat the unchanged 1.0.
-    assert audit["estimated_clean_accuracy"] <= 0.75
+    # Every source holds one scored class (COVID-19 only from ieee8023, "other" only from kermany and nih), so
+    # accuracy without a shortcut cannot be estimated: the audit says so rather than repeat the unchanged 1.0.
+    assert audit["estimated_clean_accuracy"] is None
+    assert audit["estimate"]["limited_by"].startswith("not estimable")
+    assert audit["estimate"]["terms"]["periphery_and_look_transplanted"] <= 0.75  # the marker's skill is gone
     assert audit["model"]["kind"] == "onnx" and len(audit["model"]["sha256"]) == 64
     assert audit["data"]["per_source"] == {
         "ieee8023": {"COVID-19": PER_CLASS},
@@ -234,6 +241,8 @@ def test_a_lung_model_is_not_flagged_by_the_corner_mask(marked_data: Path, tmp_p
     audit = read_audit(tmp_path / "out")
     corners = audit["checks"]["periphery"]["figures"]["masks"]["corners"]
     assert corners["flips"] == 0 and corners["verdict"] == "pass"
+    effects = audit["checks"]["transplant"]["figures"]["effects"]
+    assert effects["corners"]["effect"] == 0 and effects["corners"]["verdict"] == "pass"  # it never sees them
     assert audit["scored_as"] == "labels" and audit["seed"] == 3
     hidden = audit["checks"]["lungs_hidden"]["figures"]
     assert hidden["lungs_found"] >= 3 * PER_CLASS  # the bundled segmenter finds most lungs

@@ -57,6 +57,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from covidxr import DISCLAIMER, __version__
+from covidxr.lab.transplant import DONOR_CLASSES, REGIONS, choose_donors, effective_resolution, transplanted
 from covidxr.runtime.errors import CovidxrError
 
 __all__ = [
@@ -74,7 +75,16 @@ log = logging.getLogger(__name__)
 
 COVID = "COVID-19"
 FORMAT = "covidxr-blackbox-audit-1"
-CHECKS = ("per_source", "lungs_hidden", "lungs_only", "periphery", "acquisition", "explanation", "calibration")
+CHECKS = (
+    "per_source",
+    "transplant",
+    "lungs_hidden",
+    "lungs_only",
+    "periphery",
+    "acquisition",
+    "explanation",
+    "calibration",
+)
 VERDICT_RANK = {"pass": 0, "warning": 1, "fail": 2}
 NOT_APPLICABLE = "not applicable"
 
@@ -158,6 +168,16 @@ CALIBRATION_WARNING_ECE = 0.10
 CALIBRATION_FAIL_ECE = 0.25
 CALIBRATION_MIN_IMAGES = 20
 
+# transplant: the effect of a region is the mean change of p(COVID-19) when it comes from a COVID-19 donor
+# rather than another donor (``covidxr.lab.transplant``). Set on the planted-shortcut benchmark's development
+# half (benchmarks/audit_validity.py): clean controls stayed under these, shortcut models went over them.
+TRANSPLANT_FAIL_EFFECT = 0.15
+TRANSPLANT_WARNING_EFFECT = 0.08
+# The chest must move the answer: a model whose p(COVID-19) barely follows the lungs reads something else.
+CHEST_FAIL_EFFECT = 0.05
+CHEST_WARNING_EFFECT = 0.10
+SHORTCUT_REGIONS = ("corners", "border", "text", "look")
+
 RULES = {
     "per_source": (
         f"Source probe within class (logistic regression on the model's log-probabilities, patient-grouped "
@@ -190,6 +210,15 @@ RULES = {
         f"a {ACQUISITION_WARNING_LOSS:.2f} drop; the check takes the worst perturbation. Fewer than {MIN_FLIPS} "
         "flipped decisions never warn (noise)."
     ),
+    "transplant": (
+        "Each image gets a region from a COVID-19 donor and, separately, from a donor of another class (same "
+        "source where possible); the region's effect is the mean change of p(COVID-19) between the two, with its "
+        f"95% interval. Corners, border, text and look (grey levels and resolution): fail when an effect reaches "
+        f"{TRANSPLANT_FAIL_EFFECT:.2f} with its interval above 0, warning at {TRANSPLANT_WARNING_EFFECT:.2f}. "
+        f"Lungs: fail when their effect is under {CHEST_FAIL_EFFECT:.2f}, warning under "
+        f"{CHEST_WARNING_EFFECT:.2f} (the answer does not follow the chest); not applicable when the model is "
+        f"less than {MIN_SKILL:.2f} above chance."
+    ),
     "explanation": (
         f"Lung enrichment = mean share of occlusion attribution inside the lungs / mean lung area share (a "
         f"uniform map gives 1): fail below {EXPLANATION_FAIL_ENRICHMENT:.1f}, warning below "
@@ -204,8 +233,10 @@ RULES = {
 }
 
 MASKS = ("corners", "border", "text", "all")
+
 PERTURBATIONS = ("down_up", "jpeg", *(f"gamma_{g}" for g in GAMMAS), f"contrast_{CONTRAST}")
 VARIANTS = ("lungs_hidden", "lungs_only", *(f"mask_{m}" for m in MASKS), *PERTURBATIONS)
+TRANSPLANTS = tuple(f"{c}_{r}" for c in DONOR_CLASSES for r in (*REGIONS, "shortcut_free"))
 
 
 @dataclass(frozen=True)
@@ -792,6 +823,55 @@ def acquisition_check(scoring: Scoring, preds: Predictions) -> dict:
     }
 
 
+def _effect(preds: Predictions, region: str, covid_index: int) -> dict:
+    """Mean paired change of p(COVID-19), COVID-19 donor minus other donor, with a normal 95% interval."""
+    covid = preds.probabilities[f"covid_{region}"][:, covid_index]
+    other = preds.probabilities[f"other_{region}"][:, covid_index]
+    change = covid - other
+    change = change[np.isfinite(change)]
+    if len(change) < 2:
+        return {"effect": None, "ci95": None, "n": len(change)}
+    mean, half = float(change.mean()), 1.96 * float(change.std(ddof=1)) / math.sqrt(len(change))
+    return {"effect": mean, "ci95": [mean - half, mean + half], "n": len(change)}
+
+
+def transplant_check(scoring: Scoring, preds: Predictions, covid_index: int) -> dict:
+    ba = balanced_accuracy(scoring.truth, preds.decisions["unchanged"])
+    chance = 1 / len(set(scoring.truth))
+    effects = {region: _effect(preds, region, covid_index) for region in REGIONS}
+    verdicts = {}
+    for region in SHORTCUT_REGIONS:
+        found = effects[region]
+        if found["effect"] is None:
+            verdicts[region] = NOT_APPLICABLE
+            continue
+        verdict = _graded(found["effect"], TRANSPLANT_FAIL_EFFECT, TRANSPLANT_WARNING_EFFECT)
+        if verdict == "fail" and found["ci95"][0] <= 0:
+            verdict = "warning"
+        verdicts[region] = verdict
+    chest = effects["lungs"]["effect"]
+    if ba is None or ba - chance < MIN_SKILL or chest is None:
+        verdicts["lungs"] = NOT_APPLICABLE
+    else:
+        verdicts["lungs"] = _graded(chest, CHEST_FAIL_EFFECT, CHEST_WARNING_EFFECT, higher_is_worse=False)
+    for region, verdict in verdicts.items():
+        effects[region]["verdict"] = verdict
+    verdict = _worst(verdicts.values())
+    flagged = [r for r, v in verdicts.items() if v in ("fail", "warning")]
+    meaning = (
+        "the answer follows the chest, not the periphery or the look"
+        if not flagged
+        else "the answer follows " + ", ".join("not the lungs" if r == "lungs" else f"the {r}" for r in flagged)
+    )
+    listed = ", ".join(f"{r} {_f(e['effect'])}" for r, e in effects.items())
+    return {
+        "verdict": verdict if verdict != NOT_APPLICABLE or verdicts else NOT_APPLICABLE,
+        "rule": RULES["transplant"],
+        "summary": f"Change of p(COVID-19) with the region from a COVID-19 donor: {listed}: {meaning}.",
+        "figures": {"effects": effects, "balanced_accuracy_unchanged": ba},
+    }
+
+
 def occlusion_shares(
     classifier, grey: np.ndarray, lungs: np.ndarray, class_index: int, grid: int = OCCLUSION_GRID
 ) -> tuple[float | None, float]:
@@ -906,36 +986,48 @@ def calibration_check(samples: Sequence[Sample], preds: Predictions, covid_index
 
 
 def estimate_clean_accuracy(scoring: Scoring, samples: Sequence[Sample], preds: Predictions) -> dict:
-    """The lowest of the periphery-masked, acquisition-harmonised and mean within-source balanced accuracy,
-    never above the unchanged one (see the module docstring)."""
+    """The audit's estimate of balanced accuracy without the shortcut (see the module docstring): the lower of
+    the transplant estimate and the mean within-source balanced accuracy, never above the unchanged one; None
+    where every source holds a single class (source and label cannot be told apart in such data)."""
     unchanged = balanced_accuracy(scoring.truth, preds.decisions["unchanged"])
     sources = np.array([s.source for s in samples], dtype=object)
-    within = {}
+    within, single = {}, []
     for name in sorted(set(sources)):
         rows = sources == name
         if len(set(scoring.truth[rows])) >= 2:
             within[name] = balanced_accuracy(scoring.truth[rows], preds.decisions["unchanged"][rows])
+        else:
+            single.append(name)
+    by_donor = {c: balanced_accuracy(scoring.truth, preds.decisions[f"{c}_shortcut_free"]) for c in DONOR_CLASSES}
     terms = {
-        "periphery_masked": balanced_accuracy(scoring.truth, preds.decisions["mask_all"]),
-        "acquisition_harmonised": balanced_accuracy(scoring.truth, preds.decisions["down_up"]),
+        "periphery_and_look_transplanted": max((v for v in by_donor.values() if v is not None), default=None),
         "within_source": float(np.mean([v for v in within.values() if v is not None])) if within else None,
     }
+    reported = {
+        "periphery_masked": balanced_accuracy(scoring.truth, preds.decisions["mask_all"]),
+        "acquisition_harmonised": balanced_accuracy(scoring.truth, preds.decisions["down_up"]),
+        "transplant_by_donor_class": by_donor,
+    }
+    confounded = len(set(sources)) >= 2 and not within
     candidates = [v for v in (*terms.values(), unchanged) if v is not None]
-    value = min(candidates) if candidates else None
+    value = None if confounded or not candidates else min(candidates)
     limiting = min((k for k, v in terms.items() if v is not None), key=lambda k: terms[k], default=None)
     if limiting is not None and unchanged is not None and terms[limiting] >= unchanged:
         limiting = "unchanged"
     return {
         "value": value,
         "metric": "balanced accuracy",
-        "limited_by": limiting,
+        "limited_by": "not estimable: every source holds one class" if confounded else limiting,
         "unchanged": unchanged,
         "terms": terms,
+        "reported": reported,
         "within_source": within,
+        "single_class_sources": single,
         "estimator": (
-            "min(balanced accuracy with the whole periphery masked, with every image down-up resampled, mean "
-            "within-source balanced accuracy over sources holding two or more classes), capped at the "
-            "unchanged balanced accuracy (after Ong Ly et al. 2024)"
+            "min(balanced accuracy with every image given the periphery and look of a donor of one class, the "
+            "better of the donor classes; mean within-source balanced accuracy over sources holding two or more "
+            "classes), capped at the unchanged balanced accuracy (after Ong Ly et al. 2024); none where every "
+            "source holds a single class"
         ),
     }
 
@@ -1002,7 +1094,11 @@ def audit_classifier(
     covid_index = classifier.covid_index
     scoring = make_scoring(classifier.labels, [s.label for s in samples])
     n = len(samples)
-    probabilities = {name: np.full((n, len(classifier.labels)), np.nan) for name in ("unchanged", *VARIANTS)}
+    probabilities = {
+        name: np.full((n, len(classifier.labels)), np.nan) for name in ("unchanged", *VARIANTS, *TRANSPLANTS)
+    }
+    donors = choose_donors([s.label for s in samples], [s.source for s in samples], COVID, seed)
+    resolutions: dict[int, int] = {}
     reasons: list[str | None] = [None] * n
     chosen = _occlusion_subset(samples, seed)
     kept_regions: dict[int, Regions] = {}  # only the occlusion subset's, so memory stays flat
@@ -1016,6 +1112,7 @@ def audit_classifier(
             regions = find_regions(greys)
             found += sum(r.found for r in regions)
             built: dict[str, list[Image.Image]] = {name: [] for name in VARIANTS}
+            moved: dict[str, list[tuple[int, Image.Image]]] = {name: [] for name in TRANSPLANTS}
             for k, (grey, region) in enumerate(zip(greys, regions, strict=True)):
                 if start + k in chosen:
                     kept_regions[start + k] = region
@@ -1023,11 +1120,25 @@ def audit_classifier(
                 text_share += float(masks["text"].mean())
                 for name, array in variants(grey, region, masks).items():
                     built[name].append(Image.fromarray(array))
+                for donor_class in DONOR_CLASSES:
+                    j = int(donors[donor_class][start + k])
+                    if j < 0:
+                        continue
+                    donor = np.asarray(samples[j].image.convert("L"))
+                    if j not in resolutions:
+                        resolutions[j] = effective_resolution(donor)
+                    made = transplanted(grey, donor, resolutions[j], {**masks, "lungs": region.lungs})
+                    for region_name, array in made.items():
+                        moved[f"{donor_class}_{region_name}"].append((start + k, Image.fromarray(array)))
             p, why = _predict(classifier, [Image.fromarray(g) for g in greys])
             probabilities["unchanged"][start:stop] = p
             reasons[start:stop] = why
             for name, images in built.items():
                 probabilities[name][start:stop] = _predict(classifier, images)[0]
+            for name, pairs in moved.items():
+                if pairs:
+                    rows = [i for i, _ in pairs]
+                    probabilities[name][rows] = _predict(classifier, [image for _, image in pairs])[0]
             bar.update(stop - start)
     decisions_raw = np.array(classifier.decide(probabilities["unchanged"]), dtype=object)
     decisions = {
@@ -1039,6 +1150,7 @@ def audit_classifier(
 
     checks = {
         "per_source": per_source_check(scoring, samples, preds, covid_index, seed),
+        "transplant": transplant_check(scoring, preds, covid_index),
         "lungs_hidden": lungs_hidden_check(scoring, preds, found),
         "lungs_only": lungs_only_check(scoring, preds),
         "periphery": periphery_check(scoring, preds, text_share / n),
@@ -1091,7 +1203,24 @@ def audit_classifier(
     )
     if out is not None:
         write_audit(out, audit)
+        _write_variants(Path(out), samples, scoring, preds, covid_index)
     return audit
+
+
+def _write_variants(out: Path, samples: Sequence[Sample], scoring: Scoring, preds: Predictions, covid: int) -> None:
+    """``variants.npz``: every image's p(COVID-19) under every variant and transplant, with its name, source and
+    scored label, so a figure of the audit can be traced to the images behind it."""
+    arrays = {f"p_covid/{name}": p[:, covid] for name, p in preds.probabilities.items()}
+    partial = out / "variants.partial.npz"
+    with partial.open("wb") as handle:
+        np.savez_compressed(
+            handle,
+            names=np.array([s.name for s in samples]),
+            sources=np.array([s.source for s in samples]),
+            truth=scoring.truth.astype(str),
+            **arrays,
+        )
+    partial.replace(out / "variants.npz")
 
 
 def _verdict_line(verdict: str, failing: list[str], estimate: dict) -> str:

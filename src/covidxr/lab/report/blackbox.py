@@ -12,6 +12,7 @@ __all__ = ["blackbox_blocks", "write_blackbox_report"]
 
 CHECK_TITLES = {
     "per_source": "Per source, and the source probe within class",
+    "transplant": "Transplants: does the answer follow the chest, or the periphery and look?",
     "lungs_hidden": "Lungs hidden",
     "lungs_only": "Lungs only",
     "periphery": "Corners, border and text masked",
