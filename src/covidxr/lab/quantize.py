@@ -32,6 +32,7 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.ood import MARGIN, QUANTILE
 from covidxr.runtime.records import ModelSidecar
 from covidxr.runtime.runs import Run
+from covidxr.runtime.storage import exclusive_temp
 
 __all__ = ["METHODS", "graph_paths", "int8_runner", "int8_path", "quantize_graph", "quantize_run"]
 
@@ -56,8 +57,8 @@ def quantize_graph(source: Path, out: Path, calibration_inputs: np.ndarray | Non
     if method not in METHODS:
         raise CovidxrError(f"quantisation method must be one of {', '.join(METHODS)}, not {method!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    prepared = out.with_suffix(f".{os.getpid()}.pre.onnx")
-    tmp = out.with_suffix(f".{os.getpid()}.tmp.onnx")
+    prepared = exclusive_temp(out, ".pre.onnx")  # new files of random names: a planted link is never followed
+    tmp = exclusive_temp(out, ".tmp.onnx")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

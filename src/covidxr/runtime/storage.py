@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
+import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write", "hash_arrays", "stable_digest"]
+__all__ = ["atomic_path", "atomic_write", "exclusive_temp", "hash_arrays", "stable_digest"]
 
 
 def stable_digest(value: Any) -> str:
@@ -32,13 +32,35 @@ def hash_arrays(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _create_beside(path: Path, suffix: str) -> tuple[Path, int]:
+    """A new, empty file beside ``path`` and its open descriptor: a hidden name with a random part, created
+    exclusively (``O_EXCL``, never through a link), as ``tempfile.mkstemp`` does but with the permissions a
+    plain ``open`` gives (0666 less the umask), since the file is renamed into place."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}{suffix}")
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue  # another name: a file (or a planted link) is there already
+
+
+def exclusive_temp(path: str | Path, suffix: str = ".tmp") -> Path:
+    """A new, empty file beside ``path`` that no one else had opened (``_create_beside``), for a tool that
+    writes by name; the caller removes it."""
+    tmp, descriptor = _create_beside(Path(path), suffix)
+    os.close(descriptor)
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path beside ``path`` for a writer that needs a file name (torch.save, an exporter): renamed
     onto ``path`` when the block ends, removed when it raises, so a reader never sees half a file and an
-    interrupted write leaves the old one. The name is hidden and unique per process and thread."""
+    interrupted write leaves the old one. The file is created exclusively under a hidden random name
+    (``exclusive_temp``), so a link planted beside ``path`` is never followed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{suffix}")
+    tmp = exclusive_temp(path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -47,12 +69,17 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, data: bytes | str, sync: bool = False) -> Path:
-    """Write ``data`` beside ``path`` and rename it into place (``atomic_path``); ``sync`` also flushes it to
-    disk first."""
+    """Write ``data`` beside ``path`` and rename it into place (``atomic_path``'s exclusive file, written
+    through the descriptor that created it); ``sync`` also flushes it to disk first."""
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        if sync:
-            handle.flush()
-            os.fsync(handle.fileno())
+    tmp, descriptor = _create_beside(path, ".tmp")
+    try:
+        with open(descriptor, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

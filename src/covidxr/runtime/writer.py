@@ -28,7 +28,7 @@ from covidxr.runtime.inference import expand_inputs, iterate_predictions, output
 from covidxr.runtime.runners import Engine, head_digest, make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.site import describe_set
-from covidxr.runtime.storage import stable_digest
+from covidxr.runtime.storage import atomic_write, stable_digest
 
 __all__ = ["CHUNK", "flat_row", "model_identity", "predict_to_file"]
 
@@ -212,17 +212,12 @@ def _write_error(out: Path, exc: OSError, finished: int) -> CovidxrError:
 
 
 def _write_json(out: Path, run: Run | ForeignModel, identity: str, rows: list[dict], finished: int) -> None:
-    """The whole JSON file, written beside and synced before it replaces the old one (never half a file)."""
+    """The whole JSON file, written beside (a new file of a random name, never one planted there) and synced
+    before it replaces the old one (never half a file)."""
     payload = {"model": identity, "labels": list(run.labels), "disclaimer": DISCLAIMER, "predictions": rows}
-    tmp = out.with_suffix(".json.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(payload, indent=1))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
+        atomic_write(out, json.dumps(payload, indent=1), sync=True)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise _write_error(out, exc, finished) from None
 
 
