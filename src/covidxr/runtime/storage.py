@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write", "exclusive_temp", "hash_arrays", "stable_digest"]
+from covidxr.runtime.errors import CovidxrError
+
+__all__ = ["atomic_path", "atomic_write", "exclusive_temp", "hash_arrays", "locked", "stable_digest"]
 
 
 def stable_digest(value: Any) -> str:
@@ -83,3 +87,50 @@ def atomic_write(path: str | Path, data: bytes | str, sync: bool = False) -> Pat
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+@contextmanager
+def locked(path: str | Path, what: str = "file") -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for one writer: ``fcntl.flock`` on a hidden ``.NAME.lock`` beside it
+    that holds the writer's process id, removed when the block ends. A second writer, in this process or
+    another, is refused at once in one line naming the holder; the lock goes with its process, so one that
+    crashed leaves nothing to clean up."""
+    import fcntl  # POSIX
+
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        try:
+            descriptor = os.open(lock, flags, 0o666)
+        except OSError as exc:
+            reason = "a link" if exc.errno == errno.ELOOP else exc.strerror or type(exc).__name__
+            raise CovidxrError(f"{path}: cannot lock it ({lock.name}: {reason})") from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+            os.close(descriptor)
+            by = f"process {holder}" if holder.isdigit() else "another process"
+            raise CovidxrError(
+                f"{path}: another covidxr is writing this {what} ({by}, lock {lock.name}); wait for it to finish "
+                "or choose another --out"
+            ) from None
+        mine = os.fstat(descriptor)
+        if not stat.S_ISREG(mine.st_mode):
+            os.close(descriptor)
+            raise CovidxrError(f"{path}: cannot lock it ({lock.name} is not a regular file)")
+        try:
+            current = os.stat(lock, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        if current is not None and (mine.st_dev, mine.st_ino) == (current.st_dev, current.st_ino):
+            break
+        os.close(descriptor)  # the holder removed this lock file as we opened it: take the new one
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before the lock is released, so a waiting writer never takes a stale file
+        os.close(descriptor)

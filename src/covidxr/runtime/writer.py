@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from covidxr.runtime.inference import expand_inputs, iterate_predictions, output
 from covidxr.runtime.runners import Engine, head_digest, make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.site import describe_set
-from covidxr.runtime.storage import atomic_write, stable_digest
+from covidxr.runtime.storage import atomic_write, locked, stable_digest
 
 __all__ = ["CHUNK", "flat_row", "model_identity", "predict_to_file"]
 
@@ -282,6 +282,22 @@ def predict_to_file(
         def predictions(todo: list[Path]) -> Iterator[list[dict]]:
             return iterate_predictions(run, todo, runner, min(batch_size, chunk_size), num_workers)
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out, "prediction file"):  # one writer at a time: a second is refused, naming the first
+        return _predict_locked(run, files, out, resume, identity, predictions, progress, chunk_size)
+
+
+def _predict_locked(
+    run: Run | ForeignModel,
+    files: list[Path],
+    out: Path,
+    resume: bool,
+    identity: str,
+    predictions: Callable[[list[Path]], Iterator[list[dict]]],
+    progress: bool,
+    chunk_size: int,
+) -> tuple[list[dict], int]:
+    """``predict_to_file`` once ``out`` is locked for this process."""
     columns = [*flat_row({"file": ""}, run.labels), "model"]
     rows: list[dict] = []
     if out.exists():
@@ -290,7 +306,6 @@ def predict_to_file(
         rows = _read_done(out, columns, identity)
     done = {str(row["file"]) for row in rows}
     todo = [f for f in files if output_name(f) not in done]
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv" and not out.exists():
         try:
             _append_synced(out, (",".join(columns) + "\n").encode("utf-8"), 0)
