@@ -89,11 +89,26 @@ def atomic_write(path: str | Path, data: bytes | str, sync: bool = False) -> Pat
     return path
 
 
+def _lock_holder(inode: int) -> int | None:
+    """The process holding a ``flock`` on the file ``inode``, from Linux's ``/proc/locks`` (None elsewhere, or
+    when it has just let go). Read there rather than written in the lock file, which then takes no disk space
+    (a full disk still gets its one-line error)."""
+    try:
+        with open("/proc/locks", encoding="ascii") as handle:
+            for line in handle:
+                fields = line.split()  # 1: FLOCK ADVISORY WRITE PID MAJOR:MINOR:INODE START END
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 @contextmanager
 def locked(path: str | Path, what: str = "file") -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` for one writer: ``fcntl.flock`` on a hidden ``.NAME.lock`` beside it
-    that holds the writer's process id, removed when the block ends. A second writer, in this process or
-    another, is refused at once in one line naming the holder; the lock goes with its process, so one that
+    """Hold an exclusive lock on ``path`` for one writer: ``fcntl.flock`` on a hidden, empty ``.NAME.lock``
+    beside it, removed when the block ends. A second writer, in this process or another, is refused at once in
+    one line naming the holder's process (``_lock_holder``); the lock goes with its process, so one that
     crashed leaves nothing to clean up."""
     import fcntl  # POSIX
 
@@ -109,9 +124,9 @@ def locked(path: str | Path, what: str = "file") -> Iterator[None]:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+            holder = _lock_holder(os.fstat(descriptor).st_ino)
             os.close(descriptor)
-            by = f"process {holder}" if holder.isdigit() else "another process"
+            by = "another process" if holder is None else f"process {holder}"
             raise CovidxrError(
                 f"{path}: another covidxr is writing this {what} ({by}, lock {lock.name}); wait for it to finish "
                 "or choose another --out"
@@ -128,8 +143,6 @@ def locked(path: str | Path, what: str = "file") -> Iterator[None]:
             break
         os.close(descriptor)  # the holder removed this lock file as we opened it: take the new one
     try:
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         lock.unlink(missing_ok=True)  # before the lock is released, so a waiting writer never takes a stale file
