@@ -4,8 +4,10 @@ long chunk (F16). On the bundled model and real X-rays; every hostile input is m
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import pandas as pd
 import pytest
 
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.inference import spreadsheet_text, text_from_spreadsheet
+from covidxr.runtime.monitor import _csv_rows, read_predictions
 from covidxr.runtime.runners import make_engine
 from covidxr.runtime.runs import default_model_path, load_run
 from covidxr.runtime.storage import atomic_path, atomic_write, locked
@@ -116,12 +120,9 @@ def many(xrays, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_a_second_writer_of_one_out_is_refused_naming_the_first(many: Path, tmp_path: Path, suffix: str) -> None:
     out = tmp_path / f"p{suffix}"
-    lock = tmp_path / f".p{suffix}.lock"
     first = covidxr("predict", many, "--out", out, "--chunk-size", "1")
     try:
-        # The first writer holds the output (its lock names it; without a lock, its first rows are there).
-        held = lambda: lock.is_file() and _read(lock).strip().isdigit() or out.exists()  # noqa: E731
-        wait_until(held, first, "output")
+        wait_until(out.exists, first, "output")  # its header or first chunk: written once it holds the output
         first.send_signal(signal.SIGSTOP)  # caught in the middle of its run, for as long as the test needs
         for extra in (["--resume"], []):
             second = run_cli("predict", many, "--out", out, "--chunk-size", "1", *extra, timeout=300)
@@ -145,17 +146,10 @@ def test_a_second_writer_of_one_out_is_refused_naming_the_first(many: Path, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no lock or temporary file left
 
 
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return ""
-
-
 def test_the_lock_is_one_writer_at_a_time_survives_a_crash_and_follows_no_link(tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
     with locked(out, "prediction file"):
-        assert (tmp_path / ".p.csv.lock").read_text() == f"{os.getpid()}\n"
+        assert (tmp_path / ".p.csv.lock").stat().st_size == 0  # it takes no space: a full disk still gets its error
         with (
             pytest.raises(
                 CovidxrError, match=rf"another covidxr is writing this prediction file \(process {os.getpid()}"
@@ -166,10 +160,108 @@ def test_the_lock_is_one_writer_at_a_time_survives_a_crash_and_follows_no_link(t
     assert not (tmp_path / ".p.csv.lock").exists()
     (tmp_path / ".p.csv.lock").write_text("4194304\n")  # left by a writer that crashed: no one holds it
     with locked(out, "prediction file"):
-        assert (tmp_path / ".p.csv.lock").read_text() == f"{os.getpid()}\n"
+        assert (tmp_path / ".p.csv.lock").is_file()
+    assert not (tmp_path / ".p.csv.lock").exists()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (tmp_path / ".p.csv.lock").symlink_to(victim)
     with pytest.raises(CovidxrError, match=r"cannot lock it \(\.p\.csv\.lock: a link\)"), locked(out):
         pass
     assert victim.read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------------------------
+# F11 and F16: separators and formulas in file names
+# ---------------------------------------------------------------------------------------------
+
+
+def raw_records(path: Path) -> list[list[str]]:
+    """The CSV's records exactly as written (no newline translation)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.reader(handle))
+
+
+def cut_after(out: Path, records: int) -> None:
+    """Keep the header and the first ``records`` rows of a CSV written by predict (as an interrupted run does)."""
+    text, quoted, ends = out.read_bytes().decode("utf-8"), False, []
+    for i, char in enumerate(text):
+        quoted ^= char == '"'
+        if char == "\n" and not quoted:
+            ends.append(i + 1)
+    out.write_bytes(text[: ends[records]].encode("utf-8"))
+
+
+def test_separators_in_names_round_trip_through_the_csv_and_resume(run, runner, xrays, tmp_path: Path) -> None:
+    folder = tmp_path / "names"
+    folder.mkdir()
+    names = ["cr\rin.jpg", "lf\nin.jpg", "crlf\r\nin.jpg", 'quote"d.jpg', "com,ma.jpg", "end.jpg\r", "plain.jpg"]
+    for name in names:
+        shutil.copy(xrays[1], folder / name)
+    (folder / "bad\r,name.png").write_text("not an image")  # its error message holds the name too
+    expected = sorted(str(path) for path in folder.iterdir())
+    out = tmp_path / "p.csv"
+    inputs = [folder, folder / "end.jpg\r"]  # the folder, and a name whose suffix a folder scan skips
+    rows, new = predict_to_file(run, inputs, out, progress=False, engine=runner)
+    records = raw_records(out)
+    assert new == len(records) - 1 == len(expected) and all(len(record) == len(records[0]) for record in records)
+    assert sorted(record[0] for record in records[1:]) == expected  # every name exactly as on disk
+    error = records[0].index("error")
+    assert [record[error] for record in records if record[0].endswith(".png")] == [
+        f"{folder}/bad\r,name.png: not a readable image (UnidentifiedImageError)"
+    ]
+    assert table(out)["file"].tolist() == [record[0] for record in records[1:]]  # pandas reads it too
+
+    for kept in (len(expected), 3):  # complete, then interrupted after 3 rows
+        cut_after(out, kept)
+        rows, new = predict_to_file(run, inputs, out, resume=True, progress=False, engine=runner)
+        assert new == len(expected) - kept and sorted(row["file"] for row in rows) == expected
+        assert sorted(record[0] for record in raw_records(out)[1:]) == expected
+    readable, _ = read_predictions([out])  # covidxr monitor's reader
+    assert len(readable) == len(expected)
+
+
+def test_names_that_look_like_formulas_are_escaped_for_spreadsheets_and_mapped_back(
+    run, runner, xrays, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "formulas"
+    folder.mkdir()
+    escaped = {
+        "=1+2.jpg": "'=1+2.jpg",
+        "+cmd.jpg": "'+cmd.jpg",
+        "-2+3.jpg": "'-2+3.jpg",
+        "@SUM(A1).jpg": "'@SUM(A1).jpg",
+        "'=quoted.jpg": "''=quoted.jpg",  # a real leading quote before a formula: escaped too, so it comes back
+        "'plain.jpg": "'plain.jpg",  # a leading quote alone is no formula: left as it is
+        "plain.jpg": "plain.jpg",
+    }
+    for name in escaped:
+        shutil.copy(xrays[2], folder / name)
+    (folder / "=bad.png").write_text("not an image")
+    escaped["=bad.png"] = "'=bad.png"
+    monkeypatch.chdir(folder)  # relative names, as `covidxr predict . --out p.csv` writes them
+    out = tmp_path / "p.csv"
+    rows, new = predict_to_file(run, [Path(".")], out, progress=False, engine=runner)
+    records = raw_records(out)
+    header = records[0]
+    assert new == len(escaped) and sorted(record[0] for record in records[1:]) == sorted(escaped.values())
+    text_columns = [header.index(column) for column in ("file", "label", "no_answer_reason", "error", "model")]
+    assert not [record[i] for record in records[1:] for i in text_columns if record[i].startswith(("=", "+", "-", "@"))]
+    bad = next(record for record in records if record[0] == "'=bad.png")
+    assert bad[header.index("error")] == "'=bad.png: not a readable image (UnidentifiedImageError)"
+    assert sorted(row["file"] for row in rows) == sorted(escaped)  # the API's rows hold the real names
+
+    cut_after(out, 4)
+    rows, new = predict_to_file(run, [Path(".")], out, resume=True, progress=False, engine=runner)
+    assert new == len(escaped) - 4 and sorted(row["file"] for row in rows) == sorted(escaped)  # mapped back
+    assert all(Path(row["file"]).is_file() for row in rows)
+    assert sorted(record[0] for record in raw_records(out)[1:]) == sorted(escaped.values())
+    monitored = _csv_rows(out, out.read_text(encoding="utf-8"))  # covidxr monitor's reader maps them back too
+    assert sorted(row["file"] for row in monitored) == sorted(escaped)
+    readable, _ = read_predictions([out])
+    assert len(readable) == len(escaped)
+
+
+@pytest.mark.parametrize("text", ["", "'", "''", "'=", "=", "''=x", "a=b", "-", "-1.5", "\t", "\rx", "'+'", "@"])
+def test_the_spreadsheet_escape_is_reversible(text: str) -> None:
+    cell = spreadsheet_text(text)
+    assert text_from_spreadsheet(cell) == text and not cell.startswith(("=", "+", "-", "@", "\t", "\r"))

@@ -31,6 +31,8 @@ __all__ = [
     "path_from_output_name",
     "predict_files",
     "printable",
+    "spreadsheet_text",
+    "text_from_spreadsheet",
 ]
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 OUT_OF_DISTRIBUTION = "not a chest X-ray like the training images"
 BLANK = "a nearly uniform (blank) image"
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # how a spreadsheet formula may begin (as a CSV cell)
 
 
 def answer(
@@ -208,6 +211,18 @@ def path_from_output_name(name: str) -> Path:
         return Path(name)
     raw = re.sub(rb"\\x([0-9a-f]{2})", lambda match: bytes([int(match[1], 16)]), name.encode("utf-8"))
     return Path(os.fsdecode(raw))
+
+
+def spreadsheet_text(text: str) -> str:
+    """A text cell of a CSV as spreadsheet tools expect it: one that would start a formula (``=``, ``+``, ``-``,
+    ``@``, a tab or a carriage return, after any ``'``) gets a leading ``'``, shown as text, so a file named
+    ``=HYPERLINK(...)`` is never run. ``text_from_spreadsheet`` takes it off again: every text round-trips."""
+    return f"'{text}" if text.lstrip("'").startswith(FORMULA_STARTS) else text
+
+
+def text_from_spreadsheet(cell: str) -> str:
+    """The text a CSV cell written by ``spreadsheet_text`` holds (its inverse)."""
+    return cell[1:] if cell.startswith("'") and cell.lstrip("'").startswith(FORMULA_STARTS) else cell
 
 
 def printable(message: str) -> str:

@@ -56,6 +56,7 @@ from PIL import Image, ImageDraw, ImageFont
 from covidxr import DISCLAIMER
 from covidxr.runtime.calibration import POSITIVE
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.inference import text_from_spreadsheet
 from covidxr.runtime.records.monitor import MonitorFigures, MonitorReport, MonitorWindow
 from covidxr.runtime.records.site import MIN_IMAGES
 from covidxr.runtime.site import SiteCalibration, load_site
@@ -255,7 +256,7 @@ def _csv_rows(path: Path, text: str) -> list[dict]:
     for number, record in enumerate(records[1:], start=2):
         if len(record) != len(header):
             raise CovidxrError(f"{path} row {number}: damaged ({len(record)} fields, the header has {len(header)})")
-        rows.append(dict(zip(header, record, strict=True)))
+        rows.append(dict(zip(header, map(text_from_spreadsheet, record), strict=True)))  # '=x.png: =x.png
     return rows
 
 

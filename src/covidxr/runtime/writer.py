@@ -5,13 +5,12 @@ a file made by another model or engine is refused rather than mixed."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -24,7 +23,14 @@ from covidxr.runtime.engines import (
 )
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.foreign import NOT_FINITE, ForeignModel
-from covidxr.runtime.inference import expand_inputs, iterate_predictions, output_name, printable
+from covidxr.runtime.inference import (
+    expand_inputs,
+    iterate_predictions,
+    output_name,
+    printable,
+    spreadsheet_text,
+    text_from_spreadsheet,
+)
 from covidxr.runtime.runners import Engine, head_digest, make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.site import describe_set
@@ -156,6 +162,18 @@ def _read_csv_rows(out: Path, columns: list[str]) -> tuple[list[dict], int]:
     return [_typed(row) for row in rows], ends[-1]
 
 
+def _csv_line(values: Iterable[object]) -> str:
+    """One CSV record ending in ``\\n``: text cells escaped for spreadsheets (``spreadsheet_text``) and quoted
+    wherever they hold a comma, a quote, ``\\n`` or ``\\r`` (the csv module's minimal quoting leaves a bare
+    ``\\r`` unquoted when lines end in ``\\n``, and a reader then splits the record), numbers as Python writes
+    them, None as an empty cell."""
+    cells = []
+    for value in values:
+        cell = "" if value is None else spreadsheet_text(value) if isinstance(value, str) else str(value)
+        cells.append('"' + cell.replace('"', '""') + '"' if any(c in cell for c in ',"\r\n') else cell)
+    return ",".join(cells) + "\n"
+
+
 def _typed(row: dict[str, str]) -> dict:
     """A CSV row with the types ``flat_row`` wrote: probabilities and scores as floats, flags as booleans,
     an empty cell as None (the file and text columns stay strings)."""
@@ -168,7 +186,7 @@ def _typed(row: dict[str, str]) -> dict:
         elif key in {"covid_positive", "out_of_distribution"}:
             typed[key] = {"True": True, "False": False}.get(value)
         else:
-            typed[key] = value
+            typed[key] = text_from_spreadsheet(value)
     return typed
 
 
@@ -315,10 +333,8 @@ def _predict_locked(
 
     def write(new: list[dict]) -> None:
         if out.suffix == ".csv":
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, columns, lineterminator="\n")
-            writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in new)
-            _append_synced(out, buffer.getvalue().encode("utf-8"), len(rows))
+            text = "".join(_csv_line(row[column] for column in columns) for row in new)
+            _append_synced(out, text.encode("utf-8"), len(rows))
             rows.extend(new)
         else:
             _write_json(out, run, identity, rows + new, len(rows))
