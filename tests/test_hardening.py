@@ -15,10 +15,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import read_image
 from covidxr.runtime.inference import spreadsheet_text, text_from_spreadsheet
 from covidxr.runtime.monitor import _csv_rows, read_predictions
 from covidxr.runtime.runners import make_engine
@@ -265,3 +268,27 @@ def test_names_that_look_like_formulas_are_escaped_for_spreadsheets_and_mapped_b
 def test_the_spreadsheet_escape_is_reversible(text: str) -> None:
     cell = spreadsheet_text(text)
     assert text_from_spreadsheet(cell) == text and not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
+
+
+# ---------------------------------------------------------------------------------------------
+# F16: a NaN pixel, and Ctrl-C during a long chunk
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_float_tiff_with_one_nan_pixel_is_not_a_finite_image_not_blank(run, runner, xrays, tmp_path: Path) -> None:
+    grey = np.asarray(Image.open(xrays[3]).convert("L"), dtype=np.float32) / 255.0  # a real film as float TIFF
+    Image.fromarray(grey, mode="F").save(tmp_path / "clean.tif")
+    for name, value in (("nan.tif", np.nan), ("inf.tif", np.inf)):
+        spoiled = grey.copy()
+        spoiled[spoiled.shape[0] // 2, spoiled.shape[1] // 2] = value
+        Image.fromarray(spoiled, mode="F").save(tmp_path / name)
+        with pytest.raises(CovidxrError, match=rf"{name}: not a finite image \(1 of its [\d,]+ pixels"):
+            read_image(tmp_path / name)
+    rows, _ = predict_to_file(run, sorted(tmp_path.glob("*.tif")), tmp_path / "p.csv", progress=False, engine=runner)
+    by_name = {Path(row["file"]).name: row for row in rows}
+    assert by_name["clean.tif"]["error"] == "" and by_name["clean.tif"]["p_COVID-19"] is not None
+    for name in ("nan.tif", "inf.tif"):
+        assert "not a finite image" in by_name[name]["error"] and by_name[name]["no_answer_reason"] == ""
+    result = run_cli("predict", tmp_path / "nan.tif", timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: {tmp_path / 'nan.tif'}: not a finite image")

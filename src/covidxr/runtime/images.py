@@ -137,7 +137,7 @@ def _decode(source: Source, suffix: str, draft: int | None = None) -> Image.Imag
             img.load()
             turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
             mode = img.mode
-            decoded = _to_rgb8(_upright(img))
+            decoded = _to_rgb8(_upright(img), path)
             decoded.info[FULL_SIZE] = full_size[::-1] if turned else full_size  # before any draft reduction
             decoded.info[BIT_DEPTH], decoded.info[SOURCE_MODE] = _MODE_BITS.get(mode, 8), mode
             return decoded
@@ -190,9 +190,12 @@ def _upright(img: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(img)
 
 
-def _to_rgb8(img: Image.Image) -> Image.Image:
+def _to_rgb8(img: Image.Image, path: str | Path) -> Image.Image:
     if img.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
         arr = np.asarray(img, dtype=np.float64)
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))  # a float TIFF's NaN would make it all "blank"
+        if bad:
+            raise CovidxrError(f"{path}: not a finite image ({bad} of its {arr.size:,} pixels are NaN or infinite)")
         lo, hi = float(arr.min()), float(arr.max())
         scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
         img = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
