@@ -292,3 +292,41 @@ def test_a_float_tiff_with_one_nan_pixel_is_not_a_finite_image_not_blank(run, ru
     result = run_cli("predict", tmp_path / "nan.tif", timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"Error: {tmp_path / 'nan.tif'}: not a finite image")
+
+
+@pytest.fixture(scope="module")
+def two_hundred(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200 real X-rays, linked from the shared data."""
+    root = tmp_path_factory.mktemp("two-hundred")
+    for name in cxr3_meta["filename"].iloc[::5].head(200):
+        (root / Path(name).name).symlink_to(cxr3 / name)
+    assert len(list(root.iterdir())) == 200
+    return root
+
+
+def test_ctrl_c_during_a_huge_chunk_stops_keeps_the_finished_rows_and_exits_130(two_hundred: Path, tmp_path: Path):
+    out = tmp_path / "p.csv"
+    args = ["predict", two_hundred, "--out", out, "--chunk-size", "100000"]  # one chunk for the whole run
+    process = covidxr(*args)
+    try:
+        wait_until(out.exists, process, "header")  # written just before the loop starts
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        _, stderr = process.communicate(timeout=30)  # generous: it stops after the batch in hand
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == (
+        f"Error: interrupted; the finished rows are in {out}: rerun with --resume"
+    )
+    files = sorted(str(path) for path in two_hundred.iterdir())
+    partial = table(out)
+    assert len(partial) < len(files) and partial["file"].tolist() == files[: len(partial)]  # a valid prefix
+    assert (partial["error"] == "").all() and partial["model"].str.startswith("efficientnet_lite0").all()
+
+    resumed = run_cli(*args, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"({len(partial)} were already done)" in resumed.stdout
+    complete = table(out)
+    assert complete["file"].tolist() == files
+    pd.testing.assert_frame_equal(complete.head(len(partial)), partial)  # finished rows untouched

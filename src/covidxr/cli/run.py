@@ -107,8 +107,9 @@ def predict_command(
             rows, new = predict_to_file(
                 loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
             )
-        except KeyboardInterrupt:
-            raise click.ClickException(f"interrupted; the finished rows are in {out}: rerun with --resume") from None
+        except KeyboardInterrupt:  # Ctrl-C or SIGINT: one line, and 128 + SIGINT as a shell expects
+            click.echo(f"Error: interrupted; the finished rows are in {out}: rerun with --resume", err=True)
+            click.get_current_context().exit(130)
         errors = [row for row in rows if row["error"]]
         for row in errors:
             click.echo(f"ERROR {row['error']}", err=True)

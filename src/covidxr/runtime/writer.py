@@ -241,7 +241,8 @@ def _write_json(out: Path, run: Run | ForeignModel, identity: str, rows: list[di
 
 @contextmanager
 def _stop_after_chunk():
-    """Ctrl-C asks the loop to stop once the chunk in hand is written (a second Ctrl-C stops at once).
+    """Ctrl-C asks the loop to stop after the batch in hand: the rows finished so far are written, however
+    large the chunk, and the loop ends with KeyboardInterrupt (a second Ctrl-C stops at once).
 
     Only the main thread can handle signals; elsewhere Ctrl-C keeps its default behaviour.
     """
@@ -348,10 +349,10 @@ def _predict_locked(
         for batch in predictions(todo):
             pending += [{**flat_row(result, run.labels), "model": identity} for result in batch]
             bar.update(len(batch))
-            if len(pending) >= chunk_size or written + len(pending) == len(todo):
+            if stop.is_set() or len(pending) >= chunk_size or written + len(pending) == len(todo):
                 write(pending)
                 written, pending = written + len(pending), []
-                if stop.is_set() and written < len(todo):
+                if stop.is_set():  # within a batch of Ctrl-C, not a chunk; the caller exits 130
                     raise KeyboardInterrupt
     if out.suffix == ".json" and not todo:
         _write_json(out, run, identity, rows, len(rows))
