@@ -29,7 +29,16 @@ SIZE = 64  # the foreign models' input side
 MARKER = 64  # the planted corner square, in pixels of the 512-px images (12.5% of the side)
 PER_CLASS = 8
 VERDICTS = {"pass", "warning", "fail"}
-CHECKS = {"per_source", "transplant", "lungs_hidden", "lungs_only", "periphery", "acquisition", "explanation", "calibration"}
+CHECKS = {
+    "per_source",
+    "transplant",
+    "lungs_hidden",
+    "lungs_only",
+    "periphery",
+    "acquisition",
+    "explanation",
+    "calibration",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +229,7 @@ def test_a_marker_model_is_caught_by_the_corner_mask(marked_data: Path, tmp_path
     # accuracy without a shortcut cannot be estimated: the audit says so rather than repeat the unchanged 1.0.
     assert audit["estimated_clean_accuracy"] is None
     assert audit["estimate"]["limited_by"].startswith("not estimable")
-    assert audit["estimate"]["terms"]["periphery_and_look_transplanted"] <= 0.75  # the marker's skill is gone
+    assert audit["estimate"]["terms"]["flagged_regions_transplanted"] <= 0.75  # the marker's skill is gone
     assert audit["model"]["kind"] == "onnx" and len(audit["model"]["sha256"]) == 64
     assert audit["data"]["per_source"] == {
         "ieee8023": {"COVID-19": PER_CLASS},
