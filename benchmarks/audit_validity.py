@@ -32,6 +32,11 @@ decorrelated (``s = 0.5``).
 **Truth** is the model's balanced accuracy on the same held-out images with no shortcut at all, and both
 sources in their natural mix ("off-shortcut"). A shortcut's **cost** is internal minus off-shortcut accuracy.
 
+**Development and evaluation.** The audit's thresholds (``covidxr.lab.blackbox``) were set on the
+development designs: the marker, band and contrast models and the clean controls of seeds 0 and 1. The letter,
+low-resolution and source models and the seed-2 control are the evaluation designs, shortcut kinds the
+thresholds never saw; the scores are given for each part and for all.
+
 **Scores** (the issue's targets): sensitivity, the share of models whose shortcut costs at least 10 points
 that the audit flags fail or warning (target >= 95%); false alarms, the share of clean controls flagged
 (target <= 10%); and the error of the audit's ``estimated_clean_accuracy`` against truth (target within 5
@@ -184,6 +189,18 @@ class Design:
     @property
     def control(self) -> bool:
         return self.kind is None or self.strength == 0.5
+
+
+# The audit's thresholds were set on the development designs (three shortcut kinds and two clean seeds) and
+# are scored on the evaluation designs too: shortcut kinds the thresholds never saw.
+DEVELOPMENT_KINDS = ("marker", "band", "contrast")
+DEVELOPMENT_SEEDS = (0, 1)
+
+
+def part(design: Design) -> str:
+    if design.kind is None:
+        return "development" if design.seed in DEVELOPMENT_SEEDS else "evaluation"
+    return "development" if design.kind in DEVELOPMENT_KINDS else "evaluation"
 
 
 def designs() -> list[Design]:
@@ -417,6 +434,8 @@ def markdown(frame: pd.DataFrame) -> str:
 
 def score(rows: list[dict]) -> dict:
     frame = pd.DataFrame(rows)
+    if frame.empty:
+        return {}
     flagged = frame["verdict"].isin(["fail", "warning"])
     costly = ~frame["control"] & (frame["cost"] >= COST_THRESHOLD)
     estimated = frame["estimated_clean_accuracy"].notna()
@@ -471,6 +490,7 @@ def main() -> None:
         rows.append(
             {
                 "model": design.name,
+                "part": part(design),
                 "shortcut": design.kind or "none",
                 "strength": design.strength,
                 "control": design.control,
@@ -486,7 +506,9 @@ def main() -> None:
         )
         frame = pd.DataFrame(rows)
         frame.to_csv(args.out / "results.csv", index=False)
-    summary = score(rows)
+    summary = {"all": score(rows)}
+    for name in ("development", "evaluation"):
+        summary[name] = score([row for row in rows if row["part"] == name])
     atomic_write(args.out / "score.json", json.dumps(summary, indent=2))
     table_md = markdown(frame)
     atomic_write(args.out / "results.md", table_md + "\n\n" + json.dumps(summary, indent=2) + "\n")
