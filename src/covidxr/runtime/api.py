@@ -33,7 +33,7 @@ from covidxr.runtime.cam import (
 from covidxr.runtime.engines import TRAIN_EXTRA, OnnxEngine, torch_available
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.foreign import NO_SITE, ForeignModel, is_foreign_model
-from covidxr.runtime.images import check_dimensions, image_facts, read_image
+from covidxr.runtime.images import SINGLE_IMAGE, ImageLike, as_image, image_facts, read_image
 from covidxr.runtime.inference import answer, predict_files
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.plugins import entry_point
@@ -44,25 +44,6 @@ from covidxr.runtime.site import SiteCalibration, with_site
 __all__ = ["ForeignModel", "ImageLike", "METHODS", "Model", "load_model"]
 
 METHODS = ("gradcam", "gradcam++", "scorecam", "eigencam")  # covidxr.lab.explain.METHODS, without importing torch
-
-ImageLike = str | Path | Image.Image | np.ndarray
-SINGLE = (str, Path, Image.Image, np.ndarray)  # one image; anything else is a sequence of them
-
-
-def _as_image(item: ImageLike) -> Image.Image:
-    """An RGB image, held to the limits files are held to (too small, over the pixel limit: ``CovidxrError``)."""
-    if isinstance(item, str | Path):
-        return read_image(item)
-    if isinstance(item, Image.Image):
-        check_dimensions(item.width, item.height, f"PIL image ({item.width}x{item.height})")
-        return item.convert("RGB")
-    array = np.asarray(item)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
-        raise CovidxrError(f"an image array must be uint8 HxW or HxWx3, not {array.dtype} {array.shape}")
-    if array.size == 0:
-        raise CovidxrError(f"image array {array.shape} is empty")
-    check_dimensions(array.shape[1], array.shape[0], f"image array {array.shape}")
-    return Image.fromarray(array).convert("RGB")
 
 
 class Model:
@@ -121,7 +102,7 @@ class Model:
         >>> [r["label"] for r in model.predict(["a.png", Image.open("b.png")])]
         ['NORMAL', None]
         """
-        if isinstance(images, SINGLE):
+        if isinstance(images, SINGLE_IMAGE):
             [result] = self.predict([images], batch_size)
             if "error" in result:
                 raise CovidxrError(result["error"])
@@ -129,7 +110,7 @@ class Model:
         images = list(images)
         if all(isinstance(item, str | Path) for item in images):
             return predict_files(self.run, list(images), self.cache_dir, batch_size, progress=False, engine=self.engine)
-        decoded = [_as_image(item) for item in images]
+        decoded = [as_image(item) for item in images]
         results = []
         for start in range(0, len(decoded), batch_size):
             chunk = decoded[start : start + batch_size]
@@ -159,9 +140,9 @@ class Model:
         """
         if method not in METHODS:
             raise CovidxrError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        if isinstance(images, SINGLE):
+        if isinstance(images, SINGLE_IMAGE):
             return self.explain([images], method)[0]
-        decoded = [_as_image(item) for item in images]
+        decoded = [as_image(item) for item in images]
         prepared = [self.prepare(image) for image in decoded]
         inputs = np.stack([array for array, _, _ in prepared])
         activation = self._numpy_cam if method == "gradcam" else None

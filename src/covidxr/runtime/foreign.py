@@ -28,7 +28,7 @@ from PIL import Image
 
 from covidxr import DISCLAIMER
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.images import image_facts, read_image
+from covidxr.runtime.images import SINGLE_IMAGE, as_image, image_facts, read_image
 from covidxr.runtime.spec import COVID, GraphSpec, OnnxClassifier
 from covidxr.runtime.storage import stable_digest
 
@@ -136,9 +136,8 @@ class ForeignModel:
         """The answer for one image (a path, a PIL image or a uint8 HxW / HxWx3 array), or a list of answers for
         a list of them; keys as ``covidxr.Model.predict``'s. In a list of paths an unreadable file gets ``error``
         instead of a label; a single path that cannot be read, and any bad decoded image, raise ``CovidxrError``."""
-        from covidxr.runtime.api import SINGLE, _as_image
 
-        if isinstance(images, SINGLE):
+        if isinstance(images, SINGLE_IMAGE):
             [result] = self.predict([images], batch_size)
             if "error" in result:
                 raise CovidxrError(result["error"])
@@ -146,7 +145,7 @@ class ForeignModel:
         images = list(images)
         if images and all(isinstance(item, str | Path) for item in images):
             return self.predict_files(images, batch_size)
-        decoded = [_as_image(item) for item in images]
+        decoded = [as_image(item) for item in images]
         results = []
         for start in range(0, len(decoded), batch_size):
             chunk = decoded[start : start + batch_size]

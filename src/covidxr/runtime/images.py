@@ -19,6 +19,9 @@ from covidxr.runtime.errors import CovidxrError, ImageTooLarge
 from covidxr.runtime.source import DICOM_SUFFIXES, Source, has_dicom_magic, source_label
 
 __all__ = [
+    "ImageLike",
+    "SINGLE_IMAGE",
+    "as_image",
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS",
     "MIN_IMAGE_SIDE",
@@ -214,3 +217,23 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+ImageLike = str | Path | Image.Image | np.ndarray
+SINGLE_IMAGE = (str, Path, Image.Image, np.ndarray)  # one image; anything else is a sequence of them
+
+
+def as_image(item: ImageLike) -> Image.Image:
+    """An RGB image, held to the limits files are held to (too small, over the pixel limit: ``CovidxrError``)."""
+    if isinstance(item, str | Path):
+        return read_image(item)
+    if isinstance(item, Image.Image):
+        check_dimensions(item.width, item.height, f"PIL image ({item.width}x{item.height})")
+        return item.convert("RGB")
+    array = np.asarray(item)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise CovidxrError(f"an image array must be uint8 HxW or HxWx3, not {array.dtype} {array.shape}")
+    if array.size == 0:
+        raise CovidxrError(f"image array {array.shape} is empty")
+    check_dimensions(array.shape[1], array.shape[0], f"image array {array.shape}")
+    return Image.fromarray(array).convert("RGB")
