@@ -217,3 +217,19 @@ def raw_sources(tmp_path: Path, cxr3: Path, meta: pd.DataFrame) -> tuple[Path, P
     # The same image twice under two names: the build must keep one.
     shutil.copy(kermany / "train" / "NORMAL" / "IM-0115-0001.jpeg", kermany / "test" / "NORMAL" / "IM-0116-0001.jpeg")
     return ieee, kermany
+
+
+@pytest.fixture(scope="module")
+def run():
+    """The bundled run."""
+    from covidxr.runtime.runs import default_model_path, load_run
+
+    return load_run(default_model_path())
+
+
+@pytest.fixture(scope="module")
+def runner(run):
+    """The engine ``predict`` uses by default (the run's graph, exported once into the session cache)."""
+    from covidxr.runtime.runners import make_engine
+
+    return make_engine(run, "auto")

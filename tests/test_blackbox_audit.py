@@ -19,6 +19,7 @@ import yaml
 from onnx import TensorProto, helper
 from PIL import Image
 
+from covidxr.lab.blackbox import CHECKS as AUDIT_CHECKS
 from covidxr.lab.blackbox import Sample, audit_classifier, periphery_masks
 from covidxr.runtime.classifier import load_classifier
 from covidxr.runtime.runs import default_model_path
@@ -29,16 +30,7 @@ SIZE = 64  # the foreign models' input side
 MARKER = 64  # the planted corner square, in pixels of the 512-px images (12.5% of the side)
 PER_CLASS = 8
 VERDICTS = {"pass", "warning", "fail"}
-CHECKS = {
-    "per_source",
-    "transplant",
-    "lungs_hidden",
-    "lungs_only",
-    "periphery",
-    "acquisition",
-    "explanation",
-    "calibration",
-}
+CHECKS = set(AUDIT_CHECKS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,17 +50,6 @@ MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def run():
-    return load_run(default_model_path())
-
-
-@pytest.fixture(scope="module")
-def runner(run):
-    """The engine ``predict`` uses by default (the run's graph, exported once into the session cache)."""
-    return make_engine(run, "auto")
-
-
-@pytest.fixture(scope="module")
 def xrays(cxr3: Path, cxr3_meta: pd.DataFrame) -> list[Path]:
     return [cxr3 / name for name in cxr3_meta["filename"].iloc[::37].head(30)]
 

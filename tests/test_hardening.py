@@ -24,22 +24,10 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
 from covidxr.runtime.inference import spreadsheet_text, text_from_spreadsheet
 from covidxr.runtime.monitor import _csv_rows, read_predictions
-from covidxr.runtime.runners import make_engine
-from covidxr.runtime.runs import default_model_path, load_run
 from covidxr.runtime.storage import atomic_path, atomic_write, locked
 from covidxr.runtime.writer import predict_to_file
 
 from .conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def run():
-    return load_run(default_model_path())
-
-
-@pytest.fixture(scope="module")
-def runner(run):
-    return make_engine(run, "auto")
 
 
 @pytest.fixture(scope="module")
