@@ -64,6 +64,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from covidxr.lab.blackbox import SHORTCUT_CHECKS
 from covidxr.runtime.images import read_image
 from covidxr.runtime.spec import GraphSpec, InputSpec, OutputSpec, prepare
 from covidxr.runtime.storage import atomic_write
@@ -498,8 +499,10 @@ def main() -> None:
                 "off_shortcut_accuracy": record["off_shortcut_accuracy"],
                 "cost": record["cost"],
                 "verdict": result["verdict"],
-                "flagged_by": ",".join(
-                    name for name, check in result["checks"].items() if check["verdict"] in ("fail", "warning")
+                "flagged_by": " ".join(
+                    name
+                    for name, check in result["checks"].items()
+                    if name in SHORTCUT_CHECKS and check["verdict"] in ("fail", "warning")
                 ),
                 "estimated_clean_accuracy": result["estimated_clean_accuracy"],
             }

@@ -63,6 +63,18 @@ VARIANT_HEADER = ["variant", "flip rate", "flips", "accuracy", "balanced accurac
 
 def _figures(name: str, figures: dict) -> list[Block]:
     """The figures of one check as tables (the raw numbers are all in audit.json)."""
+    if name == "transplant":
+        rows = [
+            [
+                region,
+                _n(e["effect"], 3),
+                "n/a" if e["ci95"] is None else f"{e['ci95'][0]:.3f} to {e['ci95'][1]:.3f}",
+                str(e["n"]),
+                e.get("verdict", "n/a"),
+            ]
+            for region, e in figures["effects"].items()
+        ]
+        return [Table(["region from the donor", "change of p(COVID-19)", "95% interval", "images", "verdict"], rows)]
     if name == "per_source":
         rows = [
             [
