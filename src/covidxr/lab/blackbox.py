@@ -883,7 +883,7 @@ def transplant_check(scoring: Scoring, preds: Predictions, covid_index: int) -> 
     )
     listed = ", ".join(f"{r} {_f(e['effect'])}" for r, e in effects.items())
     return {
-        "verdict": verdict if verdict != NOT_APPLICABLE or verdicts else NOT_APPLICABLE,
+        "verdict": verdict,
         "rule": RULES["transplant"],
         "summary": f"Change of p(COVID-19) with the region from a COVID-19 donor: {listed}: {meaning}.",
         "figures": {"effects": effects, "balanced_accuracy_unchanged": ba},
