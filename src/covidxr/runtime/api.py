@@ -33,7 +33,7 @@ from covidxr.runtime.cam import (
 from covidxr.runtime.engines import TRAIN_EXTRA, OnnxEngine, torch_available
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.foreign import NO_SITE, ForeignModel, is_foreign_model
-from covidxr.runtime.images import SINGLE_IMAGE, ImageLike, as_image, image_facts, read_image
+from covidxr.runtime.images import SINGLE_IMAGE, ImageLike, as_image, image_facts, read_image, single_answer
 from covidxr.runtime.inference import answer, predict_files
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.plugins import entry_point
@@ -103,10 +103,7 @@ class Model:
         ['NORMAL', None]
         """
         if isinstance(images, SINGLE_IMAGE):
-            [result] = self.predict([images], batch_size)
-            if "error" in result:
-                raise CovidxrError(result["error"])
-            return result
+            return single_answer(self.predict([images], batch_size))
         images = list(images)
         if all(isinstance(item, str | Path) for item in images):
             return predict_files(self.run, list(images), self.cache_dir, batch_size, progress=False, engine=self.engine)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from covidxr import DISCLAIMER
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.images import SINGLE_IMAGE, as_image, image_facts, read_image
+from covidxr.runtime.images import SINGLE_IMAGE, as_image, image_facts, read_image, single_answer
 from covidxr.runtime.spec import COVID, GraphSpec, OnnxClassifier
 from covidxr.runtime.storage import stable_digest
 
@@ -138,10 +138,7 @@ class ForeignModel:
         instead of a label; a single path that cannot be read, and any bad decoded image, raise ``CovidxrError``."""
 
         if isinstance(images, SINGLE_IMAGE):
-            [result] = self.predict([images], batch_size)
-            if "error" in result:
-                raise CovidxrError(result["error"])
-            return result
+            return single_answer(self.predict([images], batch_size))
         images = list(images)
         if images and all(isinstance(item, str | Path) for item in images):
             return self.predict_files(images, batch_size)

@@ -22,6 +22,7 @@ __all__ = [
     "ImageLike",
     "SINGLE_IMAGE",
     "as_image",
+    "single_answer",
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS",
     "MIN_IMAGE_SIDE",
@@ -237,3 +238,12 @@ def as_image(item: ImageLike) -> Image.Image:
         raise CovidxrError(f"image array {array.shape} is empty")
     check_dimensions(array.shape[1], array.shape[0], f"image array {array.shape}")
     return Image.fromarray(array).convert("RGB")
+
+
+def single_answer(results: list[dict]) -> dict:
+    """The one answer ``predict`` gave for a single image: an image it could not read raises its error instead
+    of returning a row (a list of images keeps such rows)."""
+    [result] = results
+    if "error" in result:
+        raise CovidxrError(result["error"])
+    return result
