@@ -79,11 +79,31 @@ def _foreign_model(run, spec, site, engine, threads):
 )
 @click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
+@click.option(
+    "--dicom-out",
+    type=_path,
+    default=None,
+    help="Also write, for each DICOM input, a Structured Report and a Grad-CAM Secondary Capture in its study "
+    "into this folder (needs covidxr[pacs]).",
+)
 @site_option
 @prediction_engine_options
 @model_options
 def predict_command(
-    images, run, spec, as_json, out, resume, chunk_size, site, engine, threads, weights, weights_dir, cache_dir
+    images,
+    run,
+    spec,
+    as_json,
+    out,
+    resume,
+    chunk_size,
+    dicom_out,
+    site,
+    engine,
+    threads,
+    weights,
+    weights_dir,
+    cache_dir,
 ):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any).
 
@@ -100,7 +120,11 @@ def predict_command(
     if foreign is None:
         loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
         runner = make_engine(loaded, engine, cache_dir, threads)
+        if dicom_out is not None:
+            _write_dicom_out(loaded, runner, expand_inputs(images), dicom_out)
     else:
+        if dicom_out is not None:
+            raise click.ClickException("--dicom-out needs a covidxr run (its SC holds Grad-CAM); not a foreign model")
         loaded, runner = foreign, engine
     if out is not None:
         try:
@@ -150,6 +174,23 @@ def predict_command(
     failures = sum("error" in r for r in results)
     if failures:
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
+
+
+def _write_dicom_out(loaded, runner, paths: list[Path], folder: Path) -> None:
+    """``predict --dicom-out``: the SR and SC of each DICOM input, with the engine ``predict`` uses; one line
+    says what was written and how many inputs were not DICOM (unreadable ones get predict's error rows)."""
+    from covidxr.runtime.api import Model
+    from covidxr.runtime.dicom_out import write_dicom_results
+
+    rows = write_dicom_results(Model.with_engine(loaded, runner), paths, folder)
+    written = sum("sr" in row for row in rows)
+    skipped = sum("skipped" in row for row in rows)
+    unread = sum("error" in row for row in rows)
+    click.echo(
+        f"DICOM results: {written} SR + SC pair(s) → {folder}; {skipped} input(s) not DICOM, so no DICOM output; "
+        f"{unread} DICOM file(s) unreadable, no SR",
+        err=True,
+    )
 
 
 @cli.command("serve")
@@ -355,3 +396,77 @@ def monitor_command(predictions, site, window, by_date, period, out):
         )
         click.get_current_context().exit(2)
     click.echo(f"OK: all {len(report.windows)} window(s) within the calibration's limits")
+
+
+@cli.command("dicom-node")
+@click.option("--ae-title", default="COVIDXR", show_default=True, help="This node's AE title.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (the default: this machine only)."
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=11112, show_default=True)
+@click.option(
+    "--send-to", required=True, metavar="AET@HOST:PORT", help="Where the SR and SC go by C-STORE (e.g. your PACS)."
+)
+@click.option(
+    "--spool",
+    type=_path,
+    default=Path("covidxr-node"),
+    show_default=True,
+    help="Folder for received images not yet predicted (inbox/), results not yet stored (outbox/) and "
+    "unreadable images (failed/); what it holds is taken up on the next start.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Images that may wait for the model, all associations together; one more is answered busy (A700).",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(0),
+    default=3,
+    show_default=True,
+    help="Tries after a refused or failed send, --backoff s, then twice as long each; then kept in outbox/.",
+)
+@click.option("--backoff", type=click.FloatRange(0), default=1.0, show_default=True, help="First wait, seconds.")
+@click.option("--model", "run", type=_path, default=None, help="Run folder of a trained model (default: bundled).")
+@site_option
+@prediction_engine_options
+@model_options
+def dicom_node_command(
+    ae_title,
+    host,
+    port,
+    send_to,
+    spool,
+    max_queue,
+    retries,
+    backoff,
+    run,
+    site,
+    engine,
+    threads,
+    weights,
+    weights_dir,
+    cache_dir,
+):
+    """A DICOM Storage SCP: predicts each CR, DX or secondary-capture chest image it receives and sends a
+    Structured Report and a Grad-CAM Secondary Capture, in the image's study, to --send-to. Stops on SIGTERM
+    without losing anything received."""
+    import logging
+
+    from covidxr.runtime.api import Model
+    from covidxr.runtime.dicom_node import Destination, DicomNode
+    from covidxr.runtime.runs import default_model_path, load_run
+    from covidxr.runtime.site import with_site
+
+    destination = Destination.parse(send_to)
+    model = Model(
+        with_site(load_run(run or default_model_path(), weights, weights_dir), site), engine, cache_dir, threads
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines dump association details
+    click.echo(f"covidxr: DICOM node ({DISCLAIMER})", err=True)
+    DicomNode(
+        model, destination, spool, ae_title, host, port, max_queue, retries=retries, backoff_s=backoff
+    ).serve_forever()

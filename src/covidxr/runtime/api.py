@@ -37,7 +37,7 @@ from covidxr.runtime.images import SINGLE_IMAGE, ImageLike, as_image, image_fact
 from covidxr.runtime.inference import answer, predict_files
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.plugins import entry_point
-from covidxr.runtime.runners import input_transform, make_engine
+from covidxr.runtime.runners import Engine, input_transform, make_engine
 from covidxr.runtime.runs import HEAD_FILE, Run, default_model_path, load_run
 from covidxr.runtime.site import SiteCalibration, with_site
 
@@ -212,6 +212,22 @@ class Model:
                     "map": str(map_path),
                 }
         return results
+
+    def write_dicom(self, paths: Sequence[str | Path], out: str | Path) -> list[dict]:
+        """For each DICOM file a Structured Report (TID 1500) and a Grad-CAM Secondary Capture in its study,
+        written into ``out`` (``covidxr.runtime.dicom_out``; needs ``covidxr[pacs]``); one row per path with
+        ``sr`` and ``sc``, ``error`` (no SR), or ``skipped`` (not DICOM)."""
+        from covidxr.runtime.dicom_out import write_dicom_results
+
+        return write_dicom_results(self, paths, out)
+
+    @classmethod
+    def with_engine(cls, run: Run, engine: Engine) -> Model:
+        """A model around an engine already made (``predict --dicom-out`` shares ``predict``'s)."""
+        model = cls.__new__(cls)
+        model.run, model.cache_dir, model.engine = run, None, engine
+        model.transform = input_transform(run, engine)
+        return model
 
     def _torch_maps(self, inputs: np.ndarray, classes: np.ndarray, method: str) -> np.ndarray:
         """CAM maps by pytorch-grad-cam (the methods and models ``covidxr.runtime.cam`` does not cover), from
