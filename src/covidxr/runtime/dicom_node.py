@@ -38,7 +38,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from covidxr.runtime.dicom_out import _save, dicom_results, view_refusal
+from covidxr.runtime.dicom_out import dicom_results, uid_file_name, view_refusal, write_whole
 from covidxr.runtime.errors import CovidxrError
 
 if TYPE_CHECKING:
@@ -167,6 +167,7 @@ class DicomNode:
             self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         except OSError as exc:
             self._stopping.set()
+            self._predicted_all.set()
             raise CovidxrError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
         logger.info(f"covidxr DICOM node {self.ae_title} on {self.host}:{self.port}, sending to {self.destination}")
 
@@ -220,9 +221,9 @@ class DicomNode:
         if self._queue.full() or self._stopping.is_set():
             logger.warning(f"busy: queue of {self._queue.maxsize} full; told {calling} to send again later (A700)")
             return OUT_OF_RESOURCES
-        path = self.inbox / f"{_safe_name(ds.SOPInstanceUID)}.dcm"
+        path = self.inbox / f"{uid_file_name(str(ds.SOPInstanceUID))}.dcm"
         try:
-            _save(ds, path)
+            write_whole(ds, path)
         except OSError as exc:
             logger.warning(f"cannot keep an image of study {study}: {exc}; told {calling} to send it again (A700)")
             return OUT_OF_RESOURCES
@@ -319,7 +320,7 @@ class DicomNode:
             else:
                 for kind, ds in (("sr", result.sr), ("sc", result.sc)):
                     target = self.outbox / f"{path.stem}.{kind}.dcm"
-                    _save(ds, target)
+                    write_whole(ds, target)
                     self._sending.put(target)
                 path.unlink()
                 said = result.answer["label"] or "no answer"
@@ -397,8 +398,3 @@ def _study_of(path: Path) -> str:
         return str(pydicom.dcmread(path, stop_before_pixels=True).get("StudyInstanceUID", "(no study)"))
     except Exception:  # an unreadable file's study is unknown; its failure is still logged
         return "(unknown study)"
-
-
-def _safe_name(uid: str) -> str:
-    """A SOP Instance UID as a file name (UIDs are digits and dots; anything else is replaced)."""
-    return re.sub(r"[^0-9.]", "_", str(uid))[:64] or "unnamed"

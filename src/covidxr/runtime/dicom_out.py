@@ -18,9 +18,11 @@ it once. highdicom is imported on first use, so the command line starts as fast 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +50,10 @@ __all__ = [
     "DicomResult",
     "dicom_results",
     "model_identity",
+    "uid_file_name",
     "view_refusal",
     "write_dicom_results",
+    "write_whole",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +98,7 @@ class DicomResult:
     and the answer they hold."""
 
     source: str
+    source_uid: str | None = None  # its SOP Instance UID, once the header is read
     answer: dict | None = None
     sr: Dataset | None = None
     sc: Dataset | None = None
@@ -114,9 +119,13 @@ def view_refusal(ds: Dataset) -> str | None:
 
 def model_identity(model: Model) -> str:
     """The model's identity as the SR's device names it: backbone, run folder, and the head's hash."""
-    run = model.run
-    head = hashlib.sha256((run.path / "head.safetensors").read_bytes()).hexdigest()[:12]
-    return f"{run.info.model['name']} {run.path.name} head {head}"
+    return _identity(model.run.path, model.run.info.model["name"])
+
+
+@functools.lru_cache(maxsize=8)
+def _identity(run: Path, backbone: str) -> str:
+    head = hashlib.sha256((run / "head.safetensors").read_bytes()).hexdigest()[:12]
+    return f"{backbone} {run.name} head {head}"
 
 
 def dicom_results(model: Model, sources: Sequence[Source], batch_size: int = 8) -> list[DicomResult]:
@@ -130,6 +139,7 @@ def dicom_results(model: Model, sources: Sequence[Source], batch_size: int = 8) 
     for i, source in enumerate(sources):
         try:
             header = _read_header(source)
+            results[i].source_uid = str(header.get("SOPInstanceUID", ""))
             image, _ = decode_dicom(source)
         except CovidxrError as exc:
             results[i].error = str(exc)
@@ -157,9 +167,8 @@ def write_dicom_results(model: Model, paths: Sequence[str | Path], out: str | Pa
     out = Path(out)
     rows: list[dict] = [{"file": str(path)} for path in paths]
     dicom = [i for i, path in enumerate(paths) if has_dicom_magic(path)]
-    for i, row in enumerate(rows):
-        if i not in set(dicom):
-            row["skipped"] = "not a DICOM file"
+    for i in set(range(len(paths))) - set(dicom):
+        rows[i]["skipped"] = "not a DICOM file"
     if not dicom:
         return rows
     out.mkdir(parents=True, exist_ok=True)
@@ -167,11 +176,10 @@ def write_dicom_results(model: Model, paths: Sequence[str | Path], out: str | Pa
         if result.error is not None:
             rows[i]["error"] = result.error
             continue
-        uid = result.sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
-        name = uid.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        name = uid_file_name(result.source_uid)
         rows[i] |= {"sr": str(out / f"{name}.sr.dcm"), "sc": str(out / f"{name}.sc.dcm"), "answer": result.answer}
-        _save(result.sr, Path(rows[i]["sr"]))
-        _save(result.sc, Path(rows[i]["sc"]))
+        write_whole(result.sr, Path(rows[i]["sr"]))
+        write_whole(result.sc, Path(rows[i]["sc"]))
     return rows
 
 
@@ -233,7 +241,7 @@ def structured_report(model: Model, source: Dataset, answer: dict) -> Dataset:
         finding_type=CODES["covid19"],
         algorithm_id=algorithm,
         finding_sites=[FindingSite(CODES["lung"])],
-        measurements=[Measurement(CODES["probability"], p_covid, CODES["unit"], algorithm_id=algorithm)],
+        measurements=[Measurement(CODES["probability"], p_covid, CODES["unit"])],  # the group names the algorithm
         qualitative_evaluations=evaluations,
         source_images=[SourceImageForMeasurementGroup.from_source_image(source)],
     )
@@ -303,19 +311,19 @@ def _sc_pixels(image: Image.Image, cam: np.ndarray, answer: dict) -> np.ndarray:
     small = image.copy()
     small.thumbnail((SC_LONG_SIDE, SC_LONG_SIDE))
     picture = overlay(small, cam)
-    band = max(24, picture.height // 14)
+    band = max(40, picture.height // 9)
     canvas = Image.new("RGB", (picture.width, picture.height + band), "black")
     canvas.paste(picture, (0, band))
     draw = ImageDraw.Draw(canvas)
     p = answer["probabilities"]["COVID-19"]
-    said = answer["label"] or "no answer"
-    text = f"{BURNT_IN}   covidxr Grad-CAM: {said}, p(COVID-19) {p:.3f}"
-    size = band * 0.42
+    lines = (BURNT_IN, f"covidxr Grad-CAM: {answer['label'] or 'no answer'}, p(COVID-19) {p:.3f}")
+    size = band * 0.36
     font = ImageFont.load_default(size=size)
-    while draw.textlength(text, font=font) > canvas.width - 8 and size > 6:
+    while max(draw.textlength(line, font=font) for line in lines) > canvas.width - 12 and size > 6:
         size *= 0.9
         font = ImageFont.load_default(size=size)
-    draw.text((4, band / 2), text, fill="white", font=font, anchor="lm")
+    for row, line in enumerate(lines):
+        draw.text((6, band * (0.28 + 0.45 * row)), line, fill="white", font=font, anchor="lm")
     return np.asarray(canvas, dtype=np.uint8)
 
 
@@ -338,12 +346,17 @@ def _read_header(source: Source) -> Dataset:
         raise CovidxrError(f"{source_label(source)}: corrupt or truncated DICOM ({exc})") from None
 
 
+def uid_file_name(uid: str) -> str:
+    """A SOP Instance UID as a file name (UIDs are digits and dots; anything else is replaced)."""
+    return re.sub(r"[^0-9.]", "_", uid)[:64] or "unnamed"
+
+
 def _uid(*parts: str) -> str:
     """A UID derived from ``parts``: the same result about the same image always gets the same UID."""
     return generate_uid(entropy_srcs=["covidxr", *map(str, parts)])
 
 
-def _save(ds: Dataset, path: Path) -> None:
+def write_whole(ds: Dataset, path: Path) -> None:
     """Write a DICOM file whole or not at all (a crash never leaves half an object for a PACS to take)."""
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
