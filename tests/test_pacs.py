@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from covidxr.runtime.dicom_out import CODES, SERIES_DESCRIPTION
-from tests.conftest import CXR3, PROBABILITY_TOLERANCE, free_port, run_cli
+from tests.conftest import CXR3, PROBABILITY_TOLERANCE, assert_one_line_error, free_port, run_cli
 
 pytest.importorskip("highdicom")
 pytest.importorskip("pynetdicom")
@@ -93,7 +93,11 @@ def check_result_pair(sr: Dataset, sc: Dataset, source: Dataset, answer: dict) -
         expected = CODES["present" if answer["covid_positive"] else "absent"].value
     assert content["codes"][CODES["covid19"].value] == expected
     assert sc.SOPClassUID == SECONDARY_CAPTURE and sc.BurnedInAnnotation == "YES"
-    assert sc.PhotometricInterpretation == "RGB" and sc.pixel_array.shape[2] == 3
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    pixels = sc.pixel_array
+    assert sc.PhotometricInterpretation == "RGB" and pixels.shape[2] == 3
+    band = pixels[: max(40, (pixels.shape[0] - 40) // 9)]  # the burnt-in lines: white text on black
+    assert (band.max(axis=2) < 30).mean() > 0.6 and (band.min(axis=2) > 200).any()
 
 
 def dsrdump(data: bytes, tmp_path: Path) -> str:
@@ -103,6 +107,15 @@ def dsrdump(data: bytes, tmp_path: Path) -> str:
     result = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
+
+
+def test_the_command_line_loads_no_dicom_network_library_and_refuses_a_bad_destination() -> None:
+    """highdicom and pynetdicom are imported on first use (``covidxr --help`` stays fast); a malformed
+    --send-to is refused in one line before the model loads."""
+    check = "import sys, covidxr.cli; print(sorted(m for m in ('highdicom', 'pynetdicom') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+    assert_one_line_error(run_cli("dicom-node", "--send-to", "ORTHANC:4242"), "--send-to", "AET@HOST:PORT")
 
 
 # ---------------------------------------------------------------------------------------------
