@@ -130,10 +130,14 @@ def test_predict_dicom_out_writes_an_sr_and_sc_per_dicom_input(images: list[Path
     ds = pydicom.dcmread(no_pixels)
     del ds.PixelData
     ds.save_as(no_pixels)
+    no_study = write_study(images[1:2], tmp_path / "nostudy", seed=3)[0]
+    ds = pydicom.dcmread(no_study)
+    del ds.StudyInstanceUID
+    ds.save_as(no_study)
     out = tmp_path / "dicom-out"
     (out).mkdir()
     (out / "kept.txt").write_text("an existing output")
-    result = run_cli("predict", "--json", "--dicom-out", out, *study, lateral, no_pixels, images[0])
+    result = run_cli("predict", "--json", "--dicom-out", out, *study, lateral, no_pixels, no_study, images[0])
     assert result.returncode == 1  # the file without pixel data is an error row, as in any predict
     assert "Traceback" not in result.stderr
     answers = {Path(a["file"]): a for a in json.loads(result.stdout)}
@@ -141,12 +145,14 @@ def test_predict_dicom_out_writes_an_sr_and_sc_per_dicom_input(images: list[Path
     summary = [line for line in result.stderr.splitlines() if line.startswith("DICOM results:")]
     assert summary == [
         f"DICOM results: 4 SR + SC pair(s) → {out}; 1 input(s) not DICOM, so no DICOM output; "
-        "1 DICOM file(s) unreadable, no SR"
+        "2 DICOM file(s) got none (their errors say why)"
     ]
+    assert answers[no_study]["label"] is not None  # predict answers it; only its results have no study to go in
+    assert f"ERROR no SR or SC: {no_study}: DICOM lacks StudyInstanceUID, needed to place" in result.stderr
     assert "a lateral view (ViewPosition LL)" in result.stderr
     assert (out / "kept.txt").read_text() == "an existing output"
     written = sorted(out.glob("*.dcm"))
-    assert len(written) == 8  # the lateral view too; nothing for the file without pixels or the JPEG
+    assert len(written) == 8  # the lateral view too; nothing for the files without pixels or study, or the JPEG
     for path in [*study, lateral]:
         source = pydicom.dcmread(path)
         sr = pydicom.dcmread(out / f"{source.SOPInstanceUID}.sr.dcm")

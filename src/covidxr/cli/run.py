@@ -183,12 +183,15 @@ def _write_dicom_out(loaded, runner, paths: list[Path], folder: Path) -> None:
     from covidxr.runtime.dicom_out import write_dicom_results
 
     rows = write_dicom_results(Model.with_engine(loaded, runner), paths, folder)
+    for row in rows:
+        if "no_output" in row:
+            click.echo(f"ERROR no SR or SC: {row['no_output']}", err=True)
     written = sum("sr" in row for row in rows)
     skipped = sum("skipped" in row for row in rows)
-    unread = sum("error" in row for row in rows)
+    unread = sum("error" in row or "no_output" in row for row in rows)
     click.echo(
         f"DICOM results: {written} SR + SC pair(s) → {folder}; {skipped} input(s) not DICOM, so no DICOM output; "
-        f"{unread} DICOM file(s) unreadable, no SR",
+        f"{unread} DICOM file(s) got none (their errors say why)",
         err=True,
     )
 

@@ -140,6 +140,8 @@ class DicomNode:
         for path in waiting:
             self._sending.put(path)
         received = sorted(self.inbox.glob("*.dcm"), key=lambda p: p.stat().st_mtime_ns)
+        for path in received:  # each study still gets one line, once all of it is predicted
+            self._studies.setdefault(_study_of(path), _Study()).pending += 1
         self._threads = [
             threading.Thread(target=self._predict_loop, name="covidxr-predict", daemon=True),
             threading.Thread(target=self._send_loop, name="covidxr-send", daemon=True),

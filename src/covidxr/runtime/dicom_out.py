@@ -23,7 +23,7 @@ import hashlib
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +49,7 @@ __all__ = [
     "PACS_EXTRA",
     "DicomResult",
     "dicom_results",
+    "iter_dicom_results",
     "model_identity",
     "uid_file_name",
     "view_refusal",
@@ -89,6 +90,7 @@ CODES = {
 }
 _LABEL_CODES = {"COVID-19": "covid19", "NORMAL": "normal", "PNEUMONIA": "pneumonia"}
 _LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
+_PLACING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _CHEST_PARTS = {"", "CHEST", "THORAX", "LUNG", "PORTABLE CHEST"}
 
 
@@ -103,6 +105,7 @@ class DicomResult:
     sr: Dataset | None = None
     sc: Dataset | None = None
     error: str | None = None
+    readable: bool = False  # with an error: the image itself could be read (``predict`` answers it), not its results
 
 
 def view_refusal(ds: Dataset) -> str | None:
@@ -129,52 +132,74 @@ def _identity(run: Path, backbone: str) -> str:
 
 
 def dicom_results(model: Model, sources: Sequence[Source], batch_size: int = 8) -> list[DicomResult]:
-    """The SR and SC of each DICOM source (a path or an in-memory file), explained in batches with Grad-CAM.
+    """The SR and SC of each DICOM source (a path or an in-memory file); ``iter_dicom_results`` as a list."""
+    return [result for batch in iter_dicom_results(model, sources, batch_size) for result in batch]
 
-    An unreadable source (no pixel data, a transfer syntax that cannot be decoded, a damaged file) gets its
-    ``error`` and no SR at all; a lateral or non-chest view gets an SR that says "no answer" and why."""
+
+def iter_dicom_results(model: Model, sources: Sequence[Source], batch_size: int = 8) -> Iterator[list[DicomResult]]:
+    """The SR and SC of each DICOM source, batch by batch (decoded, explained with Grad-CAM, and let go, so a
+    folder of any size fits in memory).
+
+    An unreadable source (no pixel data, a transfer syntax that cannot be decoded, a damaged file, no UIDs to
+    place its results) gets its ``error`` and no SR at all; a lateral or non-chest view gets an SR that says
+    "no answer" and why."""
     _require_highdicom()
-    results = [DicomResult(source_label(source)) for source in sources]
-    ready: list[tuple[int, Dataset, Image.Image]] = []
-    for i, source in enumerate(sources):
-        try:
-            header = _read_header(source)
-            results[i].source_uid = str(header.get("SOPInstanceUID", ""))
-            image, _ = decode_dicom(source)
-        except CovidxrError as exc:
-            results[i].error = str(exc)
-            continue
-        ready.append((i, header, image))
-    for start in range(0, len(ready), batch_size):
-        batch = ready[start : start + batch_size]
-        explained = model.explain([image for _, _, image in batch], "gradcam")
-        for (i, header, image), result in zip(batch, explained, strict=True):
+    for start in range(0, len(sources), batch_size):
+        chunk = sources[start : start + batch_size]
+        results = [DicomResult(source_label(source)) for source in chunk]
+        ready: list[tuple[DicomResult, Dataset, Image.Image]] = []
+        for result, source in zip(results, chunk, strict=True):
+            try:
+                header = _read_header(source)
+                image, _ = decode_dicom(source)
+            except CovidxrError as exc:
+                result.error = str(exc)
+                continue
+            missing = [keyword for keyword in _PLACING_UIDS if not header.get(keyword)]
+            if missing:
+                result.readable = True
+                result.error = (
+                    f"{result.source}: DICOM lacks {', '.join(missing)}, needed to place results in its study"
+                )
+                continue
+            result.source_uid = str(header.SOPInstanceUID)
+            ready.append((result, header, image))
+        explained = model.explain([image for _, _, image in ready], "gradcam") if ready else []
+        for (result, header, image), answer in zip(ready, explained, strict=True):
             refusal = view_refusal(header)
             if refusal is not None:
-                logger.warning(f"{results[i].source}: {refusal}; its SR says no answer")
-                result |= {"label": None, "covid_positive": None, "no_answer_reason": refusal}
-            answer = {k: v for k, v in result.items() if k not in ("map", "overlay")}
-            results[i].answer = answer
-            results[i].sr = structured_report(model, header, answer)
-            results[i].sc = secondary_capture(header, _sc_pixels(image, result["map"], answer))
-    return results
+                logger.warning(f"{result.source}: {refusal}; its SR says no answer")
+                answer |= {"label": None, "covid_positive": None, "no_answer_reason": refusal}
+            cam = answer.pop("map")
+            answer.pop("overlay")
+            try:
+                result.sr = structured_report(model, header, answer)
+                result.sc = secondary_capture(header, _sc_pixels(image, cam, answer))
+            except (ValueError, TypeError, AttributeError) as exc:  # highdicom's checks of the copied attributes
+                result.sr = result.sc = None
+                result.readable = True
+                result.error = f"{result.source}: cannot write its DICOM results ({_one_line(exc)})"
+                continue
+            result.answer = answer
+        yield results
 
 
 def write_dicom_results(model: Model, paths: Sequence[str | Path], out: str | Path) -> list[dict]:
-    """``dicom_results`` of the DICOM files among ``paths``, written into ``out`` as ``<source SOP Instance
-    UID>.sr.dcm`` and ``.sc.dcm``; one row per path: ``sr`` and ``sc`` (the files written), ``error``, or
-    ``skipped`` for a file that is not DICOM (it gets no DICOM output)."""
+    """``dicom_results`` of the DICOM files among ``paths``, written into ``out`` batch by batch as ``<source
+    SOP Instance UID>.sr.dcm`` and ``.sc.dcm``; one row per path: ``sr`` and ``sc`` (the files written) with
+    ``answer``; ``error`` for a file that cannot be read; ``no_output`` for a readable image whose results cannot be
+    written (no UIDs to place them in its study); or ``skipped`` for a file that is not DICOM."""
     out = Path(out)
     rows: list[dict] = [{"file": str(path)} for path in paths]
     dicom = [i for i, path in enumerate(paths) if has_dicom_magic(path)]
     for i in set(range(len(paths))) - set(dicom):
         rows[i]["skipped"] = "not a DICOM file"
-    if not dicom:
-        return rows
-    out.mkdir(parents=True, exist_ok=True)
-    for i, result in zip(dicom, dicom_results(model, [paths[i] for i in dicom]), strict=True):
+    if dicom:
+        out.mkdir(parents=True, exist_ok=True)
+    results = (result for batch in iter_dicom_results(model, [paths[i] for i in dicom]) for result in batch)
+    for i, result in zip(dicom, results, strict=True):
         if result.error is not None:
-            rows[i]["error"] = result.error
+            rows[i]["no_output" if result.readable else "error"] = result.error
             continue
         name = uid_file_name(result.source_uid)
         rows[i] |= {"sr": str(out / f"{name}.sr.dcm"), "sc": str(out / f"{name}.sc.dcm"), "answer": result.answer}
@@ -334,16 +359,15 @@ def _sc_pixels(image: Image.Image, cam: np.ndarray, answer: dict) -> np.ndarray:
 
 def _read_header(source: Source) -> Dataset:
     """The source's header, without its pixels (decoded separately), for the SR's evidence and references."""
+    position = None if isinstance(source, str | Path) else source.tell()
     try:
-        if not isinstance(source, str | Path):
-            position = source.tell()
-            try:
-                return pydicom.dcmread(source, stop_before_pixels=True)
-            finally:
-                source.seek(position)
-        return pydicom.dcmread(source, stop_before_pixels=True)
+        header = pydicom.dcmread(source, stop_before_pixels=True)
     except Exception as exc:  # pydicom reports damaged files through many exception types
-        raise CovidxrError(f"{source_label(source)}: corrupt or truncated DICOM ({exc})") from None
+        raise CovidxrError(f"{source_label(source)}: corrupt or truncated DICOM ({_one_line(exc)})") from None
+    finally:
+        if position is not None:
+            source.seek(position)
+    return header
 
 
 def uid_file_name(uid: str) -> str:
@@ -363,6 +387,11 @@ def write_whole(ds: Dataset, path: Path) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_bytes(buffer.getvalue())
     partial.replace(path)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _require_highdicom() -> None:
