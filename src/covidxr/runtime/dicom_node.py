@@ -211,8 +211,13 @@ class DicomNode:
         """One C-STORE: refuse what covidxr cannot read (logged), answer busy when the queue is full, else
         persist the image and queue it."""
         calling = event.assoc.requestor.ae_title
-        ds: Dataset = event.dataset
-        ds.file_meta = event.file_meta
+        try:
+            ds: Dataset = event.dataset
+            ds.file_meta = event.file_meta
+            _ = ds.get("SOPClassUID"), ds.get("StudyInstanceUID")
+        except Exception as exc:  # pydicom reports a damaged data set through many exception types
+            logger.warning(f"refused an object from {calling}: its data set cannot be decoded ({type(exc).__name__})")
+            return CANNOT_UNDERSTAND
         study = str(ds.get("StudyInstanceUID", "") or "(no study)")
         refusal = self._refusal(ds)
         if refusal is not None:
