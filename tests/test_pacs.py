@@ -22,12 +22,13 @@ from pathlib import Path
 import pandas as pd
 import pydicom
 import pytest
+from benchmarks.machine import linked_dataset
 from benchmarks.orthanc import PATIENT, Orthanc, write_study
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from covidxr.runtime.dicom_out import CODES, SERIES_DESCRIPTION
-from tests.conftest import CXR3, PROBABILITY_TOLERANCE, assert_one_line_error, free_port, run_cli
+from tests.conftest import ADULT_CONTROLS, CXR3, PROBABILITY_TOLERANCE, assert_one_line_error, free_port, run_cli
 
 if find_spec("highdicom") is None or find_spec("pynetdicom") is None:
     pytest.fail('the PACS tests need the pacs extra: scripts/setup.sh installs ".[train,dev,pacs]"', pytrace=False)
@@ -46,9 +47,20 @@ def images() -> list[Path]:
     return [CXR3 / meta[meta["label"] == label]["filename"].iloc[0] for label in ("COVID-19", "NORMAL", "PNEUMONIA")]
 
 
-def predicted(paths: list[Path]) -> dict[str, dict]:
+@pytest.fixture(scope="module")
+def site_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``covidxr calibrate`` on 24 real NIH adult controls (specificity 95%): a site's own operating point."""
+    meta = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    root = linked_dataset(tmp_path_factory.mktemp("site-images"), ADULT_CONTROLS, meta.head(24))
+    site = root / "site.json"
+    result = run_cli("calibrate", root, "--specificity", "0.95", "--site-name", "test site", "--out", site)
+    assert result.returncode == 0, result.stderr
+    return site
+
+
+def predicted(paths: list[Path], *options: str | Path) -> dict[str, dict]:
     """``covidxr predict --json`` of ``paths``, by SOP Instance UID."""
-    result = run_cli("predict", "--json", *paths)
+    result = run_cli("predict", "--json", *options, *paths)
     assert result.returncode == 0, result.stderr
     answers = json.loads(result.stdout)
     return {pydicom.dcmread(a["file"], stop_before_pixels=True).SOPInstanceUID: a for a in answers}
@@ -73,7 +85,8 @@ def sr_content(sr: Dataset) -> dict:
 
 
 def check_result_pair(sr: Dataset, sc: Dataset, source: Dataset, answer: dict) -> None:
-    """The SR and SC of one source image: in its study, its patient, the answer ``predict`` gave, nothing private."""
+    """The SR and SC of one source image: in its study, its patient, the answer ``predict`` gave (and the operating
+    point and site file, ``site_file``'s "test site", that decided it), nothing private."""
     for ds in (sr, sc):
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
@@ -87,6 +100,14 @@ def check_result_pair(sr: Dataset, sc: Dataset, source: Dataset, answer: dict) -
     assert sr.SOPClassUID == COMPREHENSIVE_SR and sr.VerificationFlag == "UNVERIFIED"
     content = sr_content(sr)
     assert content["reference"] == source.SOPInstanceUID
+    parameters = [
+        item.TextValue
+        for item in sr.ContentSequence[-1].ContentSequence[0].ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Parameters"
+    ]
+    assert f"covid_threshold={answer['covid_threshold']:.4f}" in parameters
+    sites = [text for text in parameters if text.startswith("site=")]
+    assert sites == ([] if answer["site"] is None else ["site=test site (site.json)"]), parameters
     assert abs(content["p"] - answer["probabilities"]["COVID-19"]) < PROBABILITY_TOLERANCE
     assert content["unit"] == "1"
     if answer["label"] is None:
@@ -125,7 +146,9 @@ def test_the_command_line_loads_no_dicom_network_library_and_refuses_a_bad_desti
 # ---------------------------------------------------------------------------------------------
 
 
-def test_predict_dicom_out_writes_an_sr_and_sc_per_dicom_input(images: list[Path], tmp_path: Path) -> None:
+def test_predict_dicom_out_writes_an_sr_and_sc_per_dicom_input(
+    images: list[Path], site_file: Path, tmp_path: Path
+) -> None:
     study = write_study(images, tmp_path / "study")
     lateral = write_study(images[:1], tmp_path / "lateral", seed=1, ViewPosition="LL")[0]
     no_pixels = write_study(images[:1], tmp_path / "nopixels", seed=2)[0]
@@ -139,7 +162,8 @@ def test_predict_dicom_out_writes_an_sr_and_sc_per_dicom_input(images: list[Path
     out = tmp_path / "dicom-out"
     (out).mkdir()
     (out / "kept.txt").write_text("an existing output")
-    result = run_cli("predict", "--json", "--dicom-out", out, *study, lateral, no_pixels, no_study, images[0])
+    files = [*study, lateral, no_pixels, no_study, images[0]]
+    result = run_cli("predict", "--json", "--site", site_file, "--dicom-out", out, *files)
     assert result.returncode == 1  # the file without pixel data is an error row, as in any predict
     assert "Traceback" not in result.stderr
     answers = {Path(a["file"]): a for a in json.loads(result.stdout)}
@@ -231,14 +255,17 @@ def results_by_source(orthanc: Orthanc, study: str, sources: int) -> dict[str, t
     return {uid: (pair["sr"], pair["sc"], pair["bytes"]) for uid, pair in pairs.items() if len(pair) == 3}
 
 
-def test_orthanc_round_trip(orthanc: Orthanc, ports: dict[str, int], images: list[Path], tmp_path: Path) -> None:
-    """Orthanc C-STOREs a real study to covidxr's node; the SR and SC come back into the same study in Orthanc,
-    with predict's p(COVID-19), the right code and the reference; dsrdump reads the SR; one log line per study."""
+def test_orthanc_round_trip(
+    orthanc: Orthanc, ports: dict[str, int], images: list[Path], site_file: Path, tmp_path: Path
+) -> None:
+    """Orthanc C-STOREs a real study to covidxr's node (with a site file); the SR and SC come back into the same
+    study in Orthanc, with predict's p(COVID-19), the right code, the site and the reference; dsrdump reads the SR;
+    one log line per study."""
     paths = write_study(images, tmp_path / "study", seed=10)
-    expected = predicted(paths)
+    expected = predicted(paths, "--site", site_file)
     uploaded = [orthanc.upload(path) for path in paths]
     study = uploaded[0]["ParentStudy"]
-    node = Node(ports["node"], f"ORTHANC@127.0.0.1:{ports['dicom']}", tmp_path / "spool")
+    node = Node(ports["node"], f"ORTHANC@127.0.0.1:{ports['dicom']}", tmp_path / "spool", "--site", str(site_file))
     try:
         orthanc.store("covidxr", [study])
         results = results_by_source(orthanc, study, len(paths))
