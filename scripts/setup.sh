@@ -10,7 +10,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: this release is served from local disk on the project's machines.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[train,dev]"
+.venv/bin/python -m pip install -q -e ".[train,ray,dev]"
 # Headless Chromium and its driver, for the test that opens report.html in a real browser.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
   SUDO=""

@@ -79,11 +79,32 @@ def _foreign_model(run, spec, site, engine, threads):
 )
 @click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
+@click.option(
+    "--ray",
+    "ray_address",
+    default=None,
+    metavar="local|auto|ADDRESS",
+    help="Predict on Ray Data (pip install 'covidxr[ray]'): local starts Ray here, auto joins the one running here, "
+    "HOST:PORT a cluster; --threads is then per actor. Needs --out.",
+)
 @site_option
 @prediction_engine_options
 @model_options
 def predict_command(
-    images, run, spec, as_json, out, resume, chunk_size, site, engine, threads, weights, weights_dir, cache_dir
+    images,
+    run,
+    spec,
+    as_json,
+    out,
+    resume,
+    chunk_size,
+    ray_address,
+    site,
+    engine,
+    threads,
+    weights,
+    weights_dir,
+    cache_dir,
 ):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any).
 
@@ -97,16 +118,25 @@ def predict_command(
     from covidxr.runtime.writer import predict_to_file
 
     foreign = _foreign_model(run, spec, site, engine, threads)
+    if ray_address is not None and (out is None or foreign is not None):
+        raise click.ClickException("--ray writes rows to a file of a covidxr model: give --out, and no MODEL.onnx")
     if foreign is None:
         loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
-        runner = make_engine(loaded, engine, cache_dir, threads)
+        runner = engine if ray_address else make_engine(loaded, engine, cache_dir, threads)
     else:
         loaded, runner = foreign, engine
     if out is not None:
         try:
-            rows, new = predict_to_file(
-                loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
-            )
+            if ray_address is not None:
+                from covidxr.runtime.archive import predict_archive
+
+                rows, new = predict_archive(
+                    loaded, images, out, ray_address, resume, engine, cache_dir, threads, _progress(), chunk_size
+                )
+            else:
+                rows, new = predict_to_file(
+                    loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
+                )
         except KeyboardInterrupt:  # Ctrl-C or SIGINT: one line, and 128 + SIGINT as a shell expects
             click.echo(f"Error: interrupted; the finished rows are in {out}: rerun with --resume", err=True)
             click.get_current_context().exit(130)
