@@ -5,6 +5,7 @@ be reached refused in one line."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -15,7 +16,10 @@ import pytest
 import ray
 from PIL import Image
 
-from covidxr.runtime.archive import predict_archive
+from covidxr.runtime.archive import _ray_predictions, predict_archive
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.inference import expand_inputs
+from covidxr.runtime.runs import load_run
 from covidxr.runtime.writer import predict_to_file
 
 from .conftest import assert_one_line_error, free_port, run_cli
@@ -145,3 +149,17 @@ def test_unreachable_cluster_is_one_line_and_writes_nothing(folder: Path, tmp_pa
     assert not out.exists()
     result = run_cli("predict", folder / "ward0", "--ray", "local", timeout=120)
     assert_one_line_error(result, "--ray", "--out")
+
+
+def test_workers_without_the_model_or_with_another_are_one_error(cluster, run, folder: Path, tmp_path: Path) -> None:
+    """Actors that cannot load the model (its folder missing where they run: a node without the shared storage),
+    or that predict with another model than the driver's: one CovidxrError each, never a Ray traceback."""
+    files = expand_inputs([folder / "ward0"])[:4]
+    with pytest.raises(CovidxrError, match=r"a worker predicted with another model .* not this one \(driver's\)"):
+        list(_ray_predictions(run, "driver's", "auto", None, None, 4)(files))
+    copy = tmp_path / "run"
+    shutil.copytree(run.path, copy)
+    gone = load_run(copy)
+    shutil.rmtree(copy)  # after the driver has loaded the run, before any actor starts
+    with pytest.raises(CovidxrError, match=r"--ray: the cluster failed .*--resume"):
+        list(_ray_predictions(gone, "driver's", "auto", None, None, 4)(files))

@@ -156,22 +156,31 @@ def _ray_predictions(
             ArchivePredictor,
             fn_constructor_kwargs={"run": run, "engine": engine, "cache_dir": cache_dir, "threads": per_actor},
             batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=actors),
+            compute=ray.data.ActorPoolStrategy(size=actors),  # Ray Data spreads actors over the nodes by default
             num_cpus=ACTOR_CPUS * per_actor,
             batch_format="numpy",
-            ray_remote_args_fn=lambda: {"scheduling_strategy": "SPREAD"},  # one node's share per node
         )
         logger.info("Ray Data: %d actor(s) x %d thread(s), batches of %d", actors, per_actor, batch_size)
-        for batch in dataset.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            others = set(batch["model"].tolist()) - {identity}
-            if others:
-                raise CovidxrError(
-                    f"--ray: a worker predicted with another model ({sorted(others)[0]}), not this one ({identity}); "
-                    "every node needs the same covidxr and the same model folder"
-                )
-            yield [json.loads(text) for text in batch["result"]]
+        try:
+            yield from _checked(dataset.iter_batches(batch_size=batch_size, batch_format="numpy"), identity)
+        except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as exc:
+            # an actor that cannot start on a node (its model folder missing there), a lost cluster: one line
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise CovidxrError(f"--ray: the cluster failed ({first}); the finished rows are kept: --resume") from None
 
     return predictions
+
+
+def _checked(batches: Iterator[dict[str, np.ndarray]], identity: str) -> Iterator[list[dict]]:
+    """The results of each batch, refusing any made by another model than the driver's."""
+    for batch in batches:
+        others = set(batch["model"].tolist()) - {identity}
+        if others:
+            raise CovidxrError(
+                f"--ray: a worker predicted with another model ({sorted(others)[0]}), not this one ({identity}); "
+                "every node needs the same covidxr and the same model folder"
+            )
+        yield [json.loads(text) for text in batch["result"]]
 
 
 def predict_archive(
