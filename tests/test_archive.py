@@ -136,7 +136,7 @@ def test_resume_completes_a_half_written_output(cluster, run, folder: Path, loca
     half = len(lines) // 2
     out = tmp_path / "ray.csv"
     out.write_bytes(b"".join(lines[:half]) + lines[half][:20])  # a torn last row, as a crash mid-write leaves
-    rows, new = predict_archive(run, [folder], out, address=None, resume=True, progress=False)
+    rows, new = predict_archive(run, [folder], out, address=None, resume=True, progress=False, threads=2)
     assert new == len(lines) - half and len(rows) == len(lines) - 1
     assert out.read_bytes()[: sum(map(len, lines[:half]))] == b"".join(lines[:half])  # finished rows untouched
     assert_same_rows(out, local)
@@ -156,10 +156,10 @@ def test_workers_without_the_model_or_with_another_are_one_error(cluster, run, f
     or that predict with another model than the driver's: one CovidxrError each, never a Ray traceback."""
     files = expand_inputs([folder / "ward0"])[:4]
     with pytest.raises(CovidxrError, match=r"a worker predicted with another model .* not this one \(driver's\)"):
-        list(_ray_predictions(run, "driver's", "auto", None, None, 4)(files))
+        list(_ray_predictions(run, "driver's", "auto", None, 2, 4)(files))  # one actor of 2 threads
     copy = tmp_path / "run"
     shutil.copytree(run.path, copy)
     gone = load_run(copy)
     shutil.rmtree(copy)  # after the driver has loaded the run, before any actor starts
     with pytest.raises(CovidxrError, match=r"--ray: the cluster failed .*--resume"):
-        list(_ray_predictions(gone, "driver's", "auto", None, None, 4)(files))
+        list(_ray_predictions(gone, "driver's", "auto", None, 2, 4)(files))
