@@ -101,13 +101,14 @@ def test_killed_actor_loses_and_repeats_nothing(cluster, run, folder: Path, loca
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             outcome["error"] = exc
 
+    earlier = set(_actor_processes())  # actors of the previous tests' pools, if any are still shutting down
     worker = threading.Thread(target=predict)
     worker.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (out.exists() and len(out.read_text().splitlines()) > 1):
         time.sleep(0.02)
-    actors = _actor_processes()
-    assert actors, "no live prediction actor to kill"
+    actors = [pid for pid in _actor_processes() if pid not in earlier]
+    assert actors, "no live prediction actor of this run to kill"
     os.kill(actors[0], signal.SIGKILL)  # the worker process dies as in a crash or an out-of-memory kill
     written_at_kill = len(out.read_text().splitlines()) - 1
     worker.join(timeout=180)
