@@ -86,6 +86,14 @@ def _foreign_model(run, spec, site, engine, threads):
     help="Also write, for each DICOM input, a Structured Report and a Grad-CAM Secondary Capture in its study "
     "into this folder (needs covidxr[pacs]).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    default=None,
+    metavar="local|auto|ADDRESS",
+    help="Predict on Ray Data (pip install 'covidxr[ray]'): local starts Ray here, auto joins the one running here, "
+    "HOST:PORT a cluster; --threads is then per actor. Needs --out.",
+)
 @site_option
 @prediction_engine_options
 @model_options
@@ -98,6 +106,7 @@ def predict_command(
     resume,
     chunk_size,
     dicom_out,
+    ray_address,
     site,
     engine,
     threads,
@@ -117,10 +126,14 @@ def predict_command(
     from covidxr.runtime.writer import predict_to_file
 
     foreign = _foreign_model(run, spec, site, engine, threads)
+    if ray_address is not None and (out is None or foreign is not None):
+        raise click.ClickException("--ray writes rows to a file of a covidxr model: give --out, and no MODEL.onnx")
     if foreign is None:
         loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
-        runner = make_engine(loaded, engine, cache_dir, threads)
+        runner = engine if ray_address else make_engine(loaded, engine, cache_dir, threads)
         if dicom_out is not None:
+            if ray_address is not None:
+                raise click.ClickException("--dicom-out writes on this machine: run it without --ray")
             _write_dicom_out(loaded, runner, expand_inputs(images), dicom_out)
     else:
         if dicom_out is not None:
@@ -128,9 +141,16 @@ def predict_command(
         loaded, runner = foreign, engine
     if out is not None:
         try:
-            rows, new = predict_to_file(
-                loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
-            )
+            if ray_address is not None:
+                from covidxr.runtime.archive import predict_archive
+
+                rows, new = predict_archive(
+                    loaded, images, out, ray_address, resume, engine, cache_dir, threads, _progress(), chunk_size
+                )
+            else:
+                rows, new = predict_to_file(
+                    loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
+                )
         except KeyboardInterrupt:  # Ctrl-C or SIGINT: one line, and 128 + SIGINT as a shell expects
             click.echo(f"Error: interrupted; the finished rows are in {out}: rerun with --resume", err=True)
             click.get_current_context().exit(130)
