@@ -32,9 +32,9 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.ood import MARGIN, QUANTILE
 from covidxr.runtime.records import ModelSidecar
 from covidxr.runtime.runs import Run
-from covidxr.runtime.storage import exclusive_temp
+from covidxr.runtime.storage import exclusive_temp, stable_digest
 
-__all__ = ["METHODS", "graph_paths", "int8_runner", "int8_path", "quantize_graph", "quantize_run"]
+__all__ = ["METHODS", "graph_paths", "int8_path", "int8_runner", "quantize_graph", "quantize_run", "report_digest"]
 
 METHODS = ("static", "dynamic")
 MAX_DROP = 0.02  # largest accepted loss of validation accuracy or AUC (absolute), unless told otherwise
@@ -241,8 +241,16 @@ def quantize_run(
         )
     os.replace(candidate, out)
     report["sha256"] = graph_sha256(out)
+    report["report_sha256"] = report_digest(report)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def report_digest(report: dict) -> str:
+    """The SHA-256 of an int8 report, over every key but this one (``sha256``, the graph's, among them), so
+    the graph and what feeds and judges it (input size, pipeline, normalisation, OOD threshold) are checked
+    together: an edited report is refused like an edited graph. It catches edits and damage, not forgery."""
+    return stable_digest({key: value for key, value in report.items() if key != "report_sha256"})
 
 
 def _int8_guard_threshold(run: Run, val_features: np.ndarray) -> float | None:
@@ -259,22 +267,25 @@ def int8_runner(run: Run, requested: str, cache_dir: str | Path | None, threads:
     path = int8_path(run, cache_dir)
     if not path.is_file() or not path.with_suffix(".json").is_file():
         raise CovidxrError(f"{run.path}: no accepted int8 model yet; run `covidxr quantize {run.path}` first")
+    where = path.with_suffix(".json")
+    again = f"run `covidxr quantize {run.path}` again"
     try:
-        report = json.loads(path.with_suffix(".json").read_text())
-        accepted = report.get("sha256")
-    except (OSError, ValueError, AttributeError):
-        report, accepted = {}, None
-    if accepted != graph_sha256(path):
+        report = json.loads(where.read_text())
+        sealed = report.get("report_sha256") == report_digest(report)
+    except (OSError, ValueError, AttributeError, TypeError):
+        report, sealed = {}, False
+    if not sealed:
+        raise CovidxrError(
+            f"{where}: the int8 report does not match the SHA-256 recorded when it was accepted (altered, "
+            f"damaged, or accepted before covidxr recorded it); {again}"
+        )
+    if report.get("sha256") != graph_sha256(path):
         # It cannot be rebuilt here (that needs the calibration images and the acceptance test).
         raise CovidxrError(
             f"{path}: the int8 graph does not match the SHA-256 recorded when it was accepted (altered, or "
-            f"accepted before covidxr recorded it); run `covidxr quantize {run.path}` again"
-        )
-    if "ood_threshold" not in report:
-        raise CovidxrError(
-            f"{path}: accepted before covidxr chose the out-of-distribution threshold for int8; "
-            f"run `covidxr quantize {run.path}` again"
+            f"accepted before covidxr recorded it); {again}"
         )
     engine = OnnxEngine(path, threads, spin=False)
+    engine.sidecar = ModelSidecar.from_dict(report, where)  # what was checked is what feeds the graph
     engine.ood_threshold = report["ood_threshold"]
     return engine
