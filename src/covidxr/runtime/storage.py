@@ -167,7 +167,9 @@ def locked(path: str | Path, what: str = "file") -> Iterator[None]:
 
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    # Read-only: flock needs no write access, and a file held open for writing would stop the disk from being
+    # remounted read-only (which the writer then reports in one line).
+    flags = os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     while True:
         try:
             descriptor = os.open(lock, flags, 0o666)

@@ -209,7 +209,11 @@ def _complete(row: dict) -> bool:
 def append_synced(out: Path, data: bytes, finished: int) -> None:
     """Append whole rows to ``out`` and sync them to disk; a write that fails (a full disk) is cut
     back off, so no half row is left, and stops with one line."""
-    with open(out, "ab", buffering=0) as handle:
+    try:
+        handle = open(out, "ab", buffering=0)  # noqa: SIM115  (closed below; a refused open is one line too)
+    except OSError as exc:
+        raise _write_error(out, exc, finished) from None
+    with handle:
         size = handle.tell()
         try:
             view = memoryview(data)
