@@ -56,6 +56,7 @@ def test_a_file_swapped_for_a_pipe_while_read_is_refused_never_waited_on(xrays, 
     with Image.open(xrays[0]) as image:
         image.convert("L").resize((64, 64)).save(tmp_path / "real.png")
     data = (tmp_path / "real.png").read_bytes()
+    target.write_bytes(data)  # there from the start: the swapper replaces it atomically, never removes it
     pipes: list[Path] = []
     stop = threading.Event()
 
