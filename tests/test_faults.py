@@ -32,6 +32,7 @@ from covidxr.lab.export import TorchEngine, cached_export, sidecar
 from covidxr.lab.features import FeatureCache, compute_features
 from covidxr.lab.loop import CHECKPOINT
 from covidxr.lab.models import run_model
+from covidxr.lab.quantize import report_digest
 from covidxr.lab.train import checkpoint_matches
 from covidxr.runtime.engines import OnnxEngine, graph_sha256
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
@@ -295,8 +296,10 @@ def test_a_tampered_int8_graph_is_refused_not_used(run, runner, tmp_path: Path) 
     # graph; quantising for real needs the calibration data), with the hash its report records.
     int8 = fp32.with_name(f"{fp32.stem}-int8.onnx")
     shutil.copy(fp32, int8)
-    report = {"accepted": True, "sha256": graph_sha256(int8), "ood_threshold": run.ood_guard.threshold}
-    int8.with_suffix(".json").write_text(json.dumps(report))
+    fields = json.loads(fp32.with_suffix(".json").read_text())  # what feeds the graph, as quantize copies it
+    report = fields | {"format": "covidxr-int8-1", "accepted": True, "sha256": graph_sha256(int8)}
+    report["ood_threshold"] = run.ood_guard.threshold
+    int8.with_suffix(".json").write_text(json.dumps(report | {"report_sha256": report_digest(report)}))
     assert make_engine(run, "int8", cache).path == int8
     data = bytearray(int8.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)

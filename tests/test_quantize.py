@@ -22,7 +22,7 @@ from covidxr.runtime.engines import int8_instructions
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.runs import load_run
 
-from .conftest import linked_dataset, small_subset
+from .conftest import BORDERLINE, decision_margin, linked_dataset, small_subset
 from .conftest import run_cli as covidxr
 
 
@@ -95,6 +95,25 @@ def test_accepted_int8_is_measured_kept_and_used_by_predict(run_dir: Path, accep
         out = covidxr("predict", *images, "--model", run_dir, "--engine", engine, "--json", "--cache-dir", cache)
         assert out.returncode == 0, out.stderr
         answers[engine] = json.loads(out.stdout)
+    # The report scores the labels users get (issue 29 F8), as predict gives them: threshold, out-of-distribution
+    # guard, lung and blank checks, an image given no answer counted as not right. Each engine's accuracy, share
+    # answered and labels changed are predict's, but for answers within float32 noise of a decision boundary.
+    truth = list(run.splits().query("split == 'val'")["label"])
+    near = {
+        engine: [
+            a["label"] is not None and decision_margin(a["probabilities"], a["covid_threshold"]) < BORDERLINE
+            for a in answers[engine]
+        ]
+        for engine in answers
+    }
+    for engine, measured in (("onnx", report["fp32"]), ("int8", report["int8"])):
+        labels = [a["label"] for a in answers[engine]]
+        right = sum(label == target for label, target in zip(labels, truth, strict=True))
+        answered = sum(label is not None for label in labels)
+        assert abs(measured["accuracy"] * len(truth) - right) <= sum(near[engine]) + 1e-9, (engine, measured)
+        assert measured["answered"] * len(truth) == pytest.approx(answered)
+    changed = sum(a["label"] != b["label"] for a, b in zip(answers["onnx"], answers["int8"], strict=True))
+    assert abs(report["labels_changed"] - changed) <= sum(near["onnx"]) + sum(near["int8"])
     # int8 really runs: its probabilities are not fp32's, yet they stay probabilities, near fp32's.
     differences = [
         abs(fp32["probabilities"][k] - int8["probabilities"][k])

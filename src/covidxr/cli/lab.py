@@ -396,7 +396,7 @@ def export_command(run, fmt, out, weights, weights_dir):
     type=float,
     default=0.02,
     show_default=True,
-    help="Refuse int8 if validation accuracy or COVID-19 AUC drops by more than this.",
+    help="Refuse int8 if validation accuracy (of the labels predict gives) or COVID-19 AUC drops by more than this.",
 )
 @click.option("--calibration-images", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--data", "data_root", type=_path, default=None, help="Folder the run's image names are relative to.")
@@ -412,7 +412,8 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
     fp32, int8 = report["fp32"], report["int8"]
     auc = f"; COVID-19 AUC {fp32['covid_auc']:.3f} → {int8['covid_auc']:.3f}" if fp32["covid_auc"] is not None else ""
     click.echo(
-        f"int8 ({method}) accepted: validation accuracy {fp32['accuracy']:.1%} → {int8['accuracy']:.1%}{auc}; "
+        f"int8 ({method}) accepted: validation accuracy {fp32['accuracy']:.1%} → {int8['accuracy']:.1%} (the labels "
+        f"given; no answer is not right), answered {fp32['answered']:.1%} → {int8['answered']:.1%}{auc}; "
         f"{report['labels_changed']} of {report['validation_images']} labels changed; "
         f"{fp32['images_per_second']} → {int8['images_per_second']} img/s ({report['speed_up']}x) "
         f"on this CPU (int8: {report['cpu_int8_instructions']}); use it with: covidxr predict --engine int8"

@@ -327,13 +327,14 @@ def explain_command(images, run, method, out, weights, weights_dir):
 @click.option(
     "--out", type=_path, required=True, help="Folder for <stem>_mask.png, <stem>_overlay.png and segment.csv."
 )
-def segment_command(images, out):
+@click.option("--resume", is_flag=True, help="Complete the segment.csv in --out without redoing its rows.")
+def segment_command(images, out, resume):
     """Lung masks with the bundled segmenter (files or folders): a mask and an overlay per image, and
     segment.csv; images without two plausible lungs get their reason; unreadable files an error (exit 1)."""
     from covidxr.runtime.inference import expand_inputs
     from covidxr.runtime.segment import segment_files
 
-    rows = segment_files(expand_inputs(images), out)
+    rows = segment_files(expand_inputs(images), out, resume)
     for row in rows:
         if row["error"]:
             click.echo(f"ERROR {row['error']}", err=True)

@@ -3,7 +3,9 @@
 Static quantisation (QDQ, int8 weights per channel, uint8 activations; the first convolution and the
 dense head stay in fp32) is calibrated on the run's own training images; dynamic quantisation (weights
 only) needs no calibration. ``quantize_run`` measures what int8 costs and gains on the run's validation
-split — accuracy, COVID-19-versus-rest AUC, images per second, each beside fp32 — and refuses (keeping
+split — the accuracy of the labels users get (``predict``'s decision: the operating threshold, the
+out-of-distribution guard, the lung and blank checks; an image given no answer is not right, as ``evaluate``
+counts it), the share answered, COVID-19-versus-rest AUC, images per second, each beside fp32 — and refuses (keeping
 nothing) when accuracy or AUC drop by more than ``MAX_DROP`` (a graph accepted before stays). int8 kernels
 differ between CPUs (VNNI, AMX or neither), so the verdict holds for the CPU it was measured on, which the
 report names. An accepted graph is cached beside the fp32 export, keyed by it, and used by
@@ -26,15 +28,18 @@ from covidxr import DISCLAIMER
 from covidxr.lab.export import cached_export, sidecar
 from covidxr.lab.models import run_model
 from covidxr.runtime.batches import iterate_batches
-from covidxr.runtime.calibration import POSITIVE, softmax
+from covidxr.runtime.calibration import POSITIVE
 from covidxr.runtime.engines import OnnxEngine, graph_sha256, int8_instructions
 from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.inference import answer
 from covidxr.runtime.ood import MARGIN, QUANTILE
+from covidxr.runtime.preprocess import InputTransform
 from covidxr.runtime.records import ModelSidecar
+from covidxr.runtime.runners import input_transform, make_engine
 from covidxr.runtime.runs import Run
-from covidxr.runtime.storage import exclusive_temp
+from covidxr.runtime.storage import exclusive_temp, stable_digest
 
-__all__ = ["METHODS", "graph_paths", "int8_runner", "int8_path", "quantize_graph", "quantize_run"]
+__all__ = ["METHODS", "graph_paths", "int8_path", "int8_runner", "quantize_graph", "quantize_run", "report_digest"]
 
 METHODS = ("static", "dynamic")
 MAX_DROP = 0.02  # largest accepted loss of validation accuracy or AUC (absolute), unless told otherwise
@@ -137,23 +142,50 @@ def _inputs(run: Run, paths: list[Path]) -> np.ndarray:
     return np.concatenate(batches)
 
 
-def _measure(engine: OnnxEngine, inputs: np.ndarray, run: Run, targets: np.ndarray) -> dict:
-    """Accuracy, COVID-19 AUC and throughput (batches of 32, after a warm-up of both batch shapes) on ``inputs``."""
+def _validation(run: Run, transform: InputTransform, paths: list[Path]) -> tuple[np.ndarray, list[bool], list]:
+    """The validation images as ``predict`` prepares them (reduced decoding, the lung check, the blank check):
+    inputs, blank flags and lung reasons. Unreadable ones are refused: the run's own data must be readable."""
+    inputs, blanks, reasons = [], [], []
+    for _, batch, errors, flat, lungs, _ in iterate_batches(
+        paths, transform, 32, 1, None, check_lungs=True, draft=True
+    ):
+        if any(errors):
+            raise CovidxrError(next(e for e in errors if e))
+        inputs.append(batch)
+        blanks += flat
+        reasons += [reason or None for reason in lungs]
+    return np.concatenate(inputs), blanks, reasons
+
+
+def _forward(engine: OnnxEngine, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Features, logits and images per second (batches of 32, after a warm-up of both batch shapes)."""
     engine(inputs[:32]), engine(inputs[len(inputs) - len(inputs) % 32 :] if len(inputs) % 32 else inputs[:32])
     started = time.perf_counter()
     outputs = [engine(inputs[i : i + 32]) for i in range(0, len(inputs), 32)]
     seconds = time.perf_counter() - started
-    logits = np.concatenate([batch_logits for _, batch_logits in outputs])
-    probabilities = softmax(logits.astype(np.float64), run.temperature)
-    covid = run.labels.index(POSITIVE)
-    is_covid = targets == covid
-    auc = float(roc_auc_score(is_covid, probabilities[:, covid])) if 0 < is_covid.sum() < len(targets) else None
+    features = np.concatenate([batch_features for batch_features, _ in outputs])
+    return features, np.concatenate([batch_logits for _, batch_logits in outputs]), round(len(inputs) / seconds, 1)
+
+
+def _score(run: Run, forward: tuple, blanks: list[bool], reasons: list, targets: np.ndarray, ood: float | None) -> dict:
+    """What users get, scored as ``evaluate`` scores it: the labels ``predict`` gives (``inference.answer``: the
+    operating threshold, the out-of-distribution guard at ``ood``, the lung and blank checks), an image given no
+    answer counting as not right; also the share answered and the COVID-19-versus-rest AUC of p(COVID-19)."""
+    features, logits, speed = forward
+    answers = answer(run, features, logits, blanks, reasons, ood)
+    labels = [result["label"] for result in answers]
+    right = np.array([label == run.labels[target] for label, target in zip(labels, targets, strict=True)])
+    answered = np.array([label is not None for label in labels])
+    covid = np.array([result["probabilities"][POSITIVE] for result in answers])
+    is_covid = targets == run.labels.index(POSITIVE)
+    auc = float(roc_auc_score(is_covid, covid)) if 0 < is_covid.sum() < len(targets) else None
     return {
-        "accuracy": float((probabilities.argmax(1) == targets).mean()),
+        "accuracy": float(right.mean()),
+        "answered": float(answered.mean()),
+        "accuracy_when_answered": float(right[answered].mean()) if answered.any() else None,
         "covid_auc": auc,
-        "images_per_second": round(len(inputs) / seconds, 1),
-        "labels": probabilities.argmax(1),
-        "features": np.concatenate([features for features, _ in outputs]),
+        "images_per_second": speed,
+        "labels": labels,
     }
 
 
@@ -192,14 +224,22 @@ def quantize_run(
     started = time.perf_counter()
     quantize_graph(fp32_path, candidate, calibration, method)
     quantize_seconds = time.perf_counter() - started
-    val_inputs = _inputs(run, [root / f for f in val["filename"]])
+    # The fp32 graph predict runs: the run's own where it ships one (the bundled model does), else the export.
+    fp32_engine = make_engine(run, "onnx", cache_dir) if run.graph is not None else OnnxEngine(fp32_path, spin=False)
+    val_inputs, blanks, reasons = _validation(
+        run, input_transform(run, fp32_engine), [root / f for f in val["filename"]]
+    )
     targets = np.array([run.labels.index(label) for label in val["label"]])
-    fp32 = _measure(OnnxEngine(fp32_path, spin=False), val_inputs, run, targets)  # as predict runs them
+    fp32 = _score(run, _forward(fp32_engine, val_inputs), blanks, reasons, targets, None)
     try:
-        int8 = _measure(OnnxEngine(candidate, spin=False), val_inputs, run, targets)
+        int8_forward = _forward(OnnxEngine(candidate, spin=False), val_inputs)
     except BaseException:
         candidate.unlink(missing_ok=True)
         raise
+    # int8 features lie further from the fp32 training statistics than fp32 features do, so the
+    # out-of-distribution guard's threshold is chosen again, by its own rule, on int8 validation features.
+    ood_threshold = _int8_guard_threshold(run, int8_forward[0])
+    int8 = _score(run, int8_forward, blanks, reasons, targets, ood_threshold)
     drops = {"accuracy": fp32["accuracy"] - int8["accuracy"]}
     if fp32["covid_auc"] is not None:
         drops["covid_auc"] = fp32["covid_auc"] - int8["covid_auc"]
@@ -210,10 +250,12 @@ def quantize_run(
         "method": method,
         "calibration_images": 0 if calibration is None else len(calibration),
         "validation_images": len(val),
-        "fp32": {k: v for k, v in fp32.items() if k not in {"labels", "features"}},
-        "int8": {k: v for k, v in int8.items() if k not in {"labels", "features"}},
+        # Scored on the labels users get (threshold, OOD guard, lung and blank checks; no answer is not right).
+        "scored": "decisions",
+        "fp32": {k: v for k, v in fp32.items() if k != "labels"},
+        "int8": {k: v for k, v in int8.items() if k != "labels"},
         "speed_up": round(int8["images_per_second"] / fp32["images_per_second"], 2),
-        "labels_changed": int((fp32["labels"] != int8["labels"]).sum()),
+        "labels_changed": sum(a != b for a, b in zip(fp32["labels"], int8["labels"], strict=True)),
         "drop": drops,
         "max_drop": max_drop,
         "accepted": accepted,
@@ -221,9 +263,7 @@ def quantize_run(
         # int8 kernels, and so int8 figures, differ between CPUs with and without VNNI.
         "cpu_int8_instructions": int8_instructions(),
         "graph": str(out) if accepted else None,
-        # int8 features lie further from the fp32 training statistics than fp32 features do, so the
-        # out-of-distribution guard's threshold is chosen again, by its own rule, on int8 validation features.
-        "ood_threshold": _int8_guard_threshold(run, int8["features"]),
+        "ood_threshold": ood_threshold,
         # What the runtime needs to feed the graph (as the fp32 graph's sidecar says).
         "image_size": fp32_info.image_size,
         "pipeline": fp32_info.pipeline,
@@ -241,8 +281,16 @@ def quantize_run(
         )
     os.replace(candidate, out)
     report["sha256"] = graph_sha256(out)
+    report["report_sha256"] = report_digest(report)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def report_digest(report: dict) -> str:
+    """The SHA-256 of an int8 report, over every key but this one (``sha256``, the graph's, among them), so
+    the graph and what feeds and judges it (input size, pipeline, normalisation, OOD threshold) are checked
+    together: an edited report is refused like an edited graph. It catches edits and damage, not forgery."""
+    return stable_digest({key: value for key, value in report.items() if key != "report_sha256"})
 
 
 def _int8_guard_threshold(run: Run, val_features: np.ndarray) -> float | None:
@@ -259,22 +307,25 @@ def int8_runner(run: Run, requested: str, cache_dir: str | Path | None, threads:
     path = int8_path(run, cache_dir)
     if not path.is_file() or not path.with_suffix(".json").is_file():
         raise CovidxrError(f"{run.path}: no accepted int8 model yet; run `covidxr quantize {run.path}` first")
+    where = path.with_suffix(".json")
+    again = f"run `covidxr quantize {run.path}` again"
     try:
-        report = json.loads(path.with_suffix(".json").read_text())
-        accepted = report.get("sha256")
-    except (OSError, ValueError, AttributeError):
-        report, accepted = {}, None
-    if accepted != graph_sha256(path):
+        report = json.loads(where.read_text())
+        sealed = report.get("report_sha256") == report_digest(report)
+    except (OSError, ValueError, AttributeError, TypeError):
+        report, sealed = {}, False
+    if not sealed:
+        raise CovidxrError(
+            f"{where}: the int8 report does not match the SHA-256 recorded when it was accepted (altered, "
+            f"damaged, or accepted before covidxr recorded it); {again}"
+        )
+    if report.get("sha256") != graph_sha256(path):
         # It cannot be rebuilt here (that needs the calibration images and the acceptance test).
         raise CovidxrError(
             f"{path}: the int8 graph does not match the SHA-256 recorded when it was accepted (altered, or "
-            f"accepted before covidxr recorded it); run `covidxr quantize {run.path}` again"
-        )
-    if "ood_threshold" not in report:
-        raise CovidxrError(
-            f"{path}: accepted before covidxr chose the out-of-distribution threshold for int8; "
-            f"run `covidxr quantize {run.path}` again"
+            f"accepted before covidxr recorded it); {again}"
         )
     engine = OnnxEngine(path, threads, spin=False)
+    engine.sidecar = ModelSidecar.from_dict(report, where)  # what was checked is what feeds the graph
     engine.ood_threshold = report["ood_threshold"]
     return engine

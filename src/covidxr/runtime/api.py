@@ -13,6 +13,7 @@ Every result carries the research-use disclaimer. The command line is built on t
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +41,7 @@ from covidxr.runtime.plugins import entry_point
 from covidxr.runtime.runners import Engine, input_transform, make_engine
 from covidxr.runtime.runs import HEAD_FILE, Run, default_model_path, load_run
 from covidxr.runtime.site import SiteCalibration, with_site
+from covidxr.runtime.storage import output_folder, write_file
 
 __all__ = ["ForeignModel", "ImageLike", "METHODS", "Model", "load_model"]
 
@@ -170,8 +172,7 @@ class Model:
         """``explain`` each file into ``out``: ``<name>.<method>.png`` (overlay) and ``.npy`` (raw map); each
         result also says how much of the map lies inside the lungs (``lung_share``). Unreadable files and
         colour photographs get their ``error`` and are skipped; the others are still explained."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = output_folder(out)
         results: list[dict] = [{"file": str(path)} for path in paths]
         ready: list[tuple[int, Image.Image]] = []
         for i, path in enumerate(paths):
@@ -202,8 +203,9 @@ class Model:
                 used_names.add(name)
                 overlay_path, map_path = out / f"{name}.{method}.png", out / f"{name}.{method}.npy"
                 cam = result.pop("map")
-                overlay(image, cam).save(overlay_path)
-                np.save(map_path, cam.astype(np.float32))
+                # Written whole: a full disk leaves no truncated .npy or .png, and stops with one line.
+                write_file(overlay_path, _encoded(overlay(image, cam)))
+                write_file(map_path, _encoded(cam.astype(np.float32)))
                 results[i] |= {
                     **{k: v for k, v in result.items() if k != "overlay"},
                     "probability": result["probabilities"][result["target"]],
@@ -247,6 +249,16 @@ class Model:
         if not isinstance(self.engine, OnnxEngine) or "activations" not in self.engine.outputs:
             return None
         return self.engine.sidecar.cam_activation if self.engine.sidecar is not None else None
+
+
+def _encoded(item: Image.Image | np.ndarray) -> bytes:
+    """An image as PNG bytes, an array as ``.npy`` bytes, for ``storage.write_file``."""
+    buffer = io.BytesIO()
+    if isinstance(item, Image.Image):
+        item.save(buffer, format="PNG")
+    else:
+        np.save(buffer, item)
+    return buffer.getvalue()
 
 
 def load_model(

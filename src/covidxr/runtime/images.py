@@ -11,6 +11,7 @@ import io
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -50,40 +51,66 @@ _MODE_BITS = {"1": 1, "I": 32, "F": 32, "I;16": 16, "I;16B": 16, "I;16L": 16, "I
 def read_image(path: str | Path, draft: int | None = None) -> Image.Image:
     """Decode an image file into 8-bit RGB (see ``_decode``); refuse images too small to be a radiograph.
 
+    The file is opened once (``_open_image``) and decoded from that descriptor, so a file swapped for a pipe
+    after it was checked is never read by name.
+
     ``draft``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale where both sides stay at least this many
     pixels (Pillow's ``draft``: the decoder skips the detail, several times faster on a large film);
     other formats are decoded whole."""
     path = Path(path)
-    problem = unreadable_reason(path)
-    if problem:
+    handle, problem = _open_image(path)
+    if handle is None:
         raise CovidxrError(f"{path}: {problem}")
-    return _checked_size(_decode(path, path.suffix.lower(), draft), path)
+    with handle:
+        return _checked_size(_decode(handle, path.suffix.lower(), draft), path)
 
 
 def unreadable_reason(path: Path) -> str | None:
     """Why ``path`` cannot be read as an image file, in words a user can act on (permission denied, a
-    broken symlink, a symlink loop, a folder, an empty file), or None when it can be opened.
+    broken symlink, a symlink loop, a folder, a pipe, an empty file), or None when it can be opened.
 
     Checked before decoding, so a file the system refuses is never reported as a corrupt image."""
+    handle, problem = _open_image(path)
+    if handle is not None:
+        handle.close()
+    return problem
+
+
+def _open_image(path: Path) -> tuple[BinaryIO | None, str | None]:
+    """``path`` opened for reading, or why it cannot be. Opened without blocking (``O_NONBLOCK``: a pipe with no
+    writer would wait for ever) and checked after opening (``fstat``: what was opened, not what a name
+    pointed at a moment before), so a pipe, device or socket is refused however it got there."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        mode = path.stat().st_mode
-        if stat.S_ISDIR(mode):
-            os.listdir(path)
-            return "is a folder, not an image file"
-        if not stat.S_ISREG(mode):
-            return "not a regular file (a device, pipe or socket)"
-        with open(path, "rb") as handle:
-            if not handle.read(1):
-                return "empty file"
+        descriptor = os.open(path, flags)
     except FileNotFoundError:
-        return "broken symlink (its target does not exist)" if path.is_symlink() else "file not found"
+        return None, "broken symlink (its target does not exist)" if path.is_symlink() else "file not found"
     except PermissionError:
-        return "permission denied" + (" (a folder that cannot be listed)" if path.is_dir() else "")
+        return None, "permission denied" + (" (a folder that cannot be listed)" if path.is_dir() else "")
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return "symlink loop (the link points back at itself)"
-        return f"cannot be read ({exc.strerror or type(exc).__name__})"
-    return None
+            return None, "symlink loop (the link points back at itself)"
+        return None, f"cannot be read ({exc.strerror or type(exc).__name__})"
+    raw = io.FileIO(descriptor, "rb")
+    raw.name = str(path)  # how messages and pydicom name it
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            os.listdir(path)
+            problem = "is a folder, not an image file"
+        elif not stat.S_ISREG(mode):
+            problem = "not a regular file (a device, pipe or socket)"
+        else:
+            problem = None if raw.read(1) else "empty file"
+            raw.seek(0)
+    except PermissionError:
+        problem = "permission denied (a folder that cannot be listed)"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or type(exc).__name__})"
+    if problem:
+        raw.close()
+        return None, problem
+    return io.BufferedReader(raw), None
 
 
 def decode_bytes(data: bytes, name: str = "upload", draft: int | None = None) -> Image.Image:

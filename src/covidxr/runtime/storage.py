@@ -9,7 +9,7 @@ import os
 import secrets
 import stat
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,27 @@ import numpy as np
 
 from covidxr.runtime.errors import CovidxrError
 
-__all__ = ["atomic_path", "atomic_write", "exclusive_temp", "hash_arrays", "locked", "stable_digest"]
+__all__ = [
+    "atomic_path",
+    "atomic_write",
+    "exclusive_temp",
+    "hash_arrays",
+    "locked",
+    "output_folder",
+    "stable_digest",
+    "write_failure",
+    "write_file",
+]
+
+# What a user can do about a write the system refused, by its errno (anything else: its own words).
+_WRITE_ADVICE = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space",
+    errno.EFBIG: "raise the file size limit (ulimit -f)",
+    errno.EROFS: "make the file system writable again",
+    errno.EACCES: "get permission to write there",
+    errno.EPERM: "get permission to write there",
+}
 
 
 def stable_digest(value: Any) -> str:
@@ -89,6 +109,39 @@ def atomic_write(path: str | Path, data: bytes | str, sync: bool = False) -> Pat
     return path
 
 
+def write_failure(path: str | Path, exc: OSError, kept: str = "") -> CovidxrError:
+    """One line for a write the system refused (a full or read-only disk, no permission): the file, the
+    system's reason, what was kept (``kept``, e.g. "the 12 finished row(s) are kept") and what to do."""
+    message = f"{path}: cannot write ({exc.strerror or type(exc).__name__})"
+    message += f"; {kept}" if kept else ""
+    advice = _WRITE_ADVICE.get(exc.errno or 0)
+    return CovidxrError(f"{message}: {advice}" if advice else message)
+
+
+def output_folder(path: str | Path) -> Path:
+    """``path`` as a folder to write into, made if missing; a file in its place, a parent that is a file, or
+    a place the system refuses is one line naming it (never a traceback), and nothing is written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise CovidxrError(f"{path}: exists and is not a folder; choose another --out") from None
+    except NotADirectoryError:
+        raise CovidxrError(f"{path}: a part of this path is a file, not a folder; choose another --out") from None
+    except OSError as exc:
+        raise write_failure(path, exc) from None
+    return path
+
+
+def write_file(path: str | Path, data: bytes) -> Path:
+    """``atomic_write`` with a refused write as one line (``write_failure``): a full disk leaves the old file or
+    none, never a truncated one."""
+    try:
+        return atomic_write(path, data)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
+
+
 def _lock_holder(inode: int) -> int | None:
     """The process holding a ``flock`` on the file ``inode``, from Linux's ``/proc/locks`` (None elsewhere, or
     when it has just let go). Read there rather than written in the lock file, which then takes no disk space
@@ -114,7 +167,9 @@ def locked(path: str | Path, what: str = "file") -> Iterator[None]:
 
     path = Path(path)
     lock = path.with_name(f".{path.name}.lock")
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    # Read-only: flock needs no write access, and a file held open for writing would stop the disk from being
+    # remounted read-only (which the writer then reports in one line).
+    flags = os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     while True:
         try:
             descriptor = os.open(lock, flags, 0o666)
@@ -145,5 +200,8 @@ def locked(path: str | Path, what: str = "file") -> Iterator[None]:
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)  # before the lock is released, so a waiting writer never takes a stale file
+        # Removed before the lock is released, so a waiting writer never takes a stale file; where it cannot be
+        # (the disk went read-only mid-run) it stays, empty and unlocked, and the next writer takes it.
+        with suppress(OSError):
+            lock.unlink(missing_ok=True)
         os.close(descriptor)

@@ -34,9 +34,9 @@ from covidxr.runtime.inference import (
 from covidxr.runtime.runners import Engine, head_digest, make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.site import describe_set
-from covidxr.runtime.storage import atomic_write, locked, stable_digest
+from covidxr.runtime.storage import atomic_write, locked, output_folder, stable_digest, write_failure
 
-__all__ = ["CHUNK", "flat_row", "model_identity", "predict_to_file"]
+__all__ = ["CHUNK", "append_synced", "csv_line", "flat_row", "model_identity", "predict_to_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _read_csv_rows(out: Path, columns: list[str]) -> tuple[list[dict], int]:
     return [_typed(row) for row in rows], ends[-1]
 
 
-def _csv_line(values: Iterable[object]) -> str:
+def csv_line(values: Iterable[object]) -> str:
     """One CSV record ending in ``\\n``: text cells escaped for spreadsheets (``spreadsheet_text``) and quoted
     wherever they hold a comma, a quote, ``\\n`` or ``\\r`` (the csv module's minimal quoting leaves a bare
     ``\\r`` unquoted when lines end in ``\\n``, and a reader then splits the record), numbers as Python writes
@@ -206,10 +206,14 @@ def _complete(row: dict) -> bool:
         return False
 
 
-def _append_synced(out: Path, data: bytes, finished: int) -> None:
+def append_synced(out: Path, data: bytes, finished: int) -> None:
     """Append whole rows to ``out`` and sync them to disk; a write that fails (a full disk) is cut
     back off, so no half row is left, and stops with one line."""
-    with open(out, "ab", buffering=0) as handle:
+    try:
+        handle = open(out, "ab", buffering=0)  # noqa: SIM115  (closed below; a refused open is one line too)
+    except OSError as exc:
+        raise _write_error(out, exc, finished) from None
+    with handle:
         size = handle.tell()
         try:
             view = memoryview(data)
@@ -223,10 +227,9 @@ def _append_synced(out: Path, data: bytes, finished: int) -> None:
 
 
 def _write_error(out: Path, exc: OSError, finished: int) -> CovidxrError:
-    return CovidxrError(
-        f"{out}: cannot write ({exc.strerror or type(exc).__name__}); the {finished} finished row(s) are kept: "
-        "free some space and rerun with --resume"
-    )
+    """One line: why, what is kept, what to do (a read-only disk is not told to free space)."""
+    kept = f"the {finished} finished row(s) are kept"
+    return CovidxrError(f"{write_failure(out, exc, kept)} and rerun with --resume")
 
 
 def _write_json(out: Path, run: Run | ForeignModel, identity: str, rows: list[dict], finished: int) -> None:
@@ -301,7 +304,7 @@ def predict_to_file(
         def predictions(todo: list[Path]) -> Iterator[list[dict]]:
             return iterate_predictions(run, todo, runner, min(batch_size, chunk_size), num_workers)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    output_folder(out.parent)
     with locked(out, "prediction file"):  # one writer at a time: a second is refused, naming the first
         return _predict_locked(run, files, out, resume, identity, predictions, progress, chunk_size)
 
@@ -327,15 +330,15 @@ def _predict_locked(
     todo = [f for f in files if output_name(f) not in done]
     if out.suffix == ".csv" and not out.exists():
         try:
-            _append_synced(out, (",".join(columns) + "\n").encode("utf-8"), 0)
+            append_synced(out, (",".join(columns) + "\n").encode("utf-8"), 0)
         except CovidxrError:
             out.unlink(missing_ok=True)
             raise
 
     def write(new: list[dict]) -> None:
         if out.suffix == ".csv":
-            text = "".join(_csv_line(row[column] for column in columns) for row in new)
-            _append_synced(out, text.encode("utf-8"), len(rows))
+            text = "".join(csv_line(row[column] for column in columns) for row in new)
+            append_synced(out, text.encode("utf-8"), len(rows))
             rows.extend(new)
         else:
             _write_json(out, run, identity, rows + new, len(rows))
