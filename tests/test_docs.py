@@ -12,7 +12,7 @@ import pytest
 
 from covidxr.cli import cli
 from covidxr.runtime.bundle import BUNDLED
-from covidxr.runtime.card import model_card
+from covidxr.runtime.card import model_card, render_model_card
 
 from .conftest import REPO
 
@@ -63,6 +63,10 @@ def bundled() -> dict[str, str]:
         "held_out_sensitivity": pct(card["leave_one_source_out"]["pooled"]["covid_sensitivity"], 1),
         "loso_auc": f"{card['leave_one_source_out']['pooled']['covid_vs_rest_auc']:.2f}",
         "gradcam_lungs": f"{lungs['covid_calls_share']:.2f}",
+        "accuracy_point": pct(test["accuracy"], 1),
+        "audit_unchanged": pct(
+            json.loads((BUNDLED / "audit.json").read_text())["checks"]["lungs_hidden"]["accuracy"], 0
+        ),
     }
 
 
@@ -89,6 +93,7 @@ QUOTES = {
         "| held-out COVID-19 sensitivity | 77.4% | **{held_out_sensitivity}** |",
         "it scores {accuracy} on {n_test} test images",
         "the operating point (COVID-19 at p ≥ {threshold}, Youden's J on validation)",
+        "the bundled model's audit says {audit_unchanged} unchanged against a test\n  accuracy of {accuracy_point}",
         "| **lungs crop (bundled)** | **{within_site_short}** | **{loso_auc}** | **{nih_called_covid}** | "
         "**{kermany_called_covid}** | **{held_out_sensitivity}** | **{gradcam_lungs}** |",
     ],
@@ -162,3 +167,15 @@ def test_every_relative_link_and_anchor_resolves() -> None:
             elif anchor and path.suffix == ".md" and anchor not in _anchors(path.read_text(encoding="utf-8")):
                 broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken, broken
+
+
+def test_the_bundled_card_says_how_its_audit_called_each_image() -> None:
+    """Issue 28 item 5: the bundled card's audit said "unchanged: 79%" beside a test accuracy of 68.4%, with
+    nothing to say that the audit took the most probable class while the metrics apply the operating point."""
+    card = model_card(BUNDLED)
+    text = render_model_card(card)
+    assert text == (BUNDLED / "model_card.md").read_text(encoding="utf-8")  # the shipped card is this rendering
+    audit = json.loads((BUNDLED / "audit.json").read_text())
+    assert audit["checks"]["lungs_hidden"]["accuracy"] != pytest.approx(card["test_metrics"]["accuracy"])
+    assert "decision" not in audit  # written before the audit recorded its rule
+    assert "- How the audit called each image: the most probable class, not the operating point" in text

@@ -198,7 +198,7 @@ class Audit(Record):
     WHAT: ClassVar[str] = "audit"
     FORMATS: ClassVar[tuple[str, ...]] = ("covidxr-audit-1", "covidxr-audit-2")
     UNMARKED: ClassVar[str] = "covidxr-audit-1"
-    SPARSE: ClassVar[frozenset[str]] = frozenset({"run", "model", "data", "images", "n_images", "geometry"})
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"run", "model", "data", "images", "n_images", "geometry", "decision"})
 
     format: str = "covidxr-audit-2"
     run: str | None = None
@@ -207,6 +207,7 @@ class Audit(Record):
     images: str | None = None  # which images, in words
     n_images: int | None = None
     geometry: dict | None = None  # the regions the checks mask, and their areas
+    decision: str | None = None  # how each image was called, in words; None: the most probable class (older audits)
     checks: dict[str, AuditCheck] = field(default_factory=dict)
     verdict: str | None = None
     summary: str | None = None
