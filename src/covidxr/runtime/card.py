@@ -25,6 +25,7 @@ from covidxr.runtime.document import Block, Heading, Items, Text, render_html
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.formatting import dec, pct, with_ci
 from covidxr.runtime.records import (
+    AUDIT_DECISION,
     Audit,
     CovidVsRest,
     Loso,
@@ -206,13 +207,8 @@ def _failure_modes(card: dict) -> list[str]:
 
 
 def _audit_decision(decision: str | None) -> str:
-    """The audit's decision rule, so its accuracies can be read against the test metrics'."""
-    if decision:
-        return decision
-    return (
-        "the most probable class, not the operating point (an audit written before covidxr recorded its rule), so "
-        "its unchanged accuracy differs from the test accuracy above, which applies the COVID-19 threshold"
-    )
+    """How the audit called each image, so its accuracies can be read against the test metrics'."""
+    return decision or AUDIT_DECISION
 
 
 def render_model_card(card: dict) -> str:
