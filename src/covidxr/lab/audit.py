@@ -46,7 +46,7 @@ from covidxr.lab.features import backbone_features, extract_features
 from covidxr.lab.models import CovidxrNet, StagedHead, head_probabilities, run_model, to_input_tensor
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
-from covidxr.runtime.records import Audit
+from covidxr.runtime.records import AUDIT_DECISION, Audit
 from covidxr.runtime.runs import Run, load_run
 
 __all__ = [
@@ -458,7 +458,8 @@ def run_audit(
     batch_size, num_workers = run.config.extract_batch_size, run.config.num_workers
 
     truth = np.array([labels.index(label) for label in frame["label"]])
-    # The unchanged features come from the cache, so the unchanged accuracy is the one `evaluate` reports.
+    # The unchanged features come from the cache, as evaluate's do; each variant is called its most probable class
+    # (AUDIT_DECISION), so the audit compares the model's ranking wherever the operating threshold sits.
     engine = run.config.feature_engine
     unchanged = extract_features(model, paths, cache_dir, batch_size, num_workers, progress, engine=engine)
     predictions = {"unchanged": head_probabilities(model, unchanged).argmax(1)}
@@ -485,6 +486,7 @@ def run_audit(
                 "input_size": model.image_size,
                 "area": {name: float(masks[name].mean()) for name in ("lung_field", "border")},
             },
+            "decision": AUDIT_DECISION,
             "checks": checks,
             "verdict": verdict,
             "summary": (

@@ -25,6 +25,7 @@ from covidxr.runtime.document import Block, Heading, Items, Text, render_html
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.formatting import dec, pct, with_ci
 from covidxr.runtime.records import (
+    AUDIT_DECISION,
     Audit,
     CovidVsRest,
     Loso,
@@ -107,6 +108,7 @@ def model_card(run_dir: str | Path) -> dict:
     if audit is not None:
         card["audit"] = {"verdict": audit.verdict, **{k: v.verdict for k, v in audit.checks.items()}}
         card["audit_summaries"] = {k: v.summary for k, v in audit.checks.items()}
+        card["audit_decision"] = audit.decision
     card["within_site"] = _within_site(loso)
     if loso is not None:
         card["leave_one_source_out"] = {
@@ -204,6 +206,11 @@ def _failure_modes(card: dict) -> list[str]:
     return modes
 
 
+def _audit_decision(decision: str | None) -> str:
+    """How the audit called each image, so its accuracies can be read against the test metrics'."""
+    return decision or AUDIT_DECISION
+
+
 def render_model_card(card: dict) -> str:
     """The card as Markdown."""
     lines = [f"# Model card: covidxr {card['model']}", "", f"**{card['disclaimer']}**", ""]
@@ -246,6 +253,7 @@ def render_model_card(card: dict) -> str:
     if "audit" in card:
         lines += ["", f"## Shortcut audit: {card['audit']['verdict']}", ""]
         lines += [f"- {name}: {card['audit'][name]} — {summary}" for name, summary in card["audit_summaries"].items()]
+        lines += [f"- How the audit called each image: {_audit_decision(card.get('audit_decision'))}"]
     lines += ["", "## Known failure modes", ""] + [f"- {mode}" for mode in card["failure_modes"]]
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -368,7 +369,8 @@ def create_app(
     keys; ``/api/explain`` then answers with ``explanation`` null, as Grad-CAM needs a covidxr run)."""
     if max_queue < 1 or max_upload < 1:
         raise CovidxrError("--max-queue and the upload limit must be at least 1")
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs with Swagger UI's files served by the app: no CDN, nothing sent elsewhere
+        redoc_url=None,  # ReDoc's bundle still fetches its logo from cdn.redoc.ly
         title="covidxr",
         version=__version__,
         description=f"Chest X-ray classification COVID-19 / NORMAL / PNEUMONIA. **{DISCLAIMER}**",

@@ -11,7 +11,7 @@ from pathlib import Path
 from covidxr.lab.report.reading import read_record
 from covidxr.runtime.document import Block, Details, Items, Text
 from covidxr.runtime.formatting import num, pct, spaced
-from covidxr.runtime.records import Audit, AuditCheck, Metrics
+from covidxr.runtime.records import AUDIT_DECISION, Audit, AuditCheck, Metrics
 
 # The checks `covidxr audit` writes into audit.json, in its order; unknown checks are shown after them.
 AUDIT_CHECKS = ("lungs_hidden", "source_probe", "resolution_format")
@@ -128,10 +128,11 @@ def audit_blocks(candidates: list[Path], command: str) -> list[Block]:
     if audit is None:
         damaged = f" ({path} is damaged)" if path else ""
         return [Text(f"No shortcut audit yet{damaged}: run `{command}`.")]
-    verdict = str(audit.verdict or "not recorded")
-    summary = "" if audit.summary is None else audit.summary
+    verdict = _shown_overall(audit)
+    scope = f" on {audit.n_images} images ({audit.images})" if audit.images and audit.n_images else ""
     blocks: list[Block] = [
-        Text(f"Overall verdict: {verdict}. {summary}".strip(), warning=verdict in {"fail", "warning"})
+        Text(f"Overall verdict{scope}: {_verdict_sentence(audit)}", warning=verdict in {"fail", "warning"}),
+        Text(_decision_sentence(audit)),
     ]
     checks = audit.checks
     names = [name for name in AUDIT_CHECKS if name in checks] + [name for name in checks if name not in AUDIT_CHECKS]
@@ -151,12 +152,30 @@ def audit_blocks(candidates: list[Path], command: str) -> list[Block]:
     return blocks
 
 
+def _shown_overall(audit: Audit) -> str:
+    """The overall verdict as the checks are shown: a recorded "pass" with a check shown inconclusive is
+    inconclusive, so the overall line never contradicts the lines under it."""
+    verdict = "not recorded" if audit.verdict is None else str(audit.verdict)
+    if verdict == "pass" and any(_shown_verdict(check) != str(check.verdict) for check in audit.checks.values()):
+        return "inconclusive"
+    return verdict
+
+
+def _verdict_sentence(audit: Audit) -> str:
+    """ "warning (lungs hidden inconclusive (...), source probe warning)." with each check as it is shown."""
+    shown = ", ".join(f"{spaced(k)} {_shown_verdict(v)}" for k, v in audit.checks.items())
+    return _shown_overall(audit) + (f" ({shown})." if shown else ".")
+
+
+def _decision_sentence(audit: Audit) -> str:
+    """How the audit called each image, so its accuracies can be read against the metrics' accuracy."""
+    return f"Each image is called {audit.decision or AUDIT_DECISION}."
+
+
 def audit_line(candidates: list[Path], command: str) -> str:
     """The audit's overall and per-check verdicts in one bottom-line sentence, or how to run it."""
     path = next((c / "audit.json" for c in candidates if (c / "audit.json").is_file()), None)
     audit = read_record(Audit, path) if path else None
     if audit is None:
         return f"Shortcut audit: not run yet (`{command}`)."
-    shown = ", ".join(f"{spaced(k)} {_shown_verdict(v)}" for k, v in audit.checks.items())
-    verdict = "not recorded" if audit.verdict is None else audit.verdict
-    return f"Shortcut audit: {verdict}" + (f" ({shown})." if shown else ".")
+    return f"Shortcut audit: {_verdict_sentence(audit)}"

@@ -4,6 +4,7 @@ each trained model's sections as in its own run report."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,12 +14,24 @@ from covidxr import DISCLAIMER
 from covidxr.lab.report.checks import audit_blocks, audit_line, explanation_blocks
 from covidxr.lab.report.holdout import external_line, generalisation_lines
 from covidxr.lab.report.limitations import limitation_blocks
-from covidxr.lab.report.paper import figure_blocks, paper_line
+from covidxr.lab.report.paper import PAPER_RESULTS, figure_blocks
 from covidxr.lab.report.reading import externals, read_metrics, read_record, read_splits, run_info
 from covidxr.lab.report.run import calibration_blocks, config_blocks, covid_blocks, metrics_blocks, split_table
-from covidxr.runtime.document import Block, Heading, Items, Links, Table, Text, Verdict, write_report
+from covidxr.runtime.document import (
+    Block,
+    Figure,
+    Fold,
+    Heading,
+    Items,
+    Links,
+    Table,
+    Text,
+    Verdict,
+    anchor,
+    write_report,
+)
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.formatting import ci_range, dec, mean_sd, missing, num, pct, with_ci
+from covidxr.runtime.formatting import ci_range, counted, dec, mean_sd, missing, num, pct, with_ci
 from covidxr.runtime.records import Metrics
 
 __all__ = ["write_reproduce_report"]
@@ -174,6 +187,51 @@ def _shared_split_blocks(folder: Path, models: list[str]) -> list[Block]:
     return [block for model, frame in found.items() for block in (Text(f"{model}:"), split_table(frame))]
 
 
+def _bottom_line_table(folder: Path, trained: list[str], metrics: dict[str, Metrics]) -> Table:
+    """One row per trained model: the paper's figure, ours, the audit's verdict, and every figure on data the
+    model never saw, so the whole verdict fits on the first screen."""
+    rows = []
+    for model in trained:
+        m, paper = metrics[model], PAPER_RESULTS.get(model)
+        paper_cell = (
+            f"{paper['paper_model']}: {pct(paper['paper_accuracy'])} on {paper['paper_n']} images split at random"
+            if paper
+            else "not in the paper (its best, VGG-16: 97.3% on 75 images)"
+        )
+        ours = f"{with_ci(m.accuracy, m.accuracy_ci95, label='95% CI ')} on {counted(int(m.n or 0), 'image')}"
+        audit = audit_line([folder / model], f"covidxr audit {folder / model}").removeprefix("Shortcut audit: ")
+        command = f"covidxr evaluate {folder / model} --data OTHER, or reproduce with --external DIR"
+        unseen = " ".join(generalisation_lines(folder / model, None, command))
+        rows.append([model, paper_cell, ours, audit, unseen])
+    header = ["model", "the paper", "covidxr test accuracy (by patient)", "shortcut audit", "on data it never saw"]
+    return Table(header, rows)
+
+
+def _model_blocks(folder: Path, model: str, metrics: Metrics) -> list[Block]:
+    """One model's sections, folded in the report: its figures linked, not embedded (its own report has them)."""
+    run = folder / model
+    blocks: list[Block] = [
+        Links([(f"{model}'s own report, with every figure", f"{model}/report.html")]),
+        Heading(3, "Metrics"),
+        *metrics_blocks(metrics),
+        Heading(3, "COVID-19 versus the rest"),
+        *covid_blocks(metrics),
+        Heading(3, "Calibration"),
+        *calibration_blocks(metrics, run_info(run), run, folder, model, prefix=f"{model}-"),
+        Heading(3, "Figures"),
+        *figure_blocks(run, folder, model, prefix=f"{model}-"),
+        Heading(3, "Explanation checks"),
+        *explanation_blocks(metrics),
+        Heading(3, "Shortcut audit"),
+        *audit_blocks([run], f"covidxr audit {run}"),
+    ]
+    others = externals(run)
+    if others:
+        links = [(external_line(name, m), f"{model}/external/{name}/report.html") for name, m in others.items()]
+        blocks += [Heading(3, "On other datasets"), Links(links)]
+    return [replace(block, inline=False) if isinstance(block, Figure) else block for block in blocks]
+
+
 def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
     """One report for a ``covidxr reproduce`` folder: the table against the paper, then each trained model."""
     folder = Path(folder)
@@ -184,26 +242,29 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
     trained = [row["model"] for row in rows if row.get("status") == "trained"]
     skipped = [row for row in rows if row.get("status") != "trained"]
     metrics = {model: read_metrics(folder / model) for model in trained}
-    bottom_line = [paper_line(metrics[model]) for model in trained] or [
-        "No model was trained here (none has weights): there is no figure to set against the paper's."
+    bottom_line = [
+        "The paper tested on 75 images drawn at random from 375 (one patient could be in training and test); "
+        "covidxr splits by patient, on different data: the two accuracies are not directly comparable."
+        if trained
+        else "No model was trained here (none has weights): there is no figure to set against the paper's."
     ]
-    bottom_line += [f"{model}: {audit_line([folder / model], f'covidxr audit {folder / model}')}" for model in trained]
-    for model in trained:
-        command = f"covidxr evaluate {folder / model} --data OTHER, or reproduce with --external DIR"
-        bottom_line += [f"{model}: {line}" for line in generalisation_lines(folder / model, None, command)]
-    folded = [
-        Text(
-            "Skipped (no weights here): "
-            + ", ".join(f"{row.get('model')} ({row.get('paper_model')})" for row in skipped)
-            + " — see Skipped models; the README says how to supply their weights."
-        )
-    ]
+    skipped_line = (
+        "Skipped (no weights here): "
+        + ", ".join(f"{row.get('model')} ({row.get('paper_model')})" for row in skipped)
+        + " — see Skipped models; docs/user-guide.md (Models and weights) says how to supply their weights."
+    )
+    bottom_line += [skipped_line] if skipped else []
+    sections = ["Results against the paper", "Seeds", "Split", "Limitations", *trained, "Skipped models"]
+    contents = [("Bottom line", "#verdict"), *((name, f"#{anchor(name)}") for name in sections)]
+    contents.append(("Appendix: configuration", "#appendix-configuration"))
     blocks: list[Block] = [
         Text(DISCLAIMER, warning=True),
-        Verdict(bottom_line),
+        Verdict(bottom_line, _bottom_line_table(folder, trained, metrics)),
+        Heading(2, "Contents"),
+        Links(contents),
         Heading(2, "Results against the paper"),
         _results_table(rows, metrics),
-        *(folded if skipped else []),
+        *([Text(skipped_line)] if skipped else []),
         Text(
             "The paper (Soares & Soares, 2020) tested on 75 images drawn at random from 375, so one patient could be "
             "in training and test; covidxr splits by patient, on different data. Rows marked (not in the paper) "
@@ -221,27 +282,7 @@ def write_reproduce_report(folder: Path) -> tuple[Path, Path]:
         blocks += [Text(f"Computed for {first}'s evaluation:"), *limitation_blocks(metrics[first], folder / first)]
     else:
         blocks.append(Text("No model was trained, so there is nothing to describe."))
-    for model in trained:
-        run = folder / model
-        blocks += [
-            Heading(2, model),
-            Heading(3, "Metrics"),
-            *metrics_blocks(metrics[model]),
-            Heading(3, "COVID-19 versus the rest"),
-            *covid_blocks(metrics[model]),
-            Heading(3, "Calibration"),
-            *calibration_blocks(metrics[model], run_info(run), run, folder, model, prefix=f"{model}-"),
-            Heading(3, "Figures"),
-            *figure_blocks(run, folder, model, prefix=f"{model}-"),
-            Heading(3, "Explanation checks"),
-            *explanation_blocks(metrics[model]),
-            Heading(3, "Shortcut audit"),
-            *audit_blocks([run], f"covidxr audit {run}"),
-        ]
-        others = externals(run)
-        if others:
-            links = [(external_line(name, m), f"{model}/external/{name}/report.html") for name, m in others.items()]
-            blocks += [Heading(3, "On other datasets"), Links(links)]
+    blocks += [Fold(model, _model_blocks(folder, model, metrics[model])) for model in trained]
     blocks.append(Heading(2, "Skipped models"))
     blocks.append(
         Items([f"{row.get('model')} ({row.get('paper_model')}): {row.get('reason')}" for row in skipped])

@@ -390,7 +390,8 @@ def calibration_blocks(
 
 
 def write_run_report(folder: Path) -> tuple[Path, Path]:
-    """``report.md`` and ``report.html`` for an evaluation output folder (by default the run folder)."""
+    """``report.md`` and ``report.html`` for an evaluation output folder (by default the run folder); a run's
+    report also rewrites those of its evaluations under ``external/``, which quote its audit."""
     folder = Path(folder)
     metrics = read_metrics(folder)
     run = run_folder(folder, metrics)
@@ -420,7 +421,7 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
         if external
         else generalisation_lines(run, loso, f"covidxr evaluate {run or 'RUN'} --data OTHER")
     )
-    bottom_line = [paper_line(metrics), audit_line(audit_folders, audit_command), *never_seen]
+    bottom_line = [paper_line(metrics, external), audit_line(audit_folders, audit_command), *never_seen]
     others = externals(run) if not external else {}
     elsewhere: list[Block] = []
     if others:
@@ -447,7 +448,7 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
         Heading(2, "Calibration"),
         *calibration_blocks(metrics, info, folder, folder, model),
         Heading(2, "Against the paper"),
-        *paper_blocks(metrics),
+        *paper_blocks(metrics, external),
         Heading(2, "Figures"),
         *figure_blocks(folder, folder, model),
         Heading(2, "Explanation checks"),
@@ -464,4 +465,7 @@ def write_run_report(folder: Path) -> tuple[Path, Path]:
         Heading(2, "Appendix: split"),
         split_table(splits) if splits is not None else Text("Missing: the run's splits.csv."),
     ]
-    return write_report(folder, f"covidxr report: {metrics.model}", blocks)
+    written = write_report(folder, f"covidxr report: {metrics.model}", blocks)
+    for name in {} if external else externals(folder):  # they quote this run's audit, which may be newer
+        write_run_report(folder / "external" / name)
+    return written

@@ -10,6 +10,7 @@ the writers always wrote, plus ``format``; keys a record does not model are kept
 
 from covidxr.runtime.records.base import Part, Record, read_json_file
 from covidxr.runtime.records.evaluation import (
+    AUDIT_DECISION,
     Audit,
     AuditCheck,
     Bootstrap,
@@ -26,6 +27,7 @@ from covidxr.runtime.records.run import RUN_FORMAT, FittedCalibration, ModelSide
 from covidxr.runtime.records.validation import VALIDATION_FORMAT, Validation
 
 __all__ = [
+    "AUDIT_DECISION",
     "RUN_FORMAT",
     "VALIDATION_FORMAT",
     "Audit",

@@ -191,6 +191,15 @@ class AuditCheck(Part):
         return self.rest
 
 
+# How `covidxr audit` calls each image (audit.json "decision"; audits without the key did the same): its checks
+# compare the model's own ranking of the classes, wherever an operating threshold sits, so on a run whose
+# threshold calls COVID-19 at a low probability its unchanged accuracy differs from the metrics'.
+AUDIT_DECISION = (
+    "the most probable class (not the COVID-19 operating threshold the metrics apply, so the unchanged accuracy "
+    "here can differ from the test accuracy)"
+)
+
+
 @dataclass(frozen=True)
 class Audit(Record):
     """``audit.json``: the shortcut audit (``covidxr audit``)."""
@@ -198,7 +207,7 @@ class Audit(Record):
     WHAT: ClassVar[str] = "audit"
     FORMATS: ClassVar[tuple[str, ...]] = ("covidxr-audit-1", "covidxr-audit-2")
     UNMARKED: ClassVar[str] = "covidxr-audit-1"
-    SPARSE: ClassVar[frozenset[str]] = frozenset({"run", "model", "data", "images", "n_images", "geometry"})
+    SPARSE: ClassVar[frozenset[str]] = frozenset({"run", "model", "data", "images", "n_images", "geometry", "decision"})
 
     format: str = "covidxr-audit-2"
     run: str | None = None
@@ -207,6 +216,7 @@ class Audit(Record):
     images: str | None = None  # which images, in words
     n_images: int | None = None
     geometry: dict | None = None  # the regions the checks mask, and their areas
+    decision: str | None = None  # how each image was called, in words; None (older audits): AUDIT_DECISION
     checks: dict[str, AuditCheck] = field(default_factory=dict)
     verdict: str | None = None
     summary: str | None = None
