@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs covidxr with training (the [train] extra) and its test tools, and Chromium
-# for the browser test. Safe to run again. The runtime alone (predict, serve) is `pip install covidxr`: see the README.
+# for the browser test. Safe to run again. The runtime alone (predict, serve) is `pip install .` from the checkout: see docs/deployment.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -100,7 +100,7 @@ def _weights_status(spec, weights_dir: Path | None) -> str:
         return f"package {getattr(module, spec.pip_package[1]).get_model_file_path()}"
     if spec.download is not None and os.environ.get("COVIDXR_OFFLINE", "") not in {"1", "true", "yes"}:
         return "not here; downloaded from upstream on first use where the network is reachable"
-    return "not available here (see README: Models and weights)"
+    return "not available here (see docs/user-guide.md: Models and weights)"
 
 
 def _load_config(config_file: Path | None, **overrides) -> TrainConfig:
@@ -531,7 +531,7 @@ def _blackbox_audit(
 @click.option(
     "--variants",
     default=None,
-    help="Deconfounded design: comma-separated variants (default: all; see the README).",
+    help="Deconfounded design: comma-separated variants (default: all; see docs/validity.md).",
 )
 @click.option("--config", "config_file", type=_path, default=None, help="YAML training config.")
 @_config_option("--epochs")

@@ -55,7 +55,7 @@ MIN_LUNG_FRACTION = 0.02  # a component smaller than this share of the image is 
 AREA_RANGE = (0.08, 0.70)  # both lungs together: outside this share of the image is implausible
 MAX_OVERLAP = 0.5  # two lungs stand side by side: their column ranges overlap by at most this share of the narrower
 # Confidence: on photographs, rotated or cropped images the network hesitates. Over all 1,018 masked images
-# and all 810 NIH images these two rules flag 1 adult, no child and 10 NIH images (see the README).
+# and all 810 NIH images these two rules flag 1 adult, no child and 10 NIH images (see docs/user-guide.md).
 MIN_MEAN_PROBABILITY = 0.92  # mean lung probability over the kept lungs
 MAX_UNCERTAIN_SHARE = 0.30  # pixels of probability 0.25-0.75, as a share of the pixels called lung
 
