@@ -95,7 +95,7 @@ def unseen_images(run: Run, frame: pd.DataFrame, root: Path) -> tuple[pd.DataFra
     ``covidxr.runtime.answers``), and how many were left out: scoring a model on its own training images
     would flatter it. A run without hashes cannot tell (None, with a warning); a dataset of nothing but
     training images is refused in one line."""
-    hashes = training_hashes(run.path)
+    hashes = training_hashes(run)
     if hashes is None:
         log.warning("%s: its splits.csv has no sha256 column; training images cannot be left out", run.path)
         return frame, None

@@ -9,6 +9,7 @@ largest share of non-COVID images COVID-19; else the worst source of its held-ou
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import math
 from functools import lru_cache
@@ -150,12 +151,15 @@ def decision_note(
     return f"{label} because p(COVID-19) {covid:.3f} < {threshold:.3f}, the operating point; {top} is more probable"
 
 
-@lru_cache(maxsize=16)
-def training_hashes(folder: Path, stamp: tuple[int, ...] = ()) -> frozenset[str] | None:
+def training_hashes(run: Run) -> frozenset[str] | None:
     """The SHA-256 of every image of the run's training split, or None for a run whose ``splits.csv`` has no
     ``sha256`` column (made before issue 28): then ``seen_in_training`` cannot be told."""
-    import csv
+    return _read_hashes(run.path, _stamp(run.path, (SPLITS_FILE,)))
 
+
+@lru_cache(maxsize=16)
+def _read_hashes(folder: Path, stamp: tuple[int, ...]) -> frozenset[str] | None:
+    """``training_hashes`` of a run folder, read once per version of its ``splits.csv``."""
     path = folder / SPLITS_FILE
     if not path.is_file():
         return None
@@ -169,5 +173,5 @@ def training_hashes(folder: Path, stamp: tuple[int, ...] = ()) -> frozenset[str]
 def seen_in_training(run: Run, digest: str | None) -> bool | None:
     """Whether an image of SHA-256 ``digest`` is in the run's training split (None where it cannot be told: no
     digest, as for an image given decoded, or a run without hashes)."""
-    hashes = training_hashes(run.path, _stamp(run.path, (SPLITS_FILE,)))
+    hashes = training_hashes(run)
     return None if hashes is None or digest is None else digest in hashes

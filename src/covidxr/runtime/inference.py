@@ -140,7 +140,7 @@ def iterate_predictions(
     file's result also has ``image``: its own width, height, bit depth and mode (``images.image_facts``)."""
     transform = input_transform(run, runner)
     batches = iterate_batches(paths, transform, batch_size, num_workers, desc, check_lungs=True, draft=True)
-    hashed = training_hashes(run.path) is not None  # a run without hashes cannot tell: no file is read twice
+    hashed = training_hashes(run) is not None  # a run without hashes cannot tell: no file is read twice
     for indices, inputs, errors, blanks, lungs, facts in batches:
         features, logits = runner(inputs)
         reasons = [reason or None for reason in lungs]

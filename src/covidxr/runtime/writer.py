@@ -51,9 +51,9 @@ def flat_row(result: dict, labels: Sequence[str]) -> dict:
     PNEUMONIA}``, ``{NORMAL}``, ``{}`` for the empty set; empty where none was made: no sets, no answer, an
     error), and the file's own ``image_width``, ``image_height``, ``bit_depth`` and ``image_mode``
     (``covidxr.runtime.images.image_facts``; empty for an unreadable file), which ``covidxr monitor`` compares
-    with the calibration images'; then ``threshold_source`` (``model``, ``site`` or ``user``: who chose
-    ``covid_threshold``) and ``seen_in_training`` (True for an image of the model's training split, empty where it
-    cannot be told; ``covidxr.runtime.answers``). A no-answer row keeps its probabilities, for research."""
+    with the calibration images'; then ``threshold_source`` (``model``, ``site``, ``user``, or a foreign model's
+    ``spec``: who chose ``covid_threshold``) and ``seen_in_training`` (True for an image of the model's training
+    split, empty where it cannot be told; ``covidxr.runtime.answers``). A no-answer row keeps its probabilities."""
     probabilities = result.get("probabilities", {})
     members = result.get("prediction_set")
     image = result.get("image") or {}
