@@ -157,9 +157,10 @@ def iterate_predictions(
 
 
 def _digest(path: Path) -> str | None:
-    """The file's SHA-256, None where it cannot be read again (it was read a moment ago)."""
+    """The file's SHA-256, None where it is not a regular file (a FIFO cannot be read twice) or cannot be read
+    again (it was read a moment ago)."""
     try:
-        return file_sha256(path)
+        return file_sha256(path) if path.is_file() else None
     except OSError:
         return None
 
