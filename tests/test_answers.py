@@ -285,6 +285,9 @@ def test_the_page_shows_weakness_note_badge_photo_reason_and_empty_map(
     assert weak.location["y"] + weak.size["height"] <= 800  # beside the answer, on the first screen
     assert not browser.find_element(By.ID, "seen-badge").is_displayed()
     assert browser.find_element(By.CSS_SELECTOR, ".legend").is_displayed()
+    browser.set_window_size(390, 844)  # a phone: the longer answer still fits its width
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    browser.set_window_size(1300, 800)
 
     _upload(browser, nih_images("train", 1)[0])  # an image of the training split: the badge
     assert browser.find_element(By.ID, "seen-badge").is_displayed()
