@@ -133,9 +133,13 @@ def test_patient_bootstrap_gives_intervals_around_every_rate() -> None:
 def test_external_evaluation_reports_covid_versus_rest_and_the_class_mix_shift(
     run_dir: Path, cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path: Path
 ) -> None:
-    rows = cxr3_meta[cxr3_meta["label"].isin(["COVID-19", "NORMAL"])].groupby("label").tail(5)
-    external = linked_dataset(tmp_path / "external", cxr3, rows)
+    trained = pd.read_csv(run_dir / "splits.csv", dtype=str).query("split == 'train'")["filename"]
+    rows = cxr3_meta[cxr3_meta["label"].isin(["COVID-19", "NORMAL"]) & ~cxr3_meta["filename"].isin(trained)]
+    rows = rows.groupby("label").tail(5)
+    seen = cxr3_meta[cxr3_meta["filename"].isin(trained)].head(1)  # an image the run trained on: left out
+    external = linked_dataset(tmp_path / "external", cxr3, pd.concat([rows, seen]))
     metrics = evaluate_run(run_dir, data=external, out=tmp_path / "eval", progress=False, explain=False)
+    assert metrics["seen_in_training_left_out"] == 1 and metrics["n"] == len(rows)
     versus = metrics["covid_vs_rest"]
     assert versus["n_covid"] == 5 and versus["n_other"] == 5 and 0 <= versus["auc"] <= 1
     assert versus["threshold"] == load_run(run_dir).covid_threshold

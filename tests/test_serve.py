@@ -161,7 +161,7 @@ def test_an_out_of_distribution_upload_gets_no_class(server: Server, cat: Path) 
     """A photograph: no label and no COVID-19 call, the reason instead; probabilities stay for research."""
     answer = post(server, "/api/predict", cat.read_bytes(), cat.name).json()
     assert answer["label"] is None and answer["covid_positive"] is None
-    assert answer["no_answer_reason"].startswith("not a chest X-ray like the training images")  # + the lung check
+    assert answer["no_answer_reason"].startswith("a colour photograph, not a grey chest X-ray")  # its one reason
     assert answer["out_of_distribution"] is True
     assert sum(answer["probabilities"].values()) == pytest.approx(1) and answer["disclaimer"] == DISCLAIMER
 
@@ -385,7 +385,7 @@ def test_page_upload_shows_label_heat_map_and_ood_warning(
     _upload(browser, cat)  # out of distribution: the warning instead of a class, bars and heat map
     warning = browser.find_element(By.ID, "ood")
     assert warning.is_displayed() and "no answer" in warning.text.lower()
-    assert "Not a chest X-ray like the training images" in warning.text
+    assert "A colour photograph, not a grey chest X-ray" in warning.text
     assert not browser.find_element(By.ID, "answer").is_displayed()
     assert not browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
     assert not browser.find_element(By.ID, "heatmap").is_displayed()

@@ -223,6 +223,11 @@ def evaluate_command(run, data_dir, spec, split, out, no_explain, weights, weigh
         f"{metrics['model']} on {metrics['data']} ({metrics['split']}): accuracy {metrics['accuracy']:.1%} "
         f"(95% CI {low:.1%}-{high:.1%}), n={metrics['n']}; written to {out or run}"
     )
+    left_out = metrics.get("seen_in_training_left_out")
+    if left_out:
+        click.echo(f"left out {left_out} image(s) of the model's own training split (seen_in_training)")
+    elif data_dir and left_out is None:
+        click.echo("training images could not be left out: this run's splits.csv has no sha256 column")
 
 
 @cli.command("calibrate")

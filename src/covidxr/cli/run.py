@@ -13,7 +13,9 @@ from covidxr.cli.options import _path, _progress, cli, model_options, prediction
 
 
 def _prediction_table(results: list[dict]) -> str:
-    """One aligned line per image: file name, label, p(COVID-19), and a flag (no answer, or the error)."""
+    """One aligned line per image: file name, label, p(COVID-19), and a flag (no answer, the error, why the label
+    goes against the larger bar, an image the model was trained on). A no-answer row shows no probability: a
+    number beside "no answer" reads as one (``--json`` and ``--out`` keep it, for research)."""
     from covidxr.runtime.site import describe_set
 
     rows = [("file", "label", "p(COVID-19)", "flag")]
@@ -22,11 +24,15 @@ def _prediction_table(results: list[dict]) -> str:
         if "error" in result:
             rows.append((name, "ERROR", "", result["error"]))
         elif result["label"] is None:
-            p = result["probabilities"]["COVID-19"]
-            rows.append((name, "-", "-" if p is None else f"{p:.3f}", f"{result['no_answer_reason']}: no answer"))
+            rows.append((name, "-", "", f"{result['no_answer_reason']}: no answer"))
         else:
             members = result.get("prediction_set")
-            flag = "" if members is None else f"set {describe_set(members)}"
+            flags = [
+                None if members is None else f"set {describe_set(members)}",
+                result.get("decision_note"),
+                "seen in training" if result.get("seen_in_training") else None,
+            ]
+            flag = "; ".join(filter(None, flags))
             rows.append((name, result["label"], f"{result['probabilities']['COVID-19']:.3f}", flag))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(
@@ -40,6 +46,26 @@ site_option = click.option(
     default=None,
     help="site.json from `covidxr calibrate` for this model: its COVID-19 threshold decides instead of the model's.",
 )
+
+threshold_option = click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Your own COVID-19 operating point: COVID-19 when p(COVID-19) reaches it (recorded in every row; "
+    "not with --site).",
+)
+
+
+def _seen_warning(flags: list) -> str | None:
+    """One line when a batch holds images of the model's own training split (their answers test nothing)."""
+    seen = sum(flag is True for flag in flags)
+    if not seen:
+        return None
+    return (
+        f"warning: {seen} of {len(flags)} image(s) are in this model's training split (seen_in_training): "
+        "their answers say nothing about how it does on new images"
+    )
+
 
 spec_option = click.option(
     "--spec",
@@ -95,6 +121,7 @@ def _foreign_model(run, spec, site, engine, threads):
     "HOST:PORT a cluster; --threads is then per actor. Needs --out.",
 )
 @site_option
+@threshold_option
 @prediction_engine_options
 @model_options
 def predict_command(
@@ -108,6 +135,7 @@ def predict_command(
     dicom_out,
     ray_address,
     site,
+    threshold,
     engine,
     threads,
     weights,
@@ -118,6 +146,7 @@ def predict_command(
 
     --model MODEL.onnx predicts with a model covidxr did not train, described by its spec (MODEL.yaml beside it,
     or --spec): the same columns and one answer per image, without covidxr's out-of-distribution guard."""
+    from covidxr.runtime.answers import SITE_OR_THRESHOLD, weakness, with_threshold
     from covidxr.runtime.calibration import describe_operating_point
     from covidxr.runtime.inference import expand_inputs, predict_files
     from covidxr.runtime.runners import make_engine
@@ -125,20 +154,25 @@ def predict_command(
     from covidxr.runtime.site import describe_site, with_site
     from covidxr.runtime.writer import predict_to_file
 
+    if site is not None and threshold is not None:  # before either is read
+        raise click.ClickException(SITE_OR_THRESHOLD)
     foreign = _foreign_model(run, spec, site, engine, threads)
     if ray_address is not None and (out is None or foreign is not None):
         raise click.ClickException("--ray writes rows to a file of a covidxr model: give --out, and no MODEL.onnx")
     if foreign is None:
-        loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
+        loaded = with_threshold(with_site(load_run(run or default_model_path(), weights, weights_dir), site), threshold)
         runner = engine if ray_address else make_engine(loaded, engine, cache_dir, threads)
         if dicom_out is not None:
             if ray_address is not None:
                 raise click.ClickException("--dicom-out writes on this machine: run it without --ray")
             _write_dicom_out(loaded, runner, expand_inputs(images), dicom_out)
+    elif threshold is not None:
+        raise click.ClickException("--threshold is for covidxr runs; a foreign model's is its spec's output.threshold")
     else:
         if dicom_out is not None:
             raise click.ClickException("--dicom-out needs a covidxr run (its SC holds Grad-CAM); not a foreign model")
         loaded, runner = foreign, engine
+    weak = None if foreign is not None else f"Held-out weakness: {weakness(loaded)}."
     if out is not None:
         try:
             if ray_address is not None:
@@ -164,8 +198,10 @@ def predict_command(
         click.echo(
             f"{len(rows)} image(s) → {out}: {', '.join(f'{k} {v}' for k, v in counts.items()) or 'none readable'}; "
             f"{guard}; {len(errors)} unreadable "
-            f"({len(rows) - new} were already done)\n{DISCLAIMER}"
+            f"({len(rows) - new} were already done)"
         )
+        seen = _seen_warning([row.get("seen_in_training") for row in rows if not row["error"]])
+        click.echo("\n".join(filter(None, [seen, weak, DISCLAIMER])))
         if errors:
             raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
         return
@@ -179,10 +215,17 @@ def predict_command(
         click.echo(json.dumps(results, indent=2))
     else:
         click.echo(_prediction_table(results))
+        seen = _seen_warning([r.get("seen_in_training") for r in results if "error" not in r])
+        if seen:
+            click.echo(seen)
+        if weak:
+            click.echo(weak)
         if foreign is not None:
             decision = f"label: {foreign.describe_decision()}; a foreign model, without out-of-distribution guard"
         else:
-            if loaded.site is None:
+            if loaded.threshold is not None:
+                rule = "your --threshold"
+            elif loaded.site is None:
                 rule = describe_operating_point(loaded.info.threshold_record)
             else:
                 rule = f"{describe_site(loaded.site)}; site file {loaded.site.path}"
@@ -239,25 +282,32 @@ def _write_dicom_out(loaded, runner, paths: list[Path], folder: Path) -> None:
     help="Answers the live input monitor keeps (the last ones given; /healthz and /monitor).",
 )
 @site_option
+@threshold_option
 @model_options
 def serve_command(
-    run, spec, host, port, engine, threads, max_queue, monitor_window, site, weights, weights_dir, cache_dir
+    run, spec, host, port, engine, threads, max_queue, monitor_window, site, threshold, weights, weights_dir, cache_dir
 ):
     """Serve the page and the JSON API (POST /api/predict, /api/explain; GET /api/model, /healthz, /docs) and
     the input monitor over the last answers (/monitor).
 
     --model MODEL.onnx serves a model covidxr did not train (its spec beside it, or --spec): the same answers,
     without out-of-distribution guard, and /api/explain answers without a heat map (Grad-CAM needs a run)."""
+    from covidxr.runtime.answers import SITE_OR_THRESHOLD, with_threshold
     from covidxr.runtime.api import ForeignModel, Model
     from covidxr.runtime.runs import default_model_path, load_run
     from covidxr.runtime.serve import serve
     from covidxr.runtime.site import describe_site, with_site
 
+    if site is not None and threshold is not None:  # before either is read
+        raise click.ClickException(SITE_OR_THRESHOLD)
     model = _foreign_model(run, spec, site, engine, threads)
     if model is None:
-        model = Model(
-            with_site(load_run(run or default_model_path(), weights, weights_dir), site), engine, cache_dir, threads
-        )
+        loaded = with_threshold(with_site(load_run(run or default_model_path(), weights, weights_dir), site), threshold)
+        model = Model(loaded, engine, cache_dir, threads)
+    elif threshold is not None:
+        raise click.ClickException("--threshold is for covidxr runs; a foreign model's is its spec's output.threshold")
+    if threshold is not None:
+        click.echo(f"covidxr: COVID-19 threshold {threshold:.3f}, chosen with --threshold", err=True)
     if model.site is not None:
         click.echo(
             f"covidxr: {describe_site(model.site)} ({site}): COVID-19 threshold {model.covid_threshold:.3f}",
@@ -302,6 +352,7 @@ def model_card_command(run, as_json):
 def explain_command(images, run, method, out, weights, weights_dir):
     """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
     from covidxr.runtime.api import load_model
+    from covidxr.runtime.cam import EMPTY_MAP
 
     model = load_model(run, weights=weights, weights_dir=weights_dir)
     results = model.explain_files(images, out, method)
@@ -310,7 +361,10 @@ def explain_command(images, run, method, out, weights, weights_dir):
             click.echo(f"{result['file']}: ERROR {result['error']}")
         else:
             share = result["lung_share"]
-            inside = "lungs not found" if share is None else f"{share:.0%} of the map inside the lungs"
+            if result["map_empty"]:
+                inside = EMPTY_MAP
+            else:
+                inside = "lungs not found" if share is None else f"{share:.0%} of the map inside the lungs"
             which = "the label" if result["label"] else "the most probable class (no answer given)"
             click.echo(
                 f"{result['file']}: map of {which}, {result['target']} (p={result['probability']:.3f}), "

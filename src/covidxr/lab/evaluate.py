@@ -32,10 +32,11 @@ from covidxr.lab.figures import (
 from covidxr.lab.metrics import class_mix_shift, compute_metrics, covid_versus_rest, rates_by_group
 from covidxr.lab.models import CovidxrNet, head_probabilities, run_model
 from covidxr.lab.report import write_run_report
+from covidxr.runtime.answers import training_hashes
 from covidxr.runtime.calibration import POSITIVE, decide, expected_calibration_error
 from covidxr.runtime.cam import overlay
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.images import read_image
+from covidxr.runtime.images import file_sha256, read_image
 from covidxr.runtime.records import Metrics
 from covidxr.runtime.runs import Run, load_run
 
@@ -89,6 +90,23 @@ def external_folder(run_dir: str | Path, data: str | Path) -> Path:
     return Path(run_dir) / "external" / Path(data).resolve().name
 
 
+def unseen_images(run: Run, frame: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, int | None]:
+    """The rows of another dataset whose image file is not in the run's training split (by SHA-256,
+    ``covidxr.runtime.answers``), and how many were left out: scoring a model on its own training images
+    would flatter it. A run without hashes cannot tell (None, with a warning); a dataset of nothing but
+    training images is refused in one line."""
+    hashes = training_hashes(run)
+    if hashes is None:
+        log.warning("%s: its splits.csv has no sha256 column; training images cannot be left out", run.path)
+        return frame, None
+    seen = np.array([file_sha256(root / name) in hashes for name in frame["filename"]], dtype=bool)
+    if seen.all():
+        raise CovidxrError(f"{root}: every image is in {run.path}'s training split; nothing unseen to evaluate")
+    if seen.any():
+        log.warning("%s: left out %d image(s) of %s's training split (seen_in_training)", root, seen.sum(), run.path)
+    return frame[~seen], int(seen.sum())
+
+
 def evaluate_run(
     run: str | Path | Run,
     data: str | Path | None = None,
@@ -119,7 +137,10 @@ def evaluate_run(
     else:
         dataset = load_dataset(data)
         frame, root, split = dataset.frame, dataset.root, "all"
+        frame, left_out = unseen_images(run, frame, root)
         scope = f"{dataset.name} (external: all images)"
+        if left_out:
+            scope = f"{dataset.name} (external: {len(frame)} images, {left_out} seen in training left out)"
     frame = frame.reset_index(drop=True)
     extraction = (cache_dir, run.config.extract_batch_size, run.config.num_workers, progress)
     engine = run.config.feature_engine
@@ -148,6 +169,7 @@ def evaluate_run(
         "by_source": rates_by_group(frame, predicted),
     }
     if data is not None:
+        metrics["seen_in_training_left_out"] = left_out
         internal = run.splits().query("split == 'test'")
         internal_paths = [Path(run.info.data) / f for f in internal["filename"]]
         internal_features = extract_features(run_model(run), internal_paths, *extraction, engine=engine)

@@ -28,7 +28,7 @@ from scipy.stats import spearmanr, wilcoxon
 from torch import nn
 
 from covidxr.lab.models import CovidxrNet, run_model
-from covidxr.runtime.cam import lung_shares, lungs_on_input
+from covidxr.runtime.cam import empty_map, lung_shares, lungs_on_input
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.runs import Run
 
@@ -191,8 +191,10 @@ def _mean_or_none(values: np.ndarray) -> float | None:
 
 
 def _lung_mass(maps: np.ndarray, lungs: Sequence[np.ndarray | None], classes, covid_class: int | None) -> dict:
-    """Mean share of map mass inside the lungs, against the lungs' share of the input (a uniform map's)."""
+    """Mean share of map mass inside the lungs, against the lungs' share of the input (a uniform map's). An empty
+    (all-zero) map has no mass: it is counted in ``empty_maps``, never averaged in as 0% inside."""
     shares = lung_shares(maps, lungs)
+    empty = np.array([empty_map(cam) for cam in maps], dtype=bool)
     known = ~np.isnan(shares)
     area = np.array([np.nan if m is None else m.mean() for m in lungs], dtype=np.float64)
     covid = known & (np.asarray(classes) == covid_class)
@@ -202,7 +204,8 @@ def _lung_mass(maps: np.ndarray, lungs: Sequence[np.ndarray | None], classes, co
         "n": int(known.sum()),
         "covid_calls_share": _mean_or_none(shares[covid]),
         "covid_calls_n": int(covid.sum()),
-        "lungs_not_found": int((~known).sum()),
+        "lungs_not_found": int((~known & ~empty).sum()),
+        "empty_maps": int(empty.sum()),
     }
 
 

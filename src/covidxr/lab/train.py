@@ -47,10 +47,11 @@ from covidxr.lab.loop import (
     init_distributed,
 )
 from covidxr.lab.models import CovidxrNet, WeightsSource, hash_state_dict, model_from_config
+from covidxr.runtime.answers import HASH_COLUMN
 from covidxr.runtime.calibration import POSITIVE, choose_threshold, expected_calibration_error, fit_temperature, softmax
 from covidxr.runtime.config import TrainConfig
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.images import read_image
+from covidxr.runtime.images import file_sha256, read_image
 from covidxr.runtime.ood import MARGIN, QUANTILE, fit_guard
 from covidxr.runtime.runs import CONFIG_FILE, HEAD_FILE, HISTORY_FILE, INFO_FILE, OOD_FILE, SPLITS_FILE, RunInfo
 
@@ -236,6 +237,8 @@ def train(
     world = init_distributed()
     dataset = load_datasets(roots, require_classes=2)
     frame, near_duplicates = make_splits(dataset, config, cache_dir)
+    # Each image's content hash, so that `predict` can tell an image this model was trained on (seen_in_training).
+    frame[HASH_COLUMN] = [file_sha256(dataset.root / name) for name in frame["filename"]]
     model = model_from_config(config, weights=weights, weights_dir=weights_dir)
     if config.lungs != "none":  # repeated designs on the same images never segment them twice
         model.pipeline = replace(model.pipeline, lung_cache=str(cache_dir or default_cache_dir()))

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from covidxr.runtime.answers import threshold_source, with_threshold
 from covidxr.runtime.batches import prepare
 from covidxr.runtime.cam import (
-    COLOUR_SPREAD_LIMIT,
     DenseHead,
-    colour_spread,
+    colour_reason,
+    empty_map,
     gradcam,
     lung_shares,
     lungs_on_input,
@@ -66,7 +67,7 @@ class Model:
         return (
             f"covidxr.Model(backbone={self.run.info.model['name']!r}, run={self.run.path.name!r}, "
             f"labels={self.labels}, "
-            f"covid_threshold={self.run.covid_threshold:.3f}, "
+            f"covid_threshold={self.run.covid_threshold:.3f} ({threshold_source(self.run)}), "
             f"site={None if self.run.site is None else self.run.site.site!r}, engine={engine!r})"
         )
 
@@ -132,7 +133,8 @@ class Model:
     def explain(self, images: ImageLike | Sequence[ImageLike], method: str = "gradcam") -> dict | list[dict]:
         """``predict``'s answer plus the class activation map (``map``, input-sized floats in [0, 1])
         of ``target`` — the label, or the most probable class for an image given no answer — and its
-        ``overlay`` on the image (a PIL image). Grad-CAM of a model whose graph holds its activations
+        ``overlay`` on the image (a PIL image); ``map_empty`` is true for an all-zero map (no class-specific
+        activation: nothing to show, and no lung share). Grad-CAM of a model whose graph holds its activations
         (the bundled model) is computed in numpy (``covidxr.runtime.cam``); other methods and models run in torch.
 
         >>> model.explain("a.png")["overlay"].save("a.gradcam.png")
@@ -158,11 +160,14 @@ class Model:
         else:
             maps = self._torch_maps(inputs, classes, method)
         for result, image, cam, target in zip(results, decoded, maps, targets, strict=True):
+            seen = self.transform.pipeline(image)
+            empty = empty_map(cam)  # drawn, it would read as an even spread of attention: the image alone
             result |= {
                 "method": method,
                 "target": target,
                 "map": cam,
-                "overlay": overlay(self.transform.pipeline(image), cam),
+                "map_empty": empty,
+                "overlay": seen.convert("RGB") if empty else overlay(seen, cam),
             }
         return results
 
@@ -170,8 +175,9 @@ class Model:
         self, paths: Sequence[str | Path], out: str | Path, method: str = "gradcam", batch_size: int = 8
     ) -> list[dict]:
         """``explain`` each file into ``out``: ``<name>.<method>.png`` (overlay) and ``.npy`` (raw map); each
-        result also says how much of the map lies inside the lungs (``lung_share``). Unreadable files and
-        colour photographs get their ``error`` and are skipped; the others are still explained."""
+        result also says how much of the map lies inside the lungs (``lung_share``; None where the lungs are not
+        found or the map is empty, ``map_empty``). Unreadable files and colour photographs get their ``error``
+        (a photograph's in ``predict``'s words) and are skipped; the others are still explained."""
         out = output_folder(out)
         results: list[dict] = [{"file": str(path)} for path in paths]
         ready: list[tuple[int, Image.Image]] = []
@@ -181,12 +187,9 @@ class Model:
             except CovidxrError as exc:
                 results[i]["error"] = str(exc)
                 continue
-            spread = colour_spread(image)
-            if spread > COLOUR_SPREAD_LIMIT:
-                results[i]["error"] = (
-                    f"{path}: a colour photograph (channel spread {spread:.0f}/255), not a grey chest X-ray; "
-                    "not explained"
-                )
+            colour = colour_reason(image)
+            if colour:  # the same reason, in the same words, as predict's no-answer row
+                results[i]["error"] = f"{path}: {colour}; not explained"
                 continue
             ready.append((i, image))
         used_names: set[str] = set()
@@ -204,7 +207,8 @@ class Model:
                 overlay_path, map_path = out / f"{name}.{method}.png", out / f"{name}.{method}.npy"
                 cam = result.pop("map")
                 # Written whole: a full disk leaves no truncated .npy or .png, and stops with one line.
-                write_file(overlay_path, _encoded(overlay(image, cam)))
+                shown = image.convert("RGB") if result["map_empty"] else overlay(image, cam)
+                write_file(overlay_path, _encoded(shown))
                 write_file(map_path, _encoded(cam.astype(np.float32)))
                 results[i] |= {
                     **{k: v for k, v in result.items() if k != "overlay"},
@@ -270,6 +274,7 @@ def load_model(
     weights_dir: str | Path | None = None,
     site: str | Path | SiteCalibration | None = None,
     spec: str | Path | None = None,
+    threshold: float | None = None,
 ) -> Model | ForeignModel:
     """A trained model from a run folder (``covidxr train`` / ``reproduce`` output), or with no path
     the model bundled with the package (see its card: ``covidxr model-card``), or a model covidxr did not
@@ -281,7 +286,8 @@ def load_model(
     ``threads``: onnxruntime's intra-op threads (default: the physical cores); ``weights`` /
     ``weights_dir``: where the backbone's weights are, where the torch model is needed; ``site``: a
     ``site.json`` made by ``covidxr calibrate`` for this model, whose COVID-19 threshold then decides
-    instead of the run's (each result names it in ``site``).
+    instead of the run's (each result names it in ``site``); ``threshold``: a COVID-19 threshold of your own
+    choosing instead (not with ``site``; each result says ``threshold_source`` ``user``).
 
     >>> model = covidxr.load_model()                 # or load_model("runs/lite0")
     >>> model.predict("chest.png")["label"]
@@ -294,8 +300,12 @@ def load_model(
             raise CovidxrError(f"{path}: a covidxr run folder describes itself; a spec is for an ONNX graph")
         if site is not None:
             raise CovidxrError(NO_SITE)
+        if threshold is not None:
+            raise CovidxrError(
+                "threshold is for covidxr runs; a foreign model's comes from its spec (output.threshold)"
+            )
         if engine not in ("auto", "onnx"):
             raise CovidxrError(f"a foreign ONNX model runs on onnxruntime: engine {engine!r} is for covidxr runs")
         return ForeignModel(path, spec, threads)
     run = load_run(path if path is not None else default_model_path(), weights, weights_dir)
-    return Model(with_site(run, site), engine, cache_dir, threads)
+    return Model(with_threshold(with_site(run, site), threshold), engine, cache_dir, threads)

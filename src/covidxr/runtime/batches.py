@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from covidxr.runtime.cam import colour_reason
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import image_facts, read_image
 from covidxr.runtime.lungs import find_lungs
@@ -43,9 +44,13 @@ class View(Protocol):
 
 
 def prepare(transform: InputTransform, image: Image.Image, check_lungs: bool = True) -> tuple[np.ndarray, str]:
-    """A decoded image's model input, and why the lungs rule out an answer ("" when they do not): a lung-only
-    pipeline that found none, or with ``check_lungs`` the bundled segmenter on the image."""
+    """A decoded image's model input, and why it rules out an answer ("" when nothing does): a colour photograph
+    (``cam.colour_reason``: its lungs are not looked for), a lung-only pipeline that found none, or with
+    ``check_lungs`` the bundled segmenter on the image."""
     array, reason = transform.with_reason(image)
+    colour = colour_reason(image) if check_lungs else None
+    if colour:
+        return array, colour
     if reason is None and check_lungs and transform.pipeline.lungs == "none":
         reason = lungs_missing(image)
     return array, f"lung check: {reason}" if reason else ""

@@ -28,9 +28,13 @@ from covidxr.runtime.lungs import find_lungs
 from covidxr.runtime.preprocess import ImagePipeline
 
 __all__ = [
+    "COLOUR_PHOTOGRAPH",
     "COLOUR_SPREAD_LIMIT",
+    "EMPTY_MAP",
     "DenseHead",
+    "colour_reason",
     "colour_spread",
+    "empty_map",
     "gradcam",
     "jet",
     "lung_shares",
@@ -139,6 +143,9 @@ def overlay(image: Image.Image, cam: np.ndarray, size: int | None = None, image_
 
 
 COLOUR_SPREAD_LIMIT = 20.0  # mean per-pixel channel spread (0-255) above which an image is a colour photo
+COLOUR_PHOTOGRAPH = "a colour photograph, not a grey chest X-ray"
+GREY_MODES = frozenset({"1", "L", "I", "I;16", "F"})  # single-channel images: no colour to measure
+EMPTY_MAP = "no class-specific activation (the map is all zero)"
 
 
 def lungs_on_input(
@@ -158,15 +165,35 @@ def lungs_on_input(
 
 
 def lung_shares(maps: np.ndarray, lungs: Sequence[np.ndarray | None]) -> np.ndarray:
-    """Share of each map's mass inside its image's lungs (NaN where the lungs are unknown)."""
+    """Share of each map's mass inside its image's lungs (NaN where the lungs are unknown, or the map is empty:
+    an all-zero map has no mass to share, and must not count as 0% inside)."""
     shares = np.full(len(maps), np.nan)
     for i, (cam, mask) in enumerate(zip(maps, lungs, strict=True)):
-        if mask is not None:
+        if mask is not None and not empty_map(cam):
             shares[i] = float(cam[mask].sum() / (cam.sum() + 1e-12))
     return shares
 
 
 def colour_spread(image: Image.Image) -> float:
     """Mean per-pixel spread between the RGB channels (0 for a grey X-ray, tens for a colour photo)."""
-    array = np.asarray(image.convert("RGB").resize((128, 128)), dtype=np.float32)
-    return float((array.max(axis=2) - array.min(axis=2)).mean())
+    if image.mode in GREY_MODES:
+        return 0.0
+    # Sampled before converting (nearest pixels, no full-size copy): it runs on every image predict answers.
+    small = image.resize((128, 128), Image.Resampling.NEAREST)
+    array = np.asarray(small if small.mode == "RGB" else small.convert("RGB"), dtype=np.int16)
+    red, green, blue = array[..., 0], array[..., 1], array[..., 2]  # numpy reduces a 3-wide last axis slowly
+    return float((np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)).mean())
+
+
+def colour_reason(image: Image.Image) -> str | None:
+    """Why a colour photograph gets no answer and no map, in the one wording ``predict``, ``explain``, the API
+    and the page all use (None for a grey image): its lungs are never looked for, as it is not an X-ray."""
+    spread = colour_spread(image)
+    if spread <= COLOUR_SPREAD_LIMIT:
+        return None
+    return f"{COLOUR_PHOTOGRAPH} (channel spread {spread:.0f}/255)"
+
+
+def empty_map(cam: np.ndarray) -> bool:
+    """Whether a class activation map is all zero: no class-specific activation to show or to measure."""
+    return not bool(np.any(np.asarray(cam) > 0))

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from covidxr import DISCLAIMER
+from covidxr.runtime.answers import HASH_COLUMN
 from covidxr.runtime.calibration import describe_operating_point
 from covidxr.runtime.document import Block, Heading, Items, Text, render_html
 from covidxr.runtime.errors import CovidxrError
@@ -319,7 +320,7 @@ def _copy_splits(source: Path, dest: Path) -> None:
     missing = [column for column in SPLIT_COLUMNS if column not in columns]
     if missing:
         raise CovidxrError(f"{source}: no {', '.join(missing)} column; it cannot be bundled")
-    kept = [*SPLIT_COLUMNS, *(column for column in ("site", "age_group") if column in columns)]
+    kept = [*SPLIT_COLUMNS, *(column for column in ("site", "age_group", HASH_COLUMN) if column in columns)]
     with dest.open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, kept, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()

@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from covidxr import DISCLAIMER
+from covidxr.runtime.answers import decision_note
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import SINGLE_IMAGE, as_image, image_facts, read_image, single_answer
 from covidxr.runtime.spec import COVID, GraphSpec, OnnxClassifier
@@ -37,6 +38,10 @@ __all__ = ["NOT_FINITE", "NO_EXPLANATION", "NO_SITE", "ForeignModel", "is_foreig
 NO_EXPLANATION = (
     "Grad-CAM needs a covidxr run folder (its backbone's activations and head); "
     "a foreign ONNX model has none to explain with"
+)
+FOREIGN_WEAKNESS = (
+    "a model covidxr did not train: its error rate at hospitals it never saw is not known here; measure it with "
+    "`covidxr evaluate MODEL.onnx --data DIR`"
 )
 NOT_FINITE = "the model's output is not finite"  # how OnnxClassifier's reason for a NaN or Inf row begins
 NO_SITE = "--site is for a covidxr run folder (a site file is tied to one run's identity), not for a foreign ONNX model"
@@ -115,14 +120,18 @@ class ForeignModel:
         results = []
         for row, decision, reason in zip(outputs.probabilities, decisions, outputs.reasons, strict=True):
             answered = reason is None and decision is not None
+            shares = {label: float(p) if answered else None for label, p in zip(self.labels, row, strict=True)}
+            chosen = answered and self.covid_threshold is not None
             results.append(
                 {
                     "label": decision if answered else None,
                     "no_answer_reason": None if answered else reason or NOT_FINITE,
-                    "probabilities": {
-                        label: float(p) if answered else None for label, p in zip(self.labels, row, strict=True)
-                    },
+                    "probabilities": shares,
+                    "decision_note": decision_note(shares, decision, self.covid_threshold) if chosen else None,
+                    "weakness": FOREIGN_WEAKNESS,
+                    "seen_in_training": None,  # covidxr does not know its training images
                     "covid_threshold": self.covid_threshold,
+                    "threshold_source": "spec",
                     "site": None,
                     "covid_positive": decision == COVID if answered else None,
                     "out_of_distribution": None,  # no covidxr guard for a foreign model (see the module docstring)

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from covidxr import DISCLAIMER
+from covidxr.runtime.answers import decision_note, seen_in_training, threshold_source, training_hashes, weakness
 from covidxr.runtime.batches import iterate_batches
 from covidxr.runtime.calibration import POSITIVE, decide, softmax
-from covidxr.runtime.images import IMAGE_SUFFIXES
+from covidxr.runtime.cam import COLOUR_PHOTOGRAPH
+from covidxr.runtime.images import IMAGE_SUFFIXES, file_sha256
 from covidxr.runtime.runners import Engine, input_transform, make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.site import describe_set
@@ -50,6 +52,7 @@ def answer(
     blank: Sequence[bool],
     reasons: Sequence[str | None] | None = None,
     ood_threshold: float | None = None,
+    digests: Sequence[str | None] | None = None,
 ) -> list[dict]:
     """What covidxr says of each image, from the engine's features and logits.
 
@@ -61,7 +64,13 @@ def answer(
     probabilities stay, for research. ``covid_threshold`` is the threshold that decided and ``site`` the site
     file it came from (``None``: the run's own, chosen on its validation split). ``out_of_distribution`` is
     ``None`` for runs made before the guard.
-    ``ood_threshold`` replaces the guard's own where an engine's features need another (int8).
+    ``ood_threshold`` replaces the guard's own where an engine's features need another (int8). A colour
+    photograph's reason (``covidxr.runtime.cam.colour_reason``) is its only one: it is not an X-ray at all.
+
+    Beside every answer (``covidxr.runtime.answers``): ``weakness``, the model's held-out weakness in one line;
+    ``decision_note``, why the label is not the most probable class (None where it is); ``threshold_source``
+    (``model``, ``site`` or ``user``); ``seen_in_training``, whether the image file (SHA-256 in ``digests``,
+    one per image) is in the run's training split (None where it cannot be told).
 
     With a site file that holds conformal thresholds (``covidxr calibrate --coverage``), each answered image
     also gets ``prediction_set``: the classes k with ``1 - p_k <= q_k``, in label order. The set then decides:
@@ -76,12 +85,17 @@ def answer(
     guard = run.ood_guard
     scores = guard.score(features) if guard is not None else [None] * len(features)
     reasons = reasons if reasons is not None else [None] * len(features)
+    digests = digests if digests is not None else [None] * len(features)
+    weak, chosen_by = weakness(run), threshold_source(run)
     sets = None if run.site is None else run.site.set_thresholds
     limits = None if sets is None else np.array([sets[label] for label in labels])
     results = []
-    for p, decision, score, flat, given in zip(probabilities, decisions, scores, blank, reasons, strict=True):
+    rows = zip(probabilities, decisions, scores, blank, reasons, digests, strict=True)
+    for p, decision, score, flat, given, digest in rows:
         unlike = guard is not None and bool(score > (ood_threshold or guard.threshold))
         why = [text for text, applies in ((BLANK, flat), (OUT_OF_DISTRIBUTION, unlike), (given, given)) if applies]
+        if given and given.startswith(COLOUR_PHOTOGRAPH):
+            why = [given]
         members = None
         if limits is not None and not why:
             members = [label for label, inside in zip(labels, 1.0 - p <= limits, strict=True) if inside]
@@ -90,13 +104,19 @@ def answer(
             else:
                 why.append(f"indeterminate: {describe_set(members)}")
         answered = not why
+        label = labels[int(decision)] if answered else None
+        shares = {name: float(v) for name, v in zip(labels, p, strict=True)}
         results.append(
             {
-                "label": labels[int(decision)] if answered else None,
+                "label": label,
                 "no_answer_reason": None if answered else "; ".join(why),
                 **({} if limits is None else {"prediction_set": members}),
-                "probabilities": {label: float(v) for label, v in zip(labels, p, strict=True)},
+                "probabilities": shares,
+                "decision_note": decision_note(shares, label, threshold, by_set=limits is not None),
+                "weakness": weak,
+                "seen_in_training": seen_in_training(run, digest),
                 "covid_threshold": threshold,
+                "threshold_source": chosen_by,
                 "site": site,
                 "covid_positive": bool(decision == covid) if answered else None,
                 "out_of_distribution": True if given else None if guard is None else bool(unlike or flat),
@@ -120,16 +140,29 @@ def iterate_predictions(
     file's result also has ``image``: its own width, height, bit depth and mode (``images.image_facts``)."""
     transform = input_transform(run, runner)
     batches = iterate_batches(paths, transform, batch_size, num_workers, desc, check_lungs=True, draft=True)
+    hashed = training_hashes(run) is not None  # a run without hashes cannot tell: no file is read twice
     for indices, inputs, errors, blanks, lungs, facts in batches:
         features, logits = runner(inputs)
         reasons = [reason or None for reason in lungs]
-        answers = answer(run, features, logits, blanks, reasons, getattr(runner, "ood_threshold", None))
+        digests = [
+            _digest(paths[i]) if hashed and not error else None for i, error in zip(indices, errors, strict=True)
+        ]
+        answers = answer(run, features, logits, blanks, reasons, getattr(runner, "ood_threshold", None), digests)
         yield [
             {"file": output_name(paths[i]), "error": printable(error)}
             if error
             else {"file": output_name(paths[i]), **result, "image": image}
             for i, error, result, image in zip(indices, errors, answers, facts, strict=True)
         ]
+
+
+def _digest(path: Path) -> str | None:
+    """The file's SHA-256, None where it is not a regular file (a FIFO cannot be read twice) or cannot be read
+    again (it was read a moment ago)."""
+    try:
+        return file_sha256(path) if path.is_file() else None
+    except OSError:
+        return None
 
 
 def predict_files(

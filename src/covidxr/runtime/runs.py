@@ -69,6 +69,7 @@ class Run:
     weights_dir: str | Path | None = None
     _model: Any = field(default=None, repr=False)
     site: SiteCalibration | None = None  # a site's own operating point (``covidxr.runtime.site.with_site``)
+    threshold: float | None = None  # a user's own operating point (``covidxr.runtime.answers.with_threshold``)
 
     @cached_property
     def config(self) -> TrainConfig:
@@ -86,7 +87,10 @@ class Run:
 
     @property
     def covid_threshold(self) -> float:
-        """The COVID-19 operating threshold that decides: the site's where one is applied, else the run's."""
+        """The COVID-19 operating threshold that decides: the user's where one was chosen, else the site's where
+        one is applied, else the run's."""
+        if self.threshold is not None:
+            return self.threshold
         return self.site.covid_threshold if self.site is not None else self.info.covid_threshold
 
     @cached_property

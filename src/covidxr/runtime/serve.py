@@ -18,6 +18,7 @@ import base64
 import io
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from hashlib import sha256
 from importlib import resources
 from typing import Any
 
@@ -31,6 +32,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from covidxr import DISCLAIMER, __version__
+from covidxr.runtime.answers import seen_in_training
 from covidxr.runtime.api import Model
 from covidxr.runtime.cam import jet
 from covidxr.runtime.card import model_card, render_model_card_html
@@ -241,8 +243,11 @@ def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: b
         "label": result["label"],
         "no_answer_reason": result["no_answer_reason"],
         "probabilities": result["probabilities"],
+        "decision_note": result.get("decision_note"),
+        "weakness": result.get("weakness"),
         "covid_positive": result["covid_positive"],
         "covid_threshold": result["covid_threshold"],
+        "threshold_source": result.get("threshold_source"),
         "site": result["site"],
         "out_of_distribution": result["out_of_distribution"],
         "ood_score": result["ood_score"],
@@ -256,6 +261,7 @@ def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: b
         answer["explanation"] = {
             "method": result["method"],
             "target": result["target"],
+            "empty": result["map_empty"],  # no class-specific activation: the page says so instead of a map
             "heatmap_png": _png(heatmap(result["map"], preview.size)),
             "overlay_png": _png(_preview(result["overlay"])),
         }
@@ -409,6 +415,9 @@ def create_app(
                 result = await queue.decode(_response, image, answered, False, preview or explain)
                 if explain:  # a foreign model: the answer and its preview, no map
                     result |= {"explanation": None, "explanation_unavailable": NO_EXPLANATION}
+            # By the upload's own bytes (hashed off the event loop): the same file as one of the training images.
+            digest = None if foreign else await queue.decode(lambda: sha256(body).hexdigest())
+            result["seen_in_training"] = None if foreign else seen_in_training(model.run, digest)
         monitor.add(result)
         return {**result, "site_calibration": site_line, "model": identity, "disclaimer": DISCLAIMER}
 

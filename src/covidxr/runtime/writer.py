@@ -51,7 +51,9 @@ def flat_row(result: dict, labels: Sequence[str]) -> dict:
     PNEUMONIA}``, ``{NORMAL}``, ``{}`` for the empty set; empty where none was made: no sets, no answer, an
     error), and the file's own ``image_width``, ``image_height``, ``bit_depth`` and ``image_mode``
     (``covidxr.runtime.images.image_facts``; empty for an unreadable file), which ``covidxr monitor`` compares
-    with the calibration images'."""
+    with the calibration images'; then ``threshold_source`` (``model``, ``site``, ``user``, or a foreign model's
+    ``spec``: who chose ``covid_threshold``) and ``seen_in_training`` (True for an image of the model's training
+    split, empty where it cannot be told; ``covidxr.runtime.answers``). A no-answer row keeps its probabilities."""
     probabilities = result.get("probabilities", {})
     members = result.get("prediction_set")
     image = result.get("image") or {}
@@ -71,6 +73,8 @@ def flat_row(result: dict, labels: Sequence[str]) -> dict:
         "image_height": image.get("height"),
         "bit_depth": image.get("bit_depth"),
         "image_mode": image.get("mode") or "",
+        "threshold_source": result.get("threshold_source") or "",
+        "seen_in_training": result.get("seen_in_training"),
     }
 
 
@@ -87,6 +91,8 @@ def model_identity(run: Run, runner: Engine) -> str:
     identity = f"{run.info.model['name']} run={run.path.name} head={head} engine={engine} preprocessing={preprocessing}"
     if run.site is not None:  # another operating point: its rows are not mixed with the run's own
         identity += f" site={stable_digest(run.site.to_dict())[:12]}"
+    if run.threshold is not None:  # the user's own operating point (--threshold)
+        identity += f" threshold={run.threshold!r}"
     return identity
 
 
@@ -183,7 +189,7 @@ def _typed(row: dict[str, str]) -> dict:
             typed[key] = float(value) if value else None
         elif key in {"image_width", "image_height", "bit_depth"}:
             typed[key] = int(value) if value.isdigit() else None
-        elif key in {"covid_positive", "out_of_distribution"}:
+        elif key in {"covid_positive", "out_of_distribution", "seen_in_training"}:
             typed[key] = {"True": True, "False": False}.get(value)
         else:
             typed[key] = text_from_spreadsheet(value)

@@ -53,6 +53,12 @@ function clearResult() {
   $("covid-note").textContent = "";
   $("site-calibration").textContent = "";
   $("site-calibration").hidden = true;
+  for (const id of ["decision-note", "weakness"]) {
+    $(id).textContent = "";
+    $(id).hidden = true;
+  }
+  $("seen-badge").hidden = true;
+  $("empty-map").hidden = true;
   $("bars").replaceChildren();
   for (const image of [preview, heatmap]) {
     image.hidden = true;
@@ -75,13 +81,28 @@ function showResult(result) {
     document.body.dataset.state = "done";
     return;
   }
-  if (result.explanation) {
+  if (result.explanation && result.explanation.empty) {
+    // An all-zero map drawn under a "weak → strong" legend would read as an even spread of attention.
+    $("empty-map").hidden = false;
+  } else if (result.explanation) {
     heatmap.src = "data:image/png;base64," + result.explanation.heatmap_png;
     heatmap.hidden = false;
     $("heat-controls").hidden = false;
     opacity.disabled = false;
   }
   $("label").textContent = result.label;
+  $("seen-badge").hidden = result.seen_in_training !== true;
+  if (result.decision_note) {
+    // The label goes against the larger bar: say why, in words, right under it.
+    $("decision-note").textContent = result.decision_note + ".";
+    $("decision-note").hidden = false;
+  }
+  if (result.weakness) {
+    // The model's held-out weakness beside every answer, not only in the footer.
+    const weakness = result.weakness.charAt(0).toUpperCase() + result.weakness.slice(1);
+    $("weakness").textContent = `Weakness: ${weakness}.`;
+    $("weakness").hidden = false;
+  }
   const covid = result.probabilities["COVID-19"];
   const threshold = result.covid_threshold === null ? null : (100 * result.covid_threshold).toFixed(1);
   // With a site file (serve --site) the threshold is the site's, and its local figures replace the model's.
