@@ -221,8 +221,9 @@ def xray(cxr3: Path, cxr3_meta: pd.DataFrame) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A grey photograph: no colour gives it away (a colour photo is refused before the lungs are looked for)."""
     path = tmp_path_factory.mktemp("photo") / "chelsea.png"
-    Image.fromarray(skimage_data.chelsea()).save(path)
+    Image.fromarray(skimage_data.chelsea()).convert("L").save(path)
     return path
 
 

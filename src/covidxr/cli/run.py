@@ -9,7 +9,15 @@ from pathlib import Path
 import click
 
 from covidxr import DISCLAIMER
-from covidxr.cli.options import _path, _progress, cli, model_options, prediction_engine_options, weights_options
+from covidxr.cli.options import (
+    _path,
+    _progress,
+    cli,
+    model_options,
+    pattern_option,
+    prediction_engine_options,
+    weights_options,
+)
 
 
 def _prediction_table(results: list[dict]) -> str:
@@ -65,7 +73,7 @@ def _foreign_model(run, spec, site, engine, threads):
     return load_model(run, engine, threads=threads, site=site, spec=spec)
 
 
-@cli.command("predict")
+@cli.command("predict", short_help="Label chest X-rays: files, folders (CSV/JSON out).")
 # No readability check here: an unreadable file becomes its own error row and the others still run.
 @click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
 @click.option("--model", "run", type=_path, default=None, help=FOREIGN_MODEL_HELP)
@@ -79,11 +87,25 @@ def _foreign_model(run, spec, site, engine, threads):
 )
 @click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
+@pattern_option
 @site_option
 @prediction_engine_options
 @model_options
 def predict_command(
-    images, run, spec, as_json, out, resume, chunk_size, site, engine, threads, weights, weights_dir, cache_dir
+    images,
+    run,
+    spec,
+    as_json,
+    out,
+    resume,
+    chunk_size,
+    patterns,
+    site,
+    engine,
+    threads,
+    weights,
+    weights_dir,
+    cache_dir,
 ):
     """Predict the class of each image (files or folders); bad files are reported and skipped (exit 1 if any).
 
@@ -96,6 +118,7 @@ def predict_command(
     from covidxr.runtime.site import describe_site, with_site
     from covidxr.runtime.writer import predict_to_file
 
+    images = expand_inputs(images, patterns)  # before the model loads: an empty folder is one line, at once
     foreign = _foreign_model(run, spec, site, engine, threads)
     if foreign is None:
         loaded = with_site(load_run(run or default_model_path(), weights, weights_dir), site)
@@ -126,9 +149,9 @@ def predict_command(
             raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
         return
     if foreign is not None:
-        results = foreign.predict_files(expand_inputs(images))
+        results = foreign.predict_files(images)
     else:
-        results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=runner)
+        results = predict_files(loaded, images, cache_dir, progress=_progress(), engine=runner)
     if len(results) == 1 and "error" in results[0] and not as_json:
         raise click.ClickException(results[0]["error"])  # one image that cannot be read: one line
     if as_json:
@@ -152,7 +175,7 @@ def predict_command(
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be read")
 
 
-@cli.command("serve")
+@cli.command("serve", short_help="Serve the web page and the JSON API.")
 @click.option("--model", "run", type=_path, default=None, help=FOREIGN_MODEL_HELP)
 @spec_option
 @click.option(
@@ -204,7 +227,7 @@ def serve_command(
     serve(model, host, port, max_queue, monitor_window)
 
 
-@cli.command("model-card")
+@cli.command("model-card", short_help="Show a run's model card (default: the bundled).")
 @click.argument("run", type=_path, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
 def model_card_command(run, as_json):
@@ -216,7 +239,7 @@ def model_card_command(run, as_json):
     click.echo(json.dumps(card, indent=2) if as_json else render_model_card(card))
 
 
-@cli.command("explain")
+@cli.command("explain", short_help="Heat maps of the answer: files or folders.")
 @click.argument("images", type=_path, nargs=-1, required=True)
 @click.option(
     "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
@@ -232,13 +255,16 @@ def model_card_command(run, as_json):
     type=_path,
     default=Path("explanations"),
     show_default=True,
-    help="Folder for <image>.<method>.png (overlay) and .npy (raw map).",
+    help="Folder for <image>.<method>.png (overlay) and .npy (raw map), and contact-sheet.<method>.png.",
 )
+@pattern_option
 @weights_options
-def explain_command(images, run, method, out, weights, weights_dir):
+def explain_command(images, run, method, out, patterns, weights, weights_dir):
     """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
     from covidxr.runtime.api import load_model
+    from covidxr.runtime.inference import expand_inputs
 
+    images = expand_inputs(images, patterns)
     model = load_model(run, weights=weights, weights_dir=weights_dir)
     results = model.explain_files(images, out, method)
     for result in results:
@@ -247,7 +273,8 @@ def explain_command(images, run, method, out, weights, weights_dir):
         else:
             share = result["lung_share"]
             inside = "lungs not found" if share is None else f"{share:.0%} of the map inside the lungs"
-            which = "the label" if result["label"] else "the most probable class (no answer given)"
+            reason = result["no_answer_reason"]
+            which = "the label" if result["label"] else f"the most probable class (no answer: {reason})"
             click.echo(
                 f"{result['file']}: map of {which}, {result['target']} (p={result['probability']:.3f}), "
                 f"{inside} → {result['overlay']}"
@@ -258,18 +285,19 @@ def explain_command(images, run, method, out, weights, weights_dir):
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be explained")
 
 
-@cli.command("segment")
+@cli.command("segment", short_help="Lung masks of files or folders.")
 @click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
 @click.option(
     "--out", type=_path, required=True, help="Folder for <stem>_mask.png, <stem>_overlay.png and segment.csv."
 )
-def segment_command(images, out):
+@pattern_option
+def segment_command(images, out, patterns):
     """Lung masks with the bundled segmenter (files or folders): a mask and an overlay per image, and
     segment.csv; images without two plausible lungs get their reason; unreadable files an error (exit 1)."""
     from covidxr.runtime.inference import expand_inputs
     from covidxr.runtime.segment import segment_files
 
-    rows = segment_files(expand_inputs(images), out)
+    rows = segment_files(expand_inputs(images, patterns), out)
     for row in rows:
         if row["error"]:
             click.echo(f"ERROR {row['error']}", err=True)
@@ -283,7 +311,7 @@ def segment_command(images, out):
         raise click.ClickException(f"{errors} of {len(rows)} file(s) could not be read")
 
 
-@cli.command("monitor")
+@cli.command("monitor", short_help="Check predictions for drift against a site's images.")
 @click.argument("predictions", type=_path, nargs=-1, required=True)
 @click.option("--site", type=_path, required=True, help="site.json from `covidxr calibrate` for the same model.")
 @click.option(
