@@ -10,6 +10,9 @@ colour photograph, lung check, orientation). Per view it prints the share the or
 orientation check. The images with a hand-drawn lung mask (``lung-masks/``: the segmenter's training and
 validation images) are counted apart, since the segmenter has seen them.
 
+It also prices the check: ``predict_files`` with the bundled model over ``--cost-images`` of the files, with
+the orientation check and with it switched off, interleaved ``--repeats`` times in this run (medians compared).
+
 Run from the repository root (writes nothing)::
 
     .venv/bin/python benchmarks/orientation.py
@@ -19,6 +22,7 @@ Run from the repository root (writes nothing)::
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +31,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from covidxr.runtime import batches
 from covidxr.runtime.batches import input_reason
 from covidxr.runtime.images import read_image
+from covidxr.runtime.inference import predict_files
+from covidxr.runtime.runners import make_engine
+from covidxr.runtime.runs import default_model_path, load_run
 from machine import describe_load, load_average, machine_lines
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -66,10 +74,32 @@ def masked_names() -> set[str]:
     return {Path(name).name for name in pd.read_csv(meta, dtype=str, keep_default_na=False)["image"]}
 
 
+def predict_cost(paths: list[Path], repeats: int) -> tuple[float, float]:
+    """Median seconds per image of ``predict_files`` (the bundled model, onnxruntime) with the orientation check,
+    and with it switched off, timed alternately on the same files after a warm-up."""
+    run = load_run(default_model_path())
+    engine = make_engine(run, "auto")
+    check = batches.find_orientation
+    predict_files(run, paths[:4], progress=False, engine=engine)  # warm-up: the sessions, the segmenter
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for _ in range(repeats):
+            for checked in (True, False):
+                batches.find_orientation = check if checked else (lambda grey, sideways=False: None)
+                started = time.perf_counter()
+                predict_files(run, paths, progress=False, engine=engine)
+                timings[checked].append((time.perf_counter() - started) / len(paths))
+    finally:
+        batches.find_orientation = check
+    return statistics.median(timings[True]), statistics.median(timings[False])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, nargs="+", default=DEFAULT_DATA, help="dataset folders")
     parser.add_argument("--limit", type=int, default=None, help="evenly spaced images (default: all)")
+    parser.add_argument("--cost-images", type=int, default=64, help="files predicted to price the check")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats of the cost")
     args = parser.parse_args()
 
     paths = images_of(args.data, args.limit)
@@ -108,6 +138,14 @@ def main() -> None:
     for path, reason in zip(paths, upright, strict=True):
         if NOT_UPRIGHT in reason:
             print(f"  refused upright: {path.name}: {reason}")
+    sample = paths[:: max(1, len(paths) // args.cost_images)][: args.cost_images]
+    load_before = load_average()
+    with_check, without = predict_cost(sample, args.repeats)
+    print(
+        f"cost: predict_files over {len(sample)} files, {args.repeats} interleaved repeats (medians): "
+        f"{1000 * with_check:.1f} ms an image with the orientation check, {1000 * without:.1f} ms without "
+        f"(ratio {with_check / without:.2f}); load {describe_load(load_before)}"
+    )
 
 
 if __name__ == "__main__":
