@@ -88,7 +88,9 @@ ARRAY_KINDS = PIL_KINDS - {"pages.tif", "animated.gif", "truncated.png"}
 
 
 def outcome(result: dict | None) -> tuple[str, dict | None]:
-    """A result as ("answer" | "no answer: REASON" | "error", probabilities)."""
+    """A result as ("answer" | "no answer: REASON" | "error" | "crash: EXCEPTION", probabilities)."""
+    if result is not None and "crash" in result:
+        return f"crash: {result['crash']}", None
     if result is None or "error" in result:
         return "error", None
     if result["label"] is None:
@@ -97,10 +99,13 @@ def outcome(result: dict | None) -> tuple[str, dict | None]:
 
 
 def through_api(call) -> dict | None:
+    """The API's result, None for its one-line refusal (``CovidxrError``), or what else it raised."""
     try:
         return call()
     except CovidxrError:
         return None
+    except Exception as exc:  # noqa: BLE001 (anything else is a fault of the route, listed with the others)
+        return {"crash": type(exc).__name__}
 
 
 @pytest.fixture(scope="module")
