@@ -50,8 +50,10 @@ def test_explain_returns_maps_and_overlays(run_dir: Path) -> None:
 
 def test_bad_inputs_are_refused(run_dir: Path) -> None:
     model = covidxr.load_model(run_dir)
-    with pytest.raises(CovidxrError, match="uint8"):
-        model.predict([np.zeros((10, 10), dtype=np.float32)])
+    with pytest.raises(CovidxrError, match=r"in \[0, 1\]"):
+        model.predict(np.full((64, 64), 2.0, dtype=np.float32))
+    [row] = model.predict([np.zeros((10, 10), dtype=np.float32)])  # in a list: the error, as for a bad file
+    assert "too small" in row["error"]
     with pytest.raises(CovidxrError, match="method must be one of"):
         model.explain([Image.new("RGB", (64, 64))], method="lime")
     with pytest.raises(CovidxrError, match="engine must be one of"):

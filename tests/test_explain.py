@@ -77,16 +77,19 @@ def test_explain_files_writes_overlays_and_maps_and_skips_bad_files(
     broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
     model = load_model(small_run)
     results = model.explain_files([good[0], cat, broken, good[1]], tmp_path / "out", "gradcam++")
-    assert "colour photograph" in results[1]["error"] and "cat.png" in results[1]["error"]
+    # A colour photograph gets no answer with predict's reason (every route alike), and the map of its likeliest class.
+    assert results[1]["label"] is None and "colour photograph" in results[1]["no_answer_reason"]
     assert "broken.jpg" in results[2]["error"]
-    for result in (results[0], results[3]):
+    for result in (results[0], results[1], results[3]):
         assert result["target"] in run.labels and 0 < result["probability"] <= 1
         overlay = Image.open(result["overlay"])
         assert overlay.size == read_image(result["file"]).size and overlay.mode == "RGB"
         raw = np.load(result["map"])
         assert raw.shape == (224, 224) and raw.max() <= 1
+    explained = (results[0], results[1], results[3])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        f"{Path(r['file']).stem}.gradcam++.{ext}" for r in (results[0], results[3]) for ext in ("npy", "png")
+        [f"{Path(r['file']).stem}.gradcam++.{ext}" for r in explained for ext in ("npy", "png")]
+        + ["contact-sheet.gradcam++.png"]
     )
 
 

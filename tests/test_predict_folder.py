@@ -40,7 +40,7 @@ def folder(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: pytest.TempPat
     (root / "ward0" / "notes.png").write_text("not an image")
     data = (cxr3 / cxr3_meta["filename"].iloc[1]).read_bytes()
     (root / "ward1" / "cut.jpg").write_bytes(data[: len(data) // 3])
-    (root / "ward1" / "readme.txt").write_text("ignored: not an image suffix")
+    (root / "ward1" / "readme.txt").write_text("not an image: a row saying so (read by content, not by name)")
     Image.new("L", (1, 1)).save(root / "ward2" / "dot.png")
     Image.new("L", (20_000, 20_000)).save(root / "ward2" / "huge.png")  # 400 Mpx: a decompression bomb
     return root
@@ -49,9 +49,9 @@ def folder(cxr3: Path, cxr3_meta: pd.DataFrame, tmp_path_factory: pytest.TempPat
 def test_folder_to_csv_one_row_per_image_past_bad_files(run_dir: Path, folder: Path, tmp_path: Path) -> None:
     rows, new = predict_to_file(load_run(run_dir), [folder], tmp_path / "p.csv", progress=False)
     table = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
-    assert len(table) == len(rows) == new == N_GOOD + 4
+    assert len(table) == len(rows) == new == N_GOOD + 5
     bad = table[table["error"] != ""]
-    assert sorted(Path(f).name for f in bad["file"]) == ["cut.jpg", "dot.png", "huge.png", "notes.png"]
+    assert sorted(Path(f).name for f in bad["file"]) == ["cut.jpg", "dot.png", "huge.png", "notes.png", "readme.txt"]
     assert "too small to be a chest radiograph" in bad[bad["file"].str.endswith("dot.png")]["error"].iloc[0]
     assert "over the limit" in bad[bad["file"].str.endswith("huge.png")]["error"].iloc[0]
     assert all(str(Path(f).name) in e for f, e in zip(bad["file"], bad["error"], strict=True))
@@ -83,13 +83,13 @@ def test_interrupted_prediction_leaves_valid_rows_and_resumes(run_dir: Path, fol
     assert process.returncode == 130, stderr  # 128 + SIGINT, as a shell reports an interrupted command
     assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
     partial = pd.read_csv(out, dtype=str, keep_default_na=False)
-    assert 3 <= len(partial) < N_GOOD + 4 and partial["file"].is_unique
+    assert 3 <= len(partial) < N_GOOD + 5 and partial["file"].is_unique
 
     resumed = run_cli(*args, "--resume")
     assert f"({len(partial)} were already done)" in resumed.stdout
     assert resumed.returncode == 1  # the bad files
     complete = pd.read_csv(out, dtype=str, keep_default_na=False)
-    assert len(complete) == N_GOOD + 4 and complete["file"].is_unique
+    assert len(complete) == N_GOOD + 5 and complete["file"].is_unique
     pd.testing.assert_frame_equal(complete.head(len(partial)), partial)  # finished rows untouched
 
 

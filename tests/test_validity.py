@@ -221,7 +221,7 @@ def xray(cxr3: Path, cxr3_meta: pd.DataFrame) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A grey photograph (a colour one is turned away before its lungs are looked for): no lungs in it."""
+    """A grey photograph: no colour gives it away (a colour photo is refused before the lungs are looked for)."""
     path = tmp_path_factory.mktemp("photo") / "chelsea.png"
     Image.fromarray(skimage_data.chelsea()).convert("L").save(path)
     return path

@@ -35,7 +35,7 @@ def data() -> None:
     """Build datasets from raw public sources and check them."""
 
 
-@data.command("build")
+@data.command("build", short_help="Build a dataset folder from raw public sources.")
 @click.option(
     "--ieee8023", type=_existing_dir, help="ieee8023 covid-chestxray-dataset folder (metadata.csv + images/)."
 )
@@ -57,7 +57,7 @@ def data_build(ieee8023: Path | None, kermany: Path | None, out: Path) -> None:
     click.echo(f"wrote {out / 'metadata.csv'}: {len(frame)} images ({counts}), {len(skipped)} skipped")
 
 
-@data.command("check")
+@data.command("check", short_help="Check a dataset folder's metadata and images.")
 @click.argument("directory", type=_path)
 def data_check(directory: Path) -> None:
     """List unreadable, missing, duplicate and mislabelled rows; exit 1 when any exists."""
@@ -72,7 +72,7 @@ def data_check(directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-@cli.command("models")
+@cli.command("models", short_help="List the backbones and where their weights are.")
 @weights_dir_option
 def models_command(weights_dir: Path | None) -> None:
     """List the registered backbones and where their pretrained weights would come from (nothing is
@@ -142,7 +142,7 @@ def design_options(func):
     return func
 
 
-@cli.command("train")
+@cli.command("train", short_help="Train a model on a dataset folder.")
 @click.option(
     "--data",
     "data_dirs",
@@ -181,7 +181,7 @@ def train_command(data_dirs, out, config_file, allow_near_duplicate_leakage, wei
         click.echo(f"trained {config.model} → {run} (best epoch {info['best_epoch']}); next: covidxr evaluate {run}")
 
 
-@cli.command("evaluate")
+@cli.command("evaluate", short_help="Score a run on a dataset: metrics, figures, report.")
 @click.argument("run", type=_path)
 @click.option("--data", "data_dir", type=_path, default=None, help="Evaluate on every image of another dataset.")
 @click.option(
@@ -230,7 +230,7 @@ def evaluate_command(run, data_dir, spec, split, out, no_explain, weights, weigh
         click.echo("training images could not be left out: this run's splits.csv has no sha256 column")
 
 
-@cli.command("calibrate")
+@cli.command("calibrate", short_help="Set the COVID-19 operating point on a site's images.")
 @click.argument("data", type=_path)
 @click.option(
     "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
@@ -310,7 +310,7 @@ def calibrate_command(
     click.echo(DISCLAIMER)
 
 
-@cli.command("validate")
+@cli.command("validate", short_help="Write the local validation report a hospital files.")
 @click.argument("data", type=_path)
 @click.option(
     "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
@@ -378,7 +378,7 @@ def validate_command(
     click.echo(DISCLAIMER)
 
 
-@cli.command("export")
+@cli.command("export", short_help="Export a run as one ONNX graph.")
 @click.argument("run", type=_path)
 @click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
 @click.option("--out", type=_path, default=None, help="Output .onnx file (default: RUN/model.onnx).")
@@ -393,7 +393,7 @@ def export_command(run, fmt, out, weights, weights_dir):
     click.echo(f"wrote {target} and {target.with_suffix('.json')} (labels, preprocessing, temperature, threshold)")
 
 
-@cli.command("quantize")
+@cli.command("quantize", short_help="Make and check an int8 copy of a run's graph.")
 @click.argument("run", type=_path, required=False)
 @click.option("--method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True)
 @click.option(
@@ -425,7 +425,7 @@ def quantize_command(run, method, max_drop, calibration_images, data_root, weigh
     )
 
 
-@cli.command("bundle")
+@cli.command("bundle", short_help="Make a checked run the bundled model.")
 @click.argument("run", type=_path)
 @click.option("--dest", type=_path, default=None, help="Destination folder (default: the package's bundled/).")
 def bundle_command(run, dest):
@@ -440,7 +440,7 @@ def bundle_command(run, dest):
     click.echo(f"bundled {run} → {bundled} (graph {graph.name}, {graph.stat().st_size / 1e6:.1f} MB)")
 
 
-@cli.command("audit")
+@cli.command("audit", short_help="Check a run for shortcuts (lungs hidden, source).")
 @click.argument("model", type=_path)
 @click.option(
     "--data",
@@ -512,7 +512,7 @@ def _blackbox_audit(
     click.echo(DISCLAIMER)
 
 
-@cli.command("reproduce")
+@cli.command("reproduce", short_help="Run the paper's protocol for every backbone.")
 @click.option(
     "--data",
     "data_dirs",
@@ -627,7 +627,7 @@ def reproduce_command(
         raise click.ClickException("no model could be trained: none has weights here")
 
 
-@cli.command("train-segmenter")
+@cli.command("train-segmenter", short_help="Train the lung segmenter on hand-drawn masks.")
 @click.option(
     "--masks", type=_existing_dir, required=True, help="Mask folder (metadata.csv: mask, image, patient_id, origin)."
 )

@@ -103,6 +103,16 @@ def prediction_engine_options(func):
     return engine(threads(func))
 
 
+pattern_option = click.option(
+    "--pattern",
+    "patterns",
+    multiple=True,
+    metavar="GLOB",
+    help="Inside folders, read only files whose name matches (e.g. '*.dcm', 'IM*'; repeatable). "
+    "Default: every file, each judged by its content; a file that is not an image gets a row saying so.",
+)
+
+
 def weights_options(func):
     return weights_dir_option(weights_file_option(func))
 

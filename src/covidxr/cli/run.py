@@ -9,7 +9,15 @@ from pathlib import Path
 import click
 
 from covidxr import DISCLAIMER
-from covidxr.cli.options import _path, _progress, cli, model_options, prediction_engine_options, weights_options
+from covidxr.cli.options import (
+    _path,
+    _progress,
+    cli,
+    model_options,
+    pattern_option,
+    prediction_engine_options,
+    weights_options,
+)
 
 
 def _prediction_table(results: list[dict]) -> str:
@@ -91,7 +99,7 @@ def _foreign_model(run, spec, site, engine, threads):
     return load_model(run, engine, threads=threads, site=site, spec=spec)
 
 
-@cli.command("predict")
+@cli.command("predict", short_help="Label chest X-rays: files, folders (CSV/JSON out).")
 # No readability check here: an unreadable file becomes its own error row and the others still run.
 @click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
 @click.option("--model", "run", type=_path, default=None, help=FOREIGN_MODEL_HELP)
@@ -120,6 +128,7 @@ def _foreign_model(run, spec, site, engine, threads):
     help="Predict on Ray Data (pip install 'covidxr[ray]'): local starts Ray here, auto joins the one running here, "
     "HOST:PORT a cluster; --threads is then per actor. Needs --out.",
 )
+@pattern_option
 @site_option
 @threshold_option
 @prediction_engine_options
@@ -134,6 +143,7 @@ def predict_command(
     chunk_size,
     dicom_out,
     ray_address,
+    patterns,
     site,
     threshold,
     engine,
@@ -156,6 +166,7 @@ def predict_command(
 
     if site is not None and threshold is not None:  # before either is read
         raise click.ClickException(SITE_OR_THRESHOLD)
+    images = expand_inputs(images, patterns)  # before the model loads: an empty folder is one line, at once
     foreign = _foreign_model(run, spec, site, engine, threads)
     if ray_address is not None and (out is None or foreign is not None):
         raise click.ClickException("--ray writes rows to a file of a covidxr model: give --out, and no MODEL.onnx")
@@ -206,9 +217,9 @@ def predict_command(
             raise click.ClickException(f"{len(errors)} of {len(rows)} file(s) could not be read")
         return
     if foreign is not None:
-        results = foreign.predict_files(expand_inputs(images))
+        results = foreign.predict_files(images)
     else:
-        results = predict_files(loaded, expand_inputs(images), cache_dir, progress=_progress(), engine=runner)
+        results = predict_files(loaded, images, cache_dir, progress=_progress(), engine=runner)
     if len(results) == 1 and "error" in results[0] and not as_json:
         raise click.ClickException(results[0]["error"])  # one image that cannot be read: one line
     if as_json:
@@ -259,7 +270,7 @@ def _write_dicom_out(loaded, runner, paths: list[Path], folder: Path) -> None:
     )
 
 
-@cli.command("serve")
+@cli.command("serve", short_help="Serve the web page and the JSON API.")
 @click.option("--model", "run", type=_path, default=None, help=FOREIGN_MODEL_HELP)
 @spec_option
 @click.option(
@@ -318,7 +329,7 @@ def serve_command(
     serve(model, host, port, max_queue, monitor_window)
 
 
-@cli.command("model-card")
+@cli.command("model-card", short_help="Show a run's model card (default: the bundled).")
 @click.argument("run", type=_path, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of Markdown.")
 def model_card_command(run, as_json):
@@ -330,7 +341,7 @@ def model_card_command(run, as_json):
     click.echo(json.dumps(card, indent=2) if as_json else render_model_card(card))
 
 
-@cli.command("explain")
+@cli.command("explain", short_help="Heat maps of the answer: files or folders.")
 @click.argument("images", type=_path, nargs=-1, required=True)
 @click.option(
     "--model", "run", type=_path, default=None, help="Run folder of a trained model (default: the bundled model)."
@@ -346,14 +357,17 @@ def model_card_command(run, as_json):
     type=_path,
     default=Path("explanations"),
     show_default=True,
-    help="Folder for <image>.<method>.png (overlay) and .npy (raw map).",
+    help="Folder for <image>.<method>.png (overlay) and .npy (raw map), and contact-sheet.<method>.png.",
 )
+@pattern_option
 @weights_options
-def explain_command(images, run, method, out, weights, weights_dir):
+def explain_command(images, run, method, out, patterns, weights, weights_dir):
     """Class activation maps: an overlay PNG and the raw map per image; bad files are reported and skipped."""
     from covidxr.runtime.api import load_model
     from covidxr.runtime.cam import EMPTY_MAP
+    from covidxr.runtime.inference import expand_inputs
 
+    images = expand_inputs(images, patterns)
     model = load_model(run, weights=weights, weights_dir=weights_dir)
     results = model.explain_files(images, out, method)
     for result in results:
@@ -365,7 +379,8 @@ def explain_command(images, run, method, out, weights, weights_dir):
                 inside = EMPTY_MAP
             else:
                 inside = "lungs not found" if share is None else f"{share:.0%} of the map inside the lungs"
-            which = "the label" if result["label"] else "the most probable class (no answer given)"
+            reason = result["no_answer_reason"]
+            which = "the label" if result["label"] else f"the most probable class (no answer: {reason})"
             click.echo(
                 f"{result['file']}: map of {which}, {result['target']} (p={result['probability']:.3f}), "
                 f"{inside} → {result['overlay']}"
@@ -376,19 +391,20 @@ def explain_command(images, run, method, out, weights, weights_dir):
         raise click.ClickException(f"{failures} of {len(results)} file(s) could not be explained")
 
 
-@cli.command("segment")
+@cli.command("segment", short_help="Lung masks of files or folders.")
 @click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
 @click.option(
     "--out", type=_path, required=True, help="Folder for <stem>_mask.png, <stem>_overlay.png and segment.csv."
 )
 @click.option("--resume", is_flag=True, help="Complete the segment.csv in --out without redoing its rows.")
-def segment_command(images, out, resume):
+@pattern_option
+def segment_command(images, out, resume, patterns):
     """Lung masks with the bundled segmenter (files or folders): a mask and an overlay per image, and
     segment.csv; images without two plausible lungs get their reason; unreadable files an error (exit 1)."""
     from covidxr.runtime.inference import expand_inputs
     from covidxr.runtime.segment import segment_files
 
-    rows = segment_files(expand_inputs(images), out, resume)
+    rows = segment_files(expand_inputs(images, patterns), out, resume)
     for row in rows:
         if row["error"]:
             click.echo(f"ERROR {row['error']}", err=True)
@@ -402,7 +418,7 @@ def segment_command(images, out, resume):
         raise click.ClickException(f"{errors} of {len(rows)} file(s) could not be read")
 
 
-@cli.command("monitor")
+@cli.command("monitor", short_help="Check predictions for drift against a site's images.")
 @click.argument("predictions", type=_path, nargs=-1, required=True)
 @click.option("--site", type=_path, required=True, help="site.json from `covidxr calibrate` for the same model.")
 @click.option(
@@ -476,7 +492,7 @@ def monitor_command(predictions, site, window, by_date, period, out):
     click.echo(f"OK: all {len(report.windows)} window(s) within the calibration's limits")
 
 
-@cli.command("dicom-node")
+@cli.command("dicom-node", short_help="Receive X-rays by DICOM and send back SR and SC.")
 @click.option("--ae-title", default="COVIDXR", show_default=True, help="This node's AE title.")
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (the default: this machine only)."

@@ -25,7 +25,8 @@ from covidxr.runtime.answers import threshold_source, with_threshold
 from covidxr.runtime.batches import prepare
 from covidxr.runtime.cam import (
     DenseHead,
-    colour_reason,
+    contact_sheets,
+    contact_thumbnail,
     empty_map,
     gradcam,
     lung_shares,
@@ -36,7 +37,14 @@ from covidxr.runtime.engines import TRAIN_EXTRA, OnnxEngine, torch_available
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.foreign import NO_SITE, ForeignModel, is_foreign_model
 from covidxr.runtime.images import SINGLE_IMAGE, ImageLike, as_image, image_facts, read_image, single_answer
-from covidxr.runtime.inference import answer, predict_files
+from covidxr.runtime.inference import (
+    answer,
+    expand_inputs,
+    is_folder,
+    output_name,
+    predict_files,
+    with_folders_expanded,
+)
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.plugins import entry_point
 from covidxr.runtime.runners import Engine, input_transform, make_engine
@@ -97,25 +105,40 @@ class Model:
         ``label`` is the decision: COVID-19 when its probability reaches the run's operating threshold
         (``covid_threshold``), else the more probable other class; ``covid_positive`` always agrees.
         An image unlike the training X-rays gets ``label`` ``None`` and ``no_answer_reason``.
-        In a list of paths an unreadable file gets ``error`` instead of a label; a single path that
-        cannot be read, and any bad decoded image, raise ``CovidxrError``.
+        An image may be a path, the bytes of a file, a PIL image or an array (``covidxr.runtime.images.as_image``:
+        float arrays hold intensities in [0, 1], 16-bit arrays are scaled as 16-bit files are); a folder gives
+        the list of its files' results (``expand_inputs``). In a list an image that cannot be read gets ``error``
+        instead of a label; a single image that cannot be read raises ``CovidxrError``.
 
         >>> model.predict("a.png")["label"]
         'NORMAL'
         >>> [r["label"] for r in model.predict(["a.png", Image.open("b.png")])]
         ['NORMAL', None]
         """
-        if isinstance(images, SINGLE_IMAGE):
+        if batch_size < 1:
+            raise CovidxrError(f"batch_size must be at least 1, not {batch_size}")
+        if isinstance(images, SINGLE_IMAGE) and not is_folder(images):
             return single_answer(self.predict([images], batch_size))
-        images = list(images)
+        images = with_folders_expanded(images)
         if all(isinstance(item, str | Path) for item in images):
-            return predict_files(self.run, list(images), self.cache_dir, batch_size, progress=False, engine=self.engine)
-        decoded = [as_image(item) for item in images]
+            return predict_files(self.run, images, self.cache_dir, batch_size, progress=False, engine=self.engine)
         results = []
-        for start in range(0, len(decoded), batch_size):
-            chunk = decoded[start : start + batch_size]
-            answers = self.answer_prepared([self.prepare(image) for image in chunk])
-            results += [{**result, "image": image_facts(image)} for result, image in zip(answers, chunk, strict=True)]
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            decoded: list[Image.Image | str] = []
+            for item in chunk:  # in a list, one bad image gets its error and the others their answers
+                try:
+                    decoded.append(as_image(item))
+                except CovidxrError as exc:
+                    decoded.append(str(exc))
+            good = [image for image in decoded if not isinstance(image, str)]
+            answers = iter(self.answer_prepared([self.prepare(image) for image in good]) if good else [])
+            for item, image in zip(chunk, decoded, strict=True):
+                name = {"file": output_name(item)} if isinstance(item, str | Path) else {}
+                if isinstance(image, str):
+                    results.append({**name, "error": image})
+                else:
+                    results.append({**name, **next(answers), "image": image_facts(image)})
         return results
 
     def prepare(self, image: Image.Image) -> tuple[np.ndarray, bool, str | None]:
@@ -141,9 +164,25 @@ class Model:
         """
         if method not in METHODS:
             raise CovidxrError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
-        if isinstance(images, SINGLE_IMAGE):
-            return self.explain([images], method)[0]
-        decoded = [as_image(item) for item in images]
+        if isinstance(images, SINGLE_IMAGE) and not is_folder(images):
+            return single_answer(self.explain([images], method))
+        results: list[dict] = []
+        items = with_folders_expanded(images)
+        for item in items:  # one bad image gets its error; the others are explained
+            name = {"file": output_name(item)} if isinstance(item, str | Path) else {}
+            try:
+                results.append({**name, "image": as_image(item)})
+            except CovidxrError as exc:
+                results.append({**name, "error": str(exc)})
+        good = [i for i, result in enumerate(results) if "image" in result]
+        if good:
+            explained = self._explain_decoded([results[i].pop("image") for i in good], method)
+            for i, result in zip(good, explained, strict=True):
+                results[i] |= result
+        return results
+
+    def _explain_decoded(self, decoded: list[Image.Image], method: str) -> list[dict]:
+        """``explain`` of decoded images, one engine call for them all."""
         prepared = [self.prepare(image) for image in decoded]
         inputs = np.stack([array for array, _, _ in prepared])
         activation = self._numpy_cam if method == "gradcam" else None
@@ -174,35 +213,30 @@ class Model:
     def explain_files(
         self, paths: Sequence[str | Path], out: str | Path, method: str = "gradcam", batch_size: int = 8
     ) -> list[dict]:
-        """``explain`` each file into ``out``: ``<name>.<method>.png`` (overlay) and ``.npy`` (raw map); each
-        result also says how much of the map lies inside the lungs (``lung_share``; None where the lungs are not
-        found or the map is empty, ``map_empty``). Unreadable files and colour photographs get their ``error``
-        (a photograph's in ``predict``'s words) and are skipped; the others are still explained."""
+        """``explain`` each file (a folder: each of its files) into ``out``: ``<name>.<method>.png`` (overlay) and
+        ``.npy`` (raw map); each result also says how much of the map lies inside the lungs (``lung_share``; None
+        where the lungs are not found or the map is empty, ``map_empty``). Unreadable files get their ``error`` and
+        are skipped; the others are still explained. Where more than one image is explained,
+        ``contact-sheet.<method>.png`` shows every overlay with its name and answer (in sheets of ``SHEET_SIZE``),
+        so a folder can be looked over at a glance."""
         out = output_folder(out)
-        results: list[dict] = [{"file": str(path)} for path in paths]
-        ready: list[tuple[int, Image.Image]] = []
-        for i, path in enumerate(paths):
-            try:
-                image = read_image(path)
-            except CovidxrError as exc:
-                results[i]["error"] = str(exc)
-                continue
-            colour = colour_reason(image)
-            if colour:  # the same reason, in the same words, as predict's no-answer row
-                results[i]["error"] = f"{path}: {colour}; not explained"
-                continue
-            ready.append((i, image))
+        paths = expand_inputs(paths)
+        results: list[dict] = []
         used_names: set[str] = set()
-        for start in range(0, len(ready), batch_size):
-            batch = ready[start : start + batch_size]
-            explained = self.explain([image for _, image in batch], method)
+        thumbnails: list[tuple[str, str, Image.Image]] = []
+        for start in range(0, len(paths), batch_size):  # decoded a batch at a time: memory stays bounded
+            batch = paths[start : start + batch_size]
+            explained = self.explain(batch, method)
+            ready = [(path, result) for path, result in zip(batch, explained, strict=True) if "error" not in result]
             size, pipeline = self.transform.image_size, self.transform.pipeline
+            images = [read_image(path) for path, _ in ready]
             shares = lung_shares(
-                np.stack([e["map"] for e in explained]), [lungs_on_input(size, pipeline, im) for _, im in batch]
+                np.stack([result["map"] for _, result in ready]) if ready else np.zeros((0, size, size)),
+                [lungs_on_input(size, pipeline, image) for image in images],
             )
-            for (i, image), result, share in zip(batch, explained, shares, strict=True):
-                name = Path(paths[i]).stem
-                name = name if name not in used_names else f"{name}-{i}"
+            for (path, result), image, share in zip(ready, images, shares, strict=True):
+                name = Path(path).stem
+                name = name if name not in used_names else f"{name}-{len(used_names)}"
                 used_names.add(name)
                 overlay_path, map_path = out / f"{name}.{method}.png", out / f"{name}.{method}.npy"
                 cam = result.pop("map")
@@ -210,13 +244,18 @@ class Model:
                 shown = image.convert("RGB") if result["map_empty"] else overlay(image, cam)
                 write_file(overlay_path, _encoded(shown))
                 write_file(map_path, _encoded(cam.astype(np.float32)))
-                results[i] |= {
-                    **{k: v for k, v in result.items() if k != "overlay"},
+                thumbnails.append((Path(path).name, result["label"] or "no answer", contact_thumbnail(shown)))
+                result |= {
                     "probability": result["probabilities"][result["target"]],
                     "lung_share": None if np.isnan(share) else float(share),
                     "overlay": str(overlay_path),
                     "map": str(map_path),
                 }
+            results += explained
+        if len(thumbnails) > 1:
+            for number, sheet in enumerate(contact_sheets(thumbnails), start=1):
+                suffix = "" if number == 1 else f"-{number}"
+                sheet.save(out / f"contact-sheet{suffix}.{method}.png")
         return results
 
     def write_dicom(self, paths: Sequence[str | Path], out: str | Path) -> list[dict]:

@@ -20,11 +20,11 @@ from PIL import Image
 from covidxr.runtime.cam import colour_reason
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import image_facts, read_image
-from covidxr.runtime.lungs import find_lungs
+from covidxr.runtime.lungs import find_lungs, find_orientation
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.preprocess import InputTransform
 
-__all__ = ["Batch", "Item", "iterate_batches", "lungs_missing", "prepare", "progress_bar"]
+__all__ = ["Batch", "Item", "input_reason", "iterate_batches", "lungs_missing", "prepare", "progress_bar"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +44,29 @@ class View(Protocol):
 
 
 def prepare(transform: InputTransform, image: Image.Image, check_lungs: bool = True) -> tuple[np.ndarray, str]:
-    """A decoded image's model input, and why it rules out an answer ("" when nothing does): a colour photograph
-    (``cam.colour_reason``: its lungs are not looked for), a lung-only pipeline that found none, or with
-    ``check_lungs`` the bundled segmenter on the image."""
+    """A decoded image's model input, and why the image rules out an answer ("" when nothing does): a lung-only
+    pipeline that found none, and with ``check_lungs`` the checks every route shares (``input_reason``).
+    Every route (files, uploads, the Python API's images) comes through here, so all refuse alike."""
     array, reason = transform.with_reason(image)
-    colour = colour_reason(image) if check_lungs else None
-    if colour:
-        return array, colour
-    if reason is None and check_lungs and transform.pipeline.lungs == "none":
-        reason = lungs_missing(image)
+    if check_lungs:
+        return array, input_reason(image, reason, transform.pipeline.lungs == "none")
     return array, f"lung check: {reason}" if reason else ""
+
+
+def input_reason(image: Image.Image, lungs_reason: str | None = None, segment: bool = True) -> str:
+    """Why a decoded image gets no answer ("" when it may get one): a colour photograph; no plausible pair of
+    lungs (``lungs_reason`` where the pipeline already looked, else the segmenter when ``segment``); or not upright
+    (``covidxr.runtime.lungs.find_orientation``: upside down or flipped, or turned 90° where the lungs were not
+    found), which is said instead of the lung check's reason."""
+    colour = colour_reason(image)  # in the one wording predict, explain, the API and the page all use
+    if colour:
+        return colour
+    if lungs_reason is None and segment:
+        lungs_reason = lungs_missing(image)
+    turned = find_orientation(np.asarray(image.convert("L")), sideways=lungs_reason is not None)
+    if turned:
+        return turned
+    return f"lung check: {lungs_reason}" if lungs_reason else ""
 
 
 def lungs_missing(image: Image.Image) -> str | None:

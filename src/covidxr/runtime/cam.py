@@ -31,6 +31,9 @@ __all__ = [
     "COLOUR_PHOTOGRAPH",
     "COLOUR_SPREAD_LIMIT",
     "EMPTY_MAP",
+    "SHEET_SIZE",
+    "contact_sheets",
+    "contact_thumbnail",
     "DenseHead",
     "colour_reason",
     "colour_spread",
@@ -172,6 +175,39 @@ def lung_shares(maps: np.ndarray, lungs: Sequence[np.ndarray | None]) -> np.ndar
         if mask is not None and not empty_map(cam):
             shares[i] = float(cam[mask].sum() / (cam.sum() + 1e-12))
     return shares
+
+
+SHEET_SIZE = 48  # overlays per contact sheet (8 x 6): a folder of any size stays a few readable pages
+THUMBNAIL_SIDE = 192
+
+
+def contact_thumbnail(image: Image.Image) -> Image.Image:
+    """An overlay shrunk for a contact sheet (kept instead of the full overlay, so memory stays small)."""
+    thumbnail = image.convert("RGB")
+    thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
+    return thumbnail
+
+
+def contact_sheets(entries: Sequence[tuple[str, str, Image.Image]], columns: int = 8) -> list[Image.Image]:
+    """Sheets of ``(file name, answer, thumbnail)``, each thumbnail over its name and answer, ``SHEET_SIZE`` a
+    sheet, in the order given: ``explain DIR`` at a glance."""
+    from PIL import ImageDraw
+
+    caption, cell = 28, THUMBNAIL_SIDE + 8
+    sheets = []
+    for start in range(0, len(entries), SHEET_SIZE):
+        page = entries[start : start + SHEET_SIZE]
+        rows = -(-len(page) // columns)
+        sheet = Image.new("RGB", (min(columns, len(page)) * cell, rows * (cell + caption)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for i, (name, answer, thumbnail) in enumerate(page):
+            left, top = (i % columns) * cell, (i // columns) * (cell + caption)
+            sheet.paste(thumbnail, (left + (cell - thumbnail.width) // 2, top + (cell - thumbnail.height) // 2))
+            short = name if len(name) <= 30 else name[:14] + "…" + name[-15:]
+            draw.text((left + 4, top + cell), short, fill="black")
+            draw.text((left + 4, top + cell + 13), answer, fill="black")
+        sheets.append(sheet)
+    return sheets
 
 
 def colour_spread(image: Image.Image) -> float:

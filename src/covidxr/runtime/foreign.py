@@ -142,13 +142,17 @@ class ForeignModel:
         return results
 
     def predict(self, images, batch_size: int = 16) -> dict | list[dict]:
-        """The answer for one image (a path, a PIL image or a uint8 HxW / HxWx3 array), or a list of answers for
-        a list of them; keys as ``covidxr.Model.predict``'s. In a list of paths an unreadable file gets ``error``
-        instead of a label; a single path that cannot be read, and any bad decoded image, raise ``CovidxrError``."""
+        """The answer for one image (a path, a file's bytes, a PIL image or an array, as ``covidxr.Model.predict``
+        takes them), or a list of answers for a list of them or a folder; keys as ``covidxr.Model.predict``'s. In a
+        list of paths an unreadable file gets ``error`` instead of a label; a single path that cannot be read, and
+        any bad decoded image, raise ``CovidxrError``."""
+        from covidxr.runtime.inference import is_folder, with_folders_expanded
 
-        if isinstance(images, SINGLE_IMAGE):
+        if batch_size < 1:
+            raise CovidxrError(f"batch_size must be at least 1, not {batch_size}")
+        if isinstance(images, SINGLE_IMAGE) and not is_folder(images):
             return single_answer(self.predict([images], batch_size))
-        images = list(images)
+        images = with_folders_expanded(images)
         if images and all(isinstance(item, str | Path) for item in images):
             return self.predict_files(images, batch_size)
         decoded = [as_image(item) for item in images]

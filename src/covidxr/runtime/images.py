@@ -23,6 +23,8 @@ __all__ = [
     "ImageLike",
     "SINGLE_IMAGE",
     "as_image",
+    "from_array",
+    "from_pil",
     "single_answer",
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS",
@@ -155,23 +157,7 @@ def _decode(source: Source, suffix: str, draft: int | None = None) -> Image.Imag
         return _read_dicom(source)
     try:
         with Image.open(source) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise ImageTooLarge(
-                    f"{path}: image is {img.width}x{img.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}"
-                )
-            full_size = img.size
-            if draft and img.format == "JPEG":
-                img.draft(img.mode, (draft, draft))
-            if getattr(img, "n_frames", 1) > 1:
-                what = "pages" if img.format == "TIFF" else "frames"
-                raise CovidxrError(f"{path}: has {img.n_frames} {what}; give one image per file")
-            img.load()
-            turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
-            mode = img.mode
-            decoded = _to_rgb8(_upright(img), path)
-            decoded.info[FULL_SIZE] = full_size[::-1] if turned else full_size  # before any draft reduction
-            decoded.info[BIT_DEPTH], decoded.info[SOURCE_MODE] = _MODE_BITS.get(mode, 8), mode
-            return decoded
+            return from_pil(img, path, draft)
     except CovidxrError:
         raise
     except UnidentifiedImageError as exc:
@@ -188,6 +174,31 @@ def _decode(source: Source, suffix: str, draft: int | None = None) -> Image.Imag
     if not isinstance(source, str | Path):
         source.seek(0)
     return _read_dicom(source)
+
+
+def from_pil(img: Image.Image, name: str | Path, draft: int | None = None) -> Image.Image:
+    """A PIL image (opened from a file, an upload, or given by a caller) as 8-bit RGB, with the checks every route
+    shares: the pixel limit, one frame only, a complete decode, EXIF orientation, high bit depths scaled by their
+    own range, transparency onto black. Errors name ``name``; a truncated or lazily loaded file that fails to
+    decode raises ``CovidxrError``, never Pillow's ``OSError``."""
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"{name}: image is {img.width}x{img.height} pixels, over the limit of {MAX_IMAGE_PIXELS:,}")
+    full_size = img.size
+    if draft and img.format == "JPEG":
+        img.draft(img.mode, (draft, draft))
+    if getattr(img, "n_frames", 1) > 1:
+        what = "pages" if img.format == "TIFF" else "frames"
+        raise CovidxrError(f"{name}: has {img.n_frames} {what}; give one image per file")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CovidxrError(f"{name}: corrupt or truncated image ({exc})") from None
+    turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
+    mode = img.mode
+    decoded = _to_rgb8(_upright(img), name)
+    decoded.info[FULL_SIZE] = full_size[::-1] if turned else full_size  # before any draft reduction
+    decoded.info[BIT_DEPTH], decoded.info[SOURCE_MODE] = _MODE_BITS.get(mode, 8), mode
+    return _checked_size(decoded, name)
 
 
 def _read_dicom(source: Source) -> Image.Image:
@@ -247,24 +258,53 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-ImageLike = str | Path | Image.Image | np.ndarray
-SINGLE_IMAGE = (str, Path, Image.Image, np.ndarray)  # one image; anything else is a sequence of them
+ImageLike = str | Path | bytes | Image.Image | np.ndarray
+SINGLE_IMAGE = (str, Path, bytes, Image.Image, np.ndarray)  # one image; anything else is a sequence of them
 
 
 def as_image(item: ImageLike) -> Image.Image:
-    """An RGB image, held to the limits files are held to (too small, over the pixel limit: ``CovidxrError``)."""
+    """One image of any kind the API takes, decoded as files are (``from_pil``): a path, the bytes of a file, a
+    PIL image, or an array (``from_array``); every kind is held to the same limits and checks."""
     if isinstance(item, str | Path):
         return read_image(item)
+    if isinstance(item, bytes):
+        return decode_bytes(item, "image bytes")
     if isinstance(item, Image.Image):
-        check_dimensions(item.width, item.height, f"PIL image ({item.width}x{item.height})")
-        return item.convert("RGB")
+        return from_pil(item, f"PIL image ({item.width}x{item.height}, {item.mode})")
+    return from_array(item)
+
+
+def from_array(item: np.ndarray) -> Image.Image:
+    """An image array as 8-bit RGB: HxW, HxWx1, HxWx3 or HxWx4 (RGBA); uint8 as it is, other integers (16-bit)
+    scaled by their own range as a 16-bit file is, floats taken as intensities in [0, 1] (so an 8-bit image
+    divided by 255 gives the same answer). Anything else is refused in one line."""
     array = np.asarray(item)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
-        raise CovidxrError(f"an image array must be uint8 HxW or HxWx3, not {array.dtype} {array.shape}")
+    name = f"image array {array.dtype} {array.shape}"
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise CovidxrError(f"{name}: an image array must be HxW, HxWx1, HxWx3 or HxWx4")
     if array.size == 0:
-        raise CovidxrError(f"image array {array.shape} is empty")
-    check_dimensions(array.shape[1], array.shape[0], f"image array {array.shape}")
-    return Image.fromarray(array).convert("RGB")
+        raise CovidxrError(f"{name}: empty")
+    check_dimensions(array.shape[1], array.shape[0], name)
+    if array.dtype == np.uint8:
+        return from_pil(Image.fromarray(array), name)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        if bad:
+            raise CovidxrError(f"{name}: not a finite image ({bad} of its {array.size:,} values are NaN or infinite)")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise CovidxrError(f"{name}: float images must hold intensities in [0, 1], not [{low:.4g}, {high:.4g}]")
+        return from_pil(Image.fromarray(np.round(array * 255.0).astype(np.uint8)), name)
+    if np.issubdtype(array.dtype, np.integer) and not np.issubdtype(array.dtype, np.bool_):
+        if array.ndim == 2:  # as a 16-bit grey PNG decodes: Pillow's I;16 (or I, for wider integers)
+            fits = array.min() >= 0 and array.max() <= np.iinfo(np.uint16).max
+            return from_pil(Image.fromarray(array.astype(np.uint16 if fits else np.int32)), name)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array.astype(np.float64) - low) / (high - low) * 255.0 if high > low else np.zeros(array.shape)
+        return from_pil(Image.fromarray(np.round(scaled).astype(np.uint8)), name)
+    raise CovidxrError(f"{name}: an image array must hold integers (uint8, 16-bit) or floats in [0, 1]")
 
 
 def single_answer(results: list[dict]) -> dict:

@@ -5,6 +5,7 @@ Pillow and onnxruntime: torch is imported only for the torch engine or a run wit
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import re
@@ -18,7 +19,8 @@ from covidxr.runtime.answers import decision_note, seen_in_training, threshold_s
 from covidxr.runtime.batches import iterate_batches
 from covidxr.runtime.calibration import POSITIVE, decide, softmax
 from covidxr.runtime.cam import COLOUR_PHOTOGRAPH
-from covidxr.runtime.images import IMAGE_SUFFIXES, file_sha256
+from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.images import SINGLE_IMAGE, ImageLike, file_sha256
 from covidxr.runtime.runners import Engine, input_transform, make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.site import describe_set
@@ -28,6 +30,7 @@ __all__ = [
     "OUT_OF_DISTRIBUTION",
     "answer",
     "expand_inputs",
+    "is_folder",
     "iterate_predictions",
     "output_name",
     "path_from_output_name",
@@ -35,6 +38,7 @@ __all__ = [
     "printable",
     "spreadsheet_text",
     "text_from_spreadsheet",
+    "with_folders_expanded",
 ]
 
 logger = logging.getLogger(__name__)
@@ -194,31 +198,58 @@ def predict_files(
 # ---------------------------------------------------------------------------------------------
 
 
-def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and every image file under each folder (recursively, in sorted order).
+def expand_inputs(paths: Sequence[str | Path], patterns: Sequence[str] = ()) -> list[Path]:
+    """Files as given, and every file under each folder (recursively, symlinked sub-folders followed once,
+    in sorted order), whatever its name: an image is known by its content when it is read (DICOM exported
+    as ``IM000001``, ``.webp``, ``.jpe``), and a file that is not an image gets its own row saying so.
 
-    Named files are always tried, whatever their extension, so a mislabelled file gets its own line.
-    Inside folders, broken symlinks, symlink loops and sub-folders that cannot be listed are kept, so
-    each gets a row saying why it could not be read instead of vanishing.
-    """
+    ``patterns`` (shell globs such as ``*.dcm`` or ``IM*``, matched against file names inside folders) keep only
+    the files that match one of them; named files are always kept. Broken symlinks, symlink loops and
+    sub-folders that cannot be listed are kept too, so each gets a row saying why it could not be read.
+    Raises ``CovidxrError`` when nothing is left to read (an empty folder, or a pattern that matches nothing)."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += _folder_entries(path)
+            files += _folder_entries(path, patterns)
         else:
             files.append(path)
+    if not files:
+        named = ", ".join(printable(str(path)) for path in paths) or "no input"
+        matching = f" matching {' or '.join(patterns)}" if patterns else ""
+        raise CovidxrError(f"{named}: no files{matching} to read")
     return files
 
 
-def _folder_entries(folder: Path) -> list[Path]:
+def _folder_entries(folder: Path, patterns: Sequence[str]) -> list[Path]:
     unlisted: list[Path] = []
-    found = [
-        Path(root) / name
-        for root, _, names in os.walk(folder, onerror=lambda error: unlisted.append(Path(error.filename)))
-        for name in names
-        if Path(name).suffix.lower() in IMAGE_SUFFIXES
-    ]
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    for root, folders, names in os.walk(folder, followlinks=True, onerror=lambda e: unlisted.append(Path(e.filename))):
+        status = os.stat(root)
+        if (status.st_dev, status.st_ino) in seen:  # a symlink back to a folder already read: a loop
+            unlisted.append(Path(root))
+            folders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        found += [Path(root) / name for name in names if not patterns or _matches(name, patterns)]
     return sorted(found + unlisted)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def is_folder(item: object) -> bool:
+    """Whether an image argument names a folder (whose files are then each an image)."""
+    return isinstance(item, str | Path) and Path(item).is_dir()
+
+
+def with_folders_expanded(images: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    """The images as a list, each folder replaced by its files (``expand_inputs``: by content, every file a row)."""
+    items = [images] if isinstance(images, SINGLE_IMAGE) else list(images)
+    if not any(is_folder(item) for item in items):
+        return items
+    return [found for item in items for found in (expand_inputs([item]) if is_folder(item) else [item])]
 
 
 def output_name(path: str | Path) -> str:

@@ -40,6 +40,7 @@ __all__ = [
     "label_components",
     "lung_reason",
     "find_lungs",
+    "find_orientation",
     "lung_segmenter",
     "model_input",
     "normalise",
@@ -58,6 +59,17 @@ MAX_OVERLAP = 0.5  # two lungs stand side by side: their column ranges overlap b
 # and all 810 NIH images these two rules flag 1 adult, no child and 10 NIH images (see docs/user-guide.md).
 MIN_MEAN_PROBABILITY = 0.92  # mean lung probability over the kept lungs
 MAX_UNCERTAIN_SHARE = 0.30  # pixels of probability 0.25-0.75, as a share of the pixels called lung
+# Orientation: the segmenter, trained on upright films, is more confident on an image turned the right way up.
+# An image is called upside down (or sideways) when a turned view beats it by more than this margin of
+# confidence (mean lung probability minus the uncertain share); benchmarks/orientation.py measures the rates.
+ORIENTATION_MARGIN = 0.02
+# The views compared with the image as given, and how a user should read each one.
+TURNS = {
+    "turned 180°": lambda small: small[::-1, ::-1],
+    "flipped top to bottom": lambda small: small[::-1],
+    "turned 90° clockwise": lambda small: np.rot90(small, -1),
+    "turned 90° anticlockwise": lambda small: np.rot90(small, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -287,6 +299,31 @@ class LungSegmenter:
                     _write_png_atomic(paths[i], probability)
         return [self.fields(soft, grey.shape) for soft, grey in zip(raw, greys, strict=True)]
 
+    def orientation(self, grey: np.ndarray, sideways: bool = False) -> str | None:
+        """Why a uint8 HxW image is not upright (None when it is): the segmenter is compared on the image and on
+        it turned 180° and flipped top to bottom (with ``sideways``, also turned 90° either way), and a turned
+        view that beats the image by ``ORIENTATION_MARGIN`` and shows two plausible lungs names how to turn it back."""
+        small = model_input(grey, self.size)
+        turns = list(TURNS)[: 4 if sideways else 2]
+        views = [small] + [np.ascontiguousarray(TURNS[turn](small)) for turn in turns]
+        softs = self.probabilities(views)
+        scores = [self.confidence(soft) for soft in softs]
+        best = int(np.argmax(scores[1:]))
+        if scores[1 + best] <= scores[0] + ORIENTATION_MARGIN or self.fields(softs[1 + best], small.shape).reason:
+            return None  # upright, or no turn shows two plausible lungs either
+        return f"not upright (its lungs look upright once it is {turns[best]}): give the film upright"
+
+    def confidence(self, soft: np.ndarray) -> float:
+        """How sure the segmenter is of the lungs in one uint8 probability map: the mean probability of the kept
+        lungs minus the share of uncertain pixels (0-1; 0 without lungs)."""
+        probability = soft.astype(np.float32) / 255.0
+        called = probability >= self.threshold
+        kept, _ = keep_lungs(called)
+        if not kept.any():
+            return 0.0
+        uncertain = ((probability > 0.25) & (probability < 0.75)).sum() / max(1, called.sum())
+        return float(probability[kept].mean() - uncertain)
+
     def fields(self, soft: np.ndarray, shape: tuple[int, ...]) -> LungFields:
         """Post-processing of one model-resolution uint8 probability map, scaled to an image of ``shape``."""
         probability = soft.astype(np.float32) / 255.0
@@ -324,3 +361,8 @@ def find_lungs(grey: np.ndarray, cache_dir: str | Path | None = None) -> LungFie
     """The lungs of a uint8 HxW image by the bundled segmenter: the runtime's one entry point to it
     (preprocessing's lung crop, the lung check, Grad-CAM's lung share and ``covidxr segment`` call this)."""
     return lung_segmenter().segment(grey, None if cache_dir is None else Path(cache_dir))
+
+
+def find_orientation(grey: np.ndarray, sideways: bool = False) -> str | None:
+    """Why a uint8 HxW image is not upright, by the bundled segmenter (``LungSegmenter.orientation``), or None."""
+    return lung_segmenter().orientation(grey, sideways)

@@ -43,6 +43,7 @@ from covidxr.runtime.images import FULL_SIZE, decode_bytes
 from covidxr.runtime.live_monitor import MONITOR_WINDOW, LiveMonitor, render_monitor_html
 from covidxr.runtime.runners import head_digest
 from covidxr.runtime.site import describe_site
+from covidxr.runtime.source import looks_like_image
 
 __all__ = ["create_app", "serve"]
 
@@ -53,14 +54,6 @@ MAX_BATCH = 32  # concurrent predictions answered by one engine call
 BATCH_WAIT = 0.005  # seconds a prediction waits for others to join its batch
 FIELD = "file"  # the multipart field that carries the image
 # What an upload may be, recognised by its first bytes (its name and Content-Type are only claims).
-SIGNATURES = {
-    "PNG": (0, b"\x89PNG\r\n\x1a\n"),
-    "JPEG": (0, b"\xff\xd8\xff"),
-    "TIFF (little-endian)": (0, b"II*\x00"),
-    "TIFF (big-endian)": (0, b"MM\x00*"),
-    "BMP": (0, b"BM"),
-    "DICOM": (128, b"DICM"),
-}
 RAW_TYPES = {"image/png", "image/jpeg", "image/tiff", "image/bmp", "application/dicom", "application/octet-stream"}
 EXAMPLE = {"content": {"multipart/form-data": {"schema": {"type": "object", "required": [FIELD], "properties": {
     FIELD: {"type": "string", "format": "binary", "description": "PNG, JPEG, TIFF, BMP or DICOM, at most 30 MB"}
@@ -192,8 +185,8 @@ async def read_upload(request: Request, limit: int) -> bytes:
             raise ApiError(400, f"the field '{FIELD}' is empty")
     if len(body) > limit:
         raise ApiError(413, f"upload over the limit of {limit // (1024 * 1024)} MB")
-    if not any(body[offset : offset + len(magic)] == magic for offset, magic in SIGNATURES.values()):
-        raise ApiError(415, "not a PNG, JPEG, TIFF, BMP or DICOM file (judged by its content, not its name)")
+    if not looks_like_image(body):  # the signatures a file in a folder is known by, too
+        raise ApiError(415, "not a PNG, JPEG, TIFF, BMP, GIF, WebP or DICOM file (judged by its content, not its name)")
     return body
 
 
