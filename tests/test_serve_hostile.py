@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from covidxr.runtime.images import FULL_SIZE, decode_bytes
 from covidxr.runtime.serve import MAX_PARTS, Limits
 
 from .test_serve import Server, send_concurrently
@@ -177,3 +178,17 @@ def test_f4_large_explanations_do_not_starve_predictions(server: Server, xray: b
             client.join(timeout=300)
     assert 200 in explained and set(explained) <= {200, 503}
     assert busy < 3 * idle, f"p95 {busy * 1000:.0f} ms with explanations running, {idle * 1000:.0f} ms idle"
+
+
+def test_f1_a_huge_png_is_reduced_to_what_the_model_needs_and_keeps_its_size_and_contrast() -> None:
+    """A 16-bit PNG of 20.25 Mpx (over REDUCE_ABOVE) decoded for a model that needs 448 px a side: reduced by the
+    whole factor that keeps both sides at least 448 (as a JPEG's draft is), its full size still reported, and
+    the pixels those of the full decoding averaged down (within one grey level)."""
+    grey = (np.add.outer(np.arange(4500), np.arange(4500)) * 7).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(grey).save(buffer, format="PNG")
+    reduced = decode_bytes(buffer.getvalue(), "x.png", draft=448)
+    side = -(-4500 // (4500 // 448))  # Pillow's reduce keeps the partial last block
+    assert reduced.size == (side, side) and reduced.info[FULL_SIZE] == (4500, 4500)
+    whole = decode_bytes(buffer.getvalue(), "x.png").resize(reduced.size, Image.Resampling.BOX)
+    assert np.abs(np.asarray(whole, np.int16) - np.asarray(reduced, np.int16)).max() <= 1
