@@ -268,9 +268,12 @@ def f4_explain_lane(server: Server, normal: bytes, image: bytes, args: argparse.
     stop.set()
     for thread in threads:
         thread.join(timeout=300)
-    p95_idle, p95_loaded = np.percentile(idle, 95), np.percentile(loaded, 95) if loaded else float("inf")
-    return (
-        f"idle p50/p95 {np.median(idle) * 1000:.0f}/{p95_idle * 1000:.0f} ms; with 4 explains "
+    p95_idle = np.percentile(idle, 95)
+    head = f"idle p50/p95 {np.median(idle) * 1000:.0f}/{p95_idle * 1000:.0f} ms; with 4 explains "
+    if not loaded:
+        return head + f"no prediction answered within {args.f4_limit:g} s; explain answers {sorted(set(explained))}"
+    p95_loaded = np.percentile(loaded, 95)
+    return head + (
         f"p50/p95 {np.median(loaded) * 1000:.0f}/{p95_loaded * 1000:.0f} ms ({len(loaded)} answered), "
         f"p95 x{p95_loaded / p95_idle:.1f}; explain answers {sorted(set(explained))}"
     )
