@@ -12,9 +12,10 @@ it is busy) and counted apart. An *unexpected error* is any other status, a 200 
 disclaimer, a wrong label for an X-ray (each image's first answer is the reference), or an exception
 (timeout, dropped connection). The server's ``VmRSS`` is read after the warm-up (the first
 ``--warmup`` requests, sent the same way and counted in the total) and at the end: the growth must stay under
-``--max-growth`` MiB (50). The script prints requests/s, p50/p95/p99 latency, the statuses per kind, the
-memory, the server's log problems (tracebacks, 500s) and how it stopped on SIGTERM (and how long that took);
-the exit status is 1 when any check fails. Not part of the test suite; writes nothing into the repository::
+``--max-growth`` MiB (50); it is also printed every 1000 requests. The script prints requests/s, p50/p95/p99
+latency, the statuses per kind, the memory, the server's log problems (tracebacks, 500s) and how it stopped on
+SIGTERM (and how long that took); the exit status is 1 when any check fails. Not part of the test suite; writes
+nothing into the repository::
 
     .venv/bin/python benchmarks/serve_soak.py
     .venv/bin/python benchmarks/serve_soak.py --requests 2000 --concurrency 4
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = threading.Lock()
     next_index = iter(range(args.requests))
     memory: dict[str, float] = {}
+    curve: list[int] = []  # MiB every 1000 requests
     with isolated_cache("serve-soak") as tmp:
         server = Server(args, tmp / "server.log")
         try:
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                             index = next(next_index, None)
                             if index == args.warmup:
                                 memory["warm"] = rss_mib(pid)
+                            if index is not None and index % 1000 == 0:
+                                curve.append(round(rss_mib(pid)))
                         if index is None:
                             return
                         kind = kinds[index]
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     growth = memory["end"] - memory["warm"]
     print(f"  memory:      start {memory['start']:.0f} MiB, after warm-up {memory['warm']:.0f} MiB, "
           f"end {memory['end']:.0f} MiB: growth {growth:+.0f} MiB (limit {args.max_growth:g})")  # fmt: skip
+    print(f"  memory curve: {curve} MiB, every 1000 requests")
     print(f"  unexpected:  {len(errors)} errors" + "".join(f"\n    {o.kind}: {o.problem}" for o in errors[:10]))
     print(
         f"  stop:        SIGTERM -> exit {status} in {stop_seconds:.1f} s, clean: {finished}; "
