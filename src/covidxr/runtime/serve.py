@@ -64,7 +64,6 @@ FIELD = "file"  # the multipart field that carries the image
 MAX_PARTS = 8  # parts of a multipart form (the page sends one): more is refused before the rest is parsed
 SHOWN_NAMES = 4  # field names a 422 lists, each cut to SHOWN_NAME characters: never the client's input at length
 SHOWN_NAME = 32
-M_ARENA_MAX = -8  # glibc's mallopt parameter for the number of heaps (malloc.h)
 TRIM_ABOVE = 10_000_000  # decoded pixels of an image after which the freed heap is handed back at once
 # What an upload may be, recognised by its first bytes (its name and Content-Type are only claims).
 SIGNATURES = {
@@ -448,13 +447,6 @@ def return_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def limit_heap_arenas(count: int = 2) -> None:
-    """Let the threads share ``count`` glibc heaps instead of up to eight per core: each heap keeps its own
-    freed, fragmented pages, which made a long-running server grow with the number of threads that decode."""
-    if _LIBC is not None and hasattr(_LIBC, "mallopt"):  # glibc only
-        _LIBC.mallopt(M_ARENA_MAX, count)
-
-
 def lower_priority(nice: int) -> None:
     """Raise the calling thread's nice value (Linux sets it per thread; elsewhere it would be the whole
     process's, so nothing is changed there)."""
@@ -712,6 +704,5 @@ def serve(
     """Run the service until interrupted (uvicorn, one process: the model is loaded once)."""
     import uvicorn
 
-    limit_heap_arenas()  # before the server's threads first allocate
     app = create_app(model, max_queue, monitor_window=monitor_window)
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
