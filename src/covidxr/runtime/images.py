@@ -41,6 +41,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".di
 # Larger than any radiograph (a 43x43 cm detector at 0.1 mm is ~18 Mpx); bigger files are refused.
 MAX_IMAGE_PIXELS = 60_000_000
 MIN_IMAGE_SIDE = 32  # a 1x1 or thumbnail "image" carries no anatomy to classify
+# Beyond any radiograph: a PNG/TIFF/BMP this large is reduced after decoding where a ``draft`` side is given.
+REDUCE_ABOVE = 20_000_000
 
 
 FULL_SIZE = "covidxr_full_size"  # image.info key: the file's own width and height
@@ -58,7 +60,7 @@ def read_image(path: str | Path, draft: int | None = None) -> Image.Image:
 
     ``draft``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale where both sides stay at least this many
     pixels (Pillow's ``draft``: the decoder skips the detail, several times faster on a large film);
-    other formats are decoded whole."""
+    a PNG, TIFF or BMP over ``REDUCE_ABOVE`` pixels is reduced the same way right after decoding."""
     path = Path(path)
     handle, problem = _open_image(path)
     if handle is None:
@@ -195,7 +197,10 @@ def from_pil(img: Image.Image, name: str | Path, draft: int | None = None) -> Im
         raise CovidxrError(f"{name}: corrupt or truncated image ({exc})") from None
     turned = img.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # a quarter turn
     mode = img.mode
-    decoded = _to_rgb8(_upright(img), name)
+    upright = _upright(img)
+    if draft and img.format != "JPEG" and img.width * img.height > REDUCE_ABOVE:
+        upright = _reduced(upright, draft)  # a huge PNG/TIFF/BMP: memory follows the model's size, not the file's
+    decoded = _to_rgb8(upright, name)
     decoded.info[FULL_SIZE] = full_size[::-1] if turned else full_size  # before any draft reduction
     decoded.info[BIT_DEPTH], decoded.info[SOURCE_MODE] = _MODE_BITS.get(mode, 8), mode
     return _checked_size(decoded, name)
@@ -222,6 +227,16 @@ def image_facts(image: Image.Image) -> dict:
         "bit_depth": int(image.info.get(BIT_DEPTH, 8)),
         "mode": str(image.info.get(SOURCE_MODE, image.mode)),
     }
+
+
+def _reduced(img: Image.Image, side: int) -> Image.Image:
+    """A huge PNG, TIFF or BMP averaged down by the whole factor that keeps both sides at least ``side``
+    pixels (what JPEG's draft does while decoding), before its conversion to RGB: the copies made after
+    decoding then cost a fraction of the pixels (palette and 1-bit images are converted whole)."""
+    factor = min(img.size) // side
+    if factor < 2 or img.mode in {"1", "P"}:
+        return img
+    return (img.convert("I") if img.mode.startswith("I;16") else img).reduce(factor)
 
 
 def _upright(img: Image.Image) -> Image.Image:

@@ -4,6 +4,11 @@
   engine already uses every core), so the event loop keeps answering. At most ``max_queue`` requests
   are admitted (being received or waiting for it): one more gets HTTP 503 with ``Retry-After`` before
   its body is read, never a pile-up of uploads in memory.
+- **Hostile clients** (docs/service-limits.md): memory follows decoded pixels, so a budget of pixels in flight
+  admits uploads by their header's size, not their count; a body must keep a minimum rate (408 otherwise) and
+  one client may send only a few at once (429), so clients that do not send cannot hold the queue; a form
+  may have only a few parts, parsed off the event loop; explanations run in their own bounded lane, on a
+  thread of lower priority, so predictions keep their latency.
 - **Privacy.** Uploads are read into memory by the app itself (never spooled to a temporary file),
   limited to ``max_upload`` bytes before anything is decoded, type-checked by their first bytes, and
   never logged; the answer holds no DICOM tag, and no part of a request ever names a file to open.
@@ -15,9 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
+import ctypes.util
 import io
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from hashlib import sha256
 from importlib import resources
 from typing import Any
@@ -39,13 +51,13 @@ from covidxr.runtime.card import model_card, render_model_card_html
 from covidxr.runtime.engines import physical_cores
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
 from covidxr.runtime.foreign import NO_EXPLANATION, ForeignModel
-from covidxr.runtime.images import FULL_SIZE, decode_bytes
+from covidxr.runtime.images import FULL_SIZE, MAX_IMAGE_PIXELS, decode_bytes
 from covidxr.runtime.live_monitor import MONITOR_WINDOW, LiveMonitor, render_monitor_html
 from covidxr.runtime.runners import head_digest
 from covidxr.runtime.site import describe_site
 from covidxr.runtime.source import looks_like_image
 
-__all__ = ["create_app", "serve"]
+__all__ = ["Limits", "create_app", "serve"]
 
 MAX_UPLOAD = 30 * 1024 * 1024  # bytes of image per request
 MAX_QUEUE = 32  # requests admitted (being received or waiting for the model) before the next gets 503
@@ -53,11 +65,29 @@ PREVIEW_SIDE = 512  # the longest side of the images returned for display
 MAX_BATCH = 32  # concurrent predictions answered by one engine call
 BATCH_WAIT = 0.005  # seconds a prediction waits for others to join its batch
 FIELD = "file"  # the multipart field that carries the image
+MAX_PARTS = 8  # parts of a multipart form (the page sends one): more is refused before the rest is parsed
+SHOWN_NAMES = 4  # field names a 422 lists, each cut to SHOWN_NAME characters: never the client's input at length
+SHOWN_NAME = 32
+TRIM_ABOVE = 10_000_000  # decoded pixels of an image after which the freed heap is handed back at once
 # What an upload may be, recognised by its first bytes (its name and Content-Type are only claims).
 RAW_TYPES = {"image/png", "image/jpeg", "image/tiff", "image/bmp", "application/dicom", "application/octet-stream"}
 EXAMPLE = {"content": {"multipart/form-data": {"schema": {"type": "object", "required": [FIELD], "properties": {
     FIELD: {"type": "string", "format": "binary", "description": "PNG, JPEG, TIFF, BMP or DICOM, at most 30 MB"}
 }}}}, "required": True}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one process lets hostile clients cost it (docs/service-limits.md says why each is its size)."""
+
+    pixel_budget: int = 2 * MAX_IMAGE_PIXELS  # decoded pixels in flight: two of the largest images allowed
+    budget_wait: float = 1.0  # seconds an upload waits for room in the budget before its 503
+    body_grace: float = 5.0  # seconds a body may take before the minimum rate applies
+    min_body_rate: int = 32 * 1024  # bytes per second a body must average after the grace
+    body_timeout: float = 300.0  # seconds any body may take
+    uploads_per_client: int = 4  # bodies one client address may send at once; more get 429
+    max_explains: int = 4  # explanations admitted (running or waiting in their lane); more get 503
+    explain_nice: int = 10  # the explanation thread's nice value (Linux): predictions come first
 
 
 class ApiError(Exception):
@@ -86,15 +116,43 @@ def model_id(model: Model | ForeignModel) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def timed_chunks(request: Request, limits: Limits) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive, refused with 408 when it falls below ``min_body_rate`` after
+    ``body_grace`` seconds (a client sending nothing is cut off then) or takes over ``body_timeout``."""
+    loop = asyncio.get_running_loop()
+    start, size = loop.time(), 0
+    stream = request.stream()
+    try:
+        while True:
+            deadline = min(limits.body_timeout, max(limits.body_grace, size / limits.min_body_rate))
+            try:
+                chunk = await asyncio.wait_for(anext(stream), deadline - (loop.time() - start))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    408,
+                    f"upload too slow: {size:,} bytes in {loop.time() - start:.0f} s (a body must average "
+                    f"{limits.min_body_rate // 1024} KB/s after {limits.body_grace:g} s, and end within "
+                    f"{limits.body_timeout:g} s)",
+                    {"Connection": "close"},
+                ) from None
+            size += len(chunk)
+            yield chunk
+    finally:
+        await stream.aclose()
+
+
+async def read_body(request: Request, limit: int, limits: Limits) -> bytes:
     """The request body, refused with 413 beyond ``limit`` (an oversized body is read and discarded,
-    up to four times the limit, so the client can read the answer rather than lose its connection)."""
+    up to four times the limit, so the client can read the answer rather than lose its connection),
+    408 when it comes too slowly."""
     declared = request.headers.get("content-length")
     too_large = ApiError(413, f"upload over the limit of {limit // (1024 * 1024)} MB")
     if declared and declared.isdigit() and int(declared) > 4 * limit:
         raise too_large
     body, size = bytearray(), 0
-    async for chunk in request.stream():
+    async for chunk in timed_chunks(request, limits):
         size += len(chunk)
         if size > 4 * limit:
             raise too_large
@@ -105,25 +163,38 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def discard_body(request: Request, limit: int) -> None:
+async def discard_body(request: Request, limit: int, limits: Limits) -> None:
     """Receive a refused request's body without keeping it (so the client can read the answer rather
     than lose its connection); nothing is received when the client waits for ``100 Continue`` or the
-    body is over four times ``limit``, whose connection is then closed after the answer."""
+    body is over four times ``limit``, or comes too slowly, whose connection is then closed after the answer."""
     declared = request.headers.get("content-length", "")
     waits = request.headers.get("expect", "").lower() == "100-continue"
     if waits or (declared.isdigit() and int(declared) > 4 * limit):
         return
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > 4 * limit:
-            return
+    try:
+        async for chunk in timed_chunks(request, limits):
+            size += len(chunk)
+            if size > 4 * limit:
+                return
+    except ApiError:
+        return
+
+
+class TooManyParts(Exception):
+    """Raised from the parser's callback to stop at the first part over ``MAX_PARTS``."""
 
 
 def multipart_fields(body: bytes, boundary: bytes) -> dict[str, bytes]:
-    """Every field of a multipart/form-data body, parsed in memory (the first value of each name)."""
+    """Every field of a multipart/form-data body, parsed in memory (the first value of each name); 413 for a
+    form of more than ``MAX_PARTS`` parts, refused at the first part over (the rest is never parsed)."""
     fields: dict[str, bytes] = {}
-    state: dict[str, Any] = {"header": b"", "value": b"", "name": None, "data": []}
+    state: dict[str, Any] = {"header": b"", "value": b"", "name": None, "data": [], "parts": 0}
+
+    def on_part_begin() -> None:
+        state["parts"] += 1
+        if state["parts"] > MAX_PARTS:
+            raise TooManyParts
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
         state["header"] += data[start:end]
@@ -146,6 +217,7 @@ def multipart_fields(body: bytes, boundary: bytes) -> dict[str, bytes]:
         state["name"], state["data"] = None, []
 
     callbacks = {
+        "on_part_begin": on_part_begin,
         "on_header_field": on_header_field,
         "on_header_value": on_header_value,
         "on_header_end": on_header_end,
@@ -156,30 +228,39 @@ def multipart_fields(body: bytes, boundary: bytes) -> dict[str, bytes]:
     try:
         parser.write(body)
         parser.finalize()
+    except TooManyParts:
+        raise ApiError(413, f"a form of more than {MAX_PARTS} parts; send the image alone as '{FIELD}'") from None
     except Exception as exc:  # python-multipart raises its own types for malformed bodies
         raise ApiError(400, f"malformed multipart body ({type(exc).__name__})") from None
     return fields
 
 
-async def read_upload(request: Request, limit: int) -> bytes:
-    """The image bytes of a request: the multipart field ``file``, or a raw image body."""
-    body = await read_body(request, limit)
+def field_names(fields: dict[str, bytes]) -> str:
+    """The first few field names of a form, each cut short: enough to spot a misnamed field, never an echo."""
+    shown = [repr(name[:SHOWN_NAME] + ("…" if len(name) > SHOWN_NAME else "")) for name in list(fields)[:SHOWN_NAMES]]
+    more = len(fields) - len(shown)
+    return (", ".join(shown) or "none") + (f" and {more} more" if more > 0 else "")
+
+
+def upload_image(body: bytes, content_type: str, limit: int) -> bytes:
+    """The image bytes of a request body: the multipart field ``file``, or a raw image body (run off the
+    event loop: parsing a form is Python work)."""
     if not body:
         raise ApiError(400, f"empty request: send a chest X-ray (PNG, JPEG, TIFF or DICOM) as the field '{FIELD}'")
-    media, options = parse_options_header(request.headers.get("content-type", ""))
+    media, options = parse_options_header(content_type)
     media = media.decode("latin-1").lower()
     if media != "multipart/form-data" and media not in RAW_TYPES:
-        raise ApiError(
-            415, f"send the image as the multipart field '{FIELD}' (or a raw image body), not {media or 'no type'}"
-        )
+        shown = media[:40] or "no type"
+        raise ApiError(415, f"send the image as the multipart field '{FIELD}' (or a raw image body), not {shown}")
     if media == "multipart/form-data":
         boundary = options.get(b"boundary")
         if not boundary:
             raise ApiError(400, "multipart body without a boundary")
         fields = multipart_fields(body, boundary)
         if FIELD not in fields:
-            named = ", ".join(repr(name) for name in fields) or "none"
-            raise ApiError(422, f"no field '{FIELD}' in the form (fields sent: {named}); send the image as '{FIELD}'")
+            raise ApiError(
+                422, f"no field '{FIELD}' in the form (fields sent: {field_names(fields)}); send the image as '{FIELD}'"
+            )
         body = fields[FIELD]
         if not body:
             raise ApiError(400, f"the field '{FIELD}' is empty")
@@ -190,9 +271,29 @@ async def read_upload(request: Request, limit: int) -> bytes:
     return body
 
 
+def upload_pixels(body: bytes, draft: int | None) -> int:
+    """The pixels decoding an upload will hold, read from its header alone (a JPEG at its draft scale): what
+    it costs of the pixel budget. The pixel limit for a header that cannot be read (its decoding then fails
+    on its own), and at most the limit (a larger image is refused before it is decoded)."""
+    try:
+        with Image.open(io.BytesIO(body)) as img:
+            if draft and img.format == "JPEG":
+                img.draft(img.mode, (draft, draft))
+            return min(img.width * img.height, MAX_IMAGE_PIXELS)
+    except Exception:  # noqa: BLE001  (not an image Pillow knows: a DICOM, or nothing readable)
+        pass
+    import pydicom  # only when a DICOM comes (~0.1 s to import)
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(body), stop_before_pixels=True, force=True)
+        return min(int(ds.Rows) * int(ds.Columns), MAX_IMAGE_PIXELS)
+    except Exception:  # noqa: BLE001  (pydicom reports damaged headers through many exception types)
+        return MAX_IMAGE_PIXELS
+
+
 def decode_upload(body: bytes, draft: int | None = None) -> Image.Image:
-    """The decoded image (a large JPEG at the reduced scale ``draft`` allows); 413 for one over the pixel
-    limit, 400 for anything unreadable."""
+    """The decoded image (a large JPEG, or a huge PNG or TIFF, at the reduced scale ``draft`` allows); 413 for
+    one over the pixel limit, 400 for anything unreadable."""
     try:
         return decode_bytes(body, "upload", draft)
     except ImageTooLarge as exc:
@@ -224,14 +325,20 @@ def heatmap(cam: np.ndarray, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.uint8(jet(resized) * 255))
 
 
-def _explained(model: Model, body: bytes, preview_wanted: bool) -> dict:
-    """Decode, predict and explain one upload (in the model's thread: Grad-CAM needs the engine)."""
-    image = decode_upload(body)
+def _explained(model: Model, body: bytes) -> dict:
+    """Decode, predict and explain one upload, in the explanation lane's thread (decoded at the scale the model
+    needs, as predictions are: the map and the overlay are returned at most 512 px anyway)."""
+    image = decode_upload(body, model.decode_side)
     [result] = model.explain([image])
-    return _response(image, result, True, preview_wanted)
+    return _response(_size(image), _preview(image), result, True)
 
 
-def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: bool) -> dict:
+def _size(image: Image.Image) -> dict:
+    return dict(zip(("width", "height"), image.info.get(FULL_SIZE, image.size), strict=True))
+
+
+def _response(size: dict, preview: Image.Image | None, result: dict, explain: bool) -> dict:
+    """The JSON answer: ``size`` is the file's own, ``preview`` the image shown (None: none asked for)."""
     answer = {
         "label": result["label"],
         "no_answer_reason": result["no_answer_reason"],
@@ -244,11 +351,10 @@ def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: b
         "site": result["site"],
         "out_of_distribution": result["out_of_distribution"],
         "ood_score": result["ood_score"],
-        "image": dict(zip(("width", "height"), image.info.get(FULL_SIZE, image.size), strict=True)),
+        "image": dict(size),
     }
-    if not (explain or preview_wanted):
+    if preview is None:
         return answer
-    preview = _preview(image)
     answer["image"]["preview_png"] = _png(preview)
     if explain:
         answer["explanation"] = {
@@ -261,10 +367,13 @@ def _response(image: Image.Image, result: dict, explain: bool, preview_wanted: b
     return answer
 
 
-def _prepared(model: Model, body: bytes) -> tuple[Image.Image, tuple[np.ndarray, bool, str | None]]:
-    """Decode an upload and prepare the model's input (on a decoding thread; 400/413 for a bad upload)."""
+def _prepared(
+    model: Model, body: bytes, preview_wanted: bool
+) -> tuple[dict, Image.Image | None, tuple[np.ndarray, bool, str | None]]:
+    """Decode an upload and prepare the model's input (on a decoding thread; 400/413 for a bad upload). The
+    decoded image is not kept: only its size, the preview if one is wanted, and the model's input."""
     image = decode_upload(body, model.decode_side)
-    return image, model.prepare(image)
+    return _size(image), _preview(image) if preview_wanted else None, model.prepare(image)
 
 
 class MicroBatcher:
@@ -328,28 +437,131 @@ class MicroBatcher:
                 future.set_result(result)
 
 
-class InferenceQueue:
-    """One worker thread for the model, and at most ``limit`` requests admitted: being received, waiting
-    or answered. Admission comes before the body is read, so a burst of large uploads costs at most
-    ``limit`` bodies of memory; the others get 503 without their body ever being kept."""
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform == "linux" else None
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.waiting = 0  # changed on the event loop only
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="covidxr-inference")  # the engine's thread
-        # Decoding and preprocessing of uploads (Pillow, pydicom, the lung check release the GIL).
-        self.decoders = ThreadPoolExecutor(physical_cores(), thread_name_prefix="covidxr-decode")
+
+def return_memory() -> None:
+    """Hand the heap's free pages back to the system: glibc keeps what a burst of large images freed, so
+    without this the process stays gigabytes large after the burst is answered."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):  # glibc only (musl has none)
+        _LIBC.malloc_trim(0)
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value (Linux sets it per thread; elsewhere it would be the whole
+    process's, so nothing is changed there)."""
+    if sys.platform == "linux":
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+
+
+class PixelBudget:
+    """Decoded pixels in flight: memory follows pixels, not upload bytes (a 200 KB PNG can decode to 60 Mpx),
+    so an upload is admitted to decoding by its header's pixel count, waits up to ``wait`` seconds for room,
+    and gets 503 otherwise. One image is always admitted when nothing else is in flight."""
+
+    def __init__(self, total: int, wait: float):
+        self.total, self.wait, self.used = total, wait, 0  # changed on the event loop only
+        self.changed = asyncio.Condition()
 
     @asynccontextmanager
-    async def admitted(self, request: Request, limit: int):
-        if self.waiting >= self.limit:
-            await discard_body(request, limit)
-            raise ApiError(503, f"busy: {self.waiting} requests are waiting; retry in a moment", {"Retry-After": "1"})
-        self.waiting += 1
+    async def held(self, pixels: int, executor: ThreadPoolExecutor) -> AsyncIterator[None]:
+        async with self.changed:
+            try:
+                await asyncio.wait_for(
+                    self.changed.wait_for(lambda: self.used == 0 or self.used + pixels <= self.total), self.wait
+                )
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    503, f"busy: {self.used:,} decoded pixels in flight; retry in a moment", {"Retry-After": "1"}
+                ) from None
+            self.used += pixels
         try:
             yield
         finally:
+            async with self.changed:
+                self.used -= pixels
+                self.changed.notify_all()
+            if self.used == 0 or pixels >= TRIM_ABOVE:  # after a burst, or after one large image under load
+                asyncio.get_running_loop().run_in_executor(executor, return_memory)
+
+
+class InferenceQueue:
+    """One worker thread for the model, one of lower priority for explanations, and at most ``limit`` requests
+    admitted: being received, waiting or answered. Admission comes before the body is read, so a burst of
+    large uploads costs at most ``limit`` bodies of memory; the others get 503 without their body ever being
+    kept. One client address has at most ``uploads_per_client`` bodies in flight (more wait for one of them
+    to end, then get 429), and a body too slow is cut off (408): clients that do not send cannot hold the
+    queue."""
+
+    def __init__(self, limit: int, limits: Limits):
+        self.limit, self.limits = limit, limits
+        self.waiting = 0  # changed on the event loop only, as are the two below
+        self.explaining = 0
+        self.uploading: dict[str, int] = {}  # bodies being received, per client address
+        self.turns = asyncio.Condition()
+        self.budget = PixelBudget(limits.pixel_budget, limits.budget_wait)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="covidxr-inference")  # the engine's thread
+        # Decoding and preprocessing of uploads (Pillow, pydicom, the lung check release the GIL).
+        self.decoders = ThreadPoolExecutor(physical_cores(), thread_name_prefix="covidxr-decode")
+        self.explainer = ThreadPoolExecutor(
+            1, thread_name_prefix="covidxr-explain", initializer=lower_priority, initargs=(limits.explain_nice,)
+        )
+
+    async def _client_slot(self, client: str) -> bool:
+        async with self.turns:
+            try:
+                await asyncio.wait_for(
+                    self.turns.wait_for(lambda: self.uploading.get(client, 0) < self.limits.uploads_per_client),
+                    self.limits.body_grace,
+                )
+            except asyncio.TimeoutError:
+                return False
+            self.uploading[client] = self.uploading.get(client, 0) + 1
+            return True
+
+    async def _release_client(self, client: str) -> None:
+        async with self.turns:
+            self.uploading[client] -= 1
+            if not self.uploading[client]:
+                del self.uploading[client]
+            self.turns.notify_all()
+
+    @asynccontextmanager
+    async def admitted(self, request: Request, limit: int, explain: bool) -> AsyncIterator[Any]:
+        """Admit a request before its body is read (refused ones get their status after their body is
+        discarded); yields the call that says the body has arrived, which frees the client's upload slot."""
+        client = request.client.host if request.client else ""
+        busy = {"Retry-After": "1"}
+        if not await self._client_slot(client):
+            await discard_body(request, limit, self.limits)
+            most = self.limits.uploads_per_client
+            raise ApiError(429, f"too many uploads at once from one address (at most {most}); retry in a moment", busy)
+        refusal = None
+        if self.waiting >= self.limit:
+            refusal = f"{self.waiting} requests are waiting"
+        elif explain and self.explaining >= self.limits.max_explains:
+            refusal = f"{self.explaining} explanations are running or waiting"
+        if refusal:
+            await self._release_client(client)
+            await discard_body(request, limit, self.limits)
+            raise ApiError(503, f"busy: {refusal}; retry in a moment", busy)
+        self.waiting += 1
+        self.explaining += explain
+        uploading = True
+
+        async def received() -> None:
+            nonlocal uploading
+            if uploading:
+                uploading = False
+                await self._release_client(client)
+
+        try:
+            yield received
+        finally:
+            await received()
             self.waiting -= 1
+            self.explaining -= explain
 
     async def run(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
@@ -357,12 +569,16 @@ class InferenceQueue:
     async def decode(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.decoders, function, *args)
 
+    async def explain(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.explainer, function, *args)
+
 
 def create_app(
     model: Model | ForeignModel,
     max_queue: int = MAX_QUEUE,
     max_upload: int = MAX_UPLOAD,
     monitor_window: int = MONITOR_WINDOW,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The FastAPI application serving ``model`` (a covidxr run, or a foreign ONNX model: its answers have the same
     keys; ``/api/explain`` then answers with ``explanation`` null, as Grad-CAM needs a covidxr run)."""
@@ -374,7 +590,8 @@ def create_app(
         version=__version__,
         description=f"Chest X-ray classification COVID-19 / NORMAL / PNEUMONIA. **{DISCLAIMER}**",
     )
-    queue = InferenceQueue(max_queue)
+    limits = limits or Limits()
+    queue = InferenceQueue(max_queue, limits)
     monitor = LiveMonitor(model, monitor_window)
     site_line = None if model.site is None else describe_site(model.site)
     batcher = MicroBatcher(model, queue.executor)
@@ -394,22 +611,31 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, "; ".join(str(e.get("msg")) for e in exc.errors()) or "invalid request")
+        message = "; ".join(str(e.get("msg")) for e in exc.errors()[:SHOWN_NAMES]) or "invalid request"
+        return _error(422, message[:200])  # short: never the client's input at length
 
     async def answer(request: Request, explain: bool) -> dict:
-        async with queue.admitted(request, max_upload):  # before the body is read: a 503 costs no memory
-            body = await read_upload(request, max_upload)
+        lane = explain and not foreign  # Grad-CAM: the explanation lane
+        async with queue.admitted(request, max_upload, lane) as received:  # before the body is read
+            body = await read_body(request, max_upload, limits)
+            await received()
+            content_type = request.headers.get("content-type", "")
+            upload = await queue.decode(upload_image, body, content_type, max_upload)
+            del body  # the image's bytes alone from here on
+            pixels = await queue.decode(upload_pixels, upload, model.decode_side)
             preview = request.query_params.get("preview", "").lower() in {"1", "true", "yes"}
-            if explain and not foreign:
-                result = await queue.run(_explained, model, body, preview)
-            else:
-                image, prepared = await queue.decode(_prepared, model, body)
-                answered = await batcher.answer(prepared)
-                result = await queue.decode(_response, image, answered, False, preview or explain)
+            async with queue.budget.held(pixels, queue.decoders):
+                if lane:
+                    result = await queue.explain(_explained, model, upload)
+                else:
+                    size, shown, prepared = await queue.decode(_prepared, model, upload, preview or explain)
+                    answered = await batcher.answer(prepared)
+            if not lane:
+                result = await queue.decode(_response, size, shown, answered, False)
                 if explain:  # a foreign model: the answer and its preview, no map
                     result |= {"explanation": None, "explanation_unavailable": NO_EXPLANATION}
             # By the upload's own bytes (hashed off the event loop): the same file as one of the training images.
-            digest = None if foreign else await queue.decode(lambda: sha256(body).hexdigest())
+            digest = None if foreign else await queue.decode(lambda: sha256(upload).hexdigest())
             result["seen_in_training"] = None if foreign else seen_in_training(model.run, digest)
         monitor.add(result)
         return {**result, "site_calibration": site_line, "model": identity, "disclaimer": DISCLAIMER}
@@ -448,6 +674,9 @@ def create_app(
             "site_calibration": site_line,
             "covid_threshold": model.covid_threshold,
             "waiting": queue.waiting,
+            "uploading": sum(queue.uploading.values()),
+            "explaining": queue.explaining,
+            "pixels_in_flight": queue.budget.used,
             "recent_batch_sizes": batcher.batch_sizes,
             "monitor": monitor.status(),
         }
