@@ -180,3 +180,7 @@ def test_reproduce_trains_the_papers_three_backbones_from_keras_files(
         card = model_card(out / name)
         assert (card["weights"]["variant"], card["weights"]["preprocessing"]) == ("keras", PREPROCESSING[name])
         assert "built as keras.applications builds it" in render_model_card(card)
+    exported = run_cli("export", out / "resnet50")  # the run finds its imported weights, variant and preprocessing
+    assert exported.returncode == 0, exported.stderr
+    sidecar = json.loads((out / "resnet50" / "model.json").read_text())
+    assert sidecar["normalisation"]["name"] == "caffe" and sidecar["key"]["model_key"]["variant"] == "keras"
