@@ -103,6 +103,29 @@ def _weights_status(spec, weights_dir: Path | None) -> str:
     return "not available here (see docs/user-guide.md: Models and weights)"
 
 
+@cli.group(cls=FriendlyGroup)
+def weights() -> None:
+    """Bring backbone weights from other tools into covidxr's registry layout."""
+
+
+@weights.command("import")
+@click.argument("source", type=_path)
+@click.option("--model", required=True, help="The architecture the file holds: vgg16, resnet50 or xception.")
+@click.option("--out", type=_path, required=True, help="Folder to write <model>.safetensors and <model>.json into.")
+def weights_import(source: Path, model: str, out: Path) -> None:
+    """Import keras.applications weights (legacy .h5, top or notop, or Keras 3 .weights.h5); use the folder
+    with --weights-dir, and the model is built and its images prepared as Keras did."""
+    from covidxr.lab.keras_weights import KERAS_MODELS, import_keras_weights
+
+    result = import_keras_weights(source, model, out)
+    if result.top:
+        click.echo(f"{source}: the top variant; its ImageNet classifier is left out (covidxr uses the backbone only)")
+    click.echo(
+        f"wrote {result.weights} and {result.sidecar}: keras.applications.{KERAS_MODELS[model]} "
+        f"({result.file_format}, {result.layers} layers) in {result.seconds:.1f} s"
+    )
+
+
 def _load_config(config_file: Path | None, **overrides) -> TrainConfig:
     config = TrainConfig.load(config_file) if config_file else TrainConfig()
     return TrainConfig.from_dict(config.to_dict() | {k: v for k, v in overrides.items() if v is not None})

@@ -39,7 +39,7 @@ def _config_option(flag: str, field: str | None = None, **kwargs):
 # What the training install adds (pip install "covidxr[train]"); the runtime install has none of them.
 TRAIN_MODULES = {
     "torch", "torchvision", "timm", "sklearn", "scipy", "skimage", "matplotlib", "pandas", "pytorch_grad_cam",
-    "imagehash", "onnx", "efficientnet_lite_pytorch", "cv2",
+    "imagehash", "onnx", "efficientnet_lite_pytorch", "cv2", "h5py",
 }  # fmt: skip
 
 

@@ -7,6 +7,7 @@ here too.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,8 @@ class CovidxrNet(nn.Module):
         }
         if not self.pipeline.is_identity:  # absent for the paper's pipeline, so older caches stay valid
             key["pipeline"] = self.pipeline.to_dict()
+        if self.weights.variant != "reference":  # likewise
+            key["variant"] = self.weights.variant
         return key
 
     def model_key_hash(self) -> str:
@@ -165,7 +168,8 @@ def create_backbone(
     if pretrained:
         state, source = resolve_weights(spec, weights, weights_dir)
     torch.manual_seed(seed)
-    backbone = Backbone(spec.build(size), spec.features, spec.classify, spec.num_features)
+    variant = source.variant if pretrained else "reference"
+    backbone = Backbone(spec.body(size, variant), spec.features, spec.classify, spec.num_features)
     if pretrained:
         load_backbone_weights(backbone, spec, state, source.location)
     else:
@@ -273,4 +277,4 @@ def _load_fine_tuned(model: CovidxrNet, path: Path, sha256: str) -> None:
         raise CovidxrError(f"{path}: missing, damaged or incompatible ({type(exc).__name__})") from None
     if hash_state_dict(state) != sha256:
         raise CovidxrError(f"{path}: its weights differ from those the run was trained with")
-    model.weights = WeightsSource("fine-tuned", str(path.resolve()), sha256, model.weights.preprocessing)
+    model.weights = replace(model.weights, kind="fine-tuned", location=str(path.resolve()), sha256=sha256)

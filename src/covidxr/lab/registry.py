@@ -70,6 +70,16 @@ def _build_xception(image_size: int) -> nn.Module:
     return model
 
 
+def _keras_resnet50(body: nn.Module) -> None:
+    """torchvision's ResNet-50 (v1.5) made Keras' (v1): a downsampling block strides in its first 1x1
+    convolution, not in the 3x3, and BatchNorm's epsilon is 1.001e-5."""
+    for layer in (body.layer2, body.layer3, body.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    for module in body.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eps = 1.001e-5
+
+
 def _build_efficientnet_lite(variant: str) -> Callable[[int], nn.Module]:
     def build(image_size: int) -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
@@ -180,6 +190,22 @@ class ModelSpec:
     # ("relu6"): the gradient of a logit at that layer is then analytic and ``covidxr.runtime.cam`` computes
     # Grad-CAM from an exported graph without torch. None: Grad-CAM needs torch's autograd.
     cam_activation: str | None = None
+    # Weights imported from keras.applications (covidxr.lab.keras_weights): the preprocessing Keras'
+    # ``preprocess_input`` applies for them, and what turns ``build``'s module into the network Keras
+    # computes (None: ``build`` already computes it). No keras_preprocessing: not importable from Keras.
+    keras_preprocessing: str | None = None
+    keras_build: Callable[[nn.Module], None] | None = field(default=None, repr=False)
+
+    def body(self, image_size: int, variant: str = "reference") -> nn.Module:
+        """The backbone's module as ``variant`` builds it: "reference" as ``reference`` does, "keras" as
+        keras.applications computes it (for weights imported from Keras)."""
+        if variant not in {"reference", "keras"} or (variant == "keras" and self.keras_preprocessing is None):
+            keras = ", ".join(n for n, s in REGISTRY.items() if s.keras_preprocessing)
+            raise CovidxrError(f"{self.name}: no {variant!r} variant (reference for every backbone, keras for {keras})")
+        body = self.build(image_size)
+        if variant == "keras" and self.keras_build is not None:
+            self.keras_build(body)
+        return body
 
     def describe(self) -> dict:
         return {
@@ -239,6 +265,7 @@ register(
         paper="VGG-16",
         download=_torchvision_download("vgg16", "VGG16_Weights"),
         blocks=_vgg_blocks,
+        keras_preprocessing="caffe",  # same layers as torchvision's VGG-16 (3x3 "same" = symmetric padding 1)
     )
 )
 register(
@@ -257,6 +284,8 @@ register(
         paper="ResNet",
         download=_torchvision_download("resnet50", "ResNet50_Weights"),
         blocks=_resnet_blocks,
+        keras_preprocessing="caffe",
+        keras_build=_keras_resnet50,
     )
 )
 register(
@@ -275,6 +304,7 @@ register(
         paper="Xception",
         download=_timm_download("legacy_xception.tf_in1k"),
         blocks=_xception_blocks,
+        keras_preprocessing="inception",  # the reference build already has Keras' epsilons and "same" pools
     )
 )
 register(

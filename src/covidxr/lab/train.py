@@ -46,7 +46,7 @@ from covidxr.lab.loop import (
     fit,
     init_distributed,
 )
-from covidxr.lab.models import CovidxrNet, WeightsSource, hash_state_dict, model_from_config
+from covidxr.lab.models import CovidxrNet, hash_state_dict, model_from_config
 from covidxr.runtime.answers import HASH_COLUMN
 from covidxr.runtime.calibration import POSITIVE, choose_threshold, expected_calibration_error, fit_temperature, softmax
 from covidxr.runtime.config import TrainConfig
@@ -400,8 +400,8 @@ def save_backbone(model: CovidxrNet, path: Path) -> dict:
     state = {k: v.detach().contiguous() for k, v in model.backbone.body.state_dict().items()}
     save_file(state, str(path))
     pretrained = model.weights.to_dict()
-    model.weights = WeightsSource(
-        "fine-tuned", str(path.resolve()), hash_state_dict(state), model.weights.preprocessing
+    model.weights = replace(
+        model.weights, kind="fine-tuned", location=str(path.resolve()), sha256=hash_state_dict(state)
     )
     return {"file": path.name, "sha256": model.weights.sha256, "pretrained": pretrained}
 

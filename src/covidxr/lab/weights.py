@@ -27,6 +27,7 @@ class WeightsSource:
     location: str
     sha256: str
     preprocessing: str  # name in PREPROCESSING: the weights decide how images must be prepared
+    variant: str = "reference"  # how the backbone is built for them (ModelSpec.body): "reference" or "keras"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,14 +72,14 @@ def resolve_weights(
     preprocessing = spec.preprocessing
     if weights is not None:
         state, meta = _read_weights_file(Path(weights))
-        return state, _source("file", Path(weights), state, meta.get("preprocessing", preprocessing))
+        return state, _source("file", Path(weights), state, meta, preprocessing)
     weights_dir = Path(weights_dir) if weights_dir else default_weights_dir()
     if weights_dir is not None:
         for suffix in (".safetensors", ".pth", ".pt"):
             candidate = weights_dir / f"{spec.name}{suffix}"
             if candidate.is_file():
                 state, meta = _read_weights_file(candidate)
-                return state, _source("weights-dir", candidate, state, meta.get("preprocessing", preprocessing))
+                return state, _source("weights-dir", candidate, state, meta, preprocessing)
     if spec.pip_package is not None:
         module_name, class_name = spec.pip_package
         try:
@@ -87,8 +88,8 @@ def resolve_weights(
             pass
         else:
             path = Path(getattr(module, class_name).get_model_file_path())
-            state, _ = _read_weights_file(path)
-            return state, _source("package", path, state, preprocessing)
+            state, meta = _read_weights_file(path)
+            return state, _source("package", path, state, meta, preprocessing)
     reason = "no download is defined for it"
     if spec.download is not None and os.environ.get("COVIDXR_OFFLINE", "") not in {"1", "true", "yes"}:
         try:
@@ -109,14 +110,22 @@ def resolve_weights(
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def _source(kind: str, path: Path, state: dict[str, torch.Tensor], preprocessing: str) -> WeightsSource:
+def _source(
+    kind: str, path: Path, state: dict[str, torch.Tensor], meta: dict[str, str], preprocessing: str
+) -> WeightsSource:
+    """A file's weights source; its safetensors metadata (``covidxr weights import`` writes it) may set the
+    preprocessing and the variant."""
+    preprocessing = meta.get("preprocessing", preprocessing)
+    variant = meta.get("variant", "reference")
     if preprocessing not in PREPROCESSING:
         raise CovidxrError(f"{path}: unknown preprocessing {preprocessing!r} in its metadata")
+    if variant not in {"reference", "keras"}:
+        raise CovidxrError(f"{path}: unknown variant {variant!r} in its metadata (reference or keras)")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _FILE_HASHES:
         _FILE_HASHES[key] = hash_state_dict(state)
-    return WeightsSource(kind, str(path), _FILE_HASHES[key], preprocessing)
+    return WeightsSource(kind, str(path), _FILE_HASHES[key], preprocessing, variant)
 
 
 def load_backbone_weights(backbone: Backbone, spec: ModelSpec, state: dict[str, torch.Tensor], origin: str) -> None:

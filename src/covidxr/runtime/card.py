@@ -73,7 +73,14 @@ def model_card(run_dir: str | Path) -> dict:
     threshold = info.fitted.covid_threshold or OperatingPoint()
     card: dict = {
         "model": info.model["name"],
-        "weights": {"kind": info.weights["kind"], "sha256": info.weights["sha256"]},
+        "weights": {
+            "kind": info.weights["kind"],
+            "sha256": info.weights["sha256"],
+            # How the weights want images prepared, and how the backbone was built for them (runs made
+            # before these were recorded: torchvision's/timm's reference build).
+            "preprocessing": info.weights.get("preprocessing"),
+            "variant": info.weights.get("variant", "reference"),
+        },
         "design": info.design_summary,
         "labels": info.labels,
         "training_data": {
@@ -218,8 +225,12 @@ def render_model_card(card: dict) -> str:
     lines += ["## Does it learn the disease, not the collection?", "", *_within_site_lines(card["within_site"]), ""]
     lines += ["## Intended use", ""]
     lines += [card["intended_use"], "", "## Model", ""]
+    weights = card["weights"]
+    built = "built as keras.applications builds it" if weights.get("variant") == "keras" else "reference build"
+    preprocessing = f", {weights['preprocessing']} preprocessing" if weights.get("preprocessing") else ""
     lines += [
-        f"- Backbone: {card['model']} ({card['weights']['kind']} weights, sha256 {card['weights']['sha256'][:12]})"
+        f"- Backbone: {card['model']} ({weights['kind']} weights, sha256 {weights['sha256'][:12]}, {built}"
+        f"{preprocessing})"
     ]
     lines += [f"- Design: {card['design']}", f"- Classes: {', '.join(card['labels'])}"]
     point = card["operating_point"]
