@@ -17,6 +17,8 @@ from .conftest import REPO
 
 DOCS = REPO / "docs"
 PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
 # Pages other branches add (Keras weights, PACS, archive, answers); linked from the README before they land.
 def _text(name: str) -> str:
     return (REPO / name).read_text(encoding="utf-8")
