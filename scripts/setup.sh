@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs covidxr with training (the [train] extra) and its test tools, and Chromium
-# for the browser test. Safe to run again. The runtime alone (predict, serve) is `pip install .` from the checkout: see docs/deployment.md.
+# Creates .venv (if missing) and installs covidxr with training, DICOM output and Ray (the [train,pacs,ray] extras)
+# and its test tools, and with apt Chromium (browser tests), Orthanc and dcmtk (PACS tests). Safe to run again. The
+# runtime alone (predict, serve) is `pip install .` from the checkout: see docs/deployment.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,4 +18,11 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+# Orthanc (a real PACS the DICOM node's tests start and stop) and dcmtk (dsrdump, an independent SR reader).
+if ! command -v Orthanc >/dev/null && [ ! -x /usr/sbin/Orthanc ] || ! command -v dsrdump >/dev/null; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc dcmtk >/dev/null
 fi
