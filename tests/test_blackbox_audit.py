@@ -357,3 +357,42 @@ def test_a_model_emitting_nan_gives_rows_without_a_decision(marked_data: Path, t
     assert {row["name"] for row in audit["data"]["unanswered"]} == {s.name for s in samples if s.label == "COVID-19"}
     assert all("not finite" in row["reason"] for row in audit["data"]["unanswered"])
     assert read_audit(tmp_path / "out")["verdict"] == audit["verdict"]
+
+
+def test_per_source_warns_when_every_source_holds_one_class(tmp_path: Path) -> None:
+    """COVID-19 only from ieee8023 and NORMAL only from nih: no probe can run, yet the source alone gives the
+    label, so per_source warns outright, whatever the model reads (here: only the lungs). With a second class
+    in one source the same model's outputs are probed instead, and do not warn for this reason."""
+    from covidxr.lab.blackbox import Predictions, make_scoring, per_source_check
+
+    model = load_classifier(
+        write_model(tmp_path, "lungs", lung_model(), spec(["NORMAL", "COVID-19", "PNEUMONIA"], "probabilities"))
+    )
+    cxr3 = pd.read_csv(CXR3 / "metadata.csv", dtype=str, keep_default_na=False)
+    nih = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    parts = [(CXR3, _pick(cxr3, "COVID-19", "ieee8023", 6, 1)), (ADULT_CONTROLS, _pick(nih, "NORMAL", "nih", 6, 2))]
+    parts += [(CXR3, _pick(cxr3, "NORMAL", "kermany", 6, 3)), (CXR3, _pick(cxr3, "PNEUMONIA", "kermany", 6, 4))]
+    samples = [
+        Sample(Image.open(origin / r["filename"]).convert("L"), r["label"], r["source"], r["patient_id"])
+        for origin, frame in parts
+        for r in frame.to_dict("records")
+    ]
+    probabilities = np.asarray(model.predict_proba([s.image for s in samples]).probabilities, dtype=np.float64)
+
+    def check(chosen: list[Sample]) -> dict:
+        rows = [samples.index(s) for s in chosen]
+        scoring = make_scoring(model.labels, [s.label for s in chosen])
+        p = probabilities[rows]
+        decided = np.array(model.decide(p), dtype=object)
+        preds = Predictions({"unchanged": p}, {"unchanged": decided}, [None] * len(rows), decided)
+        return per_source_check(scoring, chosen, preds, model.covid_index, seed=0)
+
+    confounded = check(samples[:12])
+    assert confounded["verdict"] == "warning"
+    assert confounded["figures"]["one_class_sources"] == ["ieee8023", "nih"]
+    assert "every source holds a single class (ieee8023, nih)" in confounded["summary"]
+    # Kermany holding two classes: NORMAL from nih and kermany is probed instead, and nothing warns for this.
+    mixed = check(samples)
+    assert mixed["figures"]["source_probe_within_class"] and "every source" not in mixed["summary"]
+    # One class in all (NORMAL from nih and kermany): the source cannot give a label that does not vary.
+    assert "every source" not in check(samples[6:18])["summary"]

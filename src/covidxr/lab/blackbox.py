@@ -206,8 +206,9 @@ RULES = {
         f"{PROBE_FOLDS}-fold CV, sources with at least {PROBE_MIN_IMAGES} images of the class): fail when its "
         f"balanced accuracy reaches {PROBE_FAIL:.2f} in some class and some source holds only one class (the "
         f"source-label confound); warning when it reaches {PROBE_WARNING:.2f} (or {PROBE_FAIL:.2f} without a "
-        "one-class source); pass below; not applicable when no class holds two sources. The per-source "
-        "figures are reported, not judged."
+        "one-class source); pass below. Warning outright when every source (two or more) holds a single class: "
+        "the source then gives the label and nothing in the data can tell the two apart. Not applicable when no "
+        "class holds two sources otherwise. The per-source figures are reported, not judged."
     ),
     "lungs_hidden": (
         f"Skill kept = (balanced accuracy with the lungs hidden - chance) / (unchanged - chance). Fail when "
@@ -625,16 +626,27 @@ def per_source_check(
     scores = {label: p["balanced_accuracy"] for label, p in probes.items() if p.get("balanced_accuracy") is not None}
     best = max(scores.values(), default=None)
     best_label = max(scores, key=scores.__getitem__) if scores else None
-    if best is None:
-        verdict = NOT_APPLICABLE
-        meaning = "no class holds two sources with enough images, so the outputs cannot be probed for the source"
-    elif best >= PROBE_FAIL and one_class:
+    every_source_one_class = (
+        len(one_class) >= 2 and len(one_class) == len(set(sources)) and len(set(scoring.truth)) >= 2
+    )
+    if best is not None and best >= PROBE_FAIL and one_class:
         verdict = "fail"
         meaning = (
             f"within {best_label} the model's outputs tell the sources apart near perfectly, and "
             f"{', '.join(one_class)} hold{'s' if len(one_class) == 1 else ''} a single class: the source is a "
             "ready-made label"
         )
+    elif every_source_one_class:
+        # Whatever the probe says: in such data the source alone gives the label, so no figure here can tell a
+        # model reading the chest from one reading the source.
+        verdict = "warning"
+        meaning = (
+            f"every source holds a single class ({', '.join(one_class)}): the source alone gives the label, so "
+            "this data cannot tell a model reading the chest from one reading the source"
+        )
+    elif best is None:
+        verdict = NOT_APPLICABLE
+        meaning = "no class holds two sources with enough images, so the outputs cannot be probed for the source"
     elif best >= PROBE_WARNING:
         verdict = "warning"
         meaning = f"within {best_label} the model's outputs tell the sources apart: they encode the source"
