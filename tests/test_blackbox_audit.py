@@ -20,7 +20,7 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from covidxr.lab.blackbox import CHECKS as AUDIT_CHECKS
-from covidxr.lab.blackbox import Sample, audit_classifier, periphery_masks
+from covidxr.lab.blackbox import Sample, audit_classifier, load_samples, periphery_masks, rescore_audit
 from covidxr.runtime.classifier import load_classifier
 from covidxr.runtime.runs import default_model_path
 
@@ -230,6 +230,12 @@ def test_a_marker_model_is_caught_by_the_corner_mask(marked_data: Path, tmp_path
     }
     probe = audit["checks"]["per_source"]["figures"]["source_probe_within_class"]
     assert set(probe) == {"NORMAL"}  # the only class held by two sources
+    # Rescoring from the stored predictions (the benchmark's --rescore) gives the same audit, model not run.
+    samples, _ = load_samples([marked_data], limit=None)
+    again = rescore_audit(tmp_path / "out", load_classifier(model), samples)
+    for key in ("verdict", "verdict_line", "estimated_clean_accuracy", "estimate"):
+        assert again[key] == audit[key], key
+    assert again["checks"] == audit["checks"]
 
 
 def test_a_lung_model_is_not_flagged_by_the_corner_mask(marked_data: Path, tmp_path: Path) -> None:
@@ -267,6 +273,21 @@ def test_in_memory_samples_and_masks() -> None:
     assert masks["corners"][0, 0] and masks["corners"][-1, -1] and not masks["corners"][256, 256]
     assert masks["border"][0, 256] and not masks["border"][256, 256]
     assert not (masks["text"] & lungs).any()
+    # The text mask is the bright pixels outside the grown lung box, grown by a square maximum filter: the same
+    # mask as PIL's MaxFilter (the audit's earlier, slower way), on a film with burnt-in text drawn in.
+    from PIL import ImageDraw, ImageFilter
+
+    from covidxr.lab.blackbox import TEXT_GROW, _lung_box, text_level
+
+    marked = Image.fromarray(grey.copy())
+    ImageDraw.Draw(marked).text((20, 8), "L  PORTABLE", fill=255, font_size=24)
+    marked = np.asarray(marked)
+    inside = _lung_box(marked.shape, lungs)
+    bright = (marked >= text_level(marked)) & ~inside
+    size = 2 * max(1, round(TEXT_GROW * min(marked.shape) / 2)) + 1
+    pil = np.asarray(Image.fromarray(bright.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(size))) > 0
+    text = periphery_masks(marked, lungs)["text"]
+    assert text[8:30, 20:60].any() and (text == (pil & ~inside)).all()
     assert (masks["all"] == (masks["corners"] | masks["border"] | masks["text"])).all()
 
 
