@@ -49,6 +49,7 @@ and a rerun skips what exists. On 2 CPU cores the whole run takes about an hour 
     .venv/bin/python benchmarks/audit_validity.py                 # OUT = runs/audit-validity
     .venv/bin/python benchmarks/audit_validity.py --stage train     # features and models only
     .venv/bin/python benchmarks/audit_validity.py --only marker-1.0 # one model
+    .venv/bin/python benchmarks/audit_validity.py --rescore         # audits made: today's verdict and estimate rules
 """
 
 from __future__ import annotations
@@ -457,6 +458,7 @@ def score(rows: list[dict]) -> dict:
         "false_alarm_rate": float(flagged[frame["control"]].mean()) if frame["control"].any() else None,
         "not_estimable": int((~estimated).sum()),
         "estimate_mean_abs_error": float(error.mean()),
+        "estimate_median_abs_error": float(error.median()),
         "estimate_within_5_points": float((error <= 0.05).mean()),
     }
 

@@ -221,7 +221,15 @@ def test_a_marker_model_is_caught_by_the_corner_mask(marked_data: Path, tmp_path
     # accuracy without a shortcut cannot be estimated: the audit says so rather than repeat the unchanged 1.0.
     assert audit["estimated_clean_accuracy"] is None
     assert audit["estimate"]["limited_by"].startswith("not estimable")
-    assert audit["estimate"]["terms"]["flagged_regions_transplanted"] <= 0.75  # the marker's skill is gone
+    # The marker's skill is gone once the flagged regions come from donors of one class; from donors of each
+    # image's own class every image keeps its marker (1.0): the transplant itself cost nothing to give back.
+    estimate = audit["estimate"]
+    own = estimate["reported"]["flagged_regions_by_own_class_donor"]
+    by_class = estimate["reported"]["flagged_regions_by_donor_class"]
+    assert own["corners"] == 1.0
+    expected = min(1.0 + max(by_class[r].values()) - own[r] for r in by_class)
+    assert estimate["terms"]["flagged_regions_transplanted"] == pytest.approx(expected)
+    assert estimate["terms"]["flagged_regions_transplanted"] <= 0.65
     assert audit["model"]["kind"] == "onnx" and len(audit["model"]["sha256"]) == 64
     assert audit["data"]["per_source"] == {
         "ieee8023": {"COVID-19": PER_CLASS},
