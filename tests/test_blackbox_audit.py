@@ -425,3 +425,72 @@ def test_per_source_warns_when_every_source_holds_one_class(tmp_path: Path) -> N
     assert mixed["figures"]["source_probe_within_class"] and "every source" not in mixed["summary"]
     # One class in all (NORMAL from nih and kermany): the source cannot give a label that does not vary.
     assert "every source" not in check(samples[6:18])["summary"]
+
+
+def sharpness_model(size: int, level: float) -> onnx.ModelProto:
+    """[COVID-19, NORMAL] logits from sharpness only: the mean absolute step between neighbouring pixels over
+    that between pixels 4 apart (about 1/4 on a film enlarged 4x, bilinear); COVID-19 below ``level``."""
+    nodes = []
+    for lag in (1, 4):
+        nodes += [
+            _const(f"from{lag}", [lag], TensorProto.INT64),
+            _const(f"end{lag}", [size], TensorProto.INT64),
+            _const(f"zero{lag}", [0], TensorProto.INT64),
+            _const(f"stop{lag}", [size - lag], TensorProto.INT64),
+            _const(f"axis{lag}", [2], TensorProto.INT64),
+            helper.make_node("Slice", ["x", f"from{lag}", f"end{lag}", f"axis{lag}"], [f"right{lag}"]),
+            helper.make_node("Slice", ["x", f"zero{lag}", f"stop{lag}", f"axis{lag}"], [f"left{lag}"]),
+            helper.make_node("Sub", [f"right{lag}", f"left{lag}"], [f"step{lag}"]),
+            helper.make_node("Abs", [f"step{lag}"], [f"abs{lag}"]),
+            helper.make_node("ReduceMean", [f"abs{lag}"], [f"mean{lag}"], axes=[1, 2, 3], keepdims=1),
+            helper.make_node("Reshape", [f"mean{lag}", "shape_n1"], [f"d{lag}"]),
+        ]
+    nodes += [
+        helper.make_node("Div", ["d1", "d4"], ["ratio"]),
+        _const("level", [level]),
+        _const("k", [200.0]),
+        helper.make_node("Sub", ["level", "ratio"], ["d"]),
+        helper.make_node("Mul", ["d", "k"], ["covid"]),
+        helper.make_node("Sub", ["ratio", "ratio"], ["normal"]),
+        helper.make_node("Concat", ["covid", "normal"], ["y"], axis=1),
+    ]
+    return _graph(nodes, 2, input_shape=("N", size, size, 1))
+
+
+def test_a_low_resolution_shortcut_is_not_estimable(tmp_path: Path) -> None:
+    """A model reading only sharpness, on data whose COVID-19 images are all enlarged from a quarter of their
+    size: a transplant can blur the others but cannot sharpen these, so the look moves one class only, and
+    the audit declines to estimate accuracy without the shortcut rather than give the unchanged one."""
+    from covidxr.lab.blackbox import LOOK_ONE_WAY
+    from covidxr.lab.transplant import down_up, effective_resolution
+
+    nih = pd.read_csv(ADULT_CONTROLS / "metadata.csv", dtype=str, keep_default_na=False)
+    samples = []
+    for label, shown_as, seed in (("PNEUMONIA", "COVID-19", 6), ("NORMAL", "NORMAL", 7)):
+        for r in _pick(nih, label, "nih", 24, seed).to_dict("records"):
+            grey = np.asarray(Image.open(ADULT_CONTROLS / r["filename"]).convert("L"))
+            if shown_as == "COVID-19":
+                grey = down_up(grey, 4)
+            elif effective_resolution(grey) > 1:  # the others: sharp films only, so their look is sharp
+                continue
+            if sum(s.label == shown_as for s in samples) < 8:
+                samples.append(Sample(Image.fromarray(grey), shown_as, "nih", r["patient_id"], r["filename"]))
+    size = 512
+
+    def sharpness(image: Image.Image) -> float:
+        x = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+        return float(np.abs(x[:, 1:] - x[:, :-1]).mean() / np.abs(x[:, 4:] - x[:, :-4]).mean())
+
+    blurred, sharp = ([sharpness(s.image) for s in samples if (s.label == "COVID-19") == b] for b in (True, False))
+    assert len(blurred) == len(sharp) == 8 and max(blurred) < min(sharp)
+    model_spec = spec(["COVID-19", "NORMAL"], size=[size, size])
+    model = load_classifier(
+        write_model(tmp_path, "sharp", sharpness_model(size, (max(blurred) + min(sharp)) / 2), model_spec)
+    )
+    audit = audit_classifier(model, samples, sample_limit=None)
+    assert audit["estimate"]["unchanged"] == 1.0
+    assert audit["checks"]["transplant"]["figures"]["effects"]["look"]["verdict"] in {"fail", "warning"}
+    moved = audit["estimate"]["reported"]["look_change_by_recipient_class"]
+    assert moved["covid"] < LOOK_ONE_WAY * moved["other"]  # blurring the others moves them; these cannot move
+    assert audit["estimated_clean_accuracy"] is None
+    assert audit["estimate"]["limited_by"].startswith("not estimable: the look moves the answer of one class only")

@@ -1141,7 +1141,8 @@ def estimate_clean_accuracy(
             "with every image given that region from a donor of its own class - the same from donors of one "
             "class, the better class); mean within-source balanced accuracy over sources holding two or more "
             "classes), capped at the unchanged balanced accuracy (after Ong Ly et al. 2024); none where every "
-            "source holds a single class"
+            f"source holds a single class, or where the flagged look moves p(COVID-19) for one class's images less "
+            f"than {LOOK_ONE_WAY:.2f} times as much as for the other's (a transplant cannot sharpen)"
         ),
     }
 
