@@ -49,6 +49,7 @@ and a rerun skips what exists. On 2 CPU cores the whole run takes about an hour 
     .venv/bin/python benchmarks/audit_validity.py                 # OUT = runs/audit-validity
     .venv/bin/python benchmarks/audit_validity.py --stage train     # features and models only
     .venv/bin/python benchmarks/audit_validity.py --only marker-1.0 # one model
+    .venv/bin/python benchmarks/audit_validity.py --rescore         # audits made: today's verdict and estimate rules
 """
 
 from __future__ import annotations
@@ -405,13 +406,22 @@ def _check_graph(folder, table, rows, carry, design, coef, intercept, features) 
 # ---------------------------------------------------------------------------------------------
 
 
-def audit(design: Design, record: dict, table: pd.DataFrame, out: Path, limit: int) -> dict:
-    """Audit the exported model blind, on its internal test images, through ``covidxr audit``'s own code."""
-    from covidxr.lab.blackbox import Sample, audit_classifier
+def audit(design: Design, record: dict, table: pd.DataFrame, out: Path, limit: int, rescore: bool = False) -> dict:
+    """Audit the exported model blind, on its internal test images, through ``covidxr audit``'s own code;
+    ``rescore``: an audit already made gets the current verdict and estimate rules from its stored predictions."""
+    from covidxr.lab.blackbox import Sample, audit_classifier, rescore_audit
     from covidxr.runtime.spec import OnnxClassifier
 
     folder = out / "audits" / design.name
     done = folder / "audit.json"
+    if done.exists() and rescore:
+        labelled = [
+            Sample(None, row["label"], row["source"], row["patient_id"], Path(row["path"]).name)
+            for row in (table.iloc[i] for i in record["test_rows"])
+        ]
+        result = rescore_audit(folder, OnnxClassifier(out / "models" / design.name / "model.onnx"), labelled)
+        log.info("rescored %s: %s", design.name, result["verdict"])
+        return result
     if done.exists():
         return json.loads(done.read_text())
     carriers_at = set(record["test_carriers"] or [])
@@ -448,6 +458,7 @@ def score(rows: list[dict]) -> dict:
         "false_alarm_rate": float(flagged[frame["control"]].mean()) if frame["control"].any() else None,
         "not_estimable": int((~estimated).sum()),
         "estimate_mean_abs_error": float(error.mean()),
+        "estimate_median_abs_error": float(error.median()),
         "estimate_within_5_points": float((error <= 0.05).mean()),
     }
 
@@ -458,6 +469,11 @@ def main() -> None:
     parser.add_argument("--stage", choices=["train", "all"], default="all")
     parser.add_argument("--only", default=None, help="one design by name, e.g. marker-1.0")
     parser.add_argument("--limit", type=int, default=150, help="audit images per source (stratified by label)")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="audits already made: redo their verdict and estimate from their stored predictions (no model run)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -487,7 +503,10 @@ def main() -> None:
         return
     rows = []
     for design in chosen:
-        record, result = records[design.name], audit(design, records[design.name], table, args.out, args.limit)
+        record, result = (
+            records[design.name],
+            audit(design, records[design.name], table, args.out, args.limit, args.rescore),
+        )
         rows.append(
             {
                 "model": design.name,

@@ -41,10 +41,14 @@ paints black or white blocks the model never saw, and a hidden marker takes the 
 ``estimated_clean_accuracy``: the audit's estimate of the model's balanced accuracy on images free of the
 shortcut it may use: the lower of (a) for each region the transplant check flags, the balanced accuracy
 with every image given that region from donors of one class (the shortcut then follows the donors' class,
-not the image's; the better of the classes is the one whose images lack it) and (b) the mean of the
-within-source balanced accuracies over sources holding at least two classes (the source shortcut removed:
-within a source it cannot separate the classes), never above the unchanged balanced accuracy; None where
-every source holds a single class, where nothing in the data separates the source from the label. Its
+not the image's; the better of the classes is the one whose images lack it), with the transplant's own
+damage given back: the unchanged balanced accuracy minus that with the region from a donor of each image's
+own class (the shortcut as often as in the data), so only the shortcut's share of the loss counts; and (b)
+the mean of the within-source balanced accuracies over sources holding at least two classes (the source
+shortcut removed: within a source it cannot separate the classes), never above the unchanged balanced
+accuracy. None ("not estimable", with the reason) where every source holds a single class (nothing in the
+data separates the source from the label), or where the flagged look moves the answer of one class only (a
+transplant can blur an image but not restore its detail, so a low-resolution shortcut would stay). Its
 anchor is Ong Ly et al. 2024 (*Shortcut learning in medical AI hinders generalization*, npj Digit. Med.),
 who estimated external accuracy from perturbed internal data.
 """
@@ -61,7 +65,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
+from scipy import ndimage
 
 from covidxr import DISCLAIMER, __version__
 from covidxr.lab.transplant import (
@@ -83,6 +88,7 @@ __all__ = [
     "audit_classifier",
     "limit_samples",
     "load_samples",
+    "rescore_audit",
     "variants",
 ]
 
@@ -199,6 +205,11 @@ TRANSPLANT_LIMITS = {"corners": (0.10, 0.06), "border": (0.25, 0.20), "text": (0
 CHEST_FAIL_EFFECT = 0.01
 CHEST_WARNING_EFFECT = 0.02
 SHORTCUT_REGIONS = ("corners", "border", "text", "look")
+# The estimate: where the look is flagged, the mean change of p(COVID-19) between a COVID-19 and another donor's
+# look, over one class's images, must be at least this share of the other class's; otherwise the look moved
+# one way only and the estimate is "not estimable". On the development designs the contrast models, whose look
+# is flagged and transplants both ways, gave 0.60-0.85; the limit is half the lowest.
+LOOK_ONE_WAY = 0.30
 
 RULES = {
     "per_source": (
@@ -206,8 +217,9 @@ RULES = {
         f"{PROBE_FOLDS}-fold CV, sources with at least {PROBE_MIN_IMAGES} images of the class): fail when its "
         f"balanced accuracy reaches {PROBE_FAIL:.2f} in some class and some source holds only one class (the "
         f"source-label confound); warning when it reaches {PROBE_WARNING:.2f} (or {PROBE_FAIL:.2f} without a "
-        "one-class source); pass below; not applicable when no class holds two sources. The per-source "
-        "figures are reported, not judged."
+        "one-class source); pass below. Warning outright when every source (two or more) holds a single class: "
+        "the source then gives the label and nothing in the data can tell the two apart. Not applicable when no "
+        "class holds two sources otherwise. The per-source figures are reported, not judged."
     ),
     "lungs_hidden": (
         f"Skill kept = (balanced accuracy with the lungs hidden - chance) / (unchanged - chance). Fail when "
@@ -393,6 +405,35 @@ def _filled(grey: np.ndarray, hide: np.ndarray) -> np.ndarray:
     return out
 
 
+def text_level(grey: np.ndarray) -> float:
+    """The grey level from which a pixel of ``grey`` may be burnt-in text (see ``TEXT_MIN_GREY``)."""
+    return max(TEXT_MIN_GREY, float(np.percentile(grey, TEXT_PERCENTILE)))
+
+
+def _lung_box(shape: tuple[int, int], lungs: np.ndarray) -> np.ndarray:
+    """The lungs' bounding box grown by ``LUNG_BOX_MARGIN`` (bool HxW; empty where no lungs are given)."""
+    rows, cols = np.nonzero(lungs)
+    margin = round(LUNG_BOX_MARGIN * min(shape))
+    inside = np.zeros(shape, dtype=bool)
+    if rows.size:
+        inside[
+            max(0, rows.min() - margin) : rows.max() + 1 + margin, max(0, cols.min() - margin) : cols.max() + 1 + margin
+        ] = True
+    return inside
+
+
+def text_mask(grey: np.ndarray, inside: np.ndarray, level: float | None = None) -> np.ndarray:
+    """Text-like regions of ``grey`` outside ``inside`` (the grown lung box): pixels from ``level`` up (its
+    ``text_level`` unless given, so a caller can reuse one image's level), grown by ``TEXT_GROW``."""
+    bright = (grey >= (text_level(grey) if level is None else level)) & ~inside
+    if not bright.any():
+        return bright
+    size = 2 * max(1, round(TEXT_GROW * min(grey.shape) / 2)) + 1
+    # A square maximum filter with edge pixels repeated: separable, so far cheaper than PIL's MaxFilter,
+    # and the same mask.
+    return ndimage.maximum_filter(bright, size=size, mode="nearest") & ~inside
+
+
 def periphery_masks(grey: np.ndarray, lungs: np.ndarray) -> dict[str, np.ndarray]:
     """The corners, border band and text-like regions of one image (bool HxW each), and their union."""
     height, width = grey.shape
@@ -403,21 +444,7 @@ def periphery_masks(grey: np.ndarray, lungs: np.ndarray) -> dict[str, np.ndarray
     corners[-corner:, :corner] = corners[-corner:, -corner:] = True
     border = np.ones(grey.shape, dtype=bool)
     border[band : height - band, band : width - band] = False
-    rows, cols = np.nonzero(lungs)
-    margin = round(LUNG_BOX_MARGIN * side)
-    inside = np.zeros(grey.shape, dtype=bool)
-    if rows.size:
-        inside[
-            max(0, rows.min() - margin) : rows.max() + 1 + margin, max(0, cols.min() - margin) : cols.max() + 1 + margin
-        ] = True
-    level = max(TEXT_MIN_GREY, float(np.percentile(grey, TEXT_PERCENTILE)))
-    bright = (grey >= level) & ~inside
-    if bright.any():
-        size = 2 * max(1, round(TEXT_GROW * side / 2)) + 1
-        grown = Image.fromarray(bright.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(size))
-        text = (np.asarray(grown) > 0) & ~inside
-    else:
-        text = bright
+    text = text_mask(grey, _lung_box(grey.shape, lungs))
     return {"corners": corners, "border": border, "text": text, "all": corners | border | text}
 
 
@@ -625,16 +652,27 @@ def per_source_check(
     scores = {label: p["balanced_accuracy"] for label, p in probes.items() if p.get("balanced_accuracy") is not None}
     best = max(scores.values(), default=None)
     best_label = max(scores, key=scores.__getitem__) if scores else None
-    if best is None:
-        verdict = NOT_APPLICABLE
-        meaning = "no class holds two sources with enough images, so the outputs cannot be probed for the source"
-    elif best >= PROBE_FAIL and one_class:
+    every_source_one_class = (
+        len(one_class) >= 2 and len(one_class) == len(set(sources)) and len(set(scoring.truth)) >= 2
+    )
+    if best is not None and best >= PROBE_FAIL and one_class:
         verdict = "fail"
         meaning = (
             f"within {best_label} the model's outputs tell the sources apart near perfectly, and "
             f"{', '.join(one_class)} hold{'s' if len(one_class) == 1 else ''} a single class: the source is a "
             "ready-made label"
         )
+    elif every_source_one_class:
+        # Whatever the probe says: in such data the source alone gives the label, so no figure here can tell a
+        # model reading the chest from one reading the source.
+        verdict = "warning"
+        meaning = (
+            f"every source holds a single class ({', '.join(one_class)}): the source alone gives the label, so "
+            "this data cannot tell a model reading the chest from one reading the source"
+        )
+    elif best is None:
+        verdict = NOT_APPLICABLE
+        meaning = "no class holds two sources with enough images, so the outputs cannot be probed for the source"
     elif best >= PROBE_WARNING:
         verdict = "warning"
         meaning = f"within {best_label} the model's outputs tell the sources apart: they encode the source"
@@ -1004,7 +1042,11 @@ def calibration_check(samples: Sequence[Sample], preds: Predictions, covid_index
 
 
 def estimate_clean_accuracy(
-    scoring: Scoring, samples: Sequence[Sample], preds: Predictions, transplant: dict | None = None
+    scoring: Scoring,
+    samples: Sequence[Sample],
+    preds: Predictions,
+    transplant: dict | None = None,
+    covid_index: int | None = None,
 ) -> dict:
     """The audit's estimate of balanced accuracy without the shortcut (see the module docstring): the lower of
     the transplant estimate for each region the transplant check flags and the mean within-source balanced
@@ -1026,9 +1068,24 @@ def estimate_clean_accuracy(
         for region in flagged
     }
     # Every image given the flagged region from donors of one class: the shortcut then follows that class, not
-    # the image's; the better class is the one whose images lack the shortcut.
-    removed = [max((v for v in by_class.values() if v is not None), default=None) for by_class in by_region.values()]
-    removed = [v for v in removed if v is not None]
+    # the image's; the better class is the one whose images lack the shortcut. The transplant itself costs a
+    # model some accuracy whatever the region carries (a pasted region is an image it never saw: clean controls
+    # lost 16-24 points with the periphery and look transplanted), which is not the shortcut's cost. That
+    # damage is measured on the same region from donors of each image's own class, whose shortcut is there as
+    # often as in the data, and given back.
+    own_class = np.array([t == COVID for t in scoring.truth], dtype=bool)
+    by_own = {
+        region: balanced_accuracy(
+            scoring.truth,
+            np.where(own_class, preds.decisions[f"covid_{region}"], preds.decisions[f"other_{region}"]),
+        )
+        for region in flagged
+    }
+    removed = []
+    for region, by_class in by_region.items():
+        best = max((v for v in by_class.values() if v is not None), default=None)
+        if best is not None and by_own[region] is not None and unchanged is not None:
+            removed.append(min(1.0, max(0.0, unchanged + best - by_own[region])))
     by_donor = {c: balanced_accuracy(scoring.truth, preds.decisions[f"{c}_shortcut_free"]) for c in DONOR_CLASSES}
     terms = {
         "flagged_regions_transplanted": min(removed) if removed else None,
@@ -1039,27 +1096,53 @@ def estimate_clean_accuracy(
         "acquisition_harmonised": balanced_accuracy(scoring.truth, preds.decisions["down_up"]),
         "periphery_and_look_by_donor_class": by_donor,
         "flagged_regions_by_donor_class": by_region,
+        "flagged_regions_by_own_class_donor": by_own,
     }
+    # A look transplant can blur an image or flatten its grey levels, but not restore detail that was never
+    # captured. Where the look moves p(COVID-19) for one class's images and hardly for the other's, it could
+    # not give that class the other's look, and an estimate from it would keep the shortcut.
+    look_by_class = None
+    if "look" in flagged and covid_index is not None:
+        change = preds.probabilities["covid_look"][:, covid_index] - preds.probabilities["other_look"][:, covid_index]
+        look_by_class = {
+            name: float(np.nanmean(change[rows])) if rows.any() else None
+            for name, rows in (("covid", own_class), ("other", ~own_class))
+        }
+    one_way = (
+        look_by_class is not None
+        and None not in look_by_class.values()
+        and min(look_by_class.values()) < LOOK_ONE_WAY * max(look_by_class.values())
+    )
+    reported["look_change_by_recipient_class"] = look_by_class
     confounded = len(set(sources)) >= 2 and not within
     candidates = [v for v in (*terms.values(), unchanged) if v is not None]
-    value = None if confounded or not candidates else min(candidates)
+    value = None if confounded or one_way or not candidates else min(candidates)
     limiting = min((k for k, v in terms.items() if v is not None), key=lambda k: terms[k], default=None)
     if limiting is not None and unchanged is not None and terms[limiting] >= unchanged:
         limiting = "unchanged"
     return {
         "value": value,
         "metric": "balanced accuracy",
-        "limited_by": "not estimable: every source holds one class" if confounded else limiting,
+        "limited_by": (
+            "not estimable: every source holds one class"
+            if confounded
+            else "not estimable: the look moves the answer of one class only (a transplant can blur an image, not "
+            "restore its detail)"
+            if one_way
+            else limiting
+        ),
         "unchanged": unchanged,
         "terms": terms,
         "reported": reported,
         "within_source": within,
         "single_class_sources": single,
         "estimator": (
-            "min(for each region the transplant check flags, balanced accuracy with every image given that "
-            "region from donors of one class, the better class; mean within-source balanced accuracy over sources "
-            "holding two or more classes), capped at the unchanged balanced accuracy (after Ong Ly et al. 2024); "
-            "none where every source holds a single class"
+            "min(for each region the transplant check flags: unchanged balanced accuracy - (balanced accuracy "
+            "with every image given that region from a donor of its own class - the same from donors of one "
+            "class, the better class); mean within-source balanced accuracy over sources holding two or more "
+            "classes), capped at the unchanged balanced accuracy (after Ong Ly et al. 2024); none where every "
+            f"source holds a single class, or where the flagged look moves p(COVID-19) for one class's images less "
+            f"than {LOOK_ONE_WAY:.2f} times as much as for the other's (a transplant cannot sharpen)"
         ),
     }
 
@@ -1130,7 +1213,8 @@ def audit_classifier(
         name: np.full((n, len(classifier.labels)), np.nan) for name in ("unchanged", *VARIANTS, *TRANSPLANTS)
     }
     donors = choose_donors([s.label for s in samples], [s.source for s in samples], COVID, seed)
-    resolutions: dict[int, int] = {}
+    resolutions: dict[int, int] = {}  # per donor, and its text level at a recipient's size
+    donor_levels: dict[tuple[int, tuple[int, int]], float] = {}
     reasons: list[str | None] = [None] * n
     chosen = _occlusion_subset(samples, seed)
     kept_regions: dict[int, Regions] = {}  # only the occlusion subset's, so memory stays flat
@@ -1149,6 +1233,7 @@ def audit_classifier(
                 if start + k in chosen:
                     kept_regions[start + k] = region
                 masks = periphery_masks(grey, region.lungs)
+                inside = _lung_box(grey.shape, region.lungs)
                 text_share += float(masks["text"].mean())
                 for name, array in variants(grey, region, masks).items():
                     built[name].append(Image.fromarray(array))
@@ -1160,7 +1245,9 @@ def audit_classifier(
                     if j not in resolutions:
                         resolutions[j] = effective_resolution(donor)
                     donor = resized_like(donor, grey.shape)
-                    text = masks["text"] | periphery_masks(donor, region.lungs)["text"]
+                    if (j, grey.shape) not in donor_levels:  # a donor serves about two recipients
+                        donor_levels[(j, grey.shape)] = text_level(donor)
+                    text = masks["text"] | text_mask(donor, inside, donor_levels[(j, grey.shape)])
                     made = transplanted(grey, donor, resolutions[j], {**masks, "lungs": region.lungs, "text": text})
                     for region_name, array in made.items():
                         moved[f"{donor_class}_{region_name}"].append((start + k, Image.fromarray(array)))
@@ -1196,7 +1283,7 @@ def audit_classifier(
     verdict = _worst(check["verdict"] for name, check in checks.items() if name in SHORTCUT_CHECKS)
     if verdict == NOT_APPLICABLE:
         verdict = "pass"
-    estimate = estimate_clean_accuracy(scoring, samples, preds, checks["transplant"])
+    estimate = estimate_clean_accuracy(scoring, samples, preds, checks["transplant"], covid_index)
     per_source: dict[str, dict[str, int]] = {}
     for s in samples:
         per_source.setdefault(s.source, {}).setdefault(s.label, 0)
@@ -1260,6 +1347,66 @@ def _write_variants(out: Path, samples: Sequence[Sample], scoring: Scoring, pred
             truth=scoring.truth.astype(str),
             **arrays,
         )
+
+
+def rescore_audit(out: str | Path, classifier, samples: Sequence[Sample]) -> dict:
+    """Redo the verdict, the per-source and transplant checks and the estimate of the audit in ``out`` from its
+    stored predictions (``variants.npz``), without running the model again: so a change of those rules reaches
+    audits already made. The other checks keep their figures. ``samples``: the audit's own images (their
+    labels, sources and patients; images are not read), in any order; a binary [COVID-19, other] model only,
+    since ``variants.npz`` keeps p(COVID-19) alone."""
+    import json
+
+    out = Path(out)
+    audit = json.loads((out / "audit.json").read_text())
+    if len(classifier.labels) != 2:
+        raise CovidxrError(f"{out}: only a two-label model's audit can be rescored from p(COVID-19) alone")
+    by_name = {s.name: s for s in samples}
+    with np.load(out / "variants.npz") as stored:
+        names = [str(n) for n in stored["names"]]
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise CovidxrError(f"{out}/variants.npz: image {missing[0]} is not among the samples given")
+        ordered = [by_name[n] for n in names]
+        covid_index = classifier.covid_index
+        probabilities = {}
+        for key in stored.files:
+            if key.startswith("p_covid/"):
+                p = np.asarray(stored[key], dtype=np.float64)
+                both = np.empty((len(p), 2))
+                both[:, covid_index], both[:, 1 - covid_index] = p, 1 - p
+                probabilities[key.removeprefix("p_covid/")] = both
+    scoring = make_scoring(classifier.labels, [s.label for s in ordered])
+    decisions = {
+        name: np.array([scoring.map_decision(d) for d in classifier.decide(p)], dtype=object)
+        for name, p in probabilities.items()
+    }
+    raw = np.array(classifier.decide(probabilities["unchanged"]), dtype=object)
+    preds = Predictions(probabilities, decisions, [None] * len(ordered), raw)
+    checks = dict(audit["checks"])
+    checks["per_source"] = per_source_check(scoring, ordered, preds, covid_index, audit["seed"])
+    checks["transplant"] = transplant_check(scoring, preds, covid_index)
+    verdict = _worst(check["verdict"] for name, check in checks.items() if name in SHORTCUT_CHECKS)
+    verdict = "pass" if verdict == NOT_APPLICABLE else verdict
+    estimate = estimate_clean_accuracy(scoring, ordered, preds, checks["transplant"], covid_index)
+    failing = [
+        name
+        for name, check in checks.items()
+        if name in SHORTCUT_CHECKS and check["verdict"] == verdict and verdict != "pass"
+    ]
+    audit = _clean(
+        audit
+        | {
+            "verdict": verdict,
+            "verdict_line": _verdict_line(verdict, failing, estimate),
+            "estimated_clean_accuracy": estimate["value"],
+            "estimate": estimate,
+            "checks": checks,
+            "rescored": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+    )
+    write_audit(out, audit)
+    return audit
 
 
 def _verdict_line(verdict: str, failing: list[str], estimate: dict) -> str:
