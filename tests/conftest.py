@@ -151,10 +151,9 @@ def tiny_run(small_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     assert _snapshot(run) == before, f"a test wrote into the shared tiny run {run}; copy it first"
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
-    """Headless Chromium, one per module, 1280x1000: the system Chromium and chromedriver, so that Selenium
-    Manager never downloads anything, and no background traffic of its own."""
+def chromium(profile: Path, *arguments: str, size: tuple[int, int] = (1280, 1000)) -> webdriver.Chrome:
+    """Headless Chromium: the system Chromium and chromedriver, so that Selenium Manager never downloads anything,
+    no background traffic of its own, a fresh ``profile`` folder, and ``arguments`` on top."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -169,11 +168,19 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        f"--user-data-dir={profile}",
+        *arguments,
     ):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_window_size(1280, 1000)
+    driver.set_window_size(*size)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """Headless Chromium, one per module, 1280x1000."""
+    driver = chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 

@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from .conftest import chromium
 from .test_serve import ARTIFACTS, Server
 
 
@@ -22,24 +22,13 @@ from .test_serve import ARTIFACTS, Server
 def offline_browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
     """Headless Chromium that reaches only the loopback interface: every other host goes to a proxy that does not
     exist and resolves to nothing, so a page that needs the internet fails here as it would offline."""
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
+    driver = chromium(
+        tmp_path_factory.mktemp("chromium-offline"),
         "--proxy-server=http://127.0.0.1:9",
         "--proxy-bypass-list=127.0.0.1",
         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-offline')}",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_window_size(1300, 800)
+        size=(1300, 800),
+    )
     yield driver
     driver.quit()
 

@@ -31,11 +31,11 @@ import numpy as np
 
 import covidxr
 from covidxr.runtime.errors import CovidxrError
-from covidxr.runtime.inference import expand_inputs, iterate_predictions, output_name, path_from_output_name, printable
+from covidxr.runtime.inference import iterate_predictions, output_name, path_from_output_name
 from covidxr.runtime.runners import make_engine
 from covidxr.runtime.runs import Run
 from covidxr.runtime.storage import locked
-from covidxr.runtime.writer import CHUNK, _predict_locked, model_identity
+from covidxr.runtime.writer import CHUNK, model_identity, output_and_files, predict_locked
 
 __all__ = ["RAY_EXTRA", "ArchivePredictor", "connect", "plan_actors", "predict_archive"]
 
@@ -199,16 +199,11 @@ def predict_archive(
     """``predict_to_file`` on Ray Data: the same rows, columns, model identity, resumption and refusals, the
     files predicted by a pool of actors on the cluster ``address`` names (``connect``). Returns every row (old,
     then new) and how many are new."""
-    out = Path(out)
-    if out.suffix not in {".csv", ".json"}:
-        raise CovidxrError(f"{out}: --out must end in .csv or .json")
-    files = expand_inputs(inputs)
-    if not files:
-        raise CovidxrError(f"no image files found in {', '.join(map(printable, map(str, inputs)))}")
+    out, files = output_and_files(out, inputs)
     identity = model_identity(run, make_engine(run, engine, cache_dir, 1))
     connect(address)
     cache = None if cache_dir is None else str(cache_dir)
     predictions = _ray_predictions(run, identity, engine, cache, threads, batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out, "prediction file"):
-        return _predict_locked(run, files, out, resume, identity, predictions, progress, chunk_size)
+        return predict_locked(run, files, out, resume, identity, predictions, progress, chunk_size)

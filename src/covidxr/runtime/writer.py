@@ -27,7 +27,6 @@ from covidxr.runtime.inference import (
     expand_inputs,
     iterate_predictions,
     output_name,
-    printable,
     spreadsheet_text,
     text_from_spreadsheet,
 )
@@ -36,7 +35,16 @@ from covidxr.runtime.runs import Run
 from covidxr.runtime.site import describe_set
 from covidxr.runtime.storage import atomic_write, locked, output_folder, stable_digest, write_failure
 
-__all__ = ["CHUNK", "append_synced", "csv_line", "flat_row", "model_identity", "predict_to_file"]
+__all__ = [
+    "CHUNK",
+    "append_synced",
+    "csv_line",
+    "flat_row",
+    "model_identity",
+    "output_and_files",
+    "predict_locked",
+    "predict_to_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +280,15 @@ def _stop_after_chunk():
         signal.signal(signal.SIGINT, previous)
 
 
+def output_and_files(out: str | Path, inputs: Sequence[str | Path]) -> tuple[Path, list[Path]]:
+    """The ``--out`` file, checked to be a .csv or .json, and the files to predict (``expand_inputs``: an empty
+    input is refused there); shared by local and Ray prediction, so both refuse alike."""
+    out = Path(out)
+    if out.suffix not in {".csv", ".json"}:
+        raise CovidxrError(f"{out}: --out must end in .csv or .json")
+    return out, expand_inputs(inputs)
+
+
 def predict_to_file(
     run: Run | ForeignModel,
     inputs: Sequence[str | Path],
@@ -292,12 +309,7 @@ def predict_to_file(
 
     ``run`` may be a ``ForeignModel`` (``MODEL.onnx`` with its spec): the same columns, its ``identity`` as
     the model, its own file reading and batches (``engine`` and ``cache_dir`` do not apply)."""
-    out = Path(out)
-    if out.suffix not in {".csv", ".json"}:
-        raise CovidxrError(f"{out}: --out must end in .csv or .json")
-    files = expand_inputs(inputs)
-    if not files:
-        raise CovidxrError(f"no image files found in {', '.join(map(printable, map(str, inputs)))}")
+    out, files = output_and_files(out, inputs)
     if isinstance(run, ForeignModel):
         identity = run.identity
 
@@ -312,10 +324,10 @@ def predict_to_file(
 
     output_folder(out.parent)
     with locked(out, "prediction file"):  # one writer at a time: a second is refused, naming the first
-        return _predict_locked(run, files, out, resume, identity, predictions, progress, chunk_size)
+        return predict_locked(run, files, out, resume, identity, predictions, progress, chunk_size)
 
 
-def _predict_locked(
+def predict_locked(
     run: Run | ForeignModel,
     files: list[Path],
     out: Path,
