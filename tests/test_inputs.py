@@ -276,7 +276,7 @@ def test_orientation_is_checked_on_real_films(model: covidxr.Model) -> None:
 
 def test_every_command_has_a_summary_that_fits() -> None:
     """Issue 28 item 10: `covidxr --help` (80 columns) shows every command's whole summary, never cut short."""
-    for args in (["--help"], ["data", "--help"]):
+    for args in (["--help"], ["data", "--help"], ["weights", "--help"]):
         result = CliRunner().invoke(cli, args, terminal_width=80)
         commands = result.output.split("Commands:\n")[1].splitlines()
         assert commands and not [line for line in commands if line.endswith("...")], result.output

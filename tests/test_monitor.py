@@ -47,7 +47,7 @@ def predictions(tmp_path_factory: pytest.TempPathFactory, cxr3: Path, cxr3_meta:
         (kermany, paths["kermany"], ["--site", site]),
         (few, paths["own"], []),
     ):
-        result = run("predict", data, "--out", out, *extra)
+        result = run("predict", data / "images", "--out", out, *extra)  # not metadata.csv: it is no image
         assert result.returncode == 0, result.stderr
     return paths
 

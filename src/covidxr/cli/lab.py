@@ -103,12 +103,12 @@ def _weights_status(spec, weights_dir: Path | None) -> str:
     return "not available here (see docs/user-guide.md: Models and weights)"
 
 
-@cli.group(cls=FriendlyGroup)
+@cli.group(cls=FriendlyGroup, short_help="Import backbone weights from other tools (Keras).")
 def weights() -> None:
     """Bring backbone weights from other tools into covidxr's registry layout."""
 
 
-@weights.command("import")
+@weights.command("import", short_help="Keras .h5 or .weights.h5 into the registry layout.")
 @click.argument("source", type=_path)
 @click.option("--model", required=True, help="The architecture the file holds: vgg16, resnet50 or xception.")
 @click.option("--out", type=_path, required=True, help="Folder to write <model>.safetensors and <model>.json into.")
