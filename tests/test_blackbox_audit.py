@@ -184,7 +184,7 @@ def read_audit(out: Path) -> dict:
     first_lines = [line for line in md.splitlines() if line.strip()][:4]
     assert any(line.startswith("> - Verdict:") for line in first_lines), md[:500]
     html = (out / "audit.html").read_text()
-    assert html.index('id="verdict"') < html.index("<h2>", html.index('id="verdict"') + 40)
+    assert html.index('id="verdict"') < html.index("<h2", html.index('id="verdict"') + 40)
     for check in audit["checks"].values():
         assert check["rule"] in md.replace("\n", " ") or check["rule"][:60] in md
     assert "Research use only" in md

@@ -153,7 +153,9 @@ def test_reproduce_skips_models_without_weights_and_writes_the_table(small_datas
     for name in ("metrics.json", "confusion_matrix.png", "curves.png", "run.json"):
         assert (out / "efficientnet_lite0" / name).exists()
     assert (out / "efficientnet_lite0" / "external" / "unseen" / "metrics.json").exists()
-    assert "efficientnet_lite0: On unseen (" in markdown.split("## Results against the paper", 1)[0]
+    bottom_line = markdown.split("## Contents", 1)[0]  # the first screen: one row per model
+    row = next(line for line in bottom_line.splitlines() if line.startswith("> | efficientnet_lite0 |"))
+    assert "On unseen (" in row, bottom_line
     first = json.loads((out / "efficientnet_lite0" / "run.json").read_text())["created"]
     again = run(*args)  # finished models are reused, not retrained
     assert again.returncode == 0

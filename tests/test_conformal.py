@@ -59,7 +59,7 @@ def calibrated(parts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def held_out(parts: tuple[Path, Path], calibrated: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("predictions") / "held-out.csv"
-    result = run("predict", parts[1], "--site", calibrated[0], "--out", out)
+    result = run("predict", parts[1] / "images", "--site", calibrated[0], "--out", out)  # not its metadata.csv
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out, keep_default_na=False)
     truth = pd.read_csv(parts[1] / "metadata.csv", dtype=str, keep_default_na=False)
