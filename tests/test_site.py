@@ -58,7 +58,7 @@ def held_out(halves: tuple[Path, Path], calibrated: tuple[Path, str], tmp_path_f
     out = tmp_path_factory.mktemp("held-out-predictions")
     tables = {}
     for name, extra in (("site", ["--site", calibrated[0]]), ("own", [])):
-        result = run("predict", halves[1], "--out", out / f"{name}.csv", *extra)
+        result = run("predict", halves[1] / "images", "--out", out / f"{name}.csv", *extra)  # not metadata.csv
         assert result.returncode == 0, result.stderr
         tables[name] = pd.read_csv(out / f"{name}.csv", keep_default_na=False)
     return tables
@@ -105,7 +105,7 @@ def test_calibrate_writes_a_versioned_site_file_with_rates_and_intervals(calibra
     assert SiteCalibration.from_dict(site.to_dict()).to_dict() == site.to_dict()
     assert site.site == "NIH half A" and site.target == {"metric": "specificity", "value": 0.95}
     assert site.model["run"] == "bundled" and len(site.model["head_sha256"]) == 64
-    assert set(site.counts) == {"NORMAL", "PNEUMONIA"} and site.images >= 380
+    assert set(site.counts) == {"NORMAL", "PNEUMONIA"} and site.images >= 370  # of ~405: a few get no answer
     specificity = site.achieved["specificity"]
     assert "sensitivity" not in site.achieved  # no COVID-19 image to measure it on
     assert specificity.value >= 0.95 and specificity.low < specificity.value < specificity.high
@@ -341,7 +341,7 @@ def test_calibrate_records_the_images_sizes_and_bit_depths(
 
 
 def _predict_out(data: Path, out: Path) -> Path:
-    result = run("predict", data, "--out", out)
+    result = run("predict", data / "images", "--out", out)  # the images, not metadata.csv
     assert result.returncode == 0, result.stderr
     return out
 

@@ -150,10 +150,16 @@ def test_evaluate_writes_metrics_and_figures(trained_run: Path) -> None:
 
 
 def test_evaluate_on_an_external_set_with_two_classes(trained_run: Path, cxr3: Path, cxr3_meta, tmp_path: Path):
-    rows = cxr3_meta[cxr3_meta["label"].isin(["COVID-19", "NORMAL"])].groupby("label").tail(4)
-    external = linked_dataset(tmp_path / "external", cxr3, rows)
+    splits = pd.read_csv(trained_run / "splits.csv")
+    trained = {Path(name).name for name in splits.loc[splits["split"] == "train", "filename"]}
+    unseen = cxr3_meta[~cxr3_meta["filename"].map(lambda name: Path(name).name in trained)]
+    rows = unseen[unseen["label"].isin(["COVID-19", "NORMAL"])].groupby("label").tail(4)
+    seen = cxr3_meta[cxr3_meta["filename"].map(lambda name: Path(name).name in trained)]
+    seen = seen[seen["label"] == "NORMAL"].head(1)
+    external = linked_dataset(tmp_path / "external", cxr3, pd.concat([rows, seen]))
     metrics = evaluate_run(trained_run, data=external, out=tmp_path / "eval", progress=False, explain=False)
-    assert metrics["n"] == 8 and metrics["split"] == "all"
+    assert metrics["n"] == 8 and metrics["split"] == "all"  # the training image is left out, and said so
+    assert metrics["seen_in_training_left_out"] == 1
     assert set(metrics["per_class"]) == {"COVID-19", "NORMAL"}
     assert len(metrics["confusion_matrix"]["matrix"]) == 3  # predictions still over all three classes
     assert (tmp_path / "eval" / "confusion_matrix.png").exists() and (tmp_path / "eval" / "predictions.png").exists()
