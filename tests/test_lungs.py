@@ -200,3 +200,26 @@ def test_components_and_holes_match_scipy() -> None:
         reference, reference_count = ndi.label(mask)
         assert count == reference_count and len(set(zip(labels[mask], reference[mask], strict=True))) == count
         assert np.array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
+def test_orientation_reuses_the_crops_map_with_the_same_verdicts() -> None:
+    """Issue 27 item 3: the orientation check after ``segment`` segments only the turned views, and says what it
+    says from scratch, on real films upright, turned 180° and flipped, with and without the 90° turns."""
+    paths = sorted((SHARED / "data" / "cxr3" / "images").glob("*.jpg"))[::400][:3]
+    paths += sorted((SHARED / "data" / "adult-controls" / "images").glob("*"))[:1]
+    films = [grey(path) for path in paths]
+    films += [films[0][::-1, ::-1].copy(), films[1][::-1].copy(), np.rot90(films[3]).copy()]
+    scratch, reusing = LungSegmenter(), LungSegmenter()
+    batches: list[int] = []
+    probabilities = reusing.probabilities
+    reusing.probabilities = lambda smalls: batches.append(len(smalls)) or probabilities(smalls)
+    verdicts = []
+    for film in films:
+        for sideways in (False, True):
+            reusing.segment(film)
+            verdict = reusing.orientation(film, sideways)
+            assert verdict == scratch.orientation(film, sideways), (film.shape, sideways)
+            verdicts.append(verdict)
+    assert batches == [1, 2, 1, 4] * len(films)  # the upright view is never segmented twice
+    assert verdicts[:8] == [None] * 8 and all("not upright" in verdict for verdict in verdicts[8:12]), verdicts
+    assert reusing.orientation(films[4]) == verdicts[8] and batches[-1] == 3  # the memo gave its map away

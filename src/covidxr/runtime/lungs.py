@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,9 @@ TURNS = {
     "turned 90° clockwise": lambda small: np.rot90(small, -1),
     "turned 90° anticlockwise": lambda small: np.rot90(small, 1),
 }
+# Upright probability maps kept for the orientation check, which follows the lung crop on the same model input:
+# a few per decoding thread is plenty, and a map not found is only segmented again.
+MEMO_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -228,6 +232,8 @@ class LungSegmenter:
 
     def __init__(self, graph: str | Path = GRAPH, sidecar: str | Path | None = None, threads: int = 1):
         self.graph = Path(graph)
+        self._memo: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._memo_lock = threading.Lock()
         sidecar = Path(sidecar) if sidecar is not None else self.graph.with_suffix(".json")
         try:
             self.info = json.loads(sidecar.read_text())
@@ -257,6 +263,19 @@ class LungSegmenter:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+
+    def _remember(self, small: np.ndarray, soft: np.ndarray) -> None:
+        """Keep one model input's probability map for ``orientation`` (the last ``MEMO_SIZE``, any thread's)."""
+        with self._memo_lock:
+            self._memo[small.tobytes()] = soft
+            self._memo.move_to_end(small.tobytes())
+            while len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+
+    def _recall(self, small: np.ndarray) -> np.ndarray | None:
+        """The probability map kept for exactly these model-input bytes (taken out of the memo), or None."""
+        with self._memo_lock:
+            return self._memo.pop(small.tobytes(), None)
 
     def probabilities(self, smalls: list[np.ndarray]) -> np.ndarray:
         """Lung probability per pixel of model-resolution uint8 inputs, N x size x size, in 1/255 steps
@@ -297,16 +316,25 @@ class LungSegmenter:
                 raw[i] = probability
                 if paths:
                     _write_png_atomic(paths[i], probability)
+        for small, soft in zip(smalls, raw, strict=True):
+            self._remember(small, soft)
         return [self.fields(soft, grey.shape) for soft, grey in zip(raw, greys, strict=True)]
 
     def orientation(self, grey: np.ndarray, sideways: bool = False) -> str | None:
         """Why a uint8 HxW image is not upright (None when it is): the segmenter is compared on the image and on
         it turned 180° and flipped top to bottom (with ``sideways``, also turned 90° either way), and a turned
-        view that beats the image by ``ORIENTATION_MARGIN`` and shows two plausible lungs names how to turn it back."""
+        view that beats the image by ``ORIENTATION_MARGIN`` and shows two plausible lungs names how to turn it back.
+        The image's own map is the one ``segment`` just made for the lung crop where it is still kept (same model
+        input, same map: onnxruntime gives each image of a batch the numbers it gives it alone), so only the
+        turned views are segmented."""
         small = model_input(grey, self.size)
         turns = list(TURNS)[: 4 if sideways else 2]
-        views = [small] + [np.ascontiguousarray(TURNS[turn](small)) for turn in turns]
-        softs = self.probabilities(views)
+        turned = [np.ascontiguousarray(TURNS[turn](small)) for turn in turns]
+        upright = self._recall(small)
+        if upright is None:
+            softs = list(self.probabilities([small, *turned]))
+        else:
+            softs = [upright, *self.probabilities(turned)]
         scores = [self.confidence(soft) for soft in softs]
         best = int(np.argmax(scores[1:]))
         if scores[1 + best] <= scores[0] + ORIENTATION_MARGIN or self.fields(softs[1 + best], small.shape).reason:
