@@ -153,10 +153,19 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """The mask with every background region that does not touch the border filled."""
-    labels, _ = label_components(~mask)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    return mask | ~np.isin(labels, border)
+    """The mask with every background region that does not touch the border filled.
+
+    Only the mask's bounding box is labelled, inside a one-pixel background ring: everything outside the box is
+    background that reaches the border in a straight line, so a region inside it is a hole exactly when it does
+    not reach the ring (the ring is one region, the one in its corner)."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    filled = mask.copy()
+    if not len(rows):
+        return filled
+    inside = filled[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # a view: filling it fills ``filled``
+    labels, _ = label_components(np.pad(~inside, 1, constant_values=True))
+    inside |= (labels[1:-1, 1:-1] != 0) & (labels[1:-1, 1:-1] != labels[0, 0])
+    return filled
 
 
 def keep_lungs(mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -166,7 +175,9 @@ def keep_lungs(mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     order = [int(i) + 1 for i in np.argsort(-areas, kind="stable") if areas[i] >= MIN_LUNG_FRACTION * mask.size]
     lungs = [labels == name for name in order[:2]]
-    return fill_holes(np.isin(labels, order[:2])), lungs
+    wanted = np.zeros(count + 1, dtype=bool)
+    wanted[order[:2]] = True  # a lookup by label: what ``np.isin`` gives, without its sort
+    return fill_holes(wanted[labels]), lungs
 
 
 def lung_reason(lungs: list[np.ndarray], area_fraction: float, probability: np.ndarray, threshold: float) -> str | None:
