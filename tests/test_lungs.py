@@ -212,7 +212,7 @@ def test_components_and_holes_match_scipy() -> None:
         assert np.array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
 
 
-def test_orientation_reuses_the_crops_map_with_the_same_verdicts() -> None:
+def test_orientation_reuses_the_crops_segmentation_with_the_same_verdicts() -> None:
     """Issue 27 item 3: the orientation check after ``segment`` segments only the turned views, and says what it
     says from scratch, on real films upright, turned 180° and flipped, with and without the 90° turns."""
     paths = sorted((SHARED / "data" / "cxr3" / "images").glob("*.jpg"))[::400][:3]
@@ -227,12 +227,15 @@ def test_orientation_reuses_the_crops_map_with_the_same_verdicts() -> None:
     for film in films:
         for sideways in (False, True):
             reusing.segment(film)
+            small = model_input(film, scratch.size)  # the upright score as the check made it, in one batch with turns
+            upright = scratch.probabilities([small, small[::-1, ::-1].copy(), small[::-1].copy()])[0]
+            assert reusing._memo[small.tobytes()] == scratch.confidence(upright)  # bit for bit, not approximately
             verdict = reusing.orientation(film, sideways)
             assert verdict == scratch.orientation(film, sideways), (film.shape, sideways)
             verdicts.append(verdict)
     assert batches == [1, 2, 1, 4] * len(films)  # the upright view is never segmented twice
     assert verdicts[:8] == [None] * 8 and all("not upright" in verdict for verdict in verdicts[8:12]), verdicts
-    assert reusing.orientation(films[4]) == verdicts[8] and batches[-1] == 3  # the memo gave its map away
+    assert reusing.orientation(films[4]) == verdicts[8] and batches[-1] == 3  # the memo gave its confidence away
 
 
 def _fields_before(segmenter: LungSegmenter, soft: np.ndarray, shape: tuple[int, int]) -> tuple:

@@ -71,8 +71,8 @@ TURNS = {
     "turned 90° clockwise": lambda small: np.rot90(small, -1),
     "turned 90° anticlockwise": lambda small: np.rot90(small, 1),
 }
-# Upright probability maps kept for the orientation check, which follows the lung crop on the same model input:
-# a few per decoding thread is plenty, and a map not found is only segmented again.
+# Upright views' confidence kept for the orientation check, which follows the lung crop on the same model input:
+# a few per decoding thread is plenty, and an image not found is only segmented again.
 MEMO_SIZE = 64
 
 
@@ -243,7 +243,7 @@ class LungSegmenter:
 
     def __init__(self, graph: str | Path = GRAPH, sidecar: str | Path | None = None, threads: int = 1):
         self.graph = Path(graph)
-        self._memo: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._memo: OrderedDict[bytes, float] = OrderedDict()
         self._memo_lock = threading.Lock()
         sidecar = Path(sidecar) if sidecar is not None else self.graph.with_suffix(".json")
         try:
@@ -275,16 +275,17 @@ class LungSegmenter:
         self.session = onnxruntime.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
-    def _remember(self, small: np.ndarray, soft: np.ndarray) -> None:
-        """Keep one model input's probability map for ``orientation`` (the last ``MEMO_SIZE``, any thread's)."""
+    def _remember(self, small: np.ndarray, confidence: float) -> None:
+        """Keep one model input's ``confidence`` for ``orientation`` (the last ``MEMO_SIZE``, any thread's)."""
+        key = small.tobytes()
         with self._memo_lock:
-            self._memo[small.tobytes()] = soft
-            self._memo.move_to_end(small.tobytes())
+            self._memo[key] = confidence
+            self._memo.move_to_end(key)
             while len(self._memo) > MEMO_SIZE:
                 self._memo.popitem(last=False)
 
-    def _recall(self, small: np.ndarray) -> np.ndarray | None:
-        """The probability map kept for exactly these model-input bytes (taken out of the memo), or None."""
+    def _recall(self, small: np.ndarray) -> float | None:
+        """The confidence kept for exactly these model-input bytes (taken out of the memo), or None."""
         with self._memo_lock:
             return self._memo.pop(small.tobytes(), None)
 
@@ -327,28 +328,30 @@ class LungSegmenter:
                 raw[i] = probability
                 if paths:
                     _write_png_atomic(paths[i], probability)
-        for small, soft in zip(smalls, raw, strict=True):
-            self._remember(small, soft)
-        return [self.fields(soft, grey.shape) for soft, grey in zip(raw, greys, strict=True)]
+        found = [self._fields(soft, grey.shape) for soft, grey in zip(raw, greys, strict=True)]
+        for small, (_, *lungs) in zip(smalls, found, strict=True):
+            self._remember(small, _confidence(*lungs))
+        return [fields for fields, *_ in found]
 
     def orientation(self, grey: np.ndarray, sideways: bool = False) -> str | None:
         """Why a uint8 HxW image is not upright (None when it is): the segmenter is compared on the image and on
         it turned 180° and flipped top to bottom (with ``sideways``, also turned 90° either way), and a turned
         view that beats the image by ``ORIENTATION_MARGIN`` and shows two plausible lungs names how to turn it back.
-        The image's own map is the one ``segment`` just made for the lung crop where it is still kept (same model
-        input, same map: onnxruntime gives each image of a batch the numbers it gives it alone), so only the
+        The image's own confidence is the one ``segment`` just found for the lung crop where it is still kept (same
+        model input, same map: onnxruntime gives each image of a batch the numbers it gives it alone), so only the
         turned views are segmented."""
         small = model_input(grey, self.size)
         turns = list(TURNS)[: 4 if sideways else 2]
         turned = [np.ascontiguousarray(TURNS[turn](small)) for turn in turns]
         upright = self._recall(small)
         if upright is None:
-            softs = list(self.probabilities([small, *turned]))
+            [soft, *softs] = self.probabilities([small, *turned])
+            upright = self.confidence(soft)
         else:
-            softs = [upright, *self.probabilities(turned)]
+            softs = list(self.probabilities(turned))
         scores = [self.confidence(soft) for soft in softs]
-        best = int(np.argmax(scores[1:]))
-        if scores[1 + best] <= scores[0] + ORIENTATION_MARGIN or self.fields(softs[1 + best], small.shape).reason:
+        best = int(np.argmax(scores))
+        if scores[best] <= upright + ORIENTATION_MARGIN or self.fields(softs[best], small.shape).reason:
             return None  # upright, or no turn shows two plausible lungs either
         return f"not upright (its lungs look upright once it is {turns[best]}): give the film upright"
 
@@ -358,21 +361,35 @@ class LungSegmenter:
         probability = soft.astype(np.float32) / 255.0
         called = probability >= self.threshold
         kept, _ = keep_lungs(called)
-        if not kept.any():
-            return 0.0
-        uncertain = ((probability > 0.25) & (probability < 0.75)).sum() / max(1, called.sum())
-        return float(probability[kept].mean() - uncertain)
+        return _confidence(probability, called, kept)
 
     def fields(self, soft: np.ndarray, shape: tuple[int, ...]) -> LungFields:
         """Post-processing of one model-resolution uint8 probability map, scaled to an image of ``shape``."""
+        return self._fields(soft, shape)[0]
+
+    def _fields(
+        self, soft: np.ndarray, shape: tuple[int, ...]
+    ) -> tuple[LungFields, np.ndarray, np.ndarray, np.ndarray]:
+        """``fields``, and the probabilities, pixels called lung and kept lungs ``confidence`` needs: ``segment``
+        keeps the confidence for ``orientation`` without labelling the lungs again."""
         probability = soft.astype(np.float32) / 255.0
-        kept, lungs = keep_lungs(probability >= self.threshold)
+        called = probability >= self.threshold
+        kept, lungs = keep_lungs(called)
         area_fraction = float(kept.mean())
         reason = lung_reason(lungs, area_fraction, probability, self.threshold)
         height, width = shape[:2]
         scaled = Image.fromarray(kept.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BILINEAR)
         mask = np.asarray(scaled) >= 128
-        return LungFields(mask=mask, box=None if reason else _box(mask), area_fraction=area_fraction, reason=reason)
+        box = None if reason else _box(mask)
+        return LungFields(mask=mask, box=box, area_fraction=area_fraction, reason=reason), probability, called, kept
+
+
+def _confidence(probability: np.ndarray, called: np.ndarray, kept: np.ndarray) -> float:
+    """``LungSegmenter.confidence`` from a map's probabilities (0-1), the pixels called lung and the kept lungs."""
+    if not kept.any():
+        return 0.0
+    uncertain = ((probability > 0.25) & (probability < 0.75)).sum() / max(1, called.sum())
+    return float(probability[kept].mean() - uncertain)
 
 
 def _torch_segmenter(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
