@@ -18,7 +18,17 @@ from PIL import Image
 from covidxr.lab.lungs_train import evaluate, held_out_rows, load_torch_model, read_mask_table, split_patients
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import read_image
-from covidxr.runtime.lungs import BUNDLED, GRAPH, SIDECAR, LungSegmenter, fill_holes, label_components, lung_segmenter
+from covidxr.runtime.lungs import (
+    BUNDLED,
+    GRAPH,
+    SIDECAR,
+    LungSegmenter,
+    fill_holes,
+    label_components,
+    lung_reason,
+    lung_segmenter,
+    model_input,
+)
 
 from .conftest import SHARED, run_cli
 
@@ -200,3 +210,70 @@ def test_components_and_holes_match_scipy() -> None:
         reference, reference_count = ndi.label(mask)
         assert count == reference_count and len(set(zip(labels[mask], reference[mask], strict=True))) == count
         assert np.array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+
+
+def test_orientation_reuses_the_crops_segmentation_with_the_same_verdicts() -> None:
+    """Issue 27 item 3: the orientation check after ``segment`` segments only the turned views, and says what it
+    says from scratch, on real films upright, turned 180° and flipped, with and without the 90° turns."""
+    paths = sorted((SHARED / "data" / "cxr3" / "images").glob("*.jpg"))[::400][:3]
+    paths += sorted((SHARED / "data" / "adult-controls" / "images").glob("*"))[:1]
+    films = [grey(path) for path in paths]
+    films += [films[0][::-1, ::-1].copy(), films[1][::-1].copy(), np.rot90(films[3]).copy()]
+    scratch, reusing = LungSegmenter(), LungSegmenter()
+    batches: list[int] = []
+    probabilities = reusing.probabilities
+    reusing.probabilities = lambda smalls: batches.append(len(smalls)) or probabilities(smalls)
+    verdicts = []
+    for film in films:
+        for sideways in (False, True):
+            reusing.segment(film)
+            small = model_input(film, scratch.size)  # the upright score as the check made it, in one batch with turns
+            upright = scratch.probabilities([small, small[::-1, ::-1].copy(), small[::-1].copy()])[0]
+            assert reusing._memo[small.tobytes()] == scratch.confidence(upright)  # bit for bit, not approximately
+            verdict = reusing.orientation(film, sideways)
+            assert verdict == scratch.orientation(film, sideways), (film.shape, sideways)
+            verdicts.append(verdict)
+    assert batches == [1, 2, 1, 4] * len(films)  # the upright view is never segmented twice
+    assert verdicts[:8] == [None] * 8 and all("not upright" in verdict for verdict in verdicts[8:12]), verdicts
+    assert reusing.orientation(films[4]) == verdicts[8] and batches[-1] == 3  # the memo gave its confidence away
+
+
+def _fields_before(segmenter: LungSegmenter, soft: np.ndarray, shape: tuple[int, int]) -> tuple:
+    """``LungSegmenter.fields`` as it was before issue 27 (holes over the whole image, labels picked by
+    ``np.isin``): the reference the faster post-processing must match bit for bit."""
+    probability = soft.astype(np.float32) / 255.0
+    labels, count = label_components(probability >= segmenter.threshold)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    order = [int(i) + 1 for i in np.argsort(-areas, kind="stable") if areas[i] >= 0.02 * labels.size]
+    lungs = [labels == name for name in order[:2]]
+    background, _ = label_components(~np.isin(labels, order[:2]))
+    border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+    kept = np.isin(labels, order[:2]) | ~np.isin(background, border)
+    reason = lung_reason(lungs, float(kept.mean()), probability, segmenter.threshold)
+    scaled = Image.fromarray(kept.astype(np.uint8) * 255).resize(shape[::-1], Image.Resampling.BILINEAR)
+    mask = np.asarray(scaled) >= 128
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1) if len(rows) and not reason else None
+    return mask, box, float(kept.mean()), reason
+
+
+def test_post_processing_is_bit_identical_to_the_reference() -> None:
+    """Issue 27 item 3: the mask, box, area and reason of real films' maps, scaled to sizes from a thumbnail to a
+    full-size film (and turned, so some get a reason), are exactly those of the reference above."""
+    segmenter = lung_segmenter()
+    paths = sorted((SHARED / "data" / "cxr3" / "images").glob("*.jpg"))[::300][:4]
+    paths += sorted((SHARED / "data" / "adult-controls" / "images").glob("*"))[:2]
+    films = [grey(path) for path in paths]
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400), dtype=np.uint8)
+    films += [np.rot90(films[0]).copy(), films[1][::-1].copy(), films[2][: films[2].shape[0] // 3].copy(), noise]
+    softs = segmenter.probabilities([model_input(film, segmenter.size) for film in films])
+    reasons = set()
+    for film, soft in zip(films, softs, strict=True):
+        for shape in (film.shape, (97, 131), (2048, 1663), (segmenter.size, segmenter.size)):
+            fields = segmenter.fields(soft, shape)
+            mask, box, area, reason = _fields_before(segmenter, soft, shape)
+            assert np.array_equal(fields.mask, mask) and fields.mask.shape == shape
+            assert (fields.box, fields.area_fraction, fields.reason) == (box, area, reason), shape
+            reasons.add(reason)
+    assert None in reasons and len(reasons) >= 3, reasons
+    print(reasons)  # plausible lungs and at least two kinds of reason

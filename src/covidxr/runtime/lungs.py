@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,9 @@ TURNS = {
     "turned 90° clockwise": lambda small: np.rot90(small, -1),
     "turned 90° anticlockwise": lambda small: np.rot90(small, 1),
 }
+# Upright views' confidence kept for the orientation check, which follows the lung crop on the same model input:
+# a few per decoding thread is plenty, and an image not found is only segmented again.
+MEMO_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -149,10 +153,19 @@ def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """The mask with every background region that does not touch the border filled."""
-    labels, _ = label_components(~mask)
-    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
-    return mask | ~np.isin(labels, border)
+    """The mask with every background region that does not touch the border filled.
+
+    Only the mask's bounding box is labelled, inside a one-pixel background ring: everything outside the box is
+    background that reaches the border in a straight line, so a region inside it is a hole exactly when it does
+    not reach the ring (the ring is one region, the one in its corner)."""
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    filled = mask.copy()
+    if not len(rows):
+        return filled
+    inside = filled[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]  # a view: filling it fills ``filled``
+    labels, _ = label_components(np.pad(~inside, 1, constant_values=True))
+    inside |= (labels[1:-1, 1:-1] != 0) & (labels[1:-1, 1:-1] != labels[0, 0])
+    return filled
 
 
 def keep_lungs(mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -162,7 +175,9 @@ def keep_lungs(mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     order = [int(i) + 1 for i in np.argsort(-areas, kind="stable") if areas[i] >= MIN_LUNG_FRACTION * mask.size]
     lungs = [labels == name for name in order[:2]]
-    return fill_holes(np.isin(labels, order[:2])), lungs
+    wanted = np.zeros(count + 1, dtype=bool)
+    wanted[order[:2]] = True  # a lookup by label: what ``np.isin`` gives, without its sort
+    return fill_holes(wanted[labels]), lungs
 
 
 def lung_reason(lungs: list[np.ndarray], area_fraction: float, probability: np.ndarray, threshold: float) -> str | None:
@@ -228,6 +243,8 @@ class LungSegmenter:
 
     def __init__(self, graph: str | Path = GRAPH, sidecar: str | Path | None = None, threads: int = 1):
         self.graph = Path(graph)
+        self._memo: OrderedDict[bytes, float] = OrderedDict()
+        self._memo_lock = threading.Lock()
         sidecar = Path(sidecar) if sidecar is not None else self.graph.with_suffix(".json")
         try:
             self.info = json.loads(sidecar.read_text())
@@ -257,6 +274,20 @@ class LungSegmenter:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+
+    def _remember(self, small: np.ndarray, confidence: float) -> None:
+        """Keep one model input's ``confidence`` for ``orientation`` (the last ``MEMO_SIZE``, any thread's)."""
+        key = small.tobytes()
+        with self._memo_lock:
+            self._memo[key] = confidence
+            self._memo.move_to_end(key)
+            while len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+
+    def _recall(self, small: np.ndarray) -> float | None:
+        """The confidence kept for exactly these model-input bytes (taken out of the memo), or None."""
+        with self._memo_lock:
+            return self._memo.pop(small.tobytes(), None)
 
     def probabilities(self, smalls: list[np.ndarray]) -> np.ndarray:
         """Lung probability per pixel of model-resolution uint8 inputs, N x size x size, in 1/255 steps
@@ -297,19 +328,30 @@ class LungSegmenter:
                 raw[i] = probability
                 if paths:
                     _write_png_atomic(paths[i], probability)
-        return [self.fields(soft, grey.shape) for soft, grey in zip(raw, greys, strict=True)]
+        found = [self._fields(soft, grey.shape) for soft, grey in zip(raw, greys, strict=True)]
+        for small, (_, *lungs) in zip(smalls, found, strict=True):
+            self._remember(small, _confidence(*lungs))
+        return [fields for fields, *_ in found]
 
     def orientation(self, grey: np.ndarray, sideways: bool = False) -> str | None:
         """Why a uint8 HxW image is not upright (None when it is): the segmenter is compared on the image and on
         it turned 180° and flipped top to bottom (with ``sideways``, also turned 90° either way), and a turned
-        view that beats the image by ``ORIENTATION_MARGIN`` and shows two plausible lungs names how to turn it back."""
+        view that beats the image by ``ORIENTATION_MARGIN`` and shows two plausible lungs names how to turn it back.
+        The image's own confidence is the one ``segment`` just found for the lung crop where it is still kept (same
+        model input, same map: onnxruntime gives each image of a batch the numbers it gives it alone), so only the
+        turned views are segmented."""
         small = model_input(grey, self.size)
         turns = list(TURNS)[: 4 if sideways else 2]
-        views = [small] + [np.ascontiguousarray(TURNS[turn](small)) for turn in turns]
-        softs = self.probabilities(views)
+        turned = [np.ascontiguousarray(TURNS[turn](small)) for turn in turns]
+        upright = self._recall(small)
+        if upright is None:
+            [soft, *softs] = self.probabilities([small, *turned])
+            upright = self.confidence(soft)
+        else:
+            softs = list(self.probabilities(turned))
         scores = [self.confidence(soft) for soft in softs]
-        best = int(np.argmax(scores[1:]))
-        if scores[1 + best] <= scores[0] + ORIENTATION_MARGIN or self.fields(softs[1 + best], small.shape).reason:
+        best = int(np.argmax(scores))
+        if scores[best] <= upright + ORIENTATION_MARGIN or self.fields(softs[best], small.shape).reason:
             return None  # upright, or no turn shows two plausible lungs either
         return f"not upright (its lungs look upright once it is {turns[best]}): give the film upright"
 
@@ -319,21 +361,35 @@ class LungSegmenter:
         probability = soft.astype(np.float32) / 255.0
         called = probability >= self.threshold
         kept, _ = keep_lungs(called)
-        if not kept.any():
-            return 0.0
-        uncertain = ((probability > 0.25) & (probability < 0.75)).sum() / max(1, called.sum())
-        return float(probability[kept].mean() - uncertain)
+        return _confidence(probability, called, kept)
 
     def fields(self, soft: np.ndarray, shape: tuple[int, ...]) -> LungFields:
         """Post-processing of one model-resolution uint8 probability map, scaled to an image of ``shape``."""
+        return self._fields(soft, shape)[0]
+
+    def _fields(
+        self, soft: np.ndarray, shape: tuple[int, ...]
+    ) -> tuple[LungFields, np.ndarray, np.ndarray, np.ndarray]:
+        """``fields``, and the probabilities, pixels called lung and kept lungs ``confidence`` needs: ``segment``
+        keeps the confidence for ``orientation`` without labelling the lungs again."""
         probability = soft.astype(np.float32) / 255.0
-        kept, lungs = keep_lungs(probability >= self.threshold)
+        called = probability >= self.threshold
+        kept, lungs = keep_lungs(called)
         area_fraction = float(kept.mean())
         reason = lung_reason(lungs, area_fraction, probability, self.threshold)
         height, width = shape[:2]
         scaled = Image.fromarray(kept.astype(np.uint8) * 255).resize((width, height), Image.Resampling.BILINEAR)
         mask = np.asarray(scaled) >= 128
-        return LungFields(mask=mask, box=None if reason else _box(mask), area_fraction=area_fraction, reason=reason)
+        box = None if reason else _box(mask)
+        return LungFields(mask=mask, box=box, area_fraction=area_fraction, reason=reason), probability, called, kept
+
+
+def _confidence(probability: np.ndarray, called: np.ndarray, kept: np.ndarray) -> float:
+    """``LungSegmenter.confidence`` from a map's probabilities (0-1), the pixels called lung and the kept lungs."""
+    if not kept.any():
+        return 0.0
+    uncertain = ((probability > 0.25) & (probability < 0.75)).sum() / max(1, called.sum())
+    return float(probability[kept].mean() - uncertain)
 
 
 def _torch_segmenter(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
