@@ -35,7 +35,7 @@ from covidxr.lab.models import run_model
 from covidxr.lab.quantize import report_digest
 from covidxr.lab.train import checkpoint_matches
 from covidxr.runtime.engines import OnnxEngine, graph_sha256
-from covidxr.runtime.errors import CovidxrError
+from covidxr.runtime.errors import CovidxrError, ImageTooLarge
 from covidxr.runtime.images import MAX_IMAGE_PIXELS, read_image
 from covidxr.runtime.inference import output_name, path_from_output_name
 from covidxr.runtime.runners import make_engine
@@ -392,7 +392,7 @@ def test_api_arrays_and_images_get_the_file_limits() -> None:
         (np.zeros((0, 0), np.uint8), CovidxrError, r"image array .*\(0, 0\).* empty"),
         (np.zeros((1, 1), np.uint8), CovidxrError, "1x1 pixels is too small to be a chest radiograph"),
         (Image.new("L", (1, 1)), CovidxrError, "1x1 pixels is too small to be a chest radiograph"),
-        (np.zeros((20_000, 3_001), np.uint8), CovidxrError, f"over the limit of {MAX_IMAGE_PIXELS:,}"),
+        (np.zeros((20_000, 3_001), np.uint8), ImageTooLarge, f"over the limit of {MAX_IMAGE_PIXELS:,}"),
     ]
     for image, kind, message in cases:
         with pytest.raises(kind, match=message):

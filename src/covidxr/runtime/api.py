@@ -118,6 +118,8 @@ class Model:
         if batch_size < 1:
             raise CovidxrError(f"batch_size must be at least 1, not {batch_size}")
         if isinstance(images, SINGLE_IMAGE) and not is_folder(images):
+            if not isinstance(images, str | Path):  # decoded here, so its own error is raised (ImageTooLarge: 413)
+                images = as_image(images)
             return single_answer(self.predict([images], batch_size))
         images = with_folders_expanded(images)
         if all(isinstance(item, str | Path) for item in images):
