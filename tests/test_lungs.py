@@ -21,8 +21,11 @@ from covidxr.runtime.images import read_image
 from covidxr.runtime.lungs import (
     BUNDLED,
     GRAPH,
+    ORIENTATION_MARGIN,
     SIDECAR,
+    TURNS,
     LungSegmenter,
+    _confidence_bound,
     fill_holes,
     label_components,
     lung_reason,
@@ -236,6 +239,45 @@ def test_orientation_reuses_the_crops_segmentation_with_the_same_verdicts() -> N
     assert batches == [1, 2, 1, 4] * len(films)  # the upright view is never segmented twice
     assert verdicts[:8] == [None] * 8 and all("not upright" in verdict for verdict in verdicts[8:12]), verdicts
     assert reusing.orientation(films[4]) == verdicts[8] and batches[-1] == 3  # the memo gave its confidence away
+
+
+def _orientation_without_bound(segmenter: LungSegmenter, film: np.ndarray, sideways: bool) -> str | None:
+    """``LungSegmenter.orientation`` as it was before the bound: every turned view's confidence computed."""
+    small = model_input(film, segmenter.size)
+    turns = list(TURNS)[: 4 if sideways else 2]
+    softs = segmenter.probabilities([small, *(np.ascontiguousarray(TURNS[turn](small)) for turn in turns)])
+    upright, scores = segmenter.confidence(softs[0]), [segmenter.confidence(soft) for soft in softs[1:]]
+    best = int(np.argmax(scores))
+    if scores[best] <= upright + ORIENTATION_MARGIN or segmenter.fields(softs[1 + best], small.shape).reason:
+        return None
+    return f"not upright (its lungs look upright once it is {turns[best]}): give the film upright"
+
+
+def test_orientation_bound_never_changes_a_verdict() -> None:
+    """Issue 27 item 3: the orientation check labels a turned view's lungs only where 1 minus its uncertain share
+    (a bound of its confidence) could beat the margin; on real films upright, turned 180°, flipped and turned 90°
+    the verdicts are those of every view's confidence, the bound holds for every view, and upright films skip
+    most of the labelling."""
+    segmenter = LungSegmenter()
+    paths = sorted((SHARED / "data" / "cxr3" / "images").glob("*.jpg"))[::150][:8]
+    paths += sorted((SHARED / "data" / "adult-controls" / "images").glob("*"))[:4]
+    upright = [grey(path) for path in paths]
+    films = upright + [film[::-1, ::-1].copy() for film in upright[:4]] + [film[::-1].copy() for film in upright[4:8]]
+    films += [np.rot90(film).copy() for film in upright[8:]]
+    labelled: list[int] = []
+    confidence = segmenter.confidence
+    segmenter.confidence = lambda soft: labelled.append(1) or confidence(soft)
+    for number, film in enumerate(films):
+        for sideways in (False, True):
+            assert segmenter.orientation(film, sideways) == _orientation_without_bound(LungSegmenter(), film, sideways)
+        if number == len(upright) - 1:  # the upright films: 72 turned views, each check also labels the upright one
+            turned_labelled = len(labelled) - 2 * len(upright)
+        small = model_input(film, segmenter.size)
+        for turn in TURNS.values():
+            soft = segmenter.probabilities([np.ascontiguousarray(turn(small))])[0]
+            assert confidence(soft) <= _confidence_bound(soft, segmenter.threshold)
+    assert turned_labelled <= 12, turned_labelled  # of 72 (3-5% of upright films' turned views measured)
+    assert sum(1 for verdict in map(segmenter.orientation, films[len(upright) :]) if verdict) >= 6
 
 
 def _fields_before(segmenter: LungSegmenter, soft: np.ndarray, shape: tuple[int, int]) -> tuple:

@@ -98,7 +98,10 @@ def prediction_engine_options(func):
         "int8: the quantised graph `covidxr quantize` accepted.",
     )
     threads = click.option(
-        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the physical cores)."
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime intra-op threads (default: half the physical cores; the others decode the images).",
     )
     return engine(threads(func))
 

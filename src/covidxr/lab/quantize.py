@@ -29,7 +29,7 @@ from covidxr.lab.export import cached_export, sidecar
 from covidxr.lab.models import run_model
 from covidxr.runtime.batches import iterate_batches
 from covidxr.runtime.calibration import POSITIVE
-from covidxr.runtime.engines import OnnxEngine, graph_sha256, int8_instructions
+from covidxr.runtime.engines import OnnxEngine, graph_sha256, int8_instructions, shared_engine_threads
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.inference import answer
 from covidxr.runtime.ood import MARGIN, QUANTILE
@@ -325,7 +325,7 @@ def int8_runner(run: Run, requested: str, cache_dir: str | Path | None, threads:
             f"{path}: the int8 graph does not match the SHA-256 recorded when it was accepted (altered, or "
             f"accepted before covidxr recorded it); {again}"
         )
-    engine = OnnxEngine(path, threads, spin=False)
+    engine = OnnxEngine(path, threads or shared_engine_threads(), spin=False)
     engine.sidecar = ModelSidecar.from_dict(report, where)  # what was checked is what feeds the graph
     engine.ood_threshold = report["ood_threshold"]
     return engine

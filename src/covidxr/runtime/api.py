@@ -38,6 +38,7 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.foreign import NO_SITE, ForeignModel, is_foreign_model
 from covidxr.runtime.images import SINGLE_IMAGE, ImageLike, as_image, image_facts, read_image, single_answer
 from covidxr.runtime.inference import (
+    FILE_BATCH,
     answer,
     expand_inputs,
     is_folder,
@@ -98,7 +99,7 @@ class Model:
         """The smallest side a JPEG upload may be draft-decoded to (the service's decoder)."""
         return self.transform.decode_side
 
-    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 32) -> dict | list[dict]:
+    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = FILE_BATCH) -> dict | list[dict]:
         """Label, calibrated probabilities, COVID-19 call and out-of-distribution flag of one image, or of each
         image of a list.
 

@@ -37,6 +37,7 @@ __all__ = [
     "int8_instructions",
     "onnxruntime_available",
     "physical_cores",
+    "shared_engine_threads",
     "read_sidecar",
     "torch_available",
 ]
@@ -61,6 +62,15 @@ def physical_cores() -> int:
         if "physical id" in block and "core id" in block
     }
     return max(1, min(usable, len(cores) or usable))
+
+
+def shared_engine_threads() -> int:
+    """Intra-op threads of a predicting engine that shares the cores with decoding threads (folders, the
+    service): half the physical cores. Per image, decoding, the lung segmenter and the checks cost about as much
+    CPU as the classifier, and a session on every core waits at each parallel section for any of its threads that
+    the decoders, or another job, pre-empted: on a quiet machine both settings serve alike, under another job's
+    load one thread served far more (benchmarks/archive.py --compare-threads measures both side by side)."""
+    return max(1, physical_cores() // 2)
 
 
 def cpu_flags(*names: str) -> list[str]:

@@ -24,6 +24,7 @@ from covidxr.runtime.engines import (
     OnnxEngine,
     onnxruntime_available,
     read_sidecar,
+    shared_engine_threads,
     torch_available,
 )
 from covidxr.runtime.errors import CovidxrError
@@ -83,7 +84,7 @@ def _runner(name: str) -> Runner:
 @register_runner("onnx")
 def _onnx_runner(run: Run, requested: str, cache_dir: str | Path | None, threads: int | None) -> Engine:
     check_run_graph(run)
-    return OnnxEngine(run.graph, threads, spin=False)
+    return OnnxEngine(run.graph, threads or shared_engine_threads(), spin=False)
 
 
 def make_engine(
@@ -93,7 +94,8 @@ def make_engine(
 
     - ``auto`` (default) and ``onnx``: the run's own graph (``model.onnx``, written by ``covidxr export``;
       the bundled model ships it), checked against its sidecar's hash and the run's head, and run by
-      onnxruntime on ``threads`` threads: no torch. A run without a graph is exported once into the cache
+      onnxruntime on ``threads`` threads (default ``shared_engine_threads``: half the cores, the rest decode): no
+      torch. A run without a graph is exported once into the cache
       (training install); where that fails, ``auto`` warns in one line and runs torch.
     - ``torch``: the model itself (training install).
     - ``int8``: the graph ``covidxr quantize`` accepted.

@@ -24,6 +24,7 @@ from covidxr.runtime.engines import (
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.foreign import NOT_FINITE, ForeignModel
 from covidxr.runtime.inference import (
+    FILE_BATCH,
     expand_inputs,
     iterate_predictions,
     output_name,
@@ -295,7 +296,7 @@ def predict_to_file(
     out: str | Path,
     resume: bool = False,
     cache_dir: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = FILE_BATCH,
     num_workers: int = 1,
     progress: bool = True,
     chunk_size: int = CHUNK,
