@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -186,6 +187,29 @@ def test_resume_of_a_finished_file_predicts_only_the_new_images(run, runner, fil
     assert after[:4] == before  # the finished rows as they were
     assert [Path(row["file"]).name for row in after[4:]] == sorted(film.name for film in films[N_GOOD:])
     assert sorted(os.listdir(tmp_path)) == ["incoming", "p.parquet"]
+
+
+def test_a_final_write_that_fails_keeps_the_journal_for_resume(folder: Path, outputs, tmp_path: Path) -> None:
+    """Here the Parquet file is larger than its journal (the CSV): a file size limit between the two (``ulimit -f``,
+    as a disk that fills at the end) lets every row reach the journal and stops the final write."""
+    limit = 5000
+    assert outputs["csv"].stat().st_size < limit < outputs["parquet"].stat().st_size
+    out = tmp_path / "p.parquet"
+    journal = journal_of(out)
+    cut = run_cli(
+        "predict", folder, "--out", out, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit,) * 2)
+    )
+    assert assert_one_line_error(cut) == (
+        f"Error: {out}: cannot write (File too large); the {N_GOOD + len(BAD)} finished row(s) are kept in {journal}: "
+        "raise the file size limit (ulimit -f) and rerun with --resume"
+    )
+    assert sorted(os.listdir(tmp_path)) == [journal.name]  # no half file, no temporary file, no lock
+    body = journal.read_text(encoding="utf-8").split("\n", 1)[1]
+
+    resumed = run_cli("predict", folder, "--out", out, "--resume")
+    assert f"({N_GOOD + len(BAD)} were already done)" in resumed.stdout, resumed.stderr
+    assert "".join(csv_line(row.values()) for row in pq.read_table(out).to_pylist()) == body
+    assert sorted(os.listdir(tmp_path)) == [out.name]
 
 
 def test_refusals_are_one_line_and_touch_nothing(run, runner, folder: Path, outputs, tmp_path: Path) -> None:
