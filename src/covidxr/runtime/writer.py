@@ -336,6 +336,7 @@ def _write_parquet(out: Path, run: Run | ForeignModel, identity: str, rows: list
 
 
 def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk: the renamed Parquet file outlives a power cut once its journal is gone."""
     descriptor = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(descriptor)
