@@ -64,7 +64,7 @@ def test_folder_to_csv_one_row_per_image_past_bad_files(run_dir: Path, folder: P
 
     with pytest.raises(CovidxrError, match="exists; pass --resume"):
         predict_to_file(load_run(run_dir), [folder], tmp_path / "p.csv", progress=False)
-    with pytest.raises(CovidxrError, match=r"\.csv or \.json"):
+    with pytest.raises(CovidxrError, match=r"\.csv, \.json or \.parquet"):
         predict_to_file(load_run(run_dir), [folder], tmp_path / "p.txt", progress=False)
 
 

@@ -99,7 +99,7 @@ def _foreign_model(run, spec, site, engine, threads):
     return load_model(run, engine, threads=threads, site=site, spec=spec)
 
 
-@cli.command("predict", short_help="Label chest X-rays: files, folders (CSV/JSON out).")
+@cli.command("predict", short_help="Label chest X-rays: files, folders (CSV/JSON/Parquet out).")
 # No readability check here: an unreadable file becomes its own error row and the others still run.
 @click.argument("images", type=click.Path(path_type=Path, readable=False), nargs=-1, required=True)
 @click.option("--model", "run", type=_path, default=None, help=FOREIGN_MODEL_HELP)
@@ -109,7 +109,8 @@ def _foreign_model(run, spec, site, engine, threads):
     "--out",
     type=_path,
     default=None,
-    help="Write one row per image to this .csv or .json, chunk by chunk (folders are searched recursively).",
+    help="Write one row per image to this .csv, .json or .parquet, chunk by chunk (folders are searched "
+    "recursively; a .parquet's rows go to FILE.parquet.partial.csv until the run is complete).",
 )
 @click.option("--resume", is_flag=True, help="Complete an existing --out file without redoing its rows.")
 @click.option("--chunk-size", type=click.IntRange(1), default=256, show_default=True, help="Images per write.")
@@ -162,11 +163,12 @@ def predict_command(
     from covidxr.runtime.runners import make_engine
     from covidxr.runtime.runs import default_model_path, load_run
     from covidxr.runtime.site import describe_site, with_site
-    from covidxr.runtime.writer import predict_to_file
+    from covidxr.runtime.writer import journal_of, output_format, predict_to_file
 
     if site is not None and threshold is not None:  # before either is read
         raise click.ClickException(SITE_OR_THRESHOLD)
     images = expand_inputs(images, patterns)  # before the model loads: an empty folder is one line, at once
+    out = None if out is None else output_format(out)  # a wrong --out too, before --dicom-out writes anything
     foreign = _foreign_model(run, spec, site, engine, threads)
     if ray_address is not None and (out is None or foreign is not None):
         raise click.ClickException("--ray writes rows to a file of a covidxr model: give --out, and no MODEL.onnx")
@@ -197,7 +199,7 @@ def predict_command(
                     loaded, images, out, resume, cache_dir, progress=_progress(), chunk_size=chunk_size, engine=runner
                 )
         except KeyboardInterrupt:  # Ctrl-C or SIGINT: one line, and 128 + SIGINT as a shell expects
-            click.echo(f"Error: interrupted; the finished rows are in {out}: rerun with --resume", err=True)
+            click.echo(f"Error: interrupted; the finished rows are in {journal_of(out)}: rerun with --resume", err=True)
             click.get_current_context().exit(130)
         errors = [row for row in rows if row["error"]]
         for row in errors:
@@ -448,7 +450,7 @@ def segment_command(images, out, resume, patterns):
     help="Folder for monitor.json (figures per window, rules, verdict) and monitor.png.",
 )
 def monitor_command(predictions, site, window, by_date, period, out):
-    """Drift: compare windows of `predict --out` files (CSV or JSON, in order, one model) with the site's
+    """Drift: compare windows of `predict --out` files (CSV, JSON or Parquet, in order, one model) with the site's
     calibration images (PSI and KS of p(COVID-19), OOD and no-answer rates, share called COVID-19, and the
     images' sizes, bit depths and modes where the files hold them). Windows of --window images, or by date.
     Exit 2 on an alarm, 1 on an error, 0 when every window is within the limits."""

@@ -1,7 +1,7 @@
 """``covidxr monitor``: do a site's incoming images still look like the images it was calibrated on?
 (issue 23 part 4; runtime layer: numpy and Pillow only, no scipy or matplotlib).
 
-It reads prediction files written by ``covidxr predict --out`` (CSV or JSON, one or several, in order), all
+It reads prediction files written by ``covidxr predict --out`` (CSV, JSON or Parquet; one or several, in order), all
 from one model, and the site file of that model (``covidxr calibrate``, which keeps every calibration image's
 p(COVID-19) and OOD score). The rows are split into consecutive windows of ``window`` images (unreadable
 images are left out; a last partial window is kept only if it holds at least a quarter of a window), or, with
@@ -260,6 +260,28 @@ def _csv_rows(path: Path, text: str) -> list[dict]:
     return rows
 
 
+def _parquet_rows(path: Path) -> list[dict]:
+    """The rows of a Parquet predictions file, typed as the writer wrote them (``covidxr.runtime.writer``)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CovidxrError(f"{path}: reading Parquet needs pyarrow: pip install 'covidxr[parquet]'") from None
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise CovidxrError(f"{path}: predictions file not found") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise CovidxrError(f"{path}: damaged or not a Parquet file ({type(exc).__name__})") from None
+    missing = [column for column in REQUIRED if column not in table.column_names]
+    if missing:
+        raise CovidxrError(
+            f"{path}: not a covidxr predictions file (no column {', '.join(missing)}); "
+            "write one with `covidxr predict DIR --out FILE.parquet`"
+        )
+    return table.to_pylist()
+
+
 def _json_rows(path: Path, text: str) -> list[dict]:
     try:
         data = json.loads(text)
@@ -286,17 +308,24 @@ def read_predictions(paths: Sequence[str | Path], by_date: str | None = None) ->
     model: str | None = None
     first_at = ""
     for path in map(Path, paths):
-        if path.suffix not in {".csv", ".json"}:
-            raise CovidxrError(f"{path}: predictions must be a .csv or .json file written by `covidxr predict --out`")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise CovidxrError(f"{path}: predictions file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CovidxrError(f"{path}: cannot be read ({type(exc).__name__})") from None
-        if not text.strip():
-            raise CovidxrError(f"{path}: empty (no header, no rows); write predictions with `covidxr predict --out`")
-        raw = _json_rows(path, text) if path.suffix == ".json" else _csv_rows(path, text)
+        if path.suffix not in {".csv", ".json", ".parquet"}:
+            raise CovidxrError(
+                f"{path}: predictions must be a .csv, .json or .parquet file written by `covidxr predict --out`"
+            )
+        if path.suffix == ".parquet":
+            raw = _parquet_rows(path)
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise CovidxrError(f"{path}: predictions file not found") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CovidxrError(f"{path}: cannot be read ({type(exc).__name__})") from None
+            if not text.strip():
+                raise CovidxrError(
+                    f"{path}: empty (no header, no rows); write predictions with `covidxr predict --out`"
+                )
+            raw = _json_rows(path, text) if path.suffix == ".json" else _csv_rows(path, text)
         if not raw:
             raise CovidxrError(f"{path}: has no prediction rows")
         first_row = 2 if path.suffix == ".csv" else 1

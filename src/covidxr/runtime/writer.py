@@ -1,6 +1,10 @@
 """``predict --out FILE``: predictions written as CSV or JSON in chunks, each chunk synced before the next,
 so an interrupted run (a crash, Ctrl-C, SIGTERM) is completed by ``--resume`` without redoing its rows, and
-a file made by another model or engine is refused rather than mixed."""
+a file made by another model or engine is refused rather than mixed.
+
+A Parquet file cannot be appended to: its rows go to a CSV journal beside it (``FILE.parquet.partial.csv``,
+``journal_of``) with the same chunks, syncs and checks, and become the Parquet file, written whole, once every
+file has its row."""
 
 from __future__ import annotations
 
@@ -41,8 +45,10 @@ __all__ = [
     "append_synced",
     "csv_line",
     "flat_row",
+    "journal_of",
     "model_identity",
     "output_and_files",
+    "output_format",
     "predict_locked",
     "predict_to_file",
 ]
@@ -50,6 +56,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CHUNK = 256  # files predicted between two writes of the output file
+FORMATS = (".csv", ".json", ".parquet")
+PARQUET_EXTRA = "pip install 'covidxr[parquet]'"
+# The columns of flat_row that are not text, by type (a probability column p_LABEL is a float too).
+_FLOATS = {"covid_threshold", "ood_score"}
+_INTEGERS = {"image_width", "image_height", "bit_depth"}
+_FLAGS = {"covid_positive", "out_of_distribution", "seen_in_training"}
 
 
 def flat_row(result: dict, labels: Sequence[str]) -> dict:
@@ -111,11 +123,14 @@ def _read_done(out: Path, columns: list[str], identity: str) -> list[dict]:
     An incomplete or malformed last CSV row (a crash or full disk in the middle of a write) is cut
     from the file, with a warning, and its image redone; any other damage, another model's rows, or
     a file this version did not write is refused, and the file is never overwritten."""
+    recorded: set[str] = set()  # the model a Parquet file's metadata names
     if out.suffix == ".json":
         rows = _read_json_rows(out, columns)
+    elif out.suffix == ".parquet":
+        rows, recorded = _read_parquet_rows(out, columns)
     else:
         rows, keep = _read_csv_rows(out, columns)
-    others = sorted({str(row["model"]) for row in rows} - {identity})
+    others = sorted(({str(row["model"]) for row in rows} | recorded) - {identity})
     if others:
         raise CovidxrError(
             f"{out}: made by another model or engine ({others[0]}), not this one ({identity}); "
@@ -140,6 +155,20 @@ def _read_json_rows(out: Path, columns: list[str]) -> list[dict]:
     if not complete:
         raise _refuse(out, "its rows are not those of this covidxr with the model recorded")
     return rows
+
+
+def _read_parquet_rows(out: Path, columns: list[str]) -> tuple[list[dict], set[str]]:
+    """The rows of a finished Parquet output and the model its metadata records; a file that is not Parquet, or
+    not with this covidxr's columns and types, is refused."""
+    pa, pq = _pyarrow(out)
+    try:
+        table = pq.read_table(out)
+    except (OSError, pa.ArrowException):
+        raise _refuse(out, "not a readable Parquet file") from None
+    model = (table.schema.metadata or {}).get(b"model")
+    if model is None or not table.schema.equals(_parquet_schema(pa, columns), check_metadata=False):
+        raise _refuse(out, "its columns are not those of this covidxr's predictions with the model recorded")
+    return table.to_pylist(), {model.decode("utf-8", "replace")}
 
 
 def _read_csv_rows(out: Path, columns: list[str]) -> tuple[list[dict], int]:
@@ -194,11 +223,11 @@ def _typed(row: dict[str, str]) -> dict:
     an empty cell as None (the file and text columns stay strings)."""
     typed: dict = {}
     for key, value in row.items():
-        if key.startswith("p_") or key in {"ood_score", "covid_threshold"}:
+        if key.startswith("p_") or key in _FLOATS:
             typed[key] = float(value) if value else None
-        elif key in {"image_width", "image_height", "bit_depth"}:
+        elif key in _INTEGERS:
             typed[key] = int(value) if value.isdigit() else None
-        elif key in {"covid_positive", "out_of_distribution", "seen_in_training"}:
+        elif key in _FLAGS:
             typed[key] = {"True": True, "False": False}.get(value)
         else:
             typed[key] = text_from_spreadsheet(value)
@@ -257,6 +286,71 @@ def _write_json(out: Path, run: Run | ForeignModel, identity: str, rows: list[di
         raise _write_error(out, exc, finished) from None
 
 
+def _pyarrow(out: Path):
+    """pyarrow and pyarrow.parquet, or one line saying how to install them (the ``parquet`` extra)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise CovidxrError(f"--out {out} needs pyarrow: {PARQUET_EXTRA}") from None
+    return pa, pq
+
+
+def _parquet_schema(pa, columns: list[str], metadata: dict[str, str] | None = None):
+    """The Arrow schema of a Parquet output: text as (non-null) strings holding "" where the CSV has an empty
+    cell, probabilities, thresholds and scores as float64, flags as nullable booleans, image sizes as int64."""
+    fields = []
+    for column in columns:
+        if column.startswith("p_") or column in _FLOATS:
+            fields.append(pa.field(column, pa.float64()))
+        elif column in _INTEGERS:
+            fields.append(pa.field(column, pa.int64()))
+        elif column in _FLAGS:
+            fields.append(pa.field(column, pa.bool_()))
+        else:
+            fields.append(pa.field(column, pa.string(), nullable=False))
+    return pa.schema(fields, metadata=metadata)
+
+
+def _write_parquet(out: Path, run: Run | ForeignModel, identity: str, rows: list[dict], journal: Path) -> None:
+    """The whole Parquet file from every row, written beside and synced before it replaces any old one (as
+    ``_write_json``); its metadata records the model, the labels and the disclaimer. A failed write keeps the
+    journal for ``--resume``."""
+    pa, pq = _pyarrow(out)
+    columns = [*flat_row({"file": ""}, run.labels), "model"]
+    metadata = {"model": identity, "labels": json.dumps(list(run.labels)), "disclaimer": DISCLAIMER}
+    schema = _parquet_schema(pa, columns, metadata)
+    text = {field.name for field in schema if field.type == pa.string()}
+    # None in a text column is "" (as the CSV writes it), so the three formats hold the same values.
+    table = pa.Table.from_pylist(
+        [{key: "" if value is None and key in text else value for key, value in row.items()} for row in rows],
+        schema=schema,
+    )
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    try:
+        atomic_write(out, buffer.getvalue().to_pybytes(), sync=True)
+        _sync_folder(out.parent)  # the new name is on disk before the journal goes
+    except OSError as exc:
+        kept = f"the {len(rows)} finished row(s) are kept in {journal}"
+        raise CovidxrError(f"{write_failure(out, exc, kept)} and rerun with --resume") from None
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk: the renamed Parquet file outlives a power cut once its journal is gone."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def journal_of(out: Path) -> Path:
+    """The file a run's rows are appended to: ``out`` itself, or for a Parquet output its CSV journal
+    ``FILE.parquet.partial.csv`` (what an interrupted run leaves, and ``--resume`` completes)."""
+    return out.with_name(f"{out.name}.partial.csv") if out.suffix == ".parquet" else out
+
+
 @contextmanager
 def _stop_after_chunk():
     """Ctrl-C asks the loop to stop after the batch in hand: the rows finished so far are written, however
@@ -281,13 +375,21 @@ def _stop_after_chunk():
         signal.signal(signal.SIGINT, previous)
 
 
-def output_and_files(out: str | Path, inputs: Sequence[str | Path]) -> tuple[Path, list[Path]]:
-    """The ``--out`` file, checked to be a .csv or .json, and the files to predict (``expand_inputs``: an empty
-    input is refused there); shared by local and Ray prediction, so both refuse alike."""
+def output_format(out: str | Path) -> Path:
+    """The ``--out`` file, checked to be a .csv, .json or .parquet (with pyarrow there to write it), so that a
+    wrong one is refused before anything is predicted or written."""
     out = Path(out)
-    if out.suffix not in {".csv", ".json"}:
-        raise CovidxrError(f"{out}: --out must end in .csv or .json")
-    return out, expand_inputs(inputs)
+    if out.suffix not in FORMATS:
+        raise CovidxrError(f"{out}: --out must end in .csv, .json or .parquet")
+    if out.suffix == ".parquet":
+        _pyarrow(out)
+    return out
+
+
+def output_and_files(out: str | Path, inputs: Sequence[str | Path]) -> tuple[Path, list[Path]]:
+    """The ``--out`` file (``output_format``) and the files to predict (``expand_inputs``: an empty input is
+    refused there); shared by local and Ray prediction, so both refuse alike."""
+    return output_format(out), expand_inputs(inputs)
 
 
 def predict_to_file(
@@ -302,11 +404,12 @@ def predict_to_file(
     chunk_size: int = CHUNK,
     engine: str | Engine = "auto",
 ) -> tuple[list[dict], int]:
-    """Predict files and folders into ``out`` (``.csv`` or ``.json``), one row per image, written chunk
-    by chunk: a crash or Ctrl-C leaves a valid file of the finished rows, and ``resume`` completes it
-    without redoing them. Every row names its file (``output_name``) and the model that made it
-    (``model_identity``); rows are appended whole and synced to disk chunk by chunk, and a full disk
-    stops with one line, keeping the finished rows. Returns every row (old, then new) and how many are new.
+    """Predict files and folders into ``out`` (``.csv``, ``.json`` or ``.parquet``), one row per image, written
+    chunk by chunk (a Parquet output's to its journal, ``journal_of``): a crash or Ctrl-C leaves a valid file of
+    the finished rows, and ``resume`` completes it without redoing them. Every row names its file
+    (``output_name``) and the model that made it (``model_identity``); rows are appended whole and synced to disk
+    chunk by chunk, and a full disk stops with one line, keeping the finished rows. Returns every row (old, then
+    new) and how many are new.
 
     ``run`` may be a ``ForeignModel`` (``MODEL.onnx`` with its spec): the same columns, its ``identity`` as
     the model, its own file reading and batches (``engine`` and ``cache_dir`` do not apply)."""
@@ -338,26 +441,35 @@ def predict_locked(
     progress: bool,
     chunk_size: int,
 ) -> tuple[list[dict], int]:
-    """``predict_to_file`` once ``out`` is locked for this process."""
+    """``predict_to_file`` once ``out`` is locked for this process.
+
+    A Parquet output's rows go to its journal (``journal_of``), seeded on ``resume`` from a finished Parquet file
+    where there is no journal; when every file has its row the Parquet file is written whole and the journal
+    removed (a finished file with nothing new to predict is left as it is)."""
     columns = [*flat_row({"file": ""}, run.labels), "model"]
+    sink = journal_of(out)
     rows: list[dict] = []
-    if out.exists():
-        if not resume:
-            raise CovidxrError(f"{out}: exists; pass --resume to complete it, or choose another --out")
+    for path in dict.fromkeys((sink, out)):
+        if path.exists() and not resume:
+            raise CovidxrError(f"{path}: exists; pass --resume to complete it, or choose another --out")
+    if sink.exists():
+        rows = _read_done(sink, columns, identity)
+    elif out.exists():  # a finished Parquet file: its rows start a new journal
         rows = _read_done(out, columns, identity)
     done = {str(row["file"]) for row in rows}
     todo = [f for f in files if output_name(f) not in done]
-    if out.suffix == ".csv" and not out.exists():
+    if sink.suffix == ".csv" and not sink.exists() and (todo or not out.exists()):
+        lines = [",".join(columns) + "\n", *(csv_line(row[column] for column in columns) for row in rows)]
         try:
-            append_synced(out, (",".join(columns) + "\n").encode("utf-8"), 0)
+            append_synced(sink, "".join(lines).encode("utf-8"), 0)
         except CovidxrError:
-            out.unlink(missing_ok=True)
+            sink.unlink(missing_ok=True)
             raise
 
     def write(new: list[dict]) -> None:
-        if out.suffix == ".csv":
+        if sink.suffix == ".csv":
             text = "".join(csv_line(row[column] for column in columns) for row in new)
-            append_synced(out, text.encode("utf-8"), len(rows))
+            append_synced(sink, text.encode("utf-8"), len(rows))
             rows.extend(new)
         else:
             _write_json(out, run, identity, rows + new, len(rows))
@@ -378,4 +490,7 @@ def predict_locked(
                     raise KeyboardInterrupt
     if out.suffix == ".json" and not todo:
         _write_json(out, run, identity, rows, len(rows))
+    if sink != out and sink.exists():
+        _write_parquet(out, run, identity, rows, sink)
+        sink.unlink()
     return rows, len(todo)
