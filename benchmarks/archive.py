@@ -18,7 +18,8 @@ On real X-rays evenly spaced over ``metadata.csv`` of ``--data``:
 4. **Ray, one node**: ``predict_archive`` on a local Ray cluster of this machine's cores into a fresh CSV, actors'
    start-up included, on the same two folders (the cluster's start and a first run on 16 images are printed, not
    counted). The ratio Ray / local is given on ``--images`` (start-up included) and on the second half alone
-   (``N / (T(2N) - T(N))``: the rate once the actors run, which a million-image run sees).
+   (``N / (T(2N) - T(N))``: the rate once the actors run, which a million-image run sees); and what the single
+   driver spends per row (parse, row, CSV line), the bound of a large cluster.
 5. **CLI, auto vs torch**: ``covidxr predict DIR --out`` as a subprocess with the default engine and with
    ``--engine torch``, start-up included, on ``--images`` (skip with ``--no-torch``).
 6. **Service, concurrency 16 vs 1**: ``covidxr serve`` as a subprocess (``benchmarks/serve.py``'s server and
@@ -35,6 +36,7 @@ measurements of this run. Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -54,13 +56,13 @@ from covidxr.runtime.archive import predict_archive
 from covidxr.runtime.cam import colour_reason
 from covidxr.runtime.engines import physical_cores, shared_engine_threads
 from covidxr.runtime.images import read_image
-from covidxr.runtime.inference import FILE_BATCH
+from covidxr.runtime.inference import FILE_BATCH, predict_files
 from covidxr.runtime.lungs import TURNS, find_orientation, lung_segmenter, model_input, normalise
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.preprocess import LUNG_CROP_MARGIN, normalise_intensity, to_input_array
 from covidxr.runtime.runners import input_transform, make_engine
 from covidxr.runtime.runs import default_model_path, load_run
-from covidxr.runtime.writer import predict_to_file
+from covidxr.runtime.writer import csv_line, flat_row, predict_to_file
 from machine import REPO, cpu_model, describe_load, load_average
 from serve import Level, Server, load_images, run_level
 
@@ -147,6 +149,19 @@ def timed_file(predict: Callable[[Path], object], folder: Path) -> float:
     started = time.perf_counter()
     predict(out)
     return time.perf_counter() - started
+
+
+def driver_seconds_per_row(run, paths: list[Path], rows: int = 20_000) -> float:
+    """What the Ray driver spends on one row: ``json.loads`` of an actor's result, ``flat_row`` and its CSV line
+    (``archive._checked`` and ``writer.predict_locked``), timed over ``rows`` copies of real results."""
+    results = [json.dumps(result) for result in predict_files(run, paths[:32], progress=False)]
+    texts = [results[i % len(results)] for i in range(rows)]
+    columns = [*flat_row({"file": ""}, run.labels), "model"]
+    started = time.perf_counter()
+    for text in texts:
+        row = {**flat_row(json.loads(text), run.labels), "model": "m"}
+        csv_line(row[column] for column in columns)
+    return (time.perf_counter() - started) / rows
 
 
 def linked_folder(workspace: Path, name: str, paths: list[Path]) -> Path:
@@ -259,6 +274,9 @@ def main() -> None:
         f"   second {n} images alone, N / (T(2N) - T(N)): local {marginal['local predict']:.1f} img/s, "
         f"Ray {marginal['Ray one node']:.1f} img/s"
     )
+
+    per_row = driver_seconds_per_row(run, paths)
+    print(f"   Ray driver: {1e6 * per_row:.0f} us per row (json.loads, flat_row, CSV line): {1 / per_row:,.0f} rows/s")
 
     print(f"\n6. Service: covidxr serve, {args.requests} requests per level at concurrency 1 and 16, twice each")
     one, sixteen, problems = service_rates(args.data, args.requests, None)

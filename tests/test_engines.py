@@ -99,3 +99,14 @@ def test_bad_engine_settings_are_refused(run_dir: Path, tmp_path: Path) -> None:
         OnnxEngine(tmp_path / "broken.onnx")
     with pytest.raises(CovidxrError, match="engine must be one of"):
         predict_files(run, [], engine="tensorrt")
+
+
+def test_predicting_engine_leaves_half_the_cores_to_decoding(run) -> None:
+    """Issue 27: a predicting onnxruntime engine runs on ``shared_engine_threads`` (half the physical cores, at least
+    one) unless --threads says otherwise; the training feature engine keeps every core (test_engine_auto)."""
+    from covidxr.runtime.engines import physical_cores, shared_engine_threads
+    from covidxr.runtime.runners import make_engine
+
+    assert shared_engine_threads() == max(1, physical_cores() // 2)
+    assert make_engine(run, "auto").description.endswith(f"(CPU, {shared_engine_threads()} threads)")
+    assert make_engine(run, "onnx", threads=physical_cores()).description.endswith(f"(CPU, {physical_cores()} threads)")

@@ -325,8 +325,8 @@ def load_model(
     guard, no ``site``, no Grad-CAM; ``threads`` applies, ``engine`` must be auto or onnx).
 
     ``engine``: ``auto`` (onnxruntime on a CPU where it is installed, else torch), ``torch`` or ``onnx``;
-    ``threads``: onnxruntime's intra-op threads (default: the physical cores); ``weights`` /
-    ``weights_dir``: where the backbone's weights are, where the torch model is needed; ``site``: a
+    ``threads``: onnxruntime's intra-op threads (default: half the physical cores, ``shared_engine_threads``);
+    ``weights`` / ``weights_dir``: where the backbone's weights are, where the torch model is needed; ``site``: a
     ``site.json`` made by ``covidxr calibrate`` for this model, whose COVID-19 threshold then decides
     instead of the run's (each result names it in ``site``); ``threshold``: a COVID-19 threshold of your own
     choosing instead (not with ``site``; each result says ``threshold_source`` ``user``).

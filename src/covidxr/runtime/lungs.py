@@ -349,9 +349,9 @@ class LungSegmenter:
             upright = self.confidence(soft)
         else:
             softs = list(self.probabilities(turned))
-        # A view's confidence is at most 1 minus its uncertain share (its mean probability is at most 1): a view
-        # whose bound cannot beat the margin is not labelled (upright films: about 97% of turned views), and since
-        # only a view beating the margin can be named, the verdict is the one every view's confidence gives.
+        # A view's confidence is at most 1 minus its uncertain share (its mean probability is at most 1), or 0: a view
+        # whose bound cannot beat the margin is not labelled (upright films: about 97% of turned views). The best view
+        # decides only where it beats the margin, and then it is among those labelled: the same verdict as before.
         bar = upright + ORIENTATION_MARGIN
         scores = [self.confidence(soft) if _confidence_bound(soft, self.threshold) > bar else -1.0 for soft in softs]
         best = int(np.argmax(scores))
@@ -398,10 +398,11 @@ def _confidence(probability: np.ndarray, called: np.ndarray, kept: np.ndarray) -
 
 def _confidence_bound(soft: np.ndarray, threshold: float) -> float:
     """An upper bound of ``LungSegmenter.confidence`` for one uint8 probability map, without labelling its lungs:
-    1 minus the uncertain share (the same counts ``_confidence`` takes)."""
+    1 minus the uncertain share (the same counts ``_confidence`` takes), or 0 where that is lower (a map without
+    lungs has confidence 0)."""
     probability = soft.astype(np.float32) / 255.0
     uncertain = ((probability > 0.25) & (probability < 0.75)).sum() / max(1, (probability >= threshold).sum())
-    return float(1.0 - uncertain)
+    return max(0.0, float(1.0 - uncertain))
 
 
 def _torch_segmenter(weights: Path) -> Callable[[np.ndarray], np.ndarray]:
