@@ -24,6 +24,7 @@ from covidxr.runtime.lungs import (
     ORIENTATION_MARGIN,
     SIDECAR,
     TURNS,
+    UPRIGHT_CONFIDENCE,
     LungSegmenter,
     _confidence_bound,
     fill_holes,
@@ -226,8 +227,10 @@ def test_orientation_reuses_the_crops_segmentation_with_the_same_verdicts() -> N
     batches: list[int] = []
     probabilities = reusing.probabilities
     reusing.probabilities = lambda smalls: batches.append(len(smalls)) or probabilities(smalls)
-    verdicts = []
+    verdicts, sure = [], []
     for film in films:
+        small = model_input(film, scratch.size)
+        sure.append(scratch.confidence(scratch.probabilities([small])[0]))
         for sideways in (False, True):
             reusing.segment(film)
             small = model_input(film, scratch.size)  # the upright score as the check made it, in one batch with turns
@@ -236,17 +239,26 @@ def test_orientation_reuses_the_crops_segmentation_with_the_same_verdicts() -> N
             verdict = reusing.orientation(film, sideways)
             assert verdict == scratch.orientation(film, sideways), (film.shape, sideways)
             verdicts.append(verdict)
-    assert batches == [1, 2, 1, 4] * len(films)  # the upright view is never segmented twice
+    # the upright view is never segmented twice; a film as sure as UPRIGHT_CONFIDENCE has no turned view segmented
+    expected = []
+    for confidence in sure:
+        expected += [1, 1] if confidence >= UPRIGHT_CONFIDENCE else [1, 2, 1, 4]
+    assert batches == expected and min(sure) < UPRIGHT_CONFIDENCE <= max(sure), sure
     assert verdicts[:8] == [None] * 8 and all("not upright" in verdict for verdict in verdicts[8:12]), verdicts
-    assert reusing.orientation(films[4]) == verdicts[8] and batches[-1] == 3  # the memo gave its confidence away
+    assert reusing.orientation(films[4]) == verdicts[8] and batches[-2:] == [1, 2]  # the memo gave its confidence away
 
 
-def _orientation_without_bound(segmenter: LungSegmenter, film: np.ndarray, sideways: bool) -> str | None:
-    """``LungSegmenter.orientation`` as it was before the bound: every turned view's confidence computed."""
+def _orientation_labelling_every_view(
+    segmenter: LungSegmenter, film: np.ndarray, sideways: bool, gate: bool
+) -> str | None:
+    """``LungSegmenter.orientation`` without the bound: every turned view's confidence computed (and, without
+    ``gate``, also where the image as given reaches ``UPRIGHT_CONFIDENCE``)."""
     small = model_input(film, segmenter.size)
     turns = list(TURNS)[: 4 if sideways else 2]
     softs = segmenter.probabilities([small, *(np.ascontiguousarray(TURNS[turn](small)) for turn in turns)])
     upright, scores = segmenter.confidence(softs[0]), [segmenter.confidence(soft) for soft in softs[1:]]
+    if gate and upright >= UPRIGHT_CONFIDENCE:
+        return None
     best = int(np.argmax(scores))
     if scores[best] <= upright + ORIENTATION_MARGIN or segmenter.fields(softs[1 + best], small.shape).reason:
         return None
@@ -257,7 +269,8 @@ def test_orientation_bound_never_changes_a_verdict() -> None:
     """Issue 27 item 3: the orientation check labels a turned view's lungs only where 1 minus its uncertain share
     (a bound of its confidence) could beat the margin; on real films upright, turned 180°, flipped and turned 90°
     the verdicts are those of every view's confidence, the bound holds for every view, and upright films skip
-    most of the labelling."""
+    most of the labelling. On these films the gate (``UPRIGHT_CONFIDENCE``, a measured rule, not a bound) changes
+    no verdict either."""
     segmenter = LungSegmenter()
     paths = sorted((SHARED / "data" / "cxr3" / "images").glob("*.jpg"))[::150][:8]
     paths += sorted((SHARED / "data" / "adult-controls" / "images").glob("*"))[:4]
@@ -269,8 +282,10 @@ def test_orientation_bound_never_changes_a_verdict() -> None:
     segmenter.confidence = lambda soft: labelled.append(1) or confidence(soft)
     for number, film in enumerate(films):
         for sideways in (False, True):
-            assert segmenter.orientation(film, sideways) == _orientation_without_bound(LungSegmenter(), film, sideways)
-        if number == len(upright) - 1:  # the upright films: 72 turned views, each check also labels the upright one
+            verdict = segmenter.orientation(film, sideways)
+            assert verdict == _orientation_labelling_every_view(LungSegmenter(), film, sideways, gate=True)
+            assert verdict == _orientation_labelling_every_view(LungSegmenter(), film, sideways, gate=False)
+        if number == len(upright) - 1:  # the upright films' 72 turned views (each check labels the upright one)
             turned_labelled = len(labelled) - 2 * len(upright)
         small = model_input(film, segmenter.size)
         for turn in TURNS.values():
