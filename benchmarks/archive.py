@@ -21,7 +21,7 @@ On real X-rays evenly spaced over ``metadata.csv`` of ``--data``:
    (``N / (T(2N) - T(N))``: the rate once the actors run, which a million-image run sees); and what the single
    driver spends per row (parse, row, CSV line), the bound of a large cluster.
 5. **CLI, auto vs torch**: ``covidxr predict DIR --out`` as a subprocess with the default engine and with
-   ``--engine torch``, start-up included, on ``--images`` (skip with ``--no-torch``).
+   ``--engine torch``, start-up included, on ``--cli-images`` of the images (skip with ``--no-torch``).
 6. **Service, concurrency 16 vs 1**: ``covidxr serve`` as a subprocess (``benchmarks/serve.py``'s server and
    clients: real HTTP uploads, answers checked), ``--requests`` requests at concurrency 1, then 16, then again;
    with ``--compare-threads`` also a server with ``--threads`` = the physical cores (the setting before issue 27).
@@ -198,7 +198,8 @@ def service_rates(data: Path, requests: int, threads: int | None) -> tuple[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cxr3")
-    parser.add_argument("--images", type=int, default=256, help="N: the folder of the ratios (2N also measured)")
+    parser.add_argument("--images", type=int, default=512, help="N: the folder of the ratios (2N also measured)")
+    parser.add_argument("--cli-images", type=int, default=256, help="images of the CLI's auto vs torch comparison")
     parser.add_argument("--batch-size", type=int, default=FILE_BATCH)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--requests", type=int, default=300, help="requests per service level")
@@ -209,8 +210,8 @@ def main() -> None:
     os.environ.setdefault("COVIDXR_OFFLINE", "1")
 
     meta = pd.read_csv(args.data / "metadata.csv", dtype=str, keep_default_na=False)
-    if 2 * args.images > len(meta):
-        raise SystemExit(f"--images {args.images}: {args.data} has {len(meta)} images, fewer than twice that")
+    if 2 * args.images > len(meta) or args.cli_images > args.images:
+        raise SystemExit(f"--images {args.images}: {args.data} needs twice that many images (and --cli-images fewer)")
     rows = np.linspace(0, len(meta) - 1, 2 * args.images).round().astype(int)
     every = [args.data / name for name in meta["filename"].iloc[rows]]
     paths = every[::2]  # N evenly spaced; the 2N folder holds them and N more
@@ -250,8 +251,9 @@ def main() -> None:
             lambda out: predict_archive(run, [folder], out, address=None, progress=False), workspace
         )
     if not args.no_torch:
+        cli_folder = linked_folder(workspace, "cli", paths[: args.cli_images])
         for name, extra in (("CLI auto", []), ("CLI torch", ["--engine", "torch"])):
-            command = [sys.executable, "-m", "covidxr", "predict", str(folders[n]), *extra]
+            command = [sys.executable, "-m", "covidxr", "predict", str(cli_folder), *extra]
             variants[name] = lambda command=command: timed_file(
                 lambda out: subprocess.run([*command, "--out", str(out)], check=True, capture_output=True), workspace
             )
@@ -261,11 +263,15 @@ def main() -> None:
             times[name].append(call())
     ray.shutdown()
     seconds = {name: statistics.median(values) for name, values in times.items()}
+    counts = {
+        name: 2 * n if name.endswith(f" {2 * n}") else args.cli_images if name.startswith("CLI") else n
+        for name in seconds
+    }
+    rate = {name: counts[name] / value for name, value in seconds.items()}
     print(f"\n2-5. Median of {args.repeats} interleaved rounds:")
     for name, value in seconds.items():
-        count = 2 * n if name.endswith(f" {2 * n}") else n
-        print(f"   {name:20s} {count / value:7.1f} img/s  ({', '.join(f'{t:.2f}' for t in times[name])} s)")
-    rate = {name: (2 * n if name.endswith(f" {2 * n}") else n) / value for name, value in seconds.items()}
+        print(f"   {name:20s} {counts[name]:5d} images {counts[name] / value:7.1f} img/s  ", end="")
+        print(f"({', '.join(f'{t:.2f}' for t in times[name])} s)")
     marginal = {
         kind: n / max(seconds[f"{kind} {2 * n}"] - seconds[f"{kind} {n}"], 1e-9)
         for kind in ("local predict", "Ray one node")
@@ -294,7 +300,7 @@ def main() -> None:
     if problems:
         print(f"   PROBLEMS: {'; '.join(problems)}")
 
-    print(f"\nRatios (one run, side by side; {n} images):")
+    print(f"\nRatios (one run, side by side; {n} images, the CLI's {args.cli_images}):")
     for name, value in ratios.items():
         if value is not None:
             verdict = "PASS" if value >= TARGETS[name] else "MISS"
@@ -302,6 +308,10 @@ def main() -> None:
     print(
         "   (info) local predict / bare + turned views "
         f"{rate[f'local predict {n}'] / rate['bare + turned views']:5.2f}x"
+    )
+    print(
+        f"   (info) Ray / local on {2 * n} images "
+        f"{rate[f'Ray one node {2 * n}'] / rate[f'local predict {2 * n}']:5.2f}x"
     )
     print(
         f"   (info) Ray / local, second {n} images alone  "
