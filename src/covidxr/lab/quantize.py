@@ -325,7 +325,7 @@ def int8_runner(run: Run, requested: str, cache_dir: str | Path | None, threads:
             f"{path}: the int8 graph does not match the SHA-256 recorded when it was accepted (altered, or "
             f"accepted before covidxr recorded it); {again}"
         )
-    engine = OnnxEngine(path, threads or shared_engine_threads(), spin=False)
+    engine = OnnxEngine(path, shared_engine_threads() if threads is None else threads, spin=False)
     engine.sidecar = ModelSidecar.from_dict(report, where)  # what was checked is what feeds the graph
     engine.ood_threshold = report["ood_threshold"]
     return engine

@@ -110,7 +110,7 @@ def plan_actors(threads: int | None) -> tuple[int, int]:
     """How many actors and intra-op threads each: ``threads`` per actor (default 1: one image stream per core
     keeps decoding and both sessions busy without contention), and as many actors as the cluster's CPUs hold."""
     ray = _ray()
-    threads = threads or 1
+    threads = 1 if threads is None else threads
     if threads < 1:
         raise CovidxrError(f"--threads must be at least 1, not {threads}")
     cpus = int(ray.cluster_resources().get("CPU", 1))

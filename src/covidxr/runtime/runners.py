@@ -84,7 +84,7 @@ def _runner(name: str) -> Runner:
 @register_runner("onnx")
 def _onnx_runner(run: Run, requested: str, cache_dir: str | Path | None, threads: int | None) -> Engine:
     check_run_graph(run)
-    return OnnxEngine(run.graph, threads or shared_engine_threads(), spin=False)
+    return OnnxEngine(run.graph, shared_engine_threads() if threads is None else threads, spin=False)
 
 
 def make_engine(
