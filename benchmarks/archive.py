@@ -18,8 +18,9 @@ On real X-rays evenly spaced over ``metadata.csv`` of ``--data``:
 4. **Ray, one node**: ``predict_archive`` on a local Ray cluster of this machine's cores into a fresh CSV, actors'
    start-up included, on the same two folders (the cluster's start and a first run on 16 images are printed, not
    counted). The ratio Ray / local is given on ``--images`` (start-up included) and on the second half alone
-   (``N / (T(2N) - T(N))``: the rate once the actors run, which a million-image run sees); and what the single
-   driver spends per row (parse, row, CSV line), the bound of a large cluster.
+   (``N / (T(2N) - T(N))``: the rate once the actors run, which a million-image run sees); what the single
+   driver spends per row (parse, row, CSV line), the bound of a large cluster; and, once, local prediction of
+   ``--dicom-images`` of the X-rays written as 3000 x 2500 12-bit DICOMs (an archive's size; upscaled).
 5. **CLI, auto vs torch**: ``covidxr predict DIR --out`` as a subprocess with the default engine and with
    ``--engine torch``, start-up included, on ``--cli-images`` of the images (skip with ``--no-torch``).
 6. **Service, concurrency 16 vs 1**: ``covidxr serve`` as a subprocess (``benchmarks/serve.py``'s server and
@@ -164,6 +165,28 @@ def driver_seconds_per_row(run, paths: list[Path], rows: int = 20_000) -> float:
     return (time.perf_counter() - started) / rows
 
 
+def large_dicoms(paths: list[Path], folder: Path, rows: int = 3000, columns: int = 2500) -> Path:
+    """Real X-rays written as uncompressed 12-bit DX DICOMs of a detector's size (upscaled: the time depends on the
+    pixel count, not on the detail), as an archive holds them."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir()
+    for path in paths:
+        grey = read_image(path).convert("L").resize((columns, rows), Image.Resampling.BILINEAR)
+        meta = FileMetaDataset()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = DigitalXRayImageStorageForPresentation, generate_uid()
+        ds.Modality, ds.PatientID, ds.StudyInstanceUID = "DX", "bench", generate_uid()
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = (np.asarray(grey, dtype=np.uint16) * 16).tobytes()
+        ds.save_as(folder / f"{path.stem}.dcm", enforce_file_format=True)
+    return folder
+
+
 def linked_folder(workspace: Path, name: str, paths: list[Path]) -> Path:
     folder = workspace / name
     folder.mkdir()
@@ -199,6 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "cxr3")
     parser.add_argument("--images", type=int, default=512, help="N: the folder of the ratios (2N also measured)")
+    parser.add_argument("--dicom-images", type=int, default=32, help="large DICOMs predicted once (0: none)")
     parser.add_argument("--cli-images", type=int, default=256, help="images of the CLI's auto vs torch comparison")
     parser.add_argument("--batch-size", type=int, default=FILE_BATCH)
     parser.add_argument("--repeats", type=int, default=2)
@@ -281,6 +305,14 @@ def main() -> None:
         f"Ray {marginal['Ray one node']:.1f} img/s"
     )
 
+    if args.dicom_images:
+        dicoms = large_dicoms(paths[: args.dicom_images], workspace / "dicom")
+        size = sum(path.stat().st_size for path in dicoms.iterdir()) / args.dicom_images
+        spent = timed_file(lambda out: predict_to_file(run, [dicoms], out, progress=False), workspace)
+        print(
+            f"   local predict, {args.dicom_images} 3000 x 2500 12-bit DICOMs ({size / 2**20:.1f} MiB each): "
+            f"{args.dicom_images / spent:.1f} img/s"
+        )
     per_row = driver_seconds_per_row(run, paths)
     print(f"   Ray driver: {1e6 * per_row:.0f} us per row (json.loads, flat_row, CSV line): {1 / per_row:,.0f} rows/s")
 

@@ -441,3 +441,47 @@ def test_safe_facts_carry_no_patient_data(source: Path, tmp_path: Path) -> None:
     for value in [*PATIENT.values(), "Doe", "7731904", "St Elsewhere", "20200314", "ACC99172"]:
         assert value not in text
     assert facts["modality"] == "DX" and facts["voi"] == "window" and facts["bits_stored"] == 12
+
+
+def test_the_level_table_gives_every_pixel_the_level_its_transforms_give(source: Path, tmp_path: Path) -> None:
+    """Issue 27: grey pixels go through a table of the values present (a 3000 x 2500 film: thousands of values, not
+    millions of pixels); for every kind of transform the levels are those of mapping each pixel, byte for byte."""
+    import pydicom
+
+    from covidxr.runtime.dicom import _grey_levels, _grey_to_8bit, _info, _stored_values
+
+    base = to_bits(grey(source), 12)
+    noise = np.random.default_rng(0).integers(0, 4096, base.shape).astype(np.uint16)  # every 12-bit value present
+    table = np.rint(4095 * (np.arange(4096) / 4095) ** 0.6).astype(np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 12])
+    item.add_new(0x00283006, "US", table.tolist())
+    cases = {
+        "12-bit": dx_dataset(base, 12),
+        "noise": dx_dataset(noise, 12),
+        "8-bit": dx_dataset(grey(source), 8),
+        "16-bit": dx_dataset(to_bits(grey(source), 16), 16),
+        "monochrome1 window": dx_dataset(4095 - base, 12, "MONOCHROME1", WindowCenter=2200, WindowWidth=1800),
+        "rescale window": dx_dataset(
+            base, 12, RescaleSlope=2.0, RescaleIntercept=-1024.0, WindowCenter=2000, WindowWidth=5000
+        ),
+        "rescale": dx_dataset(base, 12, RescaleSlope=0.5, RescaleIntercept=7.25),
+        "sigmoid": dx_dataset(base, 12, WindowCenter=1500, WindowWidth=900, VOILUTFunction="SIGMOID"),
+        "signed": dx_dataset(base.astype(np.int16) - 2048, 12, PixelRepresentation=1, WindowCenter=0, WindowWidth=2000),
+        "signed full span": dx_dataset(
+            (noise.astype(np.int32) * 16 - 32768).astype(np.int16), 16, PixelRepresentation=1
+        ),
+        "voi lut": dx_dataset(base, 12, VOILUTSequence=Sequence([item])),
+        "high bits": dx_dataset(base | 0x8000, 12),  # BitsStored understates the data: every bit is kept
+    }
+    for name, ds in cases.items():
+        path = save(ds, tmp_path / f"{name}.dcm")
+        read = pydicom.dcmread(path)
+        info = _info(read, str(path))
+        read.pixel_array_options(correct_unused_bits=False)
+        stored = _stored_values(np.asarray(read.pixel_array), read, info)
+        assert int(stored.max()) - int(stored.min()) < stored.size  # the table path, not the pixel-by-pixel one
+        levels = _grey_to_8bit(stored, read, info)
+        assert levels.dtype == np.uint8 and np.array_equal(levels, _grey_levels(stored, read, info)), name
+        assert np.array_equal(levels, _grey_levels(stored.astype(np.int64), read, info)), name  # as before issue 27
+        assert np.array_equal(np.asarray(read_image(path).convert("L")), levels), name

@@ -253,9 +253,37 @@ def install_hint(transfer_syntax_uid: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+# Integer pixels spanning at most this many values are mapped through a table of their range (``_grey_to_8bit``).
+TABLE_SPAN = 1 << 17
+
+
 def _grey_to_8bit(stored: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarray:
+    """The display's 8-bit grey levels of a grey image's stored values (modality and VOI transforms, range,
+    inversion). Every step maps one value to one value, so integer pixels of a modest span go through a table built
+    by the same steps on each value present (a 3000 x 2500 12-bit film: a few thousand values, not 7.5 million):
+    the same bytes as mapping every pixel, several times faster."""
     if stored.ndim != 2:
         raise ValueError(f"grey image with shape {stored.shape}")
+    if stored.dtype.kind in "iu" and stored.size:
+        low, high = int(stored.min()), int(stored.max())
+        if high - low < min(TABLE_SPAN, stored.size):
+            # unsigned: the offsets in the pixels' own type (no copy at all where the lowest value is 0)
+            offsets = (stored - stored.dtype.type(low) if low else stored) if stored.dtype.kind == "u" else None
+            if offsets is None:
+                offsets = stored.astype(np.int32) - np.int32(low)
+            present = np.zeros(high - low + 1, dtype=bool)
+            present[offsets] = True
+            # 64-bit values, as the stored values of any integer type always reach the transforms' float64 exactly
+            domain = np.arange(low, high + 1, dtype=np.int64)[present][None]
+            table = np.zeros(high - low + 1, dtype=np.uint8)
+            table[present] = _grey_levels(domain, ds, info)[0]
+            return table[offsets]
+    return _grey_levels(stored, ds, info)
+
+
+def _grey_levels(stored: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarray:
+    """``_grey_to_8bit`` pixel by pixel: ``stored`` holds every value whose level is wanted (the range of a
+    window-less image is widened to the values it holds)."""
     values = apply_modality_lut(stored, ds)
     if info.voi == "lut":
         table, first = _voi_lut_table(ds)
@@ -343,6 +371,8 @@ def _stored_values(raw: np.ndarray, ds: Dataset, info: DicomInfo) -> np.ndarray:
     bits = info.bits_stored
     if bits >= info.bits_allocated:
         return raw
+    if info.pixel_representation == 0 and raw.dtype.kind == "u" and not (raw >> bits).any():
+        return raw  # nothing above BitsStored: masking would give these very values (no 64-bit copy of the film)
     values = raw.astype(np.int64)
     low = values & ((1 << bits) - 1)
     if info.pixel_representation == 1:
