@@ -334,3 +334,26 @@ def test_post_processing_is_bit_identical_to_the_reference() -> None:
             reasons.add(reason)
     assert None in reasons and len(reasons) >= 3, reasons
     print(reasons)  # plausible lungs and at least two kinds of reason
+
+
+def test_a_read_only_film_is_resized_once_for_the_crop_and_the_orientation_check(monkeypatch) -> None:
+    """Issue 27: the lung crop and the orientation check resize the same decoded film once (a read-only array, kept by
+    identity while it lives); a writeable array may change in between, so it is resized every time."""
+    import covidxr.runtime.lungs as lungs
+
+    film = read_image(sorted((SHARED / "data" / "cxr3" / "images").glob("*.jpg"))[0]).convert("L")
+    resized: list[tuple[int, int]] = []
+    original = lungs.model_input
+    monkeypatch.setattr(lungs, "model_input", lambda grey, size: resized.append(grey.shape) or original(grey, size))
+    segmenter = LungSegmenter()
+    read_only = np.asarray(film)
+    assert not read_only.flags.writeable
+    fields = segmenter.segment(read_only)
+    assert segmenter.orientation(read_only, fields.reason is not None) is None and len(resized) == 1
+    writeable = np.array(film)
+    segmenter.segment(writeable)
+    writeable[:] = writeable[::-1]  # turned upside down in place: a memo by identity would miss it
+    assert "not upright" in segmenter.orientation(writeable) and len(resized) == 3
+    copy = np.asarray(film.copy())  # the same pixels, another array: resized anew
+    segmenter.segment(copy)
+    assert len(resized) == 4

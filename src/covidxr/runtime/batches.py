@@ -22,7 +22,7 @@ from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import image_facts, read_image
 from covidxr.runtime.lungs import find_lungs, find_orientation
 from covidxr.runtime.ood import is_blank
-from covidxr.runtime.preprocess import InputTransform
+from covidxr.runtime.preprocess import InputTransform, luma
 
 __all__ = ["Batch", "Item", "input_reason", "iterate_batches", "lungs_missing", "prepare", "progress_bar"]
 
@@ -47,23 +47,28 @@ def prepare(transform: InputTransform, image: Image.Image, check_lungs: bool = T
     """A decoded image's model input, and why the image rules out an answer ("" when nothing does): a lung-only
     pipeline that found none, and with ``check_lungs`` the checks every route shares (``input_reason``).
     Every route (files, uploads, the Python API's images) comes through here, so all refuse alike."""
-    array, reason = transform.with_reason(image)
-    if check_lungs:
-        return array, input_reason(image, reason, transform.pipeline.lungs == "none")
-    return array, f"lung check: {reason}" if reason else ""
+    if not check_lungs:
+        array, reason = transform.with_reason(image)
+        return array, f"lung check: {reason}" if reason else ""
+    grey = luma(image)  # one luma for the pipeline and the checks: the segmenter resizes it once for both
+    array, reason = transform.with_reason(image, grey)
+    return array, input_reason(image, reason, transform.pipeline.lungs == "none", grey)
 
 
-def input_reason(image: Image.Image, lungs_reason: str | None = None, segment: bool = True) -> str:
+def input_reason(
+    image: Image.Image, lungs_reason: str | None = None, segment: bool = True, grey: np.ndarray | None = None
+) -> str:
     """Why a decoded image gets no answer ("" when it may get one): a colour photograph; no plausible pair of
     lungs (``lungs_reason`` where the pipeline already looked, else the segmenter when ``segment``); or not upright
     (``covidxr.runtime.lungs.find_orientation``: upside down or flipped, or turned 90° where the lungs were not
-    found), which is said instead of the lung check's reason."""
+    found), which is said instead of the lung check's reason. ``grey``: the image's ``luma``, where already made."""
     colour = colour_reason(image)  # in the one wording predict, explain, the API and the page all use
     if colour:
         return colour
+    grey = luma(image) if grey is None else grey
     if lungs_reason is None and segment:
-        lungs_reason = lungs_missing(image)
-    turned = find_orientation(np.asarray(image.convert("L")), sideways=lungs_reason is not None)
+        lungs_reason = find_lungs(grey).reason
+    turned = find_orientation(grey, sideways=lungs_reason is not None)
     if turned:
         return turned
     return f"lung check: {lungs_reason}" if lungs_reason else ""

@@ -114,17 +114,17 @@ def decode_dicom(source: Source, max_pixels: int | None = None) -> tuple[Image.I
             ds.pixel_array_options(correct_unused_bits=False)  # the bits above BitsStored are judged here
         pixels = ds.pixel_array  # YBR is converted to RGB by pydicom
         if grey_image:
-            grey = _grey_to_8bit(_stored_values(np.asarray(pixels), ds, info), ds, info)
-            rgb = np.repeat(grey[..., None], 3, axis=2)
+            decoded = _grey_to_8bit(_stored_values(np.asarray(pixels), ds, info), ds, info)
         else:
-            rgb = _colour_to_8bit(np.asarray(pixels), info)
+            decoded = _colour_to_8bit(np.asarray(pixels), info)
     except Exception as exc:  # pydicom reports damaged pixel data through many exception types
         raise CovidxrError(f"{path}: corrupt or truncated DICOM pixel data ({_one_line(exc)})") from None
-    if rgb.shape[:2] != (info.rows, info.columns):
+    if decoded.shape[:2] != (info.rows, info.columns):
         raise CovidxrError(
-            f"{path}: DICOM pixel data is {rgb.shape[1]}x{rgb.shape[0]}, header says {info.columns}x{info.rows}"
+            f"{path}: DICOM pixel data is {decoded.shape[1]}x{decoded.shape[0]}, header says {info.columns}x{info.rows}"
         )
-    return Image.fromarray(np.ascontiguousarray(rgb)), info
+    image = Image.fromarray(np.ascontiguousarray(decoded))
+    return (image.convert("RGB") if grey_image else image), info  # grey to RGB by Pillow: 4x numpy's repeat
 
 
 # ---------------------------------------------------------------------------------------------

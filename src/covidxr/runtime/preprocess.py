@@ -32,6 +32,7 @@ __all__ = [
     "ImagePipeline",
     "InputTransform",
     "LUNGS_REASON",
+    "luma",
     "LUNG_CROP_MARGIN",
     "LUNG_MASK_FILL",
     "LUNG_MASK_GROW",
@@ -122,8 +123,8 @@ def _check_keys(owner: str, cls: type, data: Mapping[str, Any] | None) -> dict[s
     return dict(data)
 
 
-def _grey(image: Image.Image) -> np.ndarray:
-    """The image as a 2-D uint8 array (the luma of an RGB image; for replicated grey, the grey itself)."""
+def luma(image: Image.Image) -> np.ndarray:
+    """The image as a 2-D uint8 array (the luma of an RGB image; for replicated grey, the grey itself), read-only."""
     return np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
 
 
@@ -223,12 +224,13 @@ class ImagePipeline:
         processed = self.process(image)
         return processed if processed.mode == "RGB" else processed.convert("RGB")
 
-    def process(self, image: Image.Image) -> Image.Image:
+    def process(self, image: Image.Image, grey: np.ndarray | None = None) -> Image.Image:
         """As calling the pipeline, but a grey result stays in mode ``L``: the model's input path then
-        resizes and normalises one band instead of three identical ones (same numbers, a third of the work)."""
+        resizes and normalises one band instead of three identical ones (same numbers, a third of the work).
+        ``grey``: the image's ``luma`` where the caller already made it (the checks after use it too)."""
         if self.is_identity:
             return image if image.mode in {"RGB", "L"} else image.convert("RGB")
-        grey = _grey(image)
+        grey = luma(image) if grey is None else grey
         reason = None
         if self.lungs != "none":
             grey, reason = lung_input(grey, self.lungs, self.lung_cache)
@@ -569,9 +571,9 @@ class InputTransform:
         cropped = self.pipeline.lungs == "crop" or self.pipeline.crop_thorax
         return max(self.image_size * (4 if cropped else 2), self.pipeline.effective_resolution)
 
-    def with_reason(self, image: Image.Image) -> tuple[np.ndarray, str | None]:
+    def with_reason(self, image: Image.Image, grey: np.ndarray | None = None) -> tuple[np.ndarray, str | None]:
         """The input array (CHW float32), and why the image is out of distribution for the pipeline (its lungs were
-        not found, for lung-only input), else None."""
-        processed = self.pipeline.process(image)
+        not found, for lung-only input), else None. ``grey``: the image's ``luma``, where already made."""
+        processed = self.pipeline.process(image, grey)
         reason = processed.info.get(LUNGS_REASON)
         return to_input_array(processed, self.image_size, self.preprocessing), reason
