@@ -485,3 +485,30 @@ def test_the_level_table_gives_every_pixel_the_level_its_transforms_give(source:
         assert levels.dtype == np.uint8 and np.array_equal(levels, _grey_levels(stored, read, info)), name
         assert np.array_equal(levels, _grey_levels(stored.astype(np.int64), read, info)), name  # as before issue 27
         assert np.array_equal(np.asarray(read_image(path).convert("L")), levels), name
+
+
+def test_a_lateral_or_non_chest_dicom_gets_no_answer_on_every_route(run, runner, source: Path, tmp_path: Path) -> None:
+    """A DICOM header that rules out an answer (a lateral view, another body part) gives no answer in ``predict``,
+    in the Python API from bytes and in the service's decoder, with the header's reason, as its SR says."""
+    from covidxr.runtime.api import Model
+    from covidxr.runtime.inference import predict_files
+
+    stored = to_bits(grey(source), 12)
+    files = {
+        "frontal": save(dx_dataset(stored, 12, ViewPosition="PA", BodyPartExamined="CHEST"), tmp_path / "pa.dcm"),
+        "lateral": save(dx_dataset(stored, 12, ViewPosition="LL"), tmp_path / "ll.dcm"),
+        "knee": save(dx_dataset(stored, 12, BodyPartExamined="KNEE"), tmp_path / "knee.dcm"),
+    }
+    reasons = {
+        "frontal": None,
+        "lateral": "a lateral view (ViewPosition LL); the model reads frontal chest X-rays",
+        "knee": "not a chest image (BodyPartExamined KNEE); the model reads chest X-rays",
+    }
+    answers = dict(zip(files, predict_files(run, list(files.values()), progress=False, engine=runner), strict=True))
+    model = Model(run)
+    for name, path in files.items():
+        from_bytes = model.predict(path.read_bytes())
+        for answer in (answers[name], from_bytes):
+            assert answer["no_answer_reason"] == reasons[name], (name, answer["no_answer_reason"])
+            assert (answer["label"] is None) == (reasons[name] is not None)
+    assert answers["frontal"]["probabilities"] == pytest.approx(answers["lateral"]["probabilities"])  # same pixels

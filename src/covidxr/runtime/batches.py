@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from covidxr.runtime.cam import colour_reason
+from covidxr.runtime.dicom import VIEW_REFUSAL
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.images import image_facts, read_image
 from covidxr.runtime.lungs import find_lungs, find_orientation
@@ -58,10 +59,14 @@ def prepare(transform: InputTransform, image: Image.Image, check_lungs: bool = T
 def input_reason(
     image: Image.Image, lungs_reason: str | None = None, segment: bool = True, grey: np.ndarray | None = None
 ) -> str:
-    """Why a decoded image gets no answer ("" when it may get one): a colour photograph; no plausible pair of
+    """Why a decoded image gets no answer ("" when it may get one): a DICOM header that rules one out (a lateral
+    view, another body part: ``covidxr.runtime.dicom.view_refusal``); a colour photograph; no plausible pair of
     lungs (``lungs_reason`` where the pipeline already looked, else the segmenter when ``segment``); or not upright
     (``covidxr.runtime.lungs.find_orientation``: upside down or flipped, or turned 90° where the lungs were not
     found), which is said instead of the lung check's reason. ``grey``: the image's ``luma``, where already made."""
+    view = image.info.get(VIEW_REFUSAL)  # a DICOM header's lateral view or other body part
+    if view:
+        return view
     colour = colour_reason(image)  # in the one wording predict, explain, the API and the page all use
     if colour:
         return colour

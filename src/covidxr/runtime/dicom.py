@@ -36,9 +36,12 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from covidxr.runtime.errors import CovidxrError, ImageTooLarge
 from covidxr.runtime.source import Source, has_dicom_magic, source_label
 
-__all__ = ["DicomInfo", "decode_dicom", "dicom_info", "install_hint", "read_dicom"]
+__all__ = ["VIEW_REFUSAL", "DicomInfo", "decode_dicom", "dicom_info", "install_hint", "read_dicom", "view_refusal"]
 
 PIXEL_DATA_TAG = 0x7FE00010
+VIEW_REFUSAL = "covidxr_view_refusal"  # image.info key: why the header rules out an answer (``view_refusal``)
+_LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
+_CHEST_PARTS = {"", "CHEST", "THORAX", "LUNG", "PORTABLE CHEST"}
 _GREY = {"MONOCHROME1", "MONOCHROME2"}
 _COLOUR = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
 # Elements larger than this are read from the file only when used, so the header can be checked
@@ -84,6 +87,18 @@ def dicom_info(path: str | Path) -> DicomInfo:
     return _info(_read_header(path), path)
 
 
+def view_refusal(ds: Dataset) -> str | None:
+    """Why the header rules out an answer (a lateral view, or not the chest), or None: the model reads frontal
+    chest radiographs only."""
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    if view in _LATERAL_VIEWS:
+        return f"a lateral view (ViewPosition {view}); the model reads frontal chest X-rays"
+    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    if part not in _CHEST_PARTS:
+        return f"not a chest image (BodyPartExamined {part}); the model reads chest X-rays"
+    return None
+
+
 def read_dicom(source: Source, max_pixels: int | None = None) -> Image.Image:
     """Decode a single-frame DICOM image into 8-bit RGB, as a reading room would display it."""
     return decode_dicom(source, max_pixels)[0]
@@ -93,7 +108,8 @@ def decode_dicom(source: Source, max_pixels: int | None = None) -> tuple[Image.I
     """An 8-bit RGB image and the ``DicomInfo`` of a DICOM file; CovidxrError naming the file otherwise.
 
     Refuses multi-frame files, files without pixel data and images over ``max_pixels`` (checked on the
-    header, before any pixel is read or decoded).
+    header, before any pixel is read or decoded). A header that rules out an answer (``view_refusal``: a lateral
+    view, not the chest) is said in the image's ``info[VIEW_REFUSAL]``, so every route gives it no answer alike.
     """
     ds = _read_header(source)
     path = source_label(source)
@@ -124,7 +140,11 @@ def decode_dicom(source: Source, max_pixels: int | None = None) -> tuple[Image.I
             f"{path}: DICOM pixel data is {decoded.shape[1]}x{decoded.shape[0]}, header says {info.columns}x{info.rows}"
         )
     image = Image.fromarray(np.ascontiguousarray(decoded))
-    return (image.convert("RGB") if grey_image else image), info  # grey to RGB by Pillow: 4x numpy's repeat
+    image = image.convert("RGB") if grey_image else image  # grey to RGB by Pillow: 4x numpy's repeat
+    refusal = view_refusal(ds)
+    if refusal:
+        image.info[VIEW_REFUSAL] = refusal
+    return image, info
 
 
 # ---------------------------------------------------------------------------------------------

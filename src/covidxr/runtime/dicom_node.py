@@ -38,7 +38,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from covidxr.runtime.dicom_out import dicom_results, uid_file_name, view_refusal, write_whole
+from covidxr.runtime.dicom import view_refusal
+from covidxr.runtime.dicom_out import dicom_results, uid_file_name, write_whole
 from covidxr.runtime.errors import CovidxrError
 
 if TYPE_CHECKING:

@@ -37,7 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from covidxr import DISCLAIMER, __version__
 from covidxr.runtime.cam import overlay
-from covidxr.runtime.dicom import decode_dicom
+from covidxr.runtime.dicom import decode_dicom, view_refusal
 from covidxr.runtime.errors import CovidxrError
 from covidxr.runtime.source import Source, has_dicom_magic, source_label
 
@@ -52,7 +52,6 @@ __all__ = [
     "iter_dicom_results",
     "model_identity",
     "uid_file_name",
-    "view_refusal",
     "write_dicom_results",
     "write_whole",
 ]
@@ -89,9 +88,7 @@ CODES = {
     "reason": Code("no-answer", SCHEME, "Reason for no answer"),
 }
 _LABEL_CODES = {"COVID-19": "covid19", "NORMAL": "normal", "PNEUMONIA": "pneumonia"}
-_LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
 _PLACING_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_CHEST_PARTS = {"", "CHEST", "THORAX", "LUNG", "PORTABLE CHEST"}
 
 
 @dataclass
@@ -106,18 +103,6 @@ class DicomResult:
     sc: Dataset | None = None
     error: str | None = None
     readable: bool = False  # with an error: the image itself could be read (``predict`` answers it), not its results
-
-
-def view_refusal(ds: Dataset) -> str | None:
-    """Why the header rules out an answer (a lateral view, or not the chest), or None: the model reads frontal
-    chest radiographs only."""
-    view = str(ds.get("ViewPosition", "") or "").strip().upper()
-    if view in _LATERAL_VIEWS:
-        return f"a lateral view (ViewPosition {view}); the model reads frontal chest X-rays"
-    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-    if part not in _CHEST_PARTS:
-        return f"not a chest image (BodyPartExamined {part}); the model reads chest X-rays"
-    return None
 
 
 def model_identity(model: Model) -> str:
