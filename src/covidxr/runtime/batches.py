@@ -25,7 +25,7 @@ from covidxr.runtime.lungs import find_lungs, find_orientation
 from covidxr.runtime.ood import is_blank
 from covidxr.runtime.preprocess import InputTransform, luma
 
-__all__ = ["Batch", "Item", "input_reason", "iterate_batches", "lungs_missing", "prepare", "progress_bar"]
+__all__ = ["Batch", "Item", "input_reason", "iterate_batches", "prepare", "progress_bar"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,6 @@ def input_reason(
     if turned:
         return turned
     return f"lung check: {lungs_reason}" if lungs_reason else ""
-
-
-def lungs_missing(image: Image.Image) -> str | None:
-    """Why the bundled lung segmenter finds no plausible pair of lungs in ``image`` (None when it does)."""
-    return find_lungs(np.asarray(image.convert("L"))).reason
 
 
 def _item(

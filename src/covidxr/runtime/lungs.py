@@ -379,7 +379,7 @@ class LungSegmenter:
         bar = upright + ORIENTATION_MARGIN
         scores = [self.confidence(soft) if _confidence_bound(soft, self.threshold) > bar else -1.0 for soft in softs]
         best = int(np.argmax(scores))
-        if scores[best] <= upright + ORIENTATION_MARGIN or self.fields(softs[best], small.shape).reason:
+        if scores[best] <= bar or self.fields(softs[best], small.shape).reason:
             return None  # upright, or no turn shows two plausible lungs either
         return f"not upright (its lungs look upright once it is {turns[best]}): give the film upright"
 

@@ -32,7 +32,6 @@ __all__ = [
     "ImagePipeline",
     "InputTransform",
     "LUNGS_REASON",
-    "luma",
     "LUNG_CROP_MARGIN",
     "LUNG_MASK_FILL",
     "LUNG_MASK_GROW",
@@ -41,6 +40,7 @@ __all__ = [
     "MIN_EFFECTIVE_RESOLUTION",
     "PREPROCESSING",
     "Preprocessing",
+    "luma",
     "to_input_array",
 ]
 
